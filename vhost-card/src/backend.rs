@@ -1,0 +1,232 @@
+//! `VhostUserBackend` for the card: feature and protocol offer, per-pair worker state, and the
+//! event dispatch that drives the data path. One worker thread per queue pair (RX queue `2i`,
+//! TX queue `2i + 1`), each also watching its tap queue.
+
+use std::io;
+use std::sync::{Arc, Mutex, RwLock};
+
+use log::{info, warn};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+use crate::datapath::{tap_offload, Pair, Pass};
+use crate::features::{self, Negotiated, VHOST_USER_F_PROTOCOL_FEATURES};
+use crate::stats::Stats;
+use crate::tap::Tap;
+
+/// What the backend serves, fixed for the life of the daemon.
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    pub pairs: usize,
+    pub queue_size: usize,
+    pub mtu: u16,
+    /// The virtio feature word offered (without the vhost-user protocol bit).
+    pub features: u64,
+    /// Verify checksums of unflagged RX frames and mark them DATA_VALID.
+    pub rx_verify: bool,
+}
+
+/// The protocol features this daemon handles: MQ (several queue pairs), REPLY_ACK (answered by
+/// the `vhost` crate) and NET_MTU (answered by the gate in front of it, see `gate.rs`).
+pub fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MTU
+}
+
+struct Worker {
+    pair: Mutex<Pair>,
+    /// Written when a pass ends with work left, so the worker comes back after other events.
+    wake: (EventConsumer, EventNotifier),
+}
+
+/// The card's vhost-user backend.
+pub struct CardBackend {
+    cfg: BackendConfig,
+    tap: Arc<Tap>,
+    workers: Vec<Worker>,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    stats: Arc<Stats>,
+}
+
+impl CardBackend {
+    pub fn new(cfg: BackendConfig, tap: Arc<Tap>, stats: Arc<Stats>) -> io::Result<Self> {
+        let mut workers = Vec::with_capacity(cfg.pairs);
+        for i in 0..cfg.pairs {
+            workers.push(Worker {
+                pair: Mutex::new(Pair::new(
+                    tap.queue_fd(i),
+                    usize::from(cfg.mtu),
+                    cfg.rx_verify,
+                    cfg.queue_size,
+                )),
+                wake: new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?,
+            });
+        }
+        Ok(CardBackend {
+            cfg,
+            tap,
+            workers,
+            mem: RwLock::new(None),
+            stats,
+        })
+    }
+
+    /// Event id of the tap queue in each worker's epoll set.
+    pub fn tap_event(&self) -> u16 {
+        (self.num_queues() + 1) as u16
+    }
+
+    /// Event id of the worker's re-arm eventfd.
+    pub fn wake_event(&self) -> u16 {
+        (self.num_queues() + 2) as u16
+    }
+
+    /// Descriptors a worker must watch besides its vrings: (fd, events, id).
+    pub fn extra_listeners(&self, worker: usize) -> Vec<(i32, EventSet, u64)> {
+        use std::os::fd::AsRawFd;
+        vec![
+            (
+                self.tap.queue_fd(worker),
+                EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+                u64::from(self.tap_event()),
+            ),
+            (
+                self.workers[worker].wake.0.as_raw_fd(),
+                EventSet::IN,
+                u64::from(self.wake_event()),
+            ),
+        ]
+    }
+
+    /// Forgets the state of the last frontend connection.
+    pub fn reset_connection(&self) {
+        for w in &self.workers {
+            w.pair.lock().unwrap_or_else(|p| p.into_inner()).reset();
+        }
+        *self.mem.write().unwrap_or_else(|p| p.into_inner()) = None;
+        let _ = self.tap.set_offload(0);
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+}
+
+impl VhostUserBackend for CardBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.cfg.pairs * 2
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.cfg.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        self.cfg.features | 1 << VHOST_USER_F_PROTOCOL_FEATURES
+    }
+
+    fn acked_features(&self, word: u64) {
+        let neg = Negotiated::from_word(word);
+        info!(
+            "frontend acked features {:#x}: {}",
+            word,
+            features::names(word).join(" ")
+        );
+        let hdr_len = neg.hdr_len() as i32;
+        if let Err(e) = self.tap.set_vnet_hdr_len(hdr_len) {
+            warn!("cannot set the tap's vnet header length to {hdr_len}: {e}");
+        }
+        let offload = tap_offload(&neg);
+        if let Err(e) = self.tap.set_offload(offload) {
+            warn!("cannot set tap offloads {offload:#x}: {e}; the card's kernel will segment and checksum instead");
+            let _ = self.tap.set_offload(0);
+        }
+        for w in &self.workers {
+            w.pair.lock().unwrap_or_else(|p| p.into_inner()).neg = neg;
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        protocol_features()
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // The queues apply EVENT_IDX themselves (`VringT::set_queue_event_idx`).
+    }
+
+    fn update_memory(
+        &self,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    ) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.cfg.pairs).map(|i| 0b11u64 << (2 * i)).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let Some(worker) = self.workers.get(thread_id) else {
+            return Ok(());
+        };
+        let mut pair = worker.pair.lock().unwrap_or_else(|p| p.into_inner());
+        match device_event {
+            0 => {} // RX kick: buffers were posted.
+            1 => {} // TX kick.
+            e if e == self.tap_event() => {
+                if evset.contains(EventSet::IN) {
+                    pair.rx_pending = true;
+                }
+                if evset.contains(EventSet::OUT) {
+                    pair.tx_blocked = false;
+                }
+            }
+            e if e == self.wake_event() => {
+                let _ = worker.wake.0.consume();
+            }
+            _ => return Ok(()),
+        }
+        let Some(atomic) = self.mem.read().unwrap_or_else(|p| p.into_inner()).clone() else {
+            return Ok(());
+        };
+        let mem = atomic.memory();
+        let stats = &self.stats.pairs[thread_id];
+        let (Some(rx), Some(tx)) = (vrings.first(), vrings.get(1)) else {
+            return Ok(());
+        };
+        let mut more = false;
+        {
+            let mut tx = tx.get_mut();
+            if tx.get_queue().ready() && tx.is_enabled() {
+                more |= pair.process_tx(&mut tx, &mem, stats) == Pass::More;
+            }
+        }
+        {
+            let mut rx = rx.get_mut();
+            if rx.get_queue().ready() && rx.is_enabled() {
+                more |= pair.process_rx(&mut rx, &mem, stats) == Pass::More;
+            }
+        }
+        if more {
+            let _ = worker.wake.1.notify();
+        }
+        Ok(())
+    }
+}

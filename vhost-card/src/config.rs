@@ -1,0 +1,194 @@
+//! Command line (clap) and the validated configuration it turns into.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use thiserror::Error;
+
+use crate::features::{self, FeatureError};
+use crate::tap::parse_mac;
+
+/// Highest MTU a Linux tap accepts (65535 minus the Ethernet header).
+pub const TAP_MAX_MTU: u16 = 65521;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vhost-card",
+    version,
+    about = "The TOE card's PCI function: a vhost-user virtio-net backend whose far end is a tap \
+             in the card's network namespace",
+    long_about = "vhost-card serves one vhost-user socket. A VMM (QEMU, cloud-hypervisor) turns it \
+                  into a virtio-net PCI device that the host's stock virtio_net driver drives. \
+                  Frames go to and from a tap device (with virtio-net headers) in the card's \
+                  network namespace, where the card's Linux stack owns its own addresses.\n\n\
+                  The daemon listens again after the VMM disconnects and keeps the tap. \
+                  SIGINT/SIGTERM stop it and remove the socket.",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Path of the vhost-user socket to listen on (the VMM connects as client).
+    #[arg(long, value_name = "PATH", required = true)]
+    pub socket: Option<PathBuf>,
+
+    /// Name of the tap device, created or attached to (up to 15 characters).
+    #[arg(long, value_name = "NAME", default_value = "card0")]
+    pub tap: String,
+
+    /// Network namespace (from `ip netns add`, or a path like /proc/PID/ns/net) in which the
+    /// tap lives; it must already exist. Default: the daemon's own namespace.
+    #[arg(long, value_name = "NAME")]
+    pub netns: Option<String>,
+
+    /// MTU of the link, offered to the host with VIRTIO_NET_F_MTU and set on the tap
+    /// (a tap takes at most 65521; above that the tap is clamped).
+    #[arg(long, value_name = "N", default_value_t = 65520,
+          value_parser = clap::value_parser!(u16).range(68..=65535))]
+    pub mtu: u16,
+
+    /// MAC address of the card's end of the link (the tap). Default: kept, or chosen by the kernel.
+    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
+    pub mac: Option<[u8; 6]>,
+
+    /// Number of queue pairs; more than one uses an IFF_MULTI_QUEUE tap and one worker thread
+    /// per pair. Use the same number in QEMU's `-netdev vhost-user,queues=N`.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub queues: u16,
+
+    /// Largest virtqueue size accepted from the frontend (a power of two, 64 to 32768).
+    #[arg(long, value_name = "N", default_value_t = 1024,
+          value_parser = parse_queue_size)]
+    pub queue_size: u16,
+
+    /// Feature bits to offer on top of the defaults, by name, comma-separated (see
+    /// `vhost-card features`).
+    #[arg(long, value_name = "LIST")]
+    pub enable: Vec<String>,
+
+    /// Feature bits not to offer, by name, comma-separated (see `vhost-card features`).
+    #[arg(long, value_name = "LIST")]
+    pub disable: Vec<String>,
+
+    /// Checksums of frames going up that carry neither DATA_VALID nor NEEDS_CSUM: `verify`
+    /// checks IPv4/IPv6 TCP/UDP/ICMP checksums and marks good frames DATA_VALID, so the host
+    /// never verifies one; `passthrough` hands them up untouched.
+    #[arg(long, value_enum, default_value_t = RxCsum::Verify)]
+    pub rx_csum: RxCsum,
+
+    /// Log per-queue counters every N seconds (0: only at exit).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub stats_interval: u64,
+
+    /// Keep a tap this daemon created when it exits cleanly (a tap always survives a crash).
+    #[arg(long)]
+    pub keep_tap: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print every feature bit with its number, its default and what it does.
+    Features,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RxCsum {
+    Verify,
+    Passthrough,
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u32 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if !(64..=32768).contains(&n) || !n.is_power_of_two() {
+        return Err(format!("{n} is not a power of two between 64 and 32768"));
+    }
+    Ok(n as u16)
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("--socket is required")]
+    NoSocket,
+    #[error(transparent)]
+    Features(#[from] FeatureError),
+}
+
+/// A checked configuration for the daemon.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub tap: String,
+    pub netns: Option<String>,
+    pub mtu: u16,
+    pub mac: Option<[u8; 6]>,
+    pub queues: usize,
+    pub queue_size: usize,
+    pub features: u64,
+    pub rx_verify: bool,
+    pub stats_interval: u64,
+    pub keep_tap: bool,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(a: Args) -> Result<Self, ConfigError> {
+        Ok(Config {
+            socket: a.socket.ok_or(ConfigError::NoSocket)?,
+            tap: a.tap,
+            netns: a.netns,
+            mtu: a.mtu,
+            mac: a.mac,
+            queues: usize::from(a.queues),
+            queue_size: usize::from(a.queue_size),
+            features: features::resolve(&a.enable, &a.disable)?,
+            rx_verify: a.rx_csum == RxCsum::Verify,
+            stats_interval: a.stats_interval,
+            keep_tap: a.keep_tap,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("vhost-card").chain(v.iter().copied()))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::try_from(parse(&["--socket", "/tmp/s"]).unwrap()).unwrap();
+        assert_eq!(c.mtu, 65520);
+        assert_eq!(c.tap, "card0");
+        assert_eq!(c.queues, 1);
+        assert!(c.rx_verify);
+        assert_eq!(c.features, features::default_features());
+    }
+
+    #[test]
+    fn ranges_are_enforced() {
+        assert!(parse(&["--socket", "s", "--mtu", "67"]).is_err());
+        assert!(parse(&["--socket", "s", "--mtu", "65536"]).is_err());
+        assert!(parse(&["--socket", "s", "--mtu", "65535"]).is_ok());
+        assert!(parse(&["--socket", "s", "--queue-size", "100"]).is_err());
+        assert!(parse(&["--socket", "s", "--queues", "0"]).is_err());
+        assert!(parse(&["--socket", "s", "--mac", "01:02:03:04:05:06"]).is_err());
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["features"]).is_ok());
+    }
+
+    #[test]
+    fn feature_errors_surface() {
+        let a = parse(&["--socket", "s", "--disable", "csum"]).unwrap();
+        let e = Config::try_from(a).unwrap_err().to_string();
+        assert!(e.contains("host-tso4") && e.contains("needs 'csum'"), "{e}");
+        let a = parse(&["--socket", "s", "--enable", "warp-drive"]).unwrap();
+        let e = Config::try_from(a).unwrap_err().to_string();
+        assert!(e.contains("unknown feature 'warp-drive'") && e.contains("guest-csum"), "{e}");
+    }
+}

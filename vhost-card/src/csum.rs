@@ -1,0 +1,266 @@
+//! Checksum work the card does for the host: verifying IPv4/IPv6 TCP/UDP/ICMP checksums of frames
+//! going up (so they can be marked DATA_VALID) and completing a partial checksum
+//! (`NEEDS_CSUM`). Pure functions on byte slices; parsing is etherparse's, summing is
+//! etherparse's 16-bit one's complement adder.
+
+// etherparse sums in native byte order; `ones_complement` returns the field as a native u16,
+// so wire bytes come from `to_ne_bytes`.
+use etherparse::checksum::u64_16bit_word as sum16;
+use etherparse::{IpNumber, NetSlice, SlicedPacket};
+use thiserror::Error;
+
+/// Outcome of checking a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every checksum the frame carries (IPv4 header and the L4 one) is correct.
+    Valid,
+    /// A checksum is wrong.
+    Invalid,
+    /// Nothing the card can vouch for: not IP, a fragment, another L4 protocol, or unparsable.
+    NotApplicable,
+}
+
+/// Verifies the IPv4 header checksum and the TCP, UDP, ICMP or ICMPv6 checksum of an Ethernet
+/// frame (optionally VLAN-tagged).
+pub fn verify(frame: &[u8]) -> Verdict {
+    let Ok(pkt) = SlicedPacket::from_ethernet(frame) else {
+        return Verdict::NotApplicable;
+    };
+    let Some(ip) = pkt.ip_payload() else {
+        return Verdict::NotApplicable;
+    };
+    if ip.fragmented {
+        return Verdict::NotApplicable;
+    }
+    let l4 = ip.payload;
+    let proto = ip.ip_number;
+    let pseudo = match &pkt.net {
+        Some(NetSlice::Ipv4(v4)) => {
+            let h = v4.header();
+            if sum16::ones_complement(sum16::add_slice(0, h.slice())) != 0 {
+                return Verdict::Invalid;
+            }
+            if proto == IpNumber::ICMP {
+                0
+            } else {
+                let s = sum16::add_4bytes(0, h.source());
+                let s = sum16::add_4bytes(s, h.destination());
+                let Ok(len) = u16::try_from(l4.len()) else {
+                    return Verdict::NotApplicable;
+                };
+                sum16::add_4bytes(s, [0, proto.0, len.to_be_bytes()[0], len.to_be_bytes()[1]])
+            }
+        }
+        Some(NetSlice::Ipv6(v6)) => {
+            let h = v6.header();
+            let s = sum16::add_slice(0, &h.source());
+            let s = sum16::add_slice(s, &h.destination());
+            let Ok(len) = u32::try_from(l4.len()) else {
+                return Verdict::NotApplicable;
+            };
+            let s = sum16::add_4bytes(s, len.to_be_bytes());
+            sum16::add_4bytes(s, [0, 0, 0, proto.0])
+        }
+        _ => return Verdict::NotApplicable,
+    };
+    let is_v4 = matches!(pkt.net, Some(NetSlice::Ipv4(_)));
+    match proto {
+        IpNumber::TCP if l4.len() >= 20 => {}
+        IpNumber::UDP if l4.len() >= 8 => {
+            if is_v4 && l4[6] == 0 && l4[7] == 0 {
+                // IPv4 UDP without a checksum: nothing to verify, and valid by RFC 768.
+                return Verdict::Valid;
+            }
+        }
+        IpNumber::ICMP if is_v4 && l4.len() >= 4 => {}
+        IpNumber::IPV6_ICMP if !is_v4 && l4.len() >= 4 => {}
+        IpNumber::TCP | IpNumber::UDP | IpNumber::ICMP | IpNumber::IPV6_ICMP => {
+            return Verdict::Invalid
+        }
+        _ => return Verdict::NotApplicable,
+    }
+    if sum16::ones_complement(sum16::add_slice(pseudo, l4)) == 0 {
+        Verdict::Valid
+    } else {
+        Verdict::Invalid
+    }
+}
+
+/// Why a partial checksum could not be completed.
+#[derive(Debug, Clone, Copy, Error, PartialEq, Eq)]
+#[error("csum_start {start} + csum_offset {offset} does not fit a {len}-byte frame")]
+pub struct CsumRangeError {
+    pub start: usize,
+    pub offset: usize,
+    pub len: usize,
+}
+
+/// The value that completes a partial checksum: the one's complement of the sum from
+/// `start` to the end of `frame`, with the checksum field holding the pseudo-header sum as the
+/// kernel leaves it for CHECKSUM_PARTIAL. Returns the byte position of the field too.
+pub fn partial_checksum(
+    frame: &[u8],
+    start: usize,
+    offset: usize,
+) -> Result<(usize, [u8; 2]), CsumRangeError> {
+    let err = CsumRangeError {
+        start,
+        offset,
+        len: frame.len(),
+    };
+    let field = start.checked_add(offset).ok_or(err)?;
+    if field.checked_add(2).is_none_or(|end| end > frame.len()) {
+        return Err(err);
+    }
+    let sum = sum16::add_slice(0, &frame[start..]);
+    Ok((field, sum16::ones_complement_with_no_zero(sum).to_ne_bytes()))
+}
+
+/// Completes a partial checksum in place.
+pub fn complete(frame: &mut [u8], start: usize, offset: usize) -> Result<(), CsumRangeError> {
+    let (at, value) = partial_checksum(frame, start, offset)?;
+    frame[at..at + 2].copy_from_slice(&value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::PacketBuilder;
+
+    const SRC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+    const DST: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+    fn udp4(payload: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2(SRC, DST)
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .udp(1000, 2000);
+        let mut v = Vec::new();
+        b.write(&mut v, payload).unwrap();
+        v
+    }
+
+    fn tcp6(payload: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2(SRC, DST)
+            .ipv6([0xfd; 16], [0xfe; 16], 64)
+            .tcp(80, 4000, 1, 65535);
+        let mut v = Vec::new();
+        b.write(&mut v, payload).unwrap();
+        v
+    }
+
+    fn icmp4() -> Vec<u8> {
+        let b = PacketBuilder::ethernet2(SRC, DST)
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .icmpv4_echo_request(7, 1);
+        let mut v = Vec::new();
+        b.write(&mut v, b"ping payload").unwrap();
+        v
+    }
+
+    fn icmp6() -> Vec<u8> {
+        let b = PacketBuilder::ethernet2(SRC, DST)
+            .ipv6([0xfd; 16], [0xfe; 16], 64)
+            .icmpv6_echo_request(7, 1);
+        let mut v = Vec::new();
+        b.write(&mut v, b"ping6").unwrap();
+        v
+    }
+
+    #[test]
+    fn valid_frames_verify() {
+        assert_eq!(verify(&udp4(b"hello")), Verdict::Valid);
+        assert_eq!(verify(&udp4(&[0xab; 1471])), Verdict::Valid);
+        assert_eq!(verify(&tcp6(&[1, 2, 3])), Verdict::Valid);
+        assert_eq!(verify(&icmp4()), Verdict::Valid);
+        assert_eq!(verify(&icmp6()), Verdict::Valid);
+    }
+
+    #[test]
+    fn every_corruption_is_caught() {
+        for frame in [udp4(b"hello world"), tcp6(b"abc"), icmp4(), icmp6()] {
+            let v6 = frame[12] == 0x86;
+            for i in 14..frame.len() {
+                // IPv6 has no header checksum: version, traffic class, flow label and hop limit
+                // are covered by nothing.
+                if v6 && (i < 18 || i == 21) {
+                    continue;
+                }
+                let mut f = frame.clone();
+                f[i] ^= 0x10;
+                // Flipping a length field may make the frame unparsable; it must never verify.
+                assert_ne!(verify(&f), Verdict::Valid, "byte {i} of {frame:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn zero_udp4_checksum_is_valid_and_ipv4_header_is_checked() {
+        let mut f = udp4(b"x");
+        f[14 + 20 + 6] = 0;
+        f[14 + 20 + 7] = 0;
+        assert_eq!(verify(&f), Verdict::Valid);
+        f[14 + 10] ^= 1; // IPv4 header checksum
+        assert_eq!(verify(&f), Verdict::Invalid);
+    }
+
+    #[test]
+    fn non_ip_and_fragments_are_not_applicable() {
+        let mut arp = vec![0u8; 60];
+        arp[12] = 0x08;
+        arp[13] = 0x06;
+        assert_eq!(verify(&arp), Verdict::NotApplicable);
+        assert_eq!(verify(&[0u8; 5]), Verdict::NotApplicable);
+        let mut f = udp4(b"fragment");
+        f[14 + 6] = 0x20; // more fragments
+        assert_ne!(verify(&f), Verdict::Valid);
+    }
+
+    /// The pseudo-header sum the kernel leaves in the checksum field of a CHECKSUM_PARTIAL
+    /// packet: folded, not complemented.
+    fn pseudo_field(frame: &[u8]) -> (usize, usize, [u8; 2]) {
+        let pkt = SlicedPacket::from_ethernet(frame).unwrap();
+        let ip = pkt.ip_payload().unwrap();
+        let len = ip.payload.len();
+        let (sum, start, offset) = match &pkt.net {
+            Some(NetSlice::Ipv4(v4)) => {
+                let h = v4.header();
+                let s = sum16::add_4bytes(0, h.source());
+                let s = sum16::add_4bytes(s, h.destination());
+                let l = (len as u16).to_be_bytes();
+                (sum16::add_4bytes(s, [0, ip.ip_number.0, l[0], l[1]]), 34, 6)
+            }
+            Some(NetSlice::Ipv6(v6)) => {
+                let h = v6.header();
+                let s = sum16::add_slice(0, &h.source());
+                let s = sum16::add_slice(s, &h.destination());
+                let s = sum16::add_4bytes(s, (len as u32).to_be_bytes());
+                (sum16::add_4bytes(s, [0, 0, 0, ip.ip_number.0]), 54, 16)
+            }
+            _ => unreachable!(),
+        };
+        (start, offset, (!sum16::ones_complement(sum)).to_ne_bytes())
+    }
+
+    #[test]
+    fn completion_matches_a_full_checksum() {
+        for good in [udp4(&[9u8; 333]), tcp6(&[7u8; 1000]), udp4(b"")] {
+            let (start, offset, field) = pseudo_field(&good);
+            let mut f = good.clone();
+            f[start + offset..start + offset + 2].copy_from_slice(&field);
+            assert_ne!(verify(&f), Verdict::Valid);
+            complete(&mut f, start, offset).unwrap();
+            assert_eq!(verify(&f), Verdict::Valid);
+            assert_eq!(f, good);
+        }
+    }
+
+    #[test]
+    fn completion_range_is_checked() {
+        let mut f = vec![0u8; 64];
+        assert!(complete(&mut f, 60, 3).is_err());
+        assert!(complete(&mut f, usize::MAX, 3).is_err());
+        assert!(complete(&mut f, 34, usize::MAX).is_err());
+        assert!(complete(&mut f, 34, 6).is_ok());
+    }
+}

@@ -1,0 +1,370 @@
+//! The daemon's life: open the tap, listen, serve one frontend connection at a time through the
+//! gate and the `vhost-user-backend` daemon, listen again after a disconnect (keeping the tap and
+//! so the card's addresses), and stop cleanly on SIGINT/SIGTERM.
+
+use std::fs::DirBuilder;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use log::{error, info, warn};
+use thiserror::Error;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::backend::{BackendConfig, CardBackend};
+use crate::config::{Config, TAP_MAX_MTU};
+use crate::features::Negotiated;
+use crate::gate::{Gate, GateConfig};
+use crate::stats::Stats;
+use crate::tap::{Tap, TapConfig, TapError, TUN_F_CSUM, TUN_F_USO4, TUN_F_USO6};
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error("socket {0} is in use by another process")]
+    SocketInUse(PathBuf),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("permission denied creating socket {0}")]
+    SocketPermission(PathBuf),
+    #[error("cannot listen on {path}: {source}")]
+    Listen { path: PathBuf, source: io::Error },
+    #[error("{0} was requested but the card's kernel cannot hand USO frames to the host (needs Linux >= 6.2)")]
+    UsoUnsupported(&'static str),
+    #[error("cannot set up signal handling: {0}")]
+    Signals(io::Error),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error("vhost-user daemon: {0}")]
+    Vhost(String),
+}
+
+/// Shared stop request: set by a signal, seen by the accept loop, the stats thread and the
+/// connection being served.
+pub struct Stop {
+    flag: AtomicBool,
+    cv: (Mutex<()>, Condvar),
+    event: EventFd,
+    frontend: Mutex<Option<UnixStream>>,
+}
+
+impl Stop {
+    fn new() -> io::Result<Self> {
+        Ok(Stop {
+            flag: AtomicBool::new(false),
+            cv: (Mutex::new(()), Condvar::new()),
+            event: EventFd::new(EFD_NONBLOCK)?,
+            frontend: Mutex::new(None),
+        })
+    }
+
+    pub fn request(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        let _ = self.event.write(1);
+        if let Some(f) = self.frontend.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = f.shutdown(std::net::Shutdown::Both);
+        }
+        self.cv.1.notify_all();
+    }
+
+    pub fn requested(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// Sleeps up to `d`; returns true if a stop was requested.
+    fn wait(&self, d: Duration) -> bool {
+        let g = self.cv.0.lock().unwrap_or_else(|p| p.into_inner());
+        if self.requested() {
+            return true;
+        }
+        let _ = self.cv.1.wait_timeout(g, d);
+        self.requested()
+    }
+}
+
+/// Binds the listening socket, replacing a stale one but never a live one.
+fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(DaemonError::NotASocket(path.to_path_buf()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::SocketInUse(path.to_path_buf()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|e| match e.kind() {
+        io::ErrorKind::PermissionDenied => DaemonError::SocketPermission(path.to_path_buf()),
+        io::ErrorKind::AddrInUse => DaemonError::SocketInUse(path.to_path_buf()),
+        _ => DaemonError::Listen {
+            path: path.to_path_buf(),
+            source: e,
+        },
+    })
+}
+
+/// A 0700 directory for the socket between the gate and the crate's handler.
+fn private_dir() -> io::Result<PathBuf> {
+    let base = std::env::var_os("RUNTIME_DIRECTORY")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    for n in 0..100u32 {
+        let dir = base.join(format!("vhost-card.{}.{n}", std::process::id()));
+        match DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::AlreadyExists, "no free private directory name"))
+}
+
+/// Runs the daemon until SIGINT/SIGTERM.
+pub fn run(cfg: Config) -> Result<(), DaemonError> {
+    let stop = Arc::new(Stop::new().map_err(|source| DaemonError::Io {
+        what: "eventfd",
+        source,
+    })?);
+    {
+        let stop = stop.clone();
+        let mut signals =
+            signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+                .map_err(DaemonError::Signals)?;
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    info!("signal {sig}: stopping");
+                    stop.request();
+                }
+            })
+            .map_err(|source| DaemonError::Io {
+                what: "spawning the signal thread",
+                source,
+            })?;
+    }
+
+    let listener = bind_socket(&cfg.socket)?;
+    let tap = match open_tap(&cfg) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = std::fs::remove_file(&cfg.socket);
+            return Err(e);
+        }
+    };
+    let private = private_dir().map_err(|source| DaemonError::Io {
+        what: "creating a private directory",
+        source,
+    })?;
+    let stats = Arc::new(Stats::new(cfg.queues));
+    let backend = Arc::new(
+        CardBackend::new(
+            BackendConfig {
+                pairs: cfg.queues,
+                queue_size: cfg.queue_size,
+                mtu: cfg.mtu,
+                features: cfg.features,
+                rx_verify: cfg.rx_verify,
+            },
+            tap.clone(),
+            stats.clone(),
+        )
+        .map_err(|source| DaemonError::Io {
+            what: "creating the backend",
+            source,
+        })?,
+    );
+    if cfg.stats_interval > 0 {
+        let (stop, stats, every) = (stop.clone(), stats.clone(), Duration::from_secs(cfg.stats_interval));
+        let _ = std::thread::Builder::new().name("stats".into()).spawn(move || {
+            while !stop.wait(every) {
+                for line in stats.report().lines() {
+                    info!("stats {line}");
+                }
+            }
+        });
+    }
+    info!(
+        "listening on {} (MTU {}, {} queue pair(s), features: {})",
+        cfg.socket.display(),
+        cfg.mtu,
+        cfg.queues,
+        crate::features::names(cfg.features).join(" ")
+    );
+
+    let gate_cfg = GateConfig {
+        mtu: cfg.mtu,
+        num_queues: (cfg.queues * 2) as u32,
+    };
+    let result = serve(&listener, &backend, &private, gate_cfg, &stop);
+
+    let _ = std::fs::remove_file(&cfg.socket);
+    let _ = std::fs::remove_dir_all(&private);
+    for line in stats.report().lines() {
+        info!("final stats {line}");
+    }
+    result
+}
+
+/// Opens the tap and checks that the kernel supports what is offered.
+fn open_tap(cfg: &Config) -> Result<Arc<Tap>, DaemonError> {
+    let tap_mtu = cfg.mtu.min(TAP_MAX_MTU);
+    if tap_mtu != cfg.mtu {
+        warn!("a tap takes at most MTU {TAP_MAX_MTU}; the card side uses {tap_mtu}, the host is offered {}", cfg.mtu);
+    }
+    let tap = Arc::new(Tap::open(&TapConfig {
+        name: cfg.tap.clone(),
+        netns: cfg.netns.clone(),
+        mtu: tap_mtu,
+        mac: cfg.mac,
+        queues: cfg.queues,
+        keep: cfg.keep_tap,
+    })?);
+    let offered = Negotiated::from_word(cfg.features);
+    for (on, bit, name) in [
+        (offered.guest_uso4, TUN_F_USO4, "guest-uso4"),
+        (offered.guest_uso6, TUN_F_USO6, "guest-uso6"),
+    ] {
+        if on && !tap.supports_offload(TUN_F_CSUM | bit) {
+            return Err(DaemonError::UsoUnsupported(name));
+        }
+    }
+
+    Ok(tap)
+}
+
+fn serve(
+    listener: &UnixListener,
+    backend: &Arc<CardBackend>,
+    private: &Path,
+    gate_cfg: GateConfig,
+    stop: &Stop,
+) -> Result<(), DaemonError> {
+    listener.set_nonblocking(true).map_err(|source| DaemonError::Io {
+        what: "listener",
+        source,
+    })?;
+    while !stop.requested() {
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.event.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(DaemonError::Io {
+                what: "poll",
+                source: e,
+            });
+        }
+        if stop.requested() {
+            break;
+        }
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                warn!("accept failed: {e}");
+                continue;
+            }
+        };
+        if let Err(e) = stream.set_nonblocking(false) {
+            warn!("frontend socket: {e}");
+            continue;
+        }
+        info!("frontend connected");
+        match serve_one(stream, backend, private, gate_cfg, stop) {
+            Ok(()) => info!("frontend disconnected; listening again"),
+            Err(e) => error!("frontend session ended with an error: {e}; listening again"),
+        }
+        backend.reset_connection();
+        for line in backend.stats().report().lines() {
+            info!("stats {line}");
+        }
+    }
+    Ok(())
+}
+
+fn serve_one(
+    frontend: UnixStream,
+    backend: &Arc<CardBackend>,
+    private: &Path,
+    gate_cfg: GateConfig,
+    stop: &Stop,
+) -> Result<(), DaemonError> {
+    let vhost = |e: vhost_user_backend::Error| DaemonError::Vhost(e.to_string());
+    let inner_path = private.join("handler.sock");
+    let mut inner_listener = Listener::new(&inner_path, true)
+        .map_err(|e| DaemonError::Vhost(format!("inner listener: {e}")))?;
+    let gate_side = UnixStream::connect(&inner_path).map_err(|source| DaemonError::Io {
+        what: "connecting the gate",
+        source,
+    })?;
+    let mut daemon = VhostUserDaemon::new(
+        "vhost-card".to_string(),
+        backend.clone(),
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(vhost)?;
+    for (i, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+        for (fd, ev, id) in backend.extra_listeners(i) {
+            handler
+                .register_listener(fd, ev, id)
+                .map_err(|source| DaemonError::Io {
+                    what: "registering the tap with a worker",
+                    source,
+                })?;
+        }
+    }
+    daemon.start(&mut inner_listener).map_err(vhost)?;
+    drop(inner_listener);
+
+    let gate = Gate::start(frontend, gate_side, gate_cfg).map_err(|source| DaemonError::Io {
+        what: "starting the gate",
+        source,
+    })?;
+    *stop.frontend.lock().unwrap_or_else(|p| p.into_inner()) = gate.frontend_handle().ok();
+    if stop.requested() {
+        gate.shutdown();
+    }
+    let result = daemon.wait();
+    *stop.frontend.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    gate.join();
+    for handler in daemon.get_epoll_handlers() {
+        handler.send_exit_event();
+    }
+    // Dropping the daemon joins its worker threads before the next connection starts.
+    drop(daemon);
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) if stop.requested() => {
+            log::debug!("session ended by stop: {e}");
+            Ok(())
+        }
+        Err(e) => Err(vhost(e)),
+    }
+}

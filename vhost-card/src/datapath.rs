@@ -1,0 +1,527 @@
+//! The per-queue-pair data path: TX (host to card) and RX (card to host) between a pair of
+//! virtqueues and one tap queue.
+//!
+//! * TX: a descriptor chain becomes an iovec array over guest memory; the vnet header is copied
+//!   out once, checked (`vnet::check_tx`) and written to the tap with the frame in one `writev`.
+//! * RX: enough host buffers for the largest possible frame become one iovec array and the tap is
+//!   read straight into them with one `readv`; with MRG_RXBUF one frame may fill several buffers.
+//!   The header the kernel wrote is then fixed up in place (flags, checksum verification,
+//!   `num_buffers`).
+//!
+//! Every guest-controlled value is checked; a bad chain is returned to the guest with length 0 and
+//! counted, and the worker keeps serving.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use log::{debug, warn};
+use vhost_user_backend::VringState;
+use virtio_queue::{QueueT, DescriptorChain};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::csum::{self, Verdict};
+use crate::features::Negotiated;
+use crate::iov::{self, ChainError, IovBuf, IOV_MAX};
+use crate::stats::{add, PairStats};
+use crate::vnet::{self, RxAction, TxDrop, VnetHdr, ETH_HLEN, GSO_MAX_FRAME, HDR_MAX, VLAN_HLEN};
+
+type Mem = GuestMemoryMmap;
+type State = VringState<GuestMemoryAtomic<Mem>>;
+
+/// Frames handled per queue per wake-up before yielding to the other events of the worker.
+pub const BUDGET: usize = 256;
+
+/// What a processing pass ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Nothing more to do until the next event.
+    Idle,
+    /// The budget ran out with work left: the caller re-arms itself.
+    More,
+}
+
+/// State of one queue pair, owned by its worker thread.
+pub struct Pair {
+    pub tap_fd: RawFd,
+    pub neg: Negotiated,
+    pub mtu: usize,
+    pub rx_verify: bool,
+    /// The tap may have frames to read (edge seen, EAGAIN not yet).
+    pub rx_pending: bool,
+    /// TX is waiting for EPOLLOUT on the tap.
+    pub tx_blocked: bool,
+    tx_iovs: IovBuf,
+    rx_iovs: IovBuf,
+    /// Heads and byte lengths of the RX chains gathered for the current frame.
+    rx_chains: Vec<(u16, usize)>,
+    /// Number of leading `rx_chains` that must not be handed back by rewinding the ring,
+    /// because a malformed chain was consumed after them.
+    rx_barrier: usize,
+    tx_hdr: [u8; HDR_MAX],
+    /// Room for one frame when its checksum must be verified or completed.
+    scratch: Vec<u8>,
+}
+
+impl Pair {
+    pub fn new(tap_fd: RawFd, mtu: usize, rx_verify: bool, queue_size: usize) -> Self {
+        Pair {
+            tap_fd,
+            neg: Negotiated::default(),
+            mtu,
+            rx_verify,
+            rx_pending: true,
+            tx_blocked: false,
+            tx_iovs: IovBuf::with_capacity(IOV_MAX + 1),
+            rx_iovs: IovBuf::with_capacity(IOV_MAX),
+            rx_chains: Vec::with_capacity(queue_size),
+            rx_barrier: 0,
+            tx_hdr: [0; HDR_MAX],
+            scratch: vec![0; GSO_MAX_FRAME.max(mtu + ETH_HLEN + VLAN_HLEN)],
+        }
+    }
+
+    /// Forgets everything tied to a frontend connection.
+    pub fn reset(&mut self) {
+        self.neg = Negotiated::default();
+        self.rx_pending = true;
+        self.tx_blocked = false;
+        self.rx_chains.clear();
+        self.tx_iovs.0.clear();
+        self.rx_iovs.0.clear();
+    }
+
+    /// Largest frame (header included) the tap may hand over, given what was negotiated.
+    fn rx_need(&self) -> usize {
+        let frame = if self.neg.guest_gso() {
+            GSO_MAX_FRAME
+        } else {
+            self.mtu + ETH_HLEN + VLAN_HLEN
+        };
+        self.neg.hdr_len() + frame
+    }
+
+    /// Moves frames from the TX queue to the tap.
+    pub fn process_tx(&mut self, vring: &mut State, mem: &Mem, stats: &PairStats) -> Pass {
+        if self.tx_blocked {
+            return Pass::Idle;
+        }
+        let mut used = false;
+        let mut done = 0;
+        let pass = 'outer: loop {
+            let _ = vring.disable_notification();
+            while let Some(chain) = vring.get_queue_mut().pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                match self.tx_one(chain, mem, stats) {
+                    Ok(()) => {}
+                    Err(TxStop::Again) => {
+                        let q = vring.get_queue_mut();
+                        q.set_next_avail(q.next_avail().wrapping_sub(1));
+                        self.tx_blocked = true;
+                        add(&stats.tx_tap_full, 1);
+                        break 'outer Pass::Idle;
+                    }
+                }
+                if vring.get_queue_mut().add_used(mem, head, 0).is_err() {
+                    warn!("TX used ring is outside guest memory");
+                    break 'outer Pass::Idle;
+                }
+                used = true;
+                done += 1;
+                if done == BUDGET {
+                    break 'outer Pass::More;
+                }
+            }
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                _ => break Pass::Idle,
+            }
+        };
+        if used {
+            notify(vring, stats);
+        }
+        pass
+    }
+
+    fn tx_one(
+        &mut self,
+        chain: DescriptorChain<&Mem>,
+        mem: &Mem,
+        stats: &PairStats,
+    ) -> Result<(), TxStop> {
+        let hdr_len = self.neg.hdr_len();
+        let iovs = &mut self.tx_iovs.0;
+        iovs.clear();
+        // Slot 0 is kept for our copy of the header when the guest's header fills one buffer.
+        iovs.push(libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        });
+        let total = match iov::collect_chain(chain, mem, false, iovs, IOV_MAX + 1) {
+            Ok(n) => n,
+            Err(e) => {
+                debug!("TX chain dropped: {e}");
+                add(&stats.tx_drop_bad_chain, 1);
+                return Ok(());
+            }
+        };
+        if total < hdr_len {
+            add(&stats.tx_drop_short_header, 1);
+            return Ok(());
+        }
+        let mut raw = [0u8; HDR_MAX];
+        // SAFETY: the iovecs were translated from guest memory under `mem`, which the caller
+        // holds for the duration of this call.
+        unsafe { iov::read_iovs(&iovs[1..], 0, &mut raw[..hdr_len]) };
+        let frame_len = total - hdr_len;
+        let hdr = match vnet::check_tx(&VnetHdr::decode(&raw), frame_len, self.mtu, &self.neg) {
+            Ok(h) => h,
+            Err(e) => {
+                debug!("TX frame dropped: {e}");
+                let c = match e {
+                    TxDrop::Runt => &stats.tx_drop_runt,
+                    TxDrop::Oversize => &stats.tx_drop_oversize,
+                    _ => &stats.tx_drop_bad_vnet_hdr,
+                };
+                add(c, 1);
+                return Ok(());
+            }
+        };
+        self.tx_hdr = hdr.encode();
+        let first = iov::advance(iovs, 1, hdr_len);
+        // `first >= 2` whenever the header filled whole iovecs; otherwise slot 0 is free.
+        let hdr_slot = first - 1;
+        iovs[hdr_slot] = libc::iovec {
+            iov_base: self.tx_hdr.as_mut_ptr().cast(),
+            iov_len: hdr_len,
+        };
+        let segs = &iovs[hdr_slot..];
+        if segs.len() > IOV_MAX {
+            add(&stats.tx_drop_bad_chain, 1);
+            return Ok(());
+        }
+        // SAFETY: every iovec points into guest memory held by `mem` or into `self.tx_hdr`, all
+        // valid for the duration of the call; `segs.len() <= IOV_MAX + 1` and the kernel clamps.
+        let n = unsafe {
+            libc::writev(
+                self.tap_fd,
+                segs.as_ptr(),
+                segs.len() as libc::c_int,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock {
+                return Err(TxStop::Again);
+            }
+            debug!("tap write failed: {e}");
+            add(&stats.tx_drop_tap_error, 1);
+            return Ok(());
+        }
+        add(&stats.tx_frames, 1);
+        add(&stats.tx_bytes, frame_len as u64);
+        Ok(())
+    }
+
+    /// Moves frames from the tap to the RX queue.
+    pub fn process_rx(&mut self, vring: &mut State, mem: &Mem, stats: &PairStats) -> Pass {
+        let mut used = false;
+        let mut frames = 0;
+        let _ = vring.disable_notification();
+        let pass = loop {
+            if !self.rx_pending {
+                break Pass::Idle;
+            }
+            if frames == BUDGET {
+                break Pass::More;
+            }
+            match self.rx_one(vring, mem, stats) {
+                Rx::Frame => {
+                    used = true;
+                    frames += 1;
+                }
+                Rx::Consumed => used = true,
+                Rx::Retry => {}
+                Rx::NoBuffers => {
+                    // Wait for the guest to post buffers; re-check after enabling
+                    // notifications so a buffer posted in between is not missed.
+                    match vring.enable_notification() {
+                        Ok(true) => continue,
+                        _ => {
+                            add(&stats.rx_no_buffers, 1);
+                            break Pass::Idle;
+                        }
+                    }
+                }
+                Rx::Empty => {
+                    self.rx_pending = false;
+                    break Pass::Idle;
+                }
+                Rx::Broken => break Pass::Idle,
+            }
+        };
+        if used {
+            notify(vring, stats);
+        }
+        pass
+    }
+
+    fn rx_one(&mut self, vring: &mut State, mem: &Mem, stats: &PairStats) -> Rx {
+        let hdr_len = self.neg.hdr_len();
+        let need = self.rx_need();
+        self.rx_iovs.0.clear();
+        self.rx_chains.clear();
+        self.rx_barrier = 0;
+        let mut cap = 0usize;
+        let mut consumed_bad = false;
+        let queue_size = usize::from(vring.get_queue().size());
+        let mut popped = 0usize;
+        while cap < need {
+            let Some(chain) = vring.get_queue_mut().pop_descriptor_chain(mem) else {
+                break;
+            };
+            popped += 1;
+            let head = chain.head_index();
+            let before = self.rx_iovs.0.len();
+            match iov::collect_chain(chain, mem, true, &mut self.rx_iovs.0, IOV_MAX) {
+                Ok(len) if len >= hdr_len => {
+                    self.rx_chains.push((head, len));
+                    cap += len;
+                }
+                Err(ChainError::TooLong) if before > 0 => {
+                    // This good chain does not fit this readv; leave it for the next frame.
+                    self.rx_iovs.0.truncate(before);
+                    let q = vring.get_queue_mut();
+                    q.set_next_avail(q.next_avail().wrapping_sub(1));
+                    break;
+                }
+                other => {
+                    debug!("RX chain dropped: {other:?}");
+                    self.rx_iovs.0.truncate(before);
+                    add(&stats.rx_drop_bad_chain, 1);
+                    if vring.get_queue_mut().add_used(mem, head, 0).is_err() {
+                        return Rx::Broken;
+                    }
+                    consumed_bad = true;
+                    self.rx_barrier = self.rx_chains.len();
+                    continue;
+                }
+            }
+            if !self.neg.mrg_rxbuf {
+                break;
+            }
+        }
+        if self.rx_chains.is_empty() {
+            return if consumed_bad { Rx::Consumed } else { Rx::NoBuffers };
+        }
+        // Short of room for the largest frame: wait for more buffers, unless the whole ring is
+        // already ours (then a too-big frame is dropped below rather than waiting forever).
+        if cap < need && self.neg.mrg_rxbuf && popped < queue_size {
+            release_chains(&mut self.rx_chains, self.rx_barrier, 0, vring, mem);
+            return if consumed_bad { Rx::Consumed } else { Rx::NoBuffers };
+        }
+        let iovs = &self.rx_iovs.0;
+        // SAFETY: the iovecs point into guest memory held by `mem` for this call, all
+        // device-writable buffers of chains we popped and own until they are used or released.
+        let n = unsafe {
+            libc::readv(
+                self.tap_fd,
+                iovs.as_ptr(),
+                iovs.len().min(IOV_MAX) as libc::c_int,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            release_chains(&mut self.rx_chains, self.rx_barrier, 0, vring, mem);
+            if e.kind() == io::ErrorKind::WouldBlock {
+                return Rx::Empty;
+            }
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Rx::Retry;
+            }
+            // EFAULT means the kernel dropped a frame that did not fit; anything else is a tap
+            // problem reported once per edge.
+            if e.raw_os_error() == Some(libc::EFAULT) {
+                add(&stats.rx_drop_truncated, 1);
+                return Rx::Retry;
+            }
+            warn!("tap read failed: {e}");
+            add(&stats.rx_tap_error, 1);
+            self.rx_pending = false;
+            return Rx::Broken;
+        }
+        let n = n as usize;
+        if n > cap {
+            // The tap reports the full length of a frame it could only partly copy.
+            release_chains(&mut self.rx_chains, self.rx_barrier, 0, vring, mem);
+            add(&stats.rx_drop_truncated, 1);
+            return Rx::Retry;
+        }
+        if n < hdr_len + ETH_HLEN {
+            release_chains(&mut self.rx_chains, self.rx_barrier, 0, vring, mem);
+            add(&stats.rx_drop_runt, 1);
+            return Rx::Retry;
+        }
+        let frame_len = n - hdr_len;
+        let mut raw = [0u8; HDR_MAX];
+        // SAFETY: see the readv above.
+        unsafe { iov::read_iovs(iovs, 0, &mut raw[..hdr_len]) };
+        let mut hdr = VnetHdr::decode(&raw);
+        match vnet::rx_action(&mut hdr, &self.neg, self.rx_verify) {
+            RxAction::Deliver => {}
+            RxAction::DropGso => {
+                release_chains(&mut self.rx_chains, self.rx_barrier, 0, vring, mem);
+                add(&stats.rx_drop_gso, 1);
+                return Rx::Retry;
+            }
+            RxAction::Verify => {
+                // SAFETY: see the readv above.
+                unsafe { iov::read_iovs(iovs, hdr_len, &mut self.scratch[..frame_len]) };
+                match csum::verify(&self.scratch[..frame_len]) {
+                    Verdict::Valid => {
+                        hdr.flags = vnet::F_DATA_VALID;
+                        add(&stats.rx_csum_verified, 1);
+                    }
+                    Verdict::Invalid => add(&stats.rx_csum_bad, 1),
+                    Verdict::NotApplicable => {}
+                }
+            }
+            RxAction::Complete => {
+                // SAFETY: see the readv above.
+                unsafe { iov::read_iovs(iovs, hdr_len, &mut self.scratch[..frame_len]) };
+                let start = usize::from(hdr.csum_start);
+                let offset = usize::from(hdr.csum_offset);
+                if let Ok((at, value)) =
+                    csum::partial_checksum(&self.scratch[..frame_len], start, offset)
+                {
+                    // SAFETY: see the readv above.
+                    unsafe { iov::write_iovs(iovs, hdr_len + at, &value) };
+                    add(&stats.rx_csum_completed, 1);
+                }
+            }
+        }
+        // Which chains the frame filled.
+        let mut left = n;
+        let mut k = 0;
+        while left > 0 {
+            left = left.saturating_sub(self.rx_chains[k].1);
+            k += 1;
+        }
+        hdr.num_buffers = u16::try_from(k).unwrap_or(u16::MAX);
+        // SAFETY: see the readv above.
+        unsafe { iov::write_iovs(iovs, 0, &hdr.encode()[..hdr_len]) };
+        let mut left = n;
+        for &(head, len) in &self.rx_chains[..k] {
+            let this = left.min(len);
+            left -= this;
+            if vring
+                .get_queue_mut()
+                .add_used(mem, head, this as u32)
+                .is_err()
+            {
+                return Rx::Broken;
+            }
+        }
+        release_chains(&mut self.rx_chains, self.rx_barrier, k, vring, mem);
+        add(&stats.rx_frames, 1);
+        add(&stats.rx_bytes, frame_len as u64);
+        add(&stats.rx_buffers, k as u64);
+        Rx::Frame
+    }
+
+}
+
+/// Gives back gathered RX chains from index `from` on: the ones after the last malformed chain
+/// (index `barrier` and up) go back to the ring by rewinding it, the ones before it are returned
+/// empty, since rewinding past a consumed chain would hand it out twice.
+fn release_chains(
+    chains: &mut Vec<(u16, usize)>,
+    barrier: usize,
+    from: usize,
+    vring: &mut State,
+    mem: &Mem,
+) {
+    let mut rewind = 0u16;
+    for (i, &(head, _)) in chains.iter().enumerate().skip(from) {
+        if i < barrier {
+            let _ = vring.get_queue_mut().add_used(mem, head, 0);
+        } else {
+            rewind += 1;
+        }
+    }
+    let q = vring.get_queue_mut();
+    q.set_next_avail(q.next_avail().wrapping_sub(rewind));
+    chains.truncate(from);
+}
+
+enum TxStop {
+    Again,
+}
+
+enum Rx {
+    Frame,
+    /// Only malformed chains were consumed.
+    Consumed,
+    /// A frame was dropped or the read interrupted; try again.
+    Retry,
+    NoBuffers,
+    Empty,
+    Broken,
+}
+
+fn notify(vring: &mut State, stats: &PairStats) {
+    if vring.needs_notification().unwrap_or(true) {
+        if let Err(e) = vring.signal_used_queue() {
+            warn!("cannot notify the guest: {e}");
+        }
+        add(&stats.notifications, 1);
+    }
+}
+
+/// The `TUNSETOFFLOAD` bits for what the host accepts on its RX queue.
+pub fn tap_offload(neg: &Negotiated) -> u32 {
+    use crate::tap::*;
+    if !neg.guest_csum {
+        return 0;
+    }
+    let mut f = TUN_F_CSUM;
+    if neg.guest_tso4 {
+        f |= TUN_F_TSO4;
+    }
+    if neg.guest_tso6 {
+        f |= TUN_F_TSO6;
+    }
+    if neg.guest_ecn && (neg.guest_tso4 || neg.guest_tso6) {
+        f |= TUN_F_TSO_ECN;
+    }
+    if neg.guest_ufo {
+        f |= TUN_F_UFO;
+    }
+    if neg.guest_uso4 {
+        f |= TUN_F_USO4;
+    }
+    if neg.guest_uso6 {
+        f |= TUN_F_USO6;
+    }
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::features::default_features;
+    use crate::tap::*;
+
+    #[test]
+    fn offload_bits_follow_guest_features() {
+        let n = Negotiated::from_word(default_features());
+        assert_eq!(tap_offload(&n), TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6);
+        let mut n2 = n;
+        n2.guest_csum = false;
+        assert_eq!(tap_offload(&n2), 0);
+        n2 = n;
+        n2.guest_tso4 = false;
+        n2.guest_tso6 = false;
+        n2.guest_ecn = true;
+        assert_eq!(tap_offload(&n2), TUN_F_CSUM);
+    }
+}

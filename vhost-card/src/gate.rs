@@ -1,0 +1,409 @@
+//! The protocol gate: a thin relay between the frontend (QEMU) and the `vhost` crate's request
+//! handler that answers the two requests QEMU sends before the crate is ready for them.
+//!
+//! QEMU 7.2 and later send `VHOST_USER_SET_VRING_ENABLE` (for every queue) and
+//! `VHOST_USER_NET_SET_MTU` while realizing the device, before `VHOST_USER_SET_FEATURES`. The
+//! vhost-user spec lets them: PROTOCOL_FEATURES was offered and the protocol features were set.
+//! The `vhost` crate's `BackendReqHandler` (0.18) rejects SET_VRING_ENABLE until
+//! PROTOCOL_FEATURES is acked and has no handler for NET_SET_MTU; either error ends the session.
+//!
+//! The gate reads each message (header, body and attached file descriptors) and forwards it
+//! unchanged, except:
+//! * `NET_SET_MTU`: checked against the card's MTU and answered here (REPLY_ACK when asked).
+//! * `SET_VRING_ENABLE` before PROTOCOL_FEATURES is acked: remembered, acked when asked, and
+//!   replayed to the crate right after a `SET_FEATURES` that acks PROTOCOL_FEATURES, so the
+//!   rings end up in the state the frontend asked for.
+//!
+//! Replies from the crate are relayed back unchanged. Cost: one thread and one socket hop per
+//! control message; the data path (rings, kicks, calls) never passes through here.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use log::{debug, info, warn};
+use thiserror::Error;
+use vhost::vhost_user::message::{FrontendReq, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::features::VHOST_USER_F_PROTOCOL_FEATURES;
+
+const HDR_SIZE: usize = 12;
+const FLAG_VERSION: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+const PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
+
+#[derive(Debug, Error)]
+pub enum GateError {
+    #[error("vhost-user message of {0} bytes exceeds the protocol's limit")]
+    TooBig(u32),
+    #[error("vhost-user socket: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A vhost-user message header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hdr {
+    pub request: u32,
+    pub flags: u32,
+    pub size: u32,
+}
+
+impl Hdr {
+    fn decode(b: &[u8; HDR_SIZE]) -> Self {
+        let w = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        Hdr {
+            request: w(0),
+            flags: w(4),
+            size: w(8),
+        }
+    }
+
+    fn encode(&self) -> [u8; HDR_SIZE] {
+        let mut b = [0u8; HDR_SIZE];
+        b[0..4].copy_from_slice(&self.request.to_le_bytes());
+        b[4..8].copy_from_slice(&self.flags.to_le_bytes());
+        b[8..12].copy_from_slice(&self.size.to_le_bytes());
+        b
+    }
+}
+
+/// One message with its body and file descriptors.
+#[derive(Debug, Default)]
+pub struct Msg {
+    pub hdr: Option<Hdr>,
+    pub body: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Reads one message; `Ok(false)` on a clean end of stream before a header.
+pub fn recv_msg(sock: &UnixStream, msg: &mut Msg) -> Result<bool, GateError> {
+    let mut hdr = [0u8; HDR_SIZE];
+    let mut raw_fds = [-1 as RawFd; MAX_ATTACHED_FD_ENTRIES];
+    let mut iov = [libc::iovec {
+        iov_base: hdr.as_mut_ptr().cast(),
+        iov_len: HDR_SIZE,
+    }];
+    msg.fds.clear();
+    // SAFETY: the iovec points to `hdr`, which is writable and outlives the call.
+    let (n, nfds) = unsafe { sock.recv_with_fds(&mut iov, &mut raw_fds) }
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    for &fd in &raw_fds[..nfds] {
+        // SAFETY: recvmsg just gave us these descriptors; nothing else owns them.
+        msg.fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    if n == 0 {
+        return Ok(false);
+    }
+    (&*sock).read_exact(&mut hdr[n..])?;
+    let h = Hdr::decode(&hdr);
+    if h.size as usize > MAX_MSG_SIZE - HDR_SIZE {
+        return Err(GateError::TooBig(h.size));
+    }
+    msg.body.resize(h.size as usize, 0);
+    (&*sock).read_exact(&mut msg.body)?;
+    msg.hdr = Some(h);
+    Ok(true)
+}
+
+/// Sends one message with its descriptors.
+pub fn send_msg(sock: &UnixStream, hdr: &Hdr, body: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let h = hdr.encode();
+    let mut bytes = Vec::with_capacity(HDR_SIZE + body.len());
+    bytes.extend_from_slice(&h);
+    bytes.extend_from_slice(body);
+    let n = sock
+        .send_with_fds(&[&bytes[..]], fds)
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    (&*sock).write_all(&bytes[n..])
+}
+
+/// What the gate knows of the card.
+#[derive(Debug, Clone, Copy)]
+pub struct GateConfig {
+    pub mtu: u16,
+    pub num_queues: u32,
+}
+
+/// A running gate.
+pub struct Gate {
+    frontend: UnixStream,
+    backend: UnixStream,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Gate {
+    /// Starts relaying between `frontend` and `backend` (the crate's end).
+    pub fn start(
+        frontend: UnixStream,
+        backend: UnixStream,
+        cfg: GateConfig,
+    ) -> io::Result<Gate> {
+        let f_writer = Arc::new(Mutex::new(frontend.try_clone()?));
+        let closer = || -> io::Result<_> {
+            let f = frontend.try_clone()?;
+            let b = backend.try_clone()?;
+            Ok(move || {
+                let _ = f.shutdown(Shutdown::Both);
+                let _ = b.shutdown(Shutdown::Both);
+            })
+        };
+        let (down, down2) = (closer()?, closer()?);
+        let (f_in, b_out) = (frontend.try_clone()?, backend.try_clone()?);
+        let writer = f_writer.clone();
+        let requests = std::thread::Builder::new()
+            .name("vhost-gate-req".into())
+            .spawn(move || {
+                let mut st = ReqState::new(cfg);
+                if let Err(e) = st.run(&f_in, &b_out, &writer) {
+                    debug!("gate: frontend side ended: {e}");
+                }
+                down();
+            })?;
+        let (b_in, writer) = (backend.try_clone()?, f_writer);
+        let replies = std::thread::Builder::new()
+            .name("vhost-gate-rep".into())
+            .spawn(move || {
+                let mut msg = Msg::default();
+                loop {
+                    match recv_msg(&b_in, &mut msg) {
+                        Ok(true) => {
+                            let fds: Vec<RawFd> = msg.fds.iter().map(|f| f.as_raw_fd()).collect();
+                            let hdr = msg.hdr.expect("set by recv_msg");
+                            let w = writer.lock().unwrap_or_else(|p| p.into_inner());
+                            if send_msg(&w, &hdr, &msg.body, &fds).is_err() {
+                                break;
+                            }
+                        }
+                        Ok(false) | Err(_) => break,
+                    }
+                }
+                down2();
+            })?;
+        Ok(Gate {
+            frontend,
+            backend,
+            threads: vec![requests, replies],
+        })
+    }
+
+    /// Closes both sides; the relay threads end.
+    pub fn shutdown(&self) {
+        let _ = self.frontend.shutdown(Shutdown::Both);
+        let _ = self.backend.shutdown(Shutdown::Both);
+    }
+
+    /// A handle that can close the frontend connection from another thread.
+    pub fn frontend_handle(&self) -> io::Result<UnixStream> {
+        self.frontend.try_clone()
+    }
+
+    pub fn join(mut self) {
+        self.shutdown();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+struct ReqState {
+    cfg: GateConfig,
+    acked_features: u64,
+    acked_protocol: u64,
+    /// SET_VRING_ENABLE requests held back until PROTOCOL_FEATURES is acked: (index, enable).
+    pending: Vec<(u32, u32)>,
+}
+
+impl ReqState {
+    fn new(cfg: GateConfig) -> Self {
+        ReqState {
+            cfg,
+            acked_features: 0,
+            acked_protocol: 0,
+            pending: Vec::new(),
+        }
+    }
+
+    fn protocol_acked(&self) -> bool {
+        self.acked_features & (1 << VHOST_USER_F_PROTOCOL_FEATURES) != 0
+    }
+
+    fn run(
+        &mut self,
+        frontend: &UnixStream,
+        backend: &UnixStream,
+        writer: &Mutex<UnixStream>,
+    ) -> Result<(), GateError> {
+        let mut msg = Msg::default();
+        while recv_msg(frontend, &mut msg)? {
+            let hdr = msg.hdr.expect("set by recv_msg");
+            match self.filter(&hdr, &msg.body) {
+                Action::Forward => {
+                    let fds: Vec<RawFd> = msg.fds.iter().map(|f| f.as_raw_fd()).collect();
+                    send_msg(backend, &hdr, &msg.body, &fds)?;
+                }
+                Action::Answer(value) => {
+                    if hdr.flags & FLAG_NEED_REPLY != 0
+                        && self.acked_protocol & PROTOCOL_F_REPLY_ACK != 0
+                    {
+                        let reply = Hdr {
+                            request: hdr.request,
+                            flags: FLAG_VERSION | FLAG_REPLY,
+                            size: 8,
+                        };
+                        let w = writer.lock().unwrap_or_else(|p| p.into_inner());
+                        send_msg(&w, &reply, &value.to_le_bytes(), &[])?;
+                    }
+                }
+            }
+            if hdr.request == FrontendReq::SET_FEATURES as u32 {
+                self.after_set_features(backend)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decides what to do with one request from the frontend.
+    fn filter(&mut self, hdr: &Hdr, body: &[u8]) -> Action {
+        let u64_body = || body.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
+        match hdr.request {
+            r if r == FrontendReq::SET_FEATURES as u32 => {
+                if let Some(v) = u64_body() {
+                    self.acked_features = v;
+                }
+                Action::Forward
+            }
+            r if r == FrontendReq::SET_PROTOCOL_FEATURES as u32 => {
+                if let Some(v) = u64_body() {
+                    self.acked_protocol = v;
+                }
+                Action::Forward
+            }
+            r if r == FrontendReq::NET_SET_MTU as u32 => {
+                let mtu = u64_body().unwrap_or(0);
+                if (68..=u64::from(self.cfg.mtu)).contains(&mtu) {
+                    info!("frontend set the host MTU to {mtu}");
+                    Action::Answer(0)
+                } else {
+                    warn!(
+                        "frontend asked for MTU {mtu}, outside 68..={} that the card serves; refused",
+                        self.cfg.mtu
+                    );
+                    Action::Answer(1)
+                }
+            }
+            r if r == FrontendReq::SET_VRING_ENABLE as u32 && !self.protocol_acked() => {
+                let (Some(index), Some(num)) = (
+                    body.get(0..4).map(|b| u32::from_le_bytes(b.try_into().unwrap_or([0; 4]))),
+                    body.get(4..8).map(|b| u32::from_le_bytes(b.try_into().unwrap_or([0; 4]))),
+                ) else {
+                    return Action::Answer(1);
+                };
+                if index >= self.cfg.num_queues || num > 1 {
+                    return Action::Answer(1);
+                }
+                debug!("gate: holding SET_VRING_ENABLE({index}, {num}) until features are set");
+                self.pending.retain(|&(i, _)| i != index);
+                self.pending.push((index, num));
+                Action::Answer(0)
+            }
+            _ => Action::Forward,
+        }
+    }
+
+    /// Replays held SET_VRING_ENABLE requests once PROTOCOL_FEATURES is acked.
+    fn after_set_features(&mut self, backend: &UnixStream) -> Result<(), GateError> {
+        if !self.protocol_acked() {
+            // Without PROTOCOL_FEATURES every ring is enabled at SET_FEATURES; nothing to replay.
+            self.pending.clear();
+            return Ok(());
+        }
+        for (index, num) in self.pending.drain(..) {
+            let hdr = Hdr {
+                request: FrontendReq::SET_VRING_ENABLE as u32,
+                flags: FLAG_VERSION,
+                size: 8,
+            };
+            let mut body = [0u8; 8];
+            body[..4].copy_from_slice(&index.to_le_bytes());
+            body[4..].copy_from_slice(&num.to_le_bytes());
+            send_msg(backend, &hdr, &body, &[])?;
+        }
+        Ok(())
+    }
+}
+
+enum Action {
+    Forward,
+    /// Answer here with this REPLY_ACK value (0 is success) when the frontend asked for one.
+    Answer(u64),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> GateConfig {
+        GateConfig {
+            mtu: 65520,
+            num_queues: 2,
+        }
+    }
+
+    fn hdr(req: FrontendReq) -> Hdr {
+        Hdr {
+            request: req as u32,
+            flags: FLAG_VERSION | FLAG_NEED_REPLY,
+            size: 8,
+        }
+    }
+
+    #[test]
+    fn early_enable_is_held_and_mtu_is_answered() {
+        let mut st = ReqState::new(cfg());
+        let body = [1, 0, 0, 0, 0, 0, 0, 0];
+        assert!(matches!(st.filter(&hdr(FrontendReq::SET_VRING_ENABLE), &body), Action::Answer(0)));
+        assert_eq!(st.pending, vec![(1, 0)]);
+        let mtu = 65520u64.to_le_bytes();
+        assert!(matches!(st.filter(&hdr(FrontendReq::NET_SET_MTU), &mtu), Action::Answer(0)));
+        let mtu = 65535u64.to_le_bytes();
+        assert!(matches!(st.filter(&hdr(FrontendReq::NET_SET_MTU), &mtu), Action::Answer(1)));
+        let bad = [9, 0, 0, 0, 0, 0, 0, 0];
+        assert!(matches!(st.filter(&hdr(FrontendReq::SET_VRING_ENABLE), &bad), Action::Answer(1)));
+        let feats = (1u64 << 30 | 1 << 32).to_le_bytes();
+        assert!(matches!(st.filter(&hdr(FrontendReq::SET_FEATURES), &feats), Action::Forward));
+        // Once PROTOCOL_FEATURES is acked the crate handles SET_VRING_ENABLE itself.
+        assert!(matches!(st.filter(&hdr(FrontendReq::SET_VRING_ENABLE), &body), Action::Forward));
+    }
+
+    #[test]
+    fn messages_roundtrip_with_fds() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let h = hdr(FrontendReq::SET_VRING_KICK);
+        send_msg(&a, &h, &[0u8; 8], &[file.as_raw_fd()]).unwrap();
+        let mut m = Msg::default();
+        assert!(recv_msg(&b, &mut m).unwrap());
+        assert_eq!(m.hdr, Some(h));
+        assert_eq!(m.fds.len(), 1);
+        drop(a);
+        assert!(!recv_msg(&b, &mut m).unwrap());
+    }
+
+    #[test]
+    fn oversized_message_is_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let h = Hdr {
+            request: 1,
+            flags: 1,
+            size: 1 << 20,
+        };
+        (&a).write_all(&h.encode()).unwrap();
+        let mut m = Msg::default();
+        assert!(matches!(recv_msg(&b, &mut m), Err(GateError::TooBig(_))));
+    }
+}

@@ -1,0 +1,23 @@
+//! vhost-card: the "ultimate TOE card" PCI function as a vhost-user virtio-net backend.
+//!
+//! Layout:
+//! * pure logic: [`features`] (feature bits and the spec's dependency rules), [`vnet`] (the
+//!   virtio-net header rules per direction), [`csum`] (checksum verification and completion);
+//! * guest memory and I/O: [`iov`] (descriptor chains to iovecs), [`tap`] and [`netns`] (the
+//!   card's end of the link), [`datapath`] (TX/RX per queue pair);
+//! * vhost-user: [`backend`] (the `VhostUserBackend`), [`gate`] (answers QEMU's early requests
+//!   in front of the `vhost` crate's handler), [`daemon`] (listen, serve, reconnect, stop);
+//! * [`config`] (the command line) and [`stats`] (counters).
+
+pub mod backend;
+pub mod config;
+pub mod csum;
+pub mod daemon;
+pub mod datapath;
+pub mod features;
+pub mod gate;
+pub mod iov;
+pub mod netns;
+pub mod stats;
+pub mod tap;
+pub mod vnet;

@@ -1,0 +1,333 @@
+//! The card's end of the link: a Linux tap device opened with `IFF_VNET_HDR` (and
+//! `IFF_MULTI_QUEUE` for several queue pairs), in the card's network namespace.
+//!
+//! Every ioctl sits in a small function here with its SAFETY argument; the data path only sees
+//! raw queue descriptors.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use log::{info, warn};
+use thiserror::Error;
+
+use crate::netns::{self, NetnsError};
+
+/// Offload bits a tap reader can accept (`TUNSETOFFLOAD`).
+pub const TUN_F_CSUM: u32 = libc::TUN_F_CSUM;
+pub const TUN_F_TSO4: u32 = libc::TUN_F_TSO4;
+pub const TUN_F_TSO6: u32 = libc::TUN_F_TSO6;
+pub const TUN_F_TSO_ECN: u32 = libc::TUN_F_TSO_ECN;
+pub const TUN_F_UFO: u32 = libc::TUN_F_UFO;
+pub const TUN_F_USO4: u32 = libc::TUN_F_USO4;
+pub const TUN_F_USO6: u32 = libc::TUN_F_USO6;
+
+#[derive(Debug, Error)]
+pub enum TapError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("invalid tap name '{0}': 1 to 15 characters, no '/', ':' or whitespace")]
+    BadName(String),
+    #[error("permission denied {0} (needs CAP_NET_ADMIN, run as root)")]
+    Permission(&'static str),
+    #[error("tap '{0}' is busy: another process holds it, or it exists with other flags (not a multi-queue vnet-header tap)")]
+    Busy(String),
+    #[error("/dev/net/tun is missing (load the tun module: modprobe tun)")]
+    NoTunDevice,
+    #[error("{op} on tap '{name}' failed: {source}")]
+    Io {
+        op: &'static str,
+        name: String,
+        source: io::Error,
+    },
+}
+
+/// What the daemon asks of its tap.
+#[derive(Debug, Clone)]
+pub struct TapConfig {
+    pub name: String,
+    pub netns: Option<String>,
+    pub mtu: u16,
+    pub mac: Option<[u8; 6]>,
+    pub queues: usize,
+    /// Keep a tap this daemon created when it exits cleanly.
+    pub keep: bool,
+}
+
+/// An open tap with one file descriptor per queue pair.
+#[derive(Debug)]
+pub struct Tap {
+    name: String,
+    queues: Vec<File>,
+    created: bool,
+    keep: bool,
+}
+
+fn ifreq_with_name(name: &str) -> libc::ifreq {
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *dst = *src as libc::c_char;
+    }
+    ifr
+}
+
+fn check_name(name: &str) -> Result<(), TapError> {
+    let ok = !name.is_empty()
+        && name.len() < libc::IFNAMSIZ
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0');
+    if ok {
+        Ok(())
+    } else {
+        Err(TapError::BadName(name.to_string()))
+    }
+}
+
+/// A datagram socket for interface ioctls, in the calling thread's namespace.
+fn ctl_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a freshly created descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn ifr_ioctl(fd: RawFd, req: libc::Ioctl, ifr: &mut libc::ifreq) -> io::Result<()> {
+    // SAFETY: `req` is an interface ioctl that reads and/or writes one `ifreq`, which `ifr`
+    // points to for the duration of the call.
+    let rc = unsafe { libc::ioctl(fd, req, ifr as *mut libc::ifreq) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn val_ioctl(fd: RawFd, req: libc::Ioctl, val: libc::c_ulong) -> io::Result<()> {
+    // SAFETY: `req` is a tun ioctl that takes its argument by value (TUNSETPERSIST,
+    // TUNSETOFFLOAD); no memory is passed.
+    let rc = unsafe { libc::ioctl(fd, req, val) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn ifindex(ctl: RawFd, name: &str) -> Option<i32> {
+    let mut ifr = ifreq_with_name(name);
+    ifr_ioctl(ctl, libc::SIOCGIFINDEX, &mut ifr).ok()?;
+    // SAFETY: SIOCGIFINDEX filled the ifindex member of the union.
+    Some(unsafe { ifr.ifr_ifru.ifru_ifindex })
+}
+
+impl Tap {
+    /// Creates the tap, or attaches to an existing one, in the configured namespace; sets the
+    /// MTU (and MAC) and brings it up.
+    pub fn open(cfg: &TapConfig) -> Result<Tap, TapError> {
+        check_name(&cfg.name)?;
+        let cfg2 = cfg.clone();
+        netns::run_in(cfg.netns.as_deref(), move || Self::open_here(&cfg2))
+    }
+
+    fn open_here(cfg: &TapConfig) -> Result<Tap, TapError> {
+        let name = cfg.name.clone();
+        let io_err = |op: &'static str| {
+            let name = name.clone();
+            move |source: io::Error| TapError::Io { op, name, source }
+        };
+        let ctl = ctl_socket().map_err(io_err("socket"))?;
+        let existed = ifindex(ctl.as_raw_fd(), &cfg.name).is_some();
+        let mut queues = Vec::with_capacity(cfg.queues);
+        for _ in 0..cfg.queues.max(1) {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open("/dev/net/tun")
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::NotFound => TapError::NoTunDevice,
+                    io::ErrorKind::PermissionDenied => TapError::Permission("opening /dev/net/tun"),
+                    _ => TapError::Io {
+                        op: "open /dev/net/tun",
+                        name: cfg.name.clone(),
+                        source: e,
+                    },
+                })?;
+            let mut ifr = ifreq_with_name(&cfg.name);
+            let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+            if cfg.queues > 1 {
+                flags |= libc::IFF_MULTI_QUEUE;
+            }
+            ifr.ifr_ifru.ifru_flags = flags as libc::c_short;
+            ifr_ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr).map_err(|e| {
+                match e.raw_os_error() {
+                    Some(libc::EBUSY) | Some(libc::EINVAL) => TapError::Busy(cfg.name.clone()),
+                    Some(libc::EPERM) | Some(libc::EACCES) => {
+                        TapError::Permission("creating the tap")
+                    }
+                    _ => TapError::Io {
+                        op: "TUNSETIFF",
+                        name: cfg.name.clone(),
+                        source: e,
+                    },
+                }
+            })?;
+            queues.push(file);
+        }
+        let tap = Tap {
+            name: cfg.name.clone(),
+            queues,
+            created: !existed,
+            keep: cfg.keep,
+        };
+        // Persistent while we run: a crash leaves the tap (and the card's addresses on it) in
+        // place for the restarted daemon to attach to.
+        val_ioctl(tap.queues[0].as_raw_fd(), libc::TUNSETPERSIST, 1)
+            .map_err(io_err("TUNSETPERSIST"))?;
+        tap.set_vnet_hdr_len(12).map_err(io_err("TUNSETVNETHDRSZ"))?;
+        tap.set_offload(0).map_err(io_err("TUNSETOFFLOAD"))?;
+
+        let mut ifr = ifreq_with_name(&cfg.name);
+        ifr.ifr_ifru.ifru_mtu = i32::from(cfg.mtu);
+        ifr_ioctl(ctl.as_raw_fd(), libc::SIOCSIFMTU, &mut ifr).map_err(io_err("setting the MTU"))?;
+        if let Some(mac) = cfg.mac {
+            let mut ifr = ifreq_with_name(&cfg.name);
+            // SAFETY: writing the hwaddr member of the ifreq union, plain data.
+            unsafe {
+                ifr.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+                for (d, s) in ifr.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(mac) {
+                    *d = s as libc::c_char;
+                }
+            }
+            ifr_ioctl(ctl.as_raw_fd(), libc::SIOCSIFHWADDR, &mut ifr)
+                .map_err(io_err("setting the MAC address"))?;
+        }
+        let mut ifr = ifreq_with_name(&cfg.name);
+        ifr_ioctl(ctl.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr).map_err(io_err("SIOCGIFFLAGS"))?;
+        // SAFETY: SIOCGIFFLAGS filled the flags member; we set IFF_UP in it.
+        unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+        ifr_ioctl(ctl.as_raw_fd(), libc::SIOCSIFFLAGS, &mut ifr)
+            .map_err(io_err("bringing the tap up"))?;
+        info!(
+            "tap {} {} in {} with {} queue(s), MTU {}",
+            cfg.name,
+            if existed { "attached" } else { "created" },
+            cfg.netns.as_deref().unwrap_or("the daemon's namespace"),
+            tap.queues.len(),
+            cfg.mtu
+        );
+        Ok(tap)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The descriptor of queue pair `i`.
+    pub fn queue_fd(&self, i: usize) -> RawFd {
+        self.queues[i].as_raw_fd()
+    }
+
+    pub fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Sets the vnet header length the tap reads and writes (10 or 12).
+    pub fn set_vnet_hdr_len(&self, len: i32) -> io::Result<()> {
+        // SAFETY: TUNSETVNETHDRSZ reads one c_int from the pointer, valid for the call.
+        let rc = unsafe {
+            libc::ioctl(
+                self.queues[0].as_raw_fd(),
+                libc::TUNSETVNETHDRSZ,
+                &len as *const i32,
+            )
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Tells the kernel which partial-checksum and GSO frames the reader (the host) accepts.
+    pub fn set_offload(&self, flags: u32) -> io::Result<()> {
+        val_ioctl(
+            self.queues[0].as_raw_fd(),
+            libc::TUNSETOFFLOAD,
+            libc::c_ulong::from(flags),
+        )
+    }
+
+    /// Whether the running kernel accepts these offload bits.
+    pub fn supports_offload(&self, flags: u32) -> bool {
+        let ok = self.set_offload(flags).is_ok();
+        let _ = self.set_offload(0);
+        ok
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        if self.created && !self.keep {
+            if let Err(e) = val_ioctl(self.queues[0].as_raw_fd(), libc::TUNSETPERSIST, 0) {
+                warn!("cannot release tap {}: {e}", self.name);
+            }
+        }
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!("'{s}' is not a MAC address (aa:bb:cc:dd:ee:ff)"));
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(&parts) {
+        if p.len() != 2 {
+            return Err(format!("'{s}' is not a MAC address (aa:bb:cc:dd:ee:ff)"));
+        }
+        *m = u8::from_str_radix(p, 16).map_err(|_| format!("'{s}' is not a MAC address"))?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("'{s}' is a multicast address"));
+    }
+    Ok(mac)
+}
+
+/// Keeps `CString` out of the public API while letting tests look a tap up by name.
+pub fn exists_here(name: &str) -> bool {
+    let Ok(c) = CString::new(name) else {
+        return false;
+    };
+    // SAFETY: if_nametoindex reads a NUL-terminated string that outlives the call.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(parse_mac("02:00:00:aa:bb:cc").unwrap(), [2, 0, 0, 0xaa, 0xbb, 0xcc]);
+        assert!(parse_mac("02:00:00:aa:bb").is_err());
+        assert!(parse_mac("01:00:00:aa:bb:cc").is_err());
+        assert!(parse_mac("zz:00:00:aa:bb:cc").is_err());
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("card0").is_ok());
+        assert!(check_name("").is_err());
+        assert!(check_name("a-very-long-name-x").is_err());
+        assert!(check_name("a/b").is_err());
+    }
+}
