@@ -11,7 +11,9 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::datapath::{tap_offload, Pair, Pass};
 use crate::features::{self, Negotiated, VHOST_USER_F_PROTOCOL_FEATURES};
@@ -33,7 +35,9 @@ pub struct BackendConfig {
 /// The protocol features this daemon handles: MQ (several queue pairs), REPLY_ACK (answered by
 /// the `vhost` crate) and NET_MTU (answered by the gate in front of it, see `gate.rs`).
 pub fn protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MTU
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::MTU
 }
 
 struct Worker {
@@ -138,7 +142,7 @@ impl VhostUserBackend for CardBackend {
             word,
             features::names(word).join(" ")
         );
-        let hdr_len = neg.hdr_len() as i32;
+        let hdr_len = if neg.hdr_len() == 12 { 12 } else { 10 };
         if let Err(e) = self.tap.set_vnet_hdr_len(hdr_len) {
             warn!("cannot set the tap's vnet header length to {hdr_len}: {e}");
         }
@@ -160,10 +164,7 @@ impl VhostUserBackend for CardBackend {
         // The queues apply EVENT_IDX themselves (`VringT::set_queue_event_idx`).
     }
 
-    fn update_memory(
-        &self,
-        mem: GuestMemoryAtomic<GuestMemoryMmap>,
-    ) -> io::Result<()> {
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
         *self.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
         Ok(())
     }

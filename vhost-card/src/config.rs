@@ -189,6 +189,9 @@ mod tests {
         assert!(e.contains("host-tso4") && e.contains("needs 'csum'"), "{e}");
         let a = parse(&["--socket", "s", "--enable", "warp-drive"]).unwrap();
         let e = Config::try_from(a).unwrap_err().to_string();
-        assert!(e.contains("unknown feature 'warp-drive'") && e.contains("guest-csum"), "{e}");
+        assert!(
+            e.contains("unknown feature 'warp-drive'") && e.contains("guest-csum"),
+            "{e}"
+        );
     }
 }

@@ -113,7 +113,10 @@ pub fn partial_checksum(
         return Err(err);
     }
     let sum = sum16::add_slice(0, &frame[start..]);
-    Ok((field, sum16::ones_complement_with_no_zero(sum).to_ne_bytes()))
+    Ok((
+        field,
+        sum16::ones_complement_with_no_zero(sum).to_ne_bytes(),
+    ))
 }
 
 /// Completes a partial checksum in place.

@@ -73,7 +73,12 @@ impl Stop {
     pub fn request(&self) {
         self.flag.store(true, Ordering::SeqCst);
         let _ = self.event.write(1);
-        if let Some(f) = self.frontend.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(f) = self
+            .frontend
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             let _ = f.shutdown(std::net::Shutdown::Both);
         }
         self.cv.1.notify_all();
@@ -128,7 +133,10 @@ fn private_dir() -> io::Result<PathBuf> {
             Err(e) => return Err(e),
         }
     }
-    Err(io::Error::new(io::ErrorKind::AlreadyExists, "no free private directory name"))
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        "no free private directory name",
+    ))
 }
 
 /// Runs the daemon until SIGINT/SIGTERM.
@@ -139,9 +147,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     })?);
     {
         let stop = stop.clone();
-        let mut signals =
-            signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-                .map_err(DaemonError::Signals)?;
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+        ])
+        .map_err(DaemonError::Signals)?;
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
@@ -187,14 +197,20 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         })?,
     );
     if cfg.stats_interval > 0 {
-        let (stop, stats, every) = (stop.clone(), stats.clone(), Duration::from_secs(cfg.stats_interval));
-        let _ = std::thread::Builder::new().name("stats".into()).spawn(move || {
-            while !stop.wait(every) {
-                for line in stats.report().lines() {
-                    info!("stats {line}");
+        let (stop, stats, every) = (
+            stop.clone(),
+            stats.clone(),
+            Duration::from_secs(cfg.stats_interval),
+        );
+        let _ = std::thread::Builder::new()
+            .name("stats".into())
+            .spawn(move || {
+                while !stop.wait(every) {
+                    for line in stats.report().lines() {
+                        info!("stats {line}");
+                    }
                 }
-            }
-        });
+            });
     }
     info!(
         "listening on {} (MTU {}, {} queue pair(s), features: {})",
@@ -252,10 +268,12 @@ fn serve(
     gate_cfg: GateConfig,
     stop: &Stop,
 ) -> Result<(), DaemonError> {
-    listener.set_nonblocking(true).map_err(|source| DaemonError::Io {
-        what: "listener",
-        source,
-    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| DaemonError::Io {
+            what: "listener",
+            source,
+        })?;
     while !stop.requested() {
         let mut fds = [
             libc::pollfd {
@@ -361,6 +379,9 @@ fn serve_one(
     drop(daemon);
     match result {
         Ok(()) => Ok(()),
+        Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => Ok(()),
         Err(e) if stop.requested() => {
             log::debug!("session ended by stop: {e}");
             Ok(())

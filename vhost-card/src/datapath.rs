@@ -16,7 +16,7 @@ use std::os::fd::RawFd;
 
 use log::{debug, warn};
 use vhost_user_backend::VringState;
-use virtio_queue::{QueueT, DescriptorChain};
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::csum::{self, Verdict};
@@ -201,13 +201,7 @@ impl Pair {
         }
         // SAFETY: every iovec points into guest memory held by `mem` or into `self.tx_hdr`, all
         // valid for the duration of the call; `segs.len() <= IOV_MAX + 1` and the kernel clamps.
-        let n = unsafe {
-            libc::writev(
-                self.tap_fd,
-                segs.as_ptr(),
-                segs.len() as libc::c_int,
-            )
-        };
+        let n = unsafe { libc::writev(self.tap_fd, segs.as_ptr(), iov_count(segs.len())) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::WouldBlock {
@@ -311,24 +305,26 @@ impl Pair {
             }
         }
         if self.rx_chains.is_empty() {
-            return if consumed_bad { Rx::Consumed } else { Rx::NoBuffers };
+            return if consumed_bad {
+                Rx::Consumed
+            } else {
+                Rx::NoBuffers
+            };
         }
         // Short of room for the largest frame: wait for more buffers, unless the whole ring is
         // already ours (then a too-big frame is dropped below rather than waiting forever).
         if cap < need && self.neg.mrg_rxbuf && popped < queue_size {
             release_chains(&mut self.rx_chains, self.rx_barrier, 0, vring, mem);
-            return if consumed_bad { Rx::Consumed } else { Rx::NoBuffers };
+            return if consumed_bad {
+                Rx::Consumed
+            } else {
+                Rx::NoBuffers
+            };
         }
         let iovs = &self.rx_iovs.0;
         // SAFETY: the iovecs point into guest memory held by `mem` for this call, all
         // device-writable buffers of chains we popped and own until they are used or released.
-        let n = unsafe {
-            libc::readv(
-                self.tap_fd,
-                iovs.as_ptr(),
-                iovs.len().min(IOV_MAX) as libc::c_int,
-            )
-        };
+        let n = unsafe { libc::readv(self.tap_fd, iovs.as_ptr(), iov_count(iovs.len())) };
         if n < 0 {
             let e = io::Error::last_os_error();
             release_chains(&mut self.rx_chains, self.rx_barrier, 0, vring, mem);
@@ -427,7 +423,6 @@ impl Pair {
         add(&stats.rx_buffers, k as u64);
         Rx::Frame
     }
-
 }
 
 /// Gives back gathered RX chains from index `from` on: the ones after the last malformed chain
@@ -466,6 +461,11 @@ enum Rx {
     NoBuffers,
     Empty,
     Broken,
+}
+
+/// An iovec count for readv/writev (at most `IOV_MAX`, so it always fits).
+fn iov_count(n: usize) -> libc::c_int {
+    libc::c_int::try_from(n.min(IOV_MAX)).unwrap_or(0)
 }
 
 fn notify(vring: &mut State, stats: &PairStats) {

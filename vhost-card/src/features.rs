@@ -221,11 +221,16 @@ pub fn table() -> String {
         if !f.needs_any.is_empty() {
             help.push_str(&format!(" [needs {}]", f.needs_any.join(" or ")));
         }
-        s.push_str(&format!("{:<14} {:>3}  {:<8} {}\n", f.name, f.bit, default, help));
+        s.push_str(&format!(
+            "{:<14} {:>3}  {:<8} {}\n",
+            f.name, f.bit, default, help
+        ));
     }
     s.push_str(&format!(
         "{:<14} {:>3}  {:<8} {}\n",
-        "(protocol)", VHOST_USER_F_PROTOCOL_FEATURES, "always",
+        "(protocol)",
+        VHOST_USER_F_PROTOCOL_FEATURES,
+        "always",
         "VHOST_USER_F_PROTOCOL_FEATURES: MQ, REPLY_ACK and NET_MTU protocol features"
     ));
     s
@@ -315,8 +320,17 @@ mod tests {
         assert_eq!(
             names(w),
             [
-                "csum", "guest-csum", "mtu", "guest-tso4", "guest-tso6", "host-tso4",
-                "host-tso6", "mrg-rxbuf", "indirect-desc", "event-idx", "version-1"
+                "csum",
+                "guest-csum",
+                "mtu",
+                "guest-tso4",
+                "guest-tso6",
+                "host-tso4",
+                "host-tso6",
+                "mrg-rxbuf",
+                "indirect-desc",
+                "event-idx",
+                "version-1"
             ]
         );
     }
@@ -393,7 +407,10 @@ mod tests {
     #[test]
     fn header_length_follows_negotiation() {
         assert_eq!(Negotiated::from_word(1 << VIRTIO_F_VERSION_1).hdr_len(), 12);
-        assert_eq!(Negotiated::from_word(1 << VIRTIO_NET_F_MRG_RXBUF).hdr_len(), 12);
+        assert_eq!(
+            Negotiated::from_word(1 << VIRTIO_NET_F_MRG_RXBUF).hdr_len(),
+            12
+        );
         assert_eq!(Negotiated::from_word(0).hdr_len(), 10);
     }
 

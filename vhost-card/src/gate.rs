@@ -138,11 +138,7 @@ pub struct Gate {
 
 impl Gate {
     /// Starts relaying between `frontend` and `backend` (the crate's end).
-    pub fn start(
-        frontend: UnixStream,
-        backend: UnixStream,
-        cfg: GateConfig,
-    ) -> io::Result<Gate> {
+    pub fn start(frontend: UnixStream, backend: UnixStream, cfg: GateConfig) -> io::Result<Gate> {
         let f_writer = Arc::new(Mutex::new(frontend.try_clone()?));
         let closer = || -> io::Result<_> {
             let f = frontend.try_clone()?;
@@ -169,17 +165,12 @@ impl Gate {
             .name("vhost-gate-rep".into())
             .spawn(move || {
                 let mut msg = Msg::default();
-                loop {
-                    match recv_msg(&b_in, &mut msg) {
-                        Ok(true) => {
-                            let fds: Vec<RawFd> = msg.fds.iter().map(|f| f.as_raw_fd()).collect();
-                            let hdr = msg.hdr.expect("set by recv_msg");
-                            let w = writer.lock().unwrap_or_else(|p| p.into_inner());
-                            if send_msg(&w, &hdr, &msg.body, &fds).is_err() {
-                                break;
-                            }
-                        }
-                        Ok(false) | Err(_) => break,
+                while let Ok(true) = recv_msg(&b_in, &mut msg) {
+                    let fds: Vec<RawFd> = msg.fds.iter().map(|f| f.as_raw_fd()).collect();
+                    let hdr = msg.hdr.expect("set by recv_msg");
+                    let w = writer.lock().unwrap_or_else(|p| p.into_inner());
+                    if send_msg(&w, &hdr, &msg.body, &fds).is_err() {
+                        break;
                     }
                 }
                 down2();
@@ -269,7 +260,10 @@ impl ReqState {
 
     /// Decides what to do with one request from the frontend.
     fn filter(&mut self, hdr: &Hdr, body: &[u8]) -> Action {
-        let u64_body = || body.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
+        let u64_body = || {
+            body.get(..8)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+        };
         match hdr.request {
             r if r == FrontendReq::SET_FEATURES as u32 => {
                 if let Some(v) = u64_body() {
@@ -298,8 +292,10 @@ impl ReqState {
             }
             r if r == FrontendReq::SET_VRING_ENABLE as u32 && !self.protocol_acked() => {
                 let (Some(index), Some(num)) = (
-                    body.get(0..4).map(|b| u32::from_le_bytes(b.try_into().unwrap_or([0; 4]))),
-                    body.get(4..8).map(|b| u32::from_le_bytes(b.try_into().unwrap_or([0; 4]))),
+                    body.get(0..4)
+                        .map(|b| u32::from_le_bytes(b.try_into().unwrap_or([0; 4]))),
+                    body.get(4..8)
+                        .map(|b| u32::from_le_bytes(b.try_into().unwrap_or([0; 4]))),
                 ) else {
                     return Action::Answer(1);
                 };
@@ -366,18 +362,36 @@ mod tests {
     fn early_enable_is_held_and_mtu_is_answered() {
         let mut st = ReqState::new(cfg());
         let body = [1, 0, 0, 0, 0, 0, 0, 0];
-        assert!(matches!(st.filter(&hdr(FrontendReq::SET_VRING_ENABLE), &body), Action::Answer(0)));
+        assert!(matches!(
+            st.filter(&hdr(FrontendReq::SET_VRING_ENABLE), &body),
+            Action::Answer(0)
+        ));
         assert_eq!(st.pending, vec![(1, 0)]);
         let mtu = 65520u64.to_le_bytes();
-        assert!(matches!(st.filter(&hdr(FrontendReq::NET_SET_MTU), &mtu), Action::Answer(0)));
+        assert!(matches!(
+            st.filter(&hdr(FrontendReq::NET_SET_MTU), &mtu),
+            Action::Answer(0)
+        ));
         let mtu = 65535u64.to_le_bytes();
-        assert!(matches!(st.filter(&hdr(FrontendReq::NET_SET_MTU), &mtu), Action::Answer(1)));
+        assert!(matches!(
+            st.filter(&hdr(FrontendReq::NET_SET_MTU), &mtu),
+            Action::Answer(1)
+        ));
         let bad = [9, 0, 0, 0, 0, 0, 0, 0];
-        assert!(matches!(st.filter(&hdr(FrontendReq::SET_VRING_ENABLE), &bad), Action::Answer(1)));
+        assert!(matches!(
+            st.filter(&hdr(FrontendReq::SET_VRING_ENABLE), &bad),
+            Action::Answer(1)
+        ));
         let feats = (1u64 << 30 | 1 << 32).to_le_bytes();
-        assert!(matches!(st.filter(&hdr(FrontendReq::SET_FEATURES), &feats), Action::Forward));
+        assert!(matches!(
+            st.filter(&hdr(FrontendReq::SET_FEATURES), &feats),
+            Action::Forward
+        ));
         // Once PROTOCOL_FEATURES is acked the crate handles SET_VRING_ENABLE itself.
-        assert!(matches!(st.filter(&hdr(FrontendReq::SET_VRING_ENABLE), &body), Action::Forward));
+        assert!(matches!(
+            st.filter(&hdr(FrontendReq::SET_VRING_ENABLE), &body),
+            Action::Forward
+        ));
     }
 
     #[test]

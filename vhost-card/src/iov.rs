@@ -65,7 +65,14 @@ where
         if desc.is_write_only() != writable {
             return Err(ChainError::WrongDirection);
         }
-        push_guest(mem, desc.addr(), desc.len() as usize, writable, iovs, max_iovs)?;
+        push_guest(
+            mem,
+            desc.addr(),
+            desc.len() as usize,
+            writable,
+            iovs,
+            max_iovs,
+        )?;
         total += desc.len() as usize;
         last_has_next = desc.has_next();
     }

@@ -15,7 +15,9 @@ use thiserror::Error;
 pub enum NetnsError {
     #[error("network namespace '{0}' does not exist (create it first: ip netns add {0})")]
     Missing(String),
-    #[error("permission denied entering network namespace '{0}' (needs CAP_SYS_ADMIN, run as root)")]
+    #[error(
+        "permission denied entering network namespace '{0}' (needs CAP_SYS_ADMIN, run as root)"
+    )]
     Permission(String),
     #[error("cannot enter network namespace '{name}': {source}")]
     Enter { name: String, source: io::Error },

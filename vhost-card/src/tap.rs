@@ -69,7 +69,7 @@ fn ifreq_with_name(name: &str) -> libc::ifreq {
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in ifr.ifr_name.iter_mut().zip(name.as_bytes()) {
-        *dst = *src as libc::c_char;
+        *dst = libc::c_char::from_ne_bytes([*src]);
     }
     ifr
 }
@@ -191,19 +191,21 @@ impl Tap {
         // place for the restarted daemon to attach to.
         val_ioctl(tap.queues[0].as_raw_fd(), libc::TUNSETPERSIST, 1)
             .map_err(io_err("TUNSETPERSIST"))?;
-        tap.set_vnet_hdr_len(12).map_err(io_err("TUNSETVNETHDRSZ"))?;
+        tap.set_vnet_hdr_len(12)
+            .map_err(io_err("TUNSETVNETHDRSZ"))?;
         tap.set_offload(0).map_err(io_err("TUNSETOFFLOAD"))?;
 
         let mut ifr = ifreq_with_name(&cfg.name);
         ifr.ifr_ifru.ifru_mtu = i32::from(cfg.mtu);
-        ifr_ioctl(ctl.as_raw_fd(), libc::SIOCSIFMTU, &mut ifr).map_err(io_err("setting the MTU"))?;
+        ifr_ioctl(ctl.as_raw_fd(), libc::SIOCSIFMTU, &mut ifr)
+            .map_err(io_err("setting the MTU"))?;
         if let Some(mac) = cfg.mac {
             let mut ifr = ifreq_with_name(&cfg.name);
             // SAFETY: writing the hwaddr member of the ifreq union, plain data.
             unsafe {
                 ifr.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
                 for (d, s) in ifr.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(mac) {
-                    *d = s as libc::c_char;
+                    *d = libc::c_char::from_ne_bytes([s]);
                 }
             }
             ifr_ioctl(ctl.as_raw_fd(), libc::SIOCSIFHWADDR, &mut ifr)
@@ -317,7 +319,10 @@ mod tests {
 
     #[test]
     fn mac_parsing() {
-        assert_eq!(parse_mac("02:00:00:aa:bb:cc").unwrap(), [2, 0, 0, 0xaa, 0xbb, 0xcc]);
+        assert_eq!(
+            parse_mac("02:00:00:aa:bb:cc").unwrap(),
+            [2, 0, 0, 0xaa, 0xbb, 0xcc]
+        );
         assert!(parse_mac("02:00:00:aa:bb").is_err());
         assert!(parse_mac("01:00:00:aa:bb:cc").is_err());
         assert!(parse_mac("zz:00:00:aa:bb:cc").is_err());

@@ -252,8 +252,14 @@ mod tests {
     #[test]
     fn tx_rejects_each_bad_field() {
         let n = neg();
-        assert_eq!(check_tx(&VnetHdr::default(), 13, 1500, &n), Err(TxDrop::Runt));
-        assert_eq!(check_tx(&VnetHdr::default(), 1519, 1500, &n), Err(TxDrop::Oversize));
+        assert_eq!(
+            check_tx(&VnetHdr::default(), 13, 1500, &n),
+            Err(TxDrop::Runt)
+        );
+        assert_eq!(
+            check_tx(&VnetHdr::default(), 1519, 1500, &n),
+            Err(TxDrop::Oversize)
+        );
         assert!(check_tx(&VnetHdr::default(), 1518, 1500, &n).is_ok());
         let mut h = tcp_gso(1448);
         h.csum_start = 64990;
@@ -264,8 +270,14 @@ mod tests {
         h = tcp_gso(1448);
         h.csum_offset = u16::MAX;
         assert_eq!(check_tx(&h, 65000, 1500, &n), Err(TxDrop::CsumOutOfRange));
-        assert_eq!(check_tx(&tcp_gso(0), 65000, 1500, &n), Err(TxDrop::GsoBadSize));
-        assert_eq!(check_tx(&tcp_gso(65000), 65000, 1500, &n), Err(TxDrop::GsoBadSize));
+        assert_eq!(
+            check_tx(&tcp_gso(0), 65000, 1500, &n),
+            Err(TxDrop::GsoBadSize)
+        );
+        assert_eq!(
+            check_tx(&tcp_gso(65000), 65000, 1500, &n),
+            Err(TxDrop::GsoBadSize)
+        );
         h = tcp_gso(1448);
         h.gso_type = 9;
         assert_eq!(check_tx(&h, 65000, 1500, &n), Err(TxDrop::GsoUnknown));
@@ -279,7 +291,10 @@ mod tests {
         h = tcp_gso(1448);
         h.hdr_len = 65001;
         assert_eq!(check_tx(&h, 65000, 1500, &n), Err(TxDrop::BadHdrLen));
-        assert_eq!(check_tx(&tcp_gso(1448), 70000, 1500, &n), Err(TxDrop::Oversize));
+        assert_eq!(
+            check_tx(&tcp_gso(1448), 70000, 1500, &n),
+            Err(TxDrop::Oversize)
+        );
     }
 
     #[test]
@@ -300,7 +315,10 @@ mod tests {
         let mut h = VnetHdr::default();
         assert_eq!(rx_action(&mut h, &n, true), RxAction::Verify);
         assert_eq!(rx_action(&mut h, &n, false), RxAction::Deliver);
-        let mut h = VnetHdr { flags: F_DATA_VALID, ..Default::default() };
+        let mut h = VnetHdr {
+            flags: F_DATA_VALID,
+            ..Default::default()
+        };
         assert_eq!(rx_action(&mut h, &n, true), RxAction::Deliver);
         let mut h = tcp_gso(1448);
         assert_eq!(rx_action(&mut h, &n, true), RxAction::Deliver);
@@ -308,10 +326,18 @@ mod tests {
         assert_eq!(rx_action(&mut h, &n, true), RxAction::DropGso);
         // Without GUEST_CSUM the flags must be zero and partial checksums completed.
         let n = Negotiated::from_word(1 << 32);
-        let mut h = VnetHdr { flags: F_NEEDS_CSUM, csum_start: 34, csum_offset: 6, ..Default::default() };
+        let mut h = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            csum_start: 34,
+            csum_offset: 6,
+            ..Default::default()
+        };
         assert_eq!(rx_action(&mut h, &n, true), RxAction::Complete);
         assert_eq!(h.flags, 0);
-        let mut h = VnetHdr { flags: F_DATA_VALID, ..Default::default() };
+        let mut h = VnetHdr {
+            flags: F_DATA_VALID,
+            ..Default::default()
+        };
         assert_eq!(rx_action(&mut h, &n, true), RxAction::Deliver);
         assert_eq!(h.flags, 0);
     }

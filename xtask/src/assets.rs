@@ -11,12 +11,14 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::cpio::Archive;
 use crate::process::{run, stdout};
 
-/// Host packages the tasks use: QEMU, the guest's userland, `ip`, `depmod`
-/// (the kernel package ships no modules.dep) and module decompressors.
+/// Host packages the tasks use: QEMU, the guest's userland, `ip`, `ethtool` (the
+/// integration tests turn veth offloads off), `depmod` (the kernel package ships no
+/// modules.dep) and module decompressors.
 const HOST_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "iproute2",
+    "ethtool",
     "kmod",
     "xz-utils",
     "zstd",

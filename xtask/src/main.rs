@@ -35,6 +35,9 @@ enum Task {
     Demo(smoke::Options),
     /// The same scenario as `demo`, for tests and CI: exits non-zero on FAIL.
     Smoke(smoke::Options),
+    /// Every test, as CI runs them: `cargo test --workspace` (unit tests and the in-process
+    /// vhost-user frontend against the real daemon), then the VM smoke test.
+    Test(smoke::Options),
 }
 
 fn main() {
@@ -48,11 +51,28 @@ fn main() {
     let result = match task {
         Task::VmAssets(opts) => assets::ensure(&opts).map(|_| ()),
         Task::Demo(opts) | Task::Smoke(opts) => smoke::run(&opts),
+        Task::Test(opts) => run_tests(&opts),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");
         std::process::exit(1);
     }
+}
+
+/// `cargo xtask test`: host packages first (the tests use ip, ethtool and QEMU), then the
+/// cargo test suites, then the VM.
+fn run_tests(opts: &smoke::Options) -> Result<()> {
+    assets::ensure(&assets::Options { refresh: false })?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["test", "--workspace"])
+        .current_dir(workspace_root())
+        .status()?;
+    if !status.success() {
+        bail!("cargo test --workspace failed ({status})");
+    }
+    check_interrupted()?;
+    smoke::run(opts)
 }
 
 /// The workspace root (the parent of this crate).
