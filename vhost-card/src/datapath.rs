@@ -233,18 +233,15 @@ impl Pair {
                     used = true;
                     frames += 1;
                 }
-                Rx::Consumed => used = true,
-                Rx::Retry => {}
+                Rx::Consumed => {
+                    used = true;
+                    frames += 1;
+                }
+                Rx::Retry => frames += 1,
                 Rx::NoBuffers => {
-                    // Wait for the guest to post buffers; re-check after enabling
-                    // notifications so a buffer posted in between is not missed.
-                    match vring.enable_notification() {
-                        Ok(true) => continue,
-                        _ => {
-                            add(&stats.rx_no_buffers, 1);
-                            break Pass::Idle;
-                        }
-                    }
+                    // rx_one enabled notifications: the guest kicks when it posts buffers.
+                    add(&stats.rx_no_buffers, 1);
+                    break Pass::Idle;
                 }
                 Rx::Empty => {
                     self.rx_pending = false;
@@ -269,6 +266,7 @@ impl Pair {
         let mut consumed_bad = false;
         let queue_size = usize::from(vring.get_queue().size());
         let mut popped = 0usize;
+        let mut iov_full = false;
         while cap < need {
             let Some(chain) = vring.get_queue_mut().pop_descriptor_chain(mem) else {
                 break;
@@ -286,6 +284,7 @@ impl Pair {
                     self.rx_iovs.0.truncate(before);
                     let q = vring.get_queue_mut();
                     q.set_next_avail(q.next_avail().wrapping_sub(1));
+                    iov_full = true;
                     break;
                 }
                 other => {
@@ -304,18 +303,18 @@ impl Pair {
                 break;
             }
         }
-        if self.rx_chains.is_empty() {
-            return if consumed_bad {
-                Rx::Consumed
-            } else {
-                Rx::NoBuffers
-            };
-        }
-        // Short of room for the largest frame: wait for more buffers, unless the whole ring is
-        // already ours (then a too-big frame is dropped below rather than waiting forever).
-        if cap < need && self.neg.mrg_rxbuf && popped < queue_size {
+        // Short of room for the largest frame (or of any buffer): wait for the guest, unless
+        // the whole ring is already ours or the iovec array is full (then a frame that does not
+        // fit is dropped below rather than waiting forever). Every available chain is popped at
+        // this point, so enabling notifications now asks for a kick when the guest posts more.
+        let short = self.rx_chains.is_empty()
+            || (cap < need && self.neg.mrg_rxbuf && !iov_full && popped < queue_size);
+        if short {
+            let more = vring.enable_notification().unwrap_or(false);
             release_chains(&mut self.rx_chains, self.rx_barrier, 0, vring, mem);
-            return if consumed_bad {
+            return if more {
+                Rx::Retry
+            } else if consumed_bad {
                 Rx::Consumed
             } else {
                 Rx::NoBuffers
@@ -456,8 +455,9 @@ enum Rx {
     Frame,
     /// Only malformed chains were consumed.
     Consumed,
-    /// A frame was dropped or the read interrupted; try again.
+    /// A frame was dropped, the read interrupted, or buffers arrived meanwhile; try again.
     Retry,
+    /// Not enough buffers; notifications are enabled so the guest kicks when it posts more.
     NoBuffers,
     Empty,
     Broken,

@@ -72,16 +72,16 @@ impl Hdr {
     }
 }
 
-/// One message with its body and file descriptors.
+/// The body and file descriptors of one message, reused from message to message.
 #[derive(Debug, Default)]
 pub struct Msg {
-    pub hdr: Option<Hdr>,
     pub body: Vec<u8>,
     pub fds: Vec<OwnedFd>,
 }
 
-/// Reads one message; `Ok(false)` on a clean end of stream before a header.
-pub fn recv_msg(sock: &UnixStream, msg: &mut Msg) -> Result<bool, GateError> {
+/// Reads one message into `msg` and returns its header; `Ok(None)` on a clean end of stream
+/// before a header.
+pub fn recv_msg(sock: &UnixStream, msg: &mut Msg) -> Result<Option<Hdr>, GateError> {
     let mut hdr = [0u8; HDR_SIZE];
     let mut raw_fds = [-1 as RawFd; MAX_ATTACHED_FD_ENTRIES];
     let mut iov = [libc::iovec {
@@ -97,17 +97,16 @@ pub fn recv_msg(sock: &UnixStream, msg: &mut Msg) -> Result<bool, GateError> {
         msg.fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
     }
     if n == 0 {
-        return Ok(false);
+        return Ok(None);
     }
     (&*sock).read_exact(&mut hdr[n..])?;
     let h = Hdr::decode(&hdr);
-    if h.size as usize > MAX_MSG_SIZE - HDR_SIZE {
+    if h.size as usize > MAX_MSG_SIZE {
         return Err(GateError::TooBig(h.size));
     }
     msg.body.resize(h.size as usize, 0);
     (&*sock).read_exact(&mut msg.body)?;
-    msg.hdr = Some(h);
-    Ok(true)
+    Ok(Some(h))
 }
 
 /// Sends one message with its descriptors.
@@ -165,9 +164,8 @@ impl Gate {
             .name("vhost-gate-rep".into())
             .spawn(move || {
                 let mut msg = Msg::default();
-                while let Ok(true) = recv_msg(&b_in, &mut msg) {
+                while let Ok(Some(hdr)) = recv_msg(&b_in, &mut msg) {
                     let fds: Vec<RawFd> = msg.fds.iter().map(|f| f.as_raw_fd()).collect();
-                    let hdr = msg.hdr.expect("set by recv_msg");
                     let w = writer.lock().unwrap_or_else(|p| p.into_inner());
                     if send_msg(&w, &hdr, &msg.body, &fds).is_err() {
                         break;
@@ -230,8 +228,7 @@ impl ReqState {
         writer: &Mutex<UnixStream>,
     ) -> Result<(), GateError> {
         let mut msg = Msg::default();
-        while recv_msg(frontend, &mut msg)? {
-            let hdr = msg.hdr.expect("set by recv_msg");
+        while let Some(hdr) = recv_msg(frontend, &mut msg)? {
             match self.filter(&hdr, &msg.body) {
                 Action::Forward => {
                     let fds: Vec<RawFd> = msg.fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -401,11 +398,10 @@ mod tests {
         let h = hdr(FrontendReq::SET_VRING_KICK);
         send_msg(&a, &h, &[0u8; 8], &[file.as_raw_fd()]).unwrap();
         let mut m = Msg::default();
-        assert!(recv_msg(&b, &mut m).unwrap());
-        assert_eq!(m.hdr, Some(h));
+        assert_eq!(recv_msg(&b, &mut m).unwrap(), Some(h));
         assert_eq!(m.fds.len(), 1);
         drop(a);
-        assert!(!recv_msg(&b, &mut m).unwrap());
+        assert_eq!(recv_msg(&b, &mut m).unwrap(), None);
     }
 
     #[test]
