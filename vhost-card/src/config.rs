@@ -144,7 +144,12 @@ impl TryFrom<Args> for Config {
             mac: a.mac,
             queues: usize::from(a.queues),
             queue_size: usize::from(a.queue_size),
-            features: features::resolve(&a.enable, &a.disable)?,
+            features: features::resolve(&a.enable, &a.disable)?
+                | if a.queues > 1 {
+                    1u64 << virtio_bindings::virtio_net::VIRTIO_NET_F_MQ
+                } else {
+                    0
+                },
             rx_verify: a.rx_csum == RxCsum::Verify,
             stats_interval: a.stats_interval,
             keep_tap: a.keep_tap,

@@ -89,6 +89,15 @@ pub static FEATURES: &[Feature] = &[
         needs_any: &[],
         help: "virtio 1.x device (always offered; legacy drivers are still served)",
     },
+    Feature {
+        name: "mq",
+        bit: VIRTIO_NET_F_MQ,
+        default: false,
+        toggle: false,
+        needs_all: &[],
+        needs_any: &[],
+        help: "several queue pairs (offered exactly when --queues > 1)",
+    },
     f("guest-uso4", VIRTIO_NET_F_GUEST_USO4, false, &["guest-csum"], &[],
       "card may send UDPv4 segmentation (USO) frames to the host (needs Linux >= 6.2 on the card)"),
     f("guest-uso6", VIRTIO_NET_F_GUEST_USO6, false, &["guest-csum"], &[],
@@ -102,7 +111,9 @@ pub static FEATURES: &[Feature] = &[
 pub enum FeatureError {
     #[error("unknown feature '{name}'; valid names: {valid}")]
     Unknown { name: String, valid: String },
-    #[error("feature '{0}' is always offered and cannot be disabled")]
+    #[error(
+        "feature '{0}' is not chosen by name (version-1 is always offered, mq follows --queues)"
+    )]
     NotToggleable(&'static str),
     #[error("feature '{0}' is both enabled and disabled")]
     Conflict(&'static str),
@@ -162,6 +173,9 @@ pub fn resolve(enable: &[String], disable: &[String]) -> Result<u64, FeatureErro
         if dis.iter().any(|d| d.bit == f.bit) {
             return Err(FeatureError::Conflict(f.name));
         }
+        if !f.toggle && !f.default {
+            return Err(FeatureError::NotToggleable(f.name));
+        }
         word |= 1u64 << f.bit;
     }
     for f in &dis {
@@ -210,7 +224,8 @@ pub fn table() -> String {
     );
     for f in FEATURES {
         let default = match (f.toggle, f.default) {
-            (false, _) => "always",
+            (false, true) => "always",
+            (false, false) => "auto",
             (true, true) => "on",
             (true, false) => "off",
         };
