@@ -17,7 +17,7 @@ use vmm_sys_util::event::{
 
 use crate::datapath::{tap_offload, Pair, Pass};
 use crate::features::{self, Negotiated, VHOST_USER_F_PROTOCOL_FEATURES};
-use crate::stats::Stats;
+use crate::stats::{add, Stats};
 use crate::tap::Tap;
 
 /// What the backend serves, fixed for the life of the daemon.
@@ -188,9 +188,10 @@ impl VhostUserBackend for CardBackend {
             return Ok(());
         };
         let mut pair = worker.pair.lock().unwrap_or_else(|p| p.into_inner());
+        let stats = &self.stats.pairs[thread_id];
         match device_event {
-            0 => {} // RX kick: buffers were posted.
-            1 => {} // TX kick.
+            0 => add(&stats.rx_kicks, 1),
+            1 => add(&stats.tx_kicks, 1),
             e if e == self.tap_event() => {
                 if evset.contains(EventSet::IN) {
                     pair.rx_pending = true;
@@ -208,7 +209,6 @@ impl VhostUserBackend for CardBackend {
             return Ok(());
         };
         let mem = atomic.memory();
-        let stats = &self.stats.pairs[thread_id];
         let (Some(rx), Some(tx)) = (vrings.first(), vrings.get(1)) else {
             return Ok(());
         };

@@ -31,8 +31,27 @@ pub struct Args {
     pub command: Option<Command>,
 
     /// Path of the vhost-user socket to listen on (the VMM connects as client).
-    #[arg(long, value_name = "PATH", required = true)]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"])]
     pub socket: Option<PathBuf>,
+
+    /// Serve on an already listening Unix socket inherited as file descriptor N (socket
+    /// activation, e.g. `systemd-socket-activate` or a `.socket` unit: use --fd 3), instead of
+    /// --socket.
+    #[arg(long, value_name = "N", conflicts_with = "socket")]
+    pub fd: Option<i32>,
+
+    /// Print the vhost-user backend capabilities as JSON (QEMU's docs/interop/vhost-user.json)
+    /// and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+
+    /// Serve the counters as JSON on this Unix socket (read with `vhost-card stats --control PATH`).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
+    /// Serve the counters in the Prometheus text format over HTTP on ADDR (e.g. 127.0.0.1:9101).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 
     /// Name of the tap device, created or attached to (up to 15 characters).
     #[arg(long, value_name = "NAME", default_value = "card0")]
@@ -92,6 +111,12 @@ pub struct Args {
 pub enum Command {
     /// Print every feature bit with its number, its default and what it does.
     Features,
+    /// Print the counters of a running daemon as JSON, read from its --control socket.
+    Stats {
+        /// The daemon's --control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -110,16 +135,29 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("--socket is required")]
+    #[error("--socket or --fd is required")]
     NoSocket,
+    #[error("--fd {0} is not a listening Unix stream socket")]
+    BadFd(i32),
     #[error(transparent)]
     Features(#[from] FeatureError),
+}
+
+/// Where the vhost-user socket comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// Bind this path (and remove it at exit).
+    Path(PathBuf),
+    /// An inherited listening socket.
+    Fd(i32),
 }
 
 /// A checked configuration for the daemon.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub socket: PathBuf,
+    pub listen: Listen,
+    pub control: Option<PathBuf>,
+    pub metrics_listen: Option<String>,
     pub tap: String,
     pub netns: Option<String>,
     pub mtu: u16,
@@ -136,8 +174,16 @@ impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(a: Args) -> Result<Self, ConfigError> {
+        let listen = match (a.socket, a.fd) {
+            (Some(p), None) => Listen::Path(p),
+            (None, Some(fd)) if is_listening_unix_socket(fd) => Listen::Fd(fd),
+            (None, Some(fd)) => return Err(ConfigError::BadFd(fd)),
+            _ => return Err(ConfigError::NoSocket),
+        };
         Ok(Config {
-            socket: a.socket.ok_or(ConfigError::NoSocket)?,
+            listen,
+            control: a.control,
+            metrics_listen: a.metrics_listen,
             tap: a.tap,
             netns: a.netns,
             mtu: a.mtu,
@@ -157,6 +203,35 @@ impl TryFrom<Args> for Config {
     }
 }
 
+/// Whether `fd` is a listening `AF_UNIX` stream socket.
+fn is_listening_unix_socket(fd: i32) -> bool {
+    let get = |level, opt| {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `v`, which outlives the call; a
+        // bad descriptor only makes it fail.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                level,
+                opt,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        (rc == 0).then_some(v)
+    };
+    get(libc::SOL_SOCKET, libc::SO_DOMAIN) == Some(libc::AF_UNIX)
+        && get(libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+        && get(libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == Some(1)
+}
+
+/// The vhost-user backend capabilities (`VhostUserBackendCapabilities` in QEMU's
+/// docs/interop/vhost-user.json): a net backend has no optional features to list.
+pub fn capabilities_json() -> String {
+    serde_json::json!({ "type": "net" }).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +243,7 @@ mod tests {
     #[test]
     fn defaults() {
         let c = Config::try_from(parse(&["--socket", "/tmp/s"]).unwrap()).unwrap();
+        assert_eq!(c.listen, Listen::Path("/tmp/s".into()));
         assert_eq!(c.mtu, 65520);
         assert_eq!(c.tap, "card0");
         assert_eq!(c.queues, 1);
@@ -185,6 +261,29 @@ mod tests {
         assert!(parse(&["--socket", "s", "--mac", "01:02:03:04:05:06"]).is_err());
         assert!(parse(&[]).is_err());
         assert!(parse(&["features"]).is_ok());
+        assert!(parse(&["--print-capabilities"]).is_ok());
+        assert!(parse(&["--socket", "s", "--fd", "3"]).is_err());
+        // Descriptor 0 is not a listening socket in the test runner.
+        let a = parse(&["--fd", "0"]).unwrap();
+        assert!(matches!(Config::try_from(a), Err(ConfigError::BadFd(0))));
+    }
+
+    #[test]
+    fn fd_accepts_a_listening_unix_socket() {
+        use std::os::fd::AsRawFd;
+        let dir = std::env::temp_dir().join(format!("vhc-cfg-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let l = std::os::unix::net::UnixListener::bind(dir.join("s")).unwrap();
+        let fd = l.as_raw_fd().to_string();
+        let c = Config::try_from(parse(&["--fd", &fd]).unwrap()).unwrap();
+        assert_eq!(c.listen, Listen::Fd(l.as_raw_fd()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn capabilities_are_a_net_backend() {
+        let v: serde_json::Value = serde_json::from_str(&capabilities_json()).unwrap();
+        assert_eq!(v, serde_json::json!({"type": "net"}));
     }
 
     #[test]

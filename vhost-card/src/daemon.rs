@@ -4,7 +4,7 @@
 
 use std::fs::DirBuilder;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{BackendConfig, CardBackend};
-use crate::config::{Config, TAP_MAX_MTU};
+use crate::config::{Config, Listen, TAP_MAX_MTU};
 use crate::features::Negotiated;
 use crate::gate::{Gate, GateConfig};
 use crate::stats::Stats;
@@ -166,11 +166,21 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             })?;
     }
 
-    let listener = bind_socket(&cfg.socket)?;
+    let listener = match &cfg.listen {
+        Listen::Path(p) => bind_socket(p)?,
+        // SAFETY: the configuration checked that this descriptor is a listening Unix socket
+        // handed to us by our parent; we take ownership of it.
+        Listen::Fd(fd) => unsafe { UnixListener::from_raw_fd(*fd) },
+    };
+    let remove_socket = || {
+        if let Listen::Path(p) = &cfg.listen {
+            let _ = std::fs::remove_file(p);
+        }
+    };
     let tap = match open_tap(&cfg) {
         Ok(t) => t,
         Err(e) => {
-            let _ = std::fs::remove_file(&cfg.socket);
+            remove_socket();
             return Err(e);
         }
     };
@@ -196,6 +206,18 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             source,
         })?,
     );
+    if let Some(path) = &cfg.control {
+        crate::control::serve_control(path, stats.clone()).map_err(|source| DaemonError::Io {
+            what: "control socket",
+            source,
+        })?;
+    }
+    if let Some(addr) = &cfg.metrics_listen {
+        crate::control::serve_metrics(addr, stats.clone()).map_err(|source| DaemonError::Io {
+            what: "metrics listener",
+            source,
+        })?;
+    }
     if cfg.stats_interval > 0 {
         let (stop, stats, every) = (
             stop.clone(),
@@ -214,7 +236,10 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     }
     info!(
         "listening on {} (MTU {}, {} queue pair(s), features: {})",
-        cfg.socket.display(),
+        match &cfg.listen {
+            Listen::Path(p) => p.display().to_string(),
+            Listen::Fd(fd) => format!("inherited fd {fd}"),
+        },
         cfg.mtu,
         cfg.queues,
         crate::features::names(cfg.features).join(" ")
@@ -226,7 +251,10 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     };
     let result = serve(&listener, &backend, &private, gate_cfg, &stop);
 
-    let _ = std::fs::remove_file(&cfg.socket);
+    remove_socket();
+    if let Some(p) = &cfg.control {
+        let _ = std::fs::remove_file(p);
+    }
     let _ = std::fs::remove_dir_all(&private);
     for line in stats.report().lines() {
         info!("final stats {line}");

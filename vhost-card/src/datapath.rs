@@ -402,6 +402,9 @@ impl Pair {
             k += 1;
         }
         hdr.num_buffers = u16::try_from(k).unwrap_or(u16::MAX);
+        if hdr.flags & vnet::F_DATA_VALID != 0 {
+            add(&stats.rx_data_valid, 1);
+        }
         // SAFETY: see the readv above.
         unsafe { iov::write_iovs(iovs, 0, &hdr.encode()[..hdr_len]) };
         let mut left = n;

@@ -1,14 +1,31 @@
 use clap::Parser;
-use vhost_card::config::{Args, Command, Config};
-use vhost_card::{daemon, features};
+use vhost_card::config::{capabilities_json, Args, Command, Config};
+use vhost_card::{control, daemon, features};
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
     let args = Args::parse();
-    if let Some(Command::Features) = args.command {
-        print!("{}", features::table());
+    match &args.command {
+        Some(Command::Features) => {
+            print!("{}", features::table());
+            return;
+        }
+        Some(Command::Stats { control }) => match control::query(control) {
+            Ok(json) => {
+                print!("{json}");
+                return;
+            }
+            Err(e) => {
+                eprintln!("vhost-card: error: cannot read {}: {e}", control.display());
+                std::process::exit(1);
+            }
+        },
+        None => {}
+    }
+    if args.print_capabilities {
+        println!("{}", capabilities_json());
         return;
     }
     let result = Config::try_from(args)

@@ -18,6 +18,9 @@ macro_rules! counters {
                 vec![$( (stringify!($name), self.$name.load(Ordering::Relaxed)), )*]
             }
         }
+
+        /// Every counter's name with its description.
+        pub const HELP: &[(&str, &str)] = &[$( (stringify!($name), concat!($($doc),*)), )*];
     };
 }
 
@@ -64,6 +67,12 @@ counters! {
     rx_csum_bad,
     /// RX frames with a partial checksum the card completed for a host without GUEST_CSUM.
     rx_csum_completed,
+    /// RX frames handed up marked DATA_VALID (verified here or by the card's kernel).
+    rx_data_valid,
+    /// Kicks from the guest on the RX queue (buffers posted).
+    rx_kicks,
+    /// Kicks from the guest on the TX queue (frames to send).
+    tx_kicks,
     /// Guest notifications sent (used-ring interrupts), both queues.
     notifications,
 }
@@ -102,6 +111,46 @@ impl Stats {
     }
 }
 
+impl Stats {
+    /// The counters as JSON: `{"pairs": [{"pair": 0, "tx_frames": 1, ...}, ...]}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let pairs: Vec<serde_json::Value> = self
+            .pairs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let mut m = serde_json::Map::new();
+                m.insert("pair".into(), i.into());
+                for (name, v) in p.snapshot() {
+                    m.insert(name.into(), v.into());
+                }
+                serde_json::Value::Object(m)
+            })
+            .collect();
+        serde_json::json!({ "pairs": pairs })
+    }
+
+    /// The counters in the Prometheus text exposition format (version 0.0.4).
+    pub fn to_prometheus(&self) -> String {
+        let snaps: Vec<Vec<(&'static str, u64)>> =
+            self.pairs.iter().map(PairStats::snapshot).collect();
+        let mut s = String::new();
+        for (k, (name, help)) in HELP.iter().enumerate() {
+            let help = help.trim();
+            let _ = writeln!(s, "# HELP vhost_card_{name}_total {help}");
+            let _ = writeln!(s, "# TYPE vhost_card_{name}_total counter");
+            for (i, snap) in snaps.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "vhost_card_{name}_total{{queue_pair=\"{i}\"}} {}",
+                    snap[k].1
+                );
+            }
+        }
+        s
+    }
+}
+
 /// Adds `n` to a counter.
 #[inline]
 pub fn add(c: &AtomicU64, n: u64) {
@@ -119,5 +168,21 @@ mod tests {
         let r = s.report();
         assert!(r.contains("pair 0: idle"));
         assert!(r.contains("pair 1: rx_frames=3"));
+    }
+
+    #[test]
+    fn json_and_prometheus_carry_every_counter() {
+        let s = Stats::new(2);
+        add(&s.pairs[0].tx_bytes, 1500);
+        let j = s.to_json();
+        assert_eq!(j["pairs"][0]["tx_bytes"], 1500);
+        assert_eq!(j["pairs"][1]["pair"], 1);
+        let p = s.to_prometheus();
+        assert!(p.contains("# TYPE vhost_card_tx_bytes_total counter"));
+        assert!(p.contains("vhost_card_tx_bytes_total{queue_pair=\"0\"} 1500"));
+        assert!(p.contains("vhost_card_rx_frames_total{queue_pair=\"1\"} 0"));
+        for (name, help) in HELP {
+            assert!(!help.trim().is_empty(), "{name} has no description");
+        }
     }
 }
