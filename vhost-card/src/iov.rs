@@ -196,6 +196,159 @@ pub fn advance(iovs: &mut [libc::iovec], from: usize, mut skip: usize) -> usize 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+    const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
+    const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
+    const F_INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
+
+    /// Two adjacent regions, then a hole, then a third region.
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x10_0000),
+            (GuestAddress(0x10_0000), 0x10_0000),
+            (GuestAddress(0x40_0000), 0x10_0000),
+        ])
+        .unwrap()
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+    }
+
+    /// Puts `descs` in the table as one available chain and collects it.
+    fn collect(
+        mem: &GuestMemoryMmap,
+        descs: &[RawDescriptor],
+        writable: bool,
+    ) -> Result<usize, ChainError> {
+        let vq = MockSplitQueue::new(mem, 16);
+        vq.add_desc_chains(descs, 0).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let chain = q.pop_descriptor_chain(mem).unwrap();
+        let mut iovs = Vec::new();
+        let r = collect_chain(chain, mem, writable, &mut iovs, IOV_MAX);
+        if r.is_ok() {
+            for iov in &iovs {
+                // Every segment lies inside one mapped region.
+                let base = iov.iov_base as usize;
+                assert!(mem.iter().any(|reg| {
+                    let start = reg.as_ptr() as usize;
+                    base >= start && base + iov.iov_len <= start + reg.len() as usize
+                }));
+            }
+        }
+        r
+    }
+
+    #[test]
+    fn good_chains_and_region_straddling() {
+        let mem = memory();
+        assert_eq!(
+            collect(
+                &mem,
+                &[desc(0x8000, 12, F_NEXT, 1), desc(0x9000, 1500, 0, 0)],
+                false
+            ),
+            Ok(1512)
+        );
+        // Straddles the two adjacent regions: two segments, both inside guest memory.
+        assert_eq!(
+            collect(&mem, &[desc(0xf_fff0, 64, F_WRITE, 0)], true),
+            Ok(64)
+        );
+    }
+
+    #[test]
+    fn malformed_chains_are_refused() {
+        let mem = memory();
+        // Outside every region, and across the hole after the second region.
+        assert_eq!(
+            collect(&mem, &[desc(0x90_0000, 64, 0, 0)], false),
+            Err(ChainError::BadAddress)
+        );
+        assert_eq!(
+            collect(&mem, &[desc(0x1f_fff0, 64, 0, 0)], false),
+            Err(ChainError::BadAddress)
+        );
+        // A length that overflows the address space.
+        assert_eq!(
+            collect(&mem, &[desc(u64::MAX - 8, 64, 0, 0)], false),
+            Err(ChainError::BadAddress)
+        );
+        // A loop: 0 -> 1 -> 0.
+        assert_eq!(
+            collect(
+                &mem,
+                &[desc(0x8000, 64, F_NEXT, 1), desc(0x9000, 64, F_NEXT, 0)],
+                false
+            ),
+            Err(ChainError::Malformed)
+        );
+        // `next` beyond the table.
+        assert_eq!(
+            collect(&mem, &[desc(0x8000, 64, F_NEXT, 200)], false),
+            Err(ChainError::Malformed)
+        );
+        // Wrong direction for each queue.
+        assert_eq!(
+            collect(&mem, &[desc(0x8000, 64, F_WRITE, 0)], false),
+            Err(ChainError::WrongDirection)
+        );
+        assert_eq!(
+            collect(&mem, &[desc(0x8000, 64, 0, 0)], true),
+            Err(ChainError::WrongDirection)
+        );
+    }
+
+    #[test]
+    fn indirect_tables() {
+        let mem = memory();
+        // A good indirect table of two descriptors at 0x20000.
+        mem.write_obj(desc(0x8000, 12, F_NEXT, 1), GuestAddress(0x2_0000))
+            .unwrap();
+        mem.write_obj(desc(0x9000, 100, 0, 0), GuestAddress(0x2_0010))
+            .unwrap();
+        assert_eq!(
+            collect(&mem, &[desc(0x2_0000, 32, F_INDIRECT, 0)], false),
+            Ok(112)
+        );
+        // A nested indirect descriptor is refused.
+        mem.write_obj(desc(0x2_0000, 32, F_INDIRECT, 0), GuestAddress(0x3_0000))
+            .unwrap();
+        assert_eq!(
+            collect(&mem, &[desc(0x3_0000, 16, F_INDIRECT, 0)], false),
+            Err(ChainError::Malformed)
+        );
+        // A table whose length is not a multiple of 16, and one outside memory.
+        assert_eq!(
+            collect(&mem, &[desc(0x2_0000, 20, F_INDIRECT, 0)], false),
+            Err(ChainError::Malformed)
+        );
+        assert_eq!(
+            collect(&mem, &[desc(0x90_0000, 32, F_INDIRECT, 0)], false),
+            Err(ChainError::Malformed)
+        );
+    }
+
+    #[test]
+    fn too_many_segments() {
+        let mem = memory();
+        let mut iovs = Vec::new();
+        for i in 0..4u64 {
+            push_guest(&mem, GuestAddress(0x8000 + i * 64), 64, false, &mut iovs, 4).unwrap();
+        }
+        assert_eq!(
+            push_guest(&mem, GuestAddress(0x9000), 64, false, &mut iovs, 4),
+            Err(ChainError::TooLong)
+        );
+    }
 
     fn iovs_over(bufs: &mut [Vec<u8>]) -> Vec<libc::iovec> {
         bufs.iter_mut()
