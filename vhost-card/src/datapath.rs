@@ -51,12 +51,7 @@ pub struct Pair {
     /// TX is waiting for EPOLLOUT on the tap.
     pub tx_blocked: bool,
     tx_iovs: IovBuf,
-    rx_iovs: IovBuf,
-    /// Heads and byte lengths of the RX chains gathered for the current frame.
-    rx_chains: Vec<(u16, usize)>,
-    /// Number of leading `rx_chains` that must not be handed back by rewinding the ring,
-    /// because a malformed chain was consumed after them.
-    rx_barrier: usize,
+    rx: RxStash,
     tx_hdr: [u8; HDR_MAX],
     /// Room for one frame when its checksum must be verified or completed.
     scratch: Vec<u8>,
@@ -72,9 +67,7 @@ impl Pair {
             rx_pending: true,
             tx_blocked: false,
             tx_iovs: IovBuf::with_capacity(IOV_MAX + 1),
-            rx_iovs: IovBuf::with_capacity(IOV_MAX),
-            rx_chains: Vec::with_capacity(queue_size),
-            rx_barrier: 0,
+            rx: RxStash::new(queue_size),
             tx_hdr: [0; HDR_MAX],
             scratch: vec![0; GSO_MAX_FRAME.max(mtu + ETH_HLEN + VLAN_HLEN)],
         }
@@ -85,9 +78,8 @@ impl Pair {
         self.neg = Negotiated::default();
         self.rx_pending = true;
         self.tx_blocked = false;
-        self.rx_chains.clear();
+        self.rx.clear();
         self.tx_iovs.0.clear();
-        self.rx_iovs.0.clear();
     }
 
     /// Largest frame (header included) the tap may hand over, given what was negotiated.
@@ -221,6 +213,7 @@ impl Pair {
         let mut used = false;
         let mut frames = 0;
         let _ = vring.disable_notification();
+        self.rx.clear();
         let pass = loop {
             if !self.rx_pending {
                 break Pass::Idle;
@@ -229,11 +222,7 @@ impl Pair {
                 break Pass::More;
             }
             match self.rx_one(vring, mem, stats) {
-                Rx::Frame => {
-                    used = true;
-                    frames += 1;
-                }
-                Rx::Consumed => {
+                Rx::Frame | Rx::Consumed => {
                     used = true;
                     frames += 1;
                 }
@@ -250,38 +239,38 @@ impl Pair {
                 Rx::Broken => break Pass::Idle,
             }
         };
+        // Buffers gathered but not filled go back to the guest before the pass ends.
+        used |= self.rx.release(vring, mem);
         if used {
             notify(vring, stats);
         }
         pass
     }
 
-    fn rx_one(&mut self, vring: &mut State, mem: &Mem, stats: &PairStats) -> Rx {
+    /// Tops the stash of host buffers up to the largest possible frame. Returns whether any
+    /// malformed chain was consumed on the way, or `None` if the used ring is unreachable.
+    fn rx_gather(
+        &mut self,
+        vring: &mut State,
+        mem: &Mem,
+        stats: &PairStats,
+    ) -> Option<(bool, bool)> {
         let hdr_len = self.neg.hdr_len();
         let need = self.rx_need();
-        self.rx_iovs.0.clear();
-        self.rx_chains.clear();
-        self.rx_barrier = 0;
-        let mut cap = 0usize;
         let mut consumed_bad = false;
-        let queue_size = usize::from(vring.get_queue().size());
-        let mut popped = 0usize;
         let mut iov_full = false;
-        while cap < need {
+        while self.rx.cap < need && (self.neg.mrg_rxbuf || self.rx.live().is_empty()) {
             let Some(chain) = vring.get_queue_mut().pop_descriptor_chain(mem) else {
                 break;
             };
-            popped += 1;
             let head = chain.head_index();
-            let before = self.rx_iovs.0.len();
-            match iov::collect_chain(chain, mem, true, &mut self.rx_iovs.0, IOV_MAX) {
-                Ok(len) if len >= hdr_len => {
-                    self.rx_chains.push((head, len));
-                    cap += len;
-                }
-                Err(ChainError::TooLong) if before > 0 => {
-                    // This good chain does not fit this readv; leave it for the next frame.
-                    self.rx_iovs.0.truncate(before);
+            let before = self.rx.iovs.0.len();
+            let limit = self.rx.iov_first + IOV_MAX;
+            match iov::collect_chain(chain, mem, true, &mut self.rx.iovs.0, limit) {
+                Ok(len) if len >= hdr_len => self.rx.push(head, len),
+                Err(ChainError::TooLong) if !self.rx.live().is_empty() => {
+                    // This good chain does not fit one readv; leave it for a later frame.
+                    self.rx.iovs.0.truncate(before);
                     let q = vring.get_queue_mut();
                     q.set_next_avail(q.next_avail().wrapping_sub(1));
                     iov_full = true;
@@ -289,29 +278,36 @@ impl Pair {
                 }
                 other => {
                     debug!("RX chain dropped: {other:?}");
-                    self.rx_iovs.0.truncate(before);
+                    self.rx.iovs.0.truncate(before);
                     add(&stats.rx_drop_bad_chain, 1);
-                    if vring.get_queue_mut().add_used(mem, head, 0).is_err() {
-                        return Rx::Broken;
-                    }
+                    vring.get_queue_mut().add_used(mem, head, 0).ok()?;
                     consumed_bad = true;
-                    self.rx_barrier = self.rx_chains.len();
-                    continue;
+                    self.rx.barrier = self.rx.chains.len();
                 }
             }
-            if !self.neg.mrg_rxbuf {
-                break;
-            }
         }
+        Some((consumed_bad, iov_full))
+    }
+
+    fn rx_one(&mut self, vring: &mut State, mem: &Mem, stats: &PairStats) -> Rx {
+        let hdr_len = self.neg.hdr_len();
+        let need = self.rx_need();
+        let Some((consumed_bad, iov_full)) = self.rx_gather(vring, mem, stats) else {
+            return Rx::Broken;
+        };
         // Short of room for the largest frame (or of any buffer): wait for the guest, unless
         // the whole ring is already ours or the iovec array is full (then a frame that does not
         // fit is dropped below rather than waiting forever). Every available chain is popped at
         // this point, so enabling notifications now asks for a kick when the guest posts more.
-        let short = self.rx_chains.is_empty()
-            || (cap < need && self.neg.mrg_rxbuf && !iov_full && popped < queue_size);
+        let queue_size = usize::from(vring.get_queue().size());
+        let short = self.rx.live().is_empty()
+            || (self.rx.cap < need
+                && self.neg.mrg_rxbuf
+                && !iov_full
+                && self.rx.live().len() < queue_size);
         if short {
             let more = vring.enable_notification().unwrap_or(false);
-            release_chains(&mut self.rx_chains, self.rx_barrier, 0, vring, mem);
+            self.rx.release(vring, mem);
             return if more {
                 Rx::Retry
             } else if consumed_bad {
@@ -320,13 +316,13 @@ impl Pair {
                 Rx::NoBuffers
             };
         }
-        let iovs = &self.rx_iovs.0;
+        let cap = self.rx.cap;
+        let iovs = self.rx.live_iovs();
         // SAFETY: the iovecs point into guest memory held by `mem` for this call, all
         // device-writable buffers of chains we popped and own until they are used or released.
         let n = unsafe { libc::readv(self.tap_fd, iovs.as_ptr(), iov_count(iovs.len())) };
         if n < 0 {
             let e = io::Error::last_os_error();
-            release_chains(&mut self.rx_chains, self.rx_barrier, 0, vring, mem);
             if e.kind() == io::ErrorKind::WouldBlock {
                 return Rx::Empty;
             }
@@ -344,15 +340,13 @@ impl Pair {
             self.rx_pending = false;
             return Rx::Broken;
         }
-        let n = n as usize;
+        let n = n.unsigned_abs();
         if n > cap {
             // The tap reports the full length of a frame it could only partly copy.
-            release_chains(&mut self.rx_chains, self.rx_barrier, 0, vring, mem);
             add(&stats.rx_drop_truncated, 1);
             return Rx::Retry;
         }
         if n < hdr_len + ETH_HLEN {
-            release_chains(&mut self.rx_chains, self.rx_barrier, 0, vring, mem);
             add(&stats.rx_drop_runt, 1);
             return Rx::Retry;
         }
@@ -364,7 +358,6 @@ impl Pair {
         match vnet::rx_action(&mut hdr, &self.neg, self.rx_verify) {
             RxAction::Deliver => {}
             RxAction::DropGso => {
-                release_chains(&mut self.rx_chains, self.rx_barrier, 0, vring, mem);
                 add(&stats.rx_drop_gso, 1);
                 return Rx::Retry;
             }
@@ -395,10 +388,11 @@ impl Pair {
             }
         }
         // Which chains the frame filled.
+        let live = self.rx.live();
         let mut left = n;
         let mut k = 0;
-        while left > 0 {
-            left = left.saturating_sub(self.rx_chains[k].1);
+        while left > 0 && k < live.len() {
+            left = left.saturating_sub(live[k].len);
             k += 1;
         }
         hdr.num_buffers = u16::try_from(k).unwrap_or(u16::MAX);
@@ -408,18 +402,16 @@ impl Pair {
         // SAFETY: see the readv above.
         unsafe { iov::write_iovs(iovs, 0, &hdr.encode()[..hdr_len]) };
         let mut left = n;
-        for &(head, len) in &self.rx_chains[..k] {
-            let this = left.min(len);
+        for c in &live[..k] {
+            let this = left.min(c.len);
             left -= this;
-            if vring
-                .get_queue_mut()
-                .add_used(mem, head, this as u32)
-                .is_err()
-            {
+            // `this` is at most one chain's length, which the chain iterator keeps below 2^32.
+            let this = u32::try_from(this).unwrap_or(u32::MAX);
+            if vring.get_queue_mut().add_used(mem, c.head, this).is_err() {
                 return Rx::Broken;
             }
         }
-        release_chains(&mut self.rx_chains, self.rx_barrier, k, vring, mem);
+        self.rx.consume_front(k);
         add(&stats.rx_frames, 1);
         add(&stats.rx_bytes, frame_len as u64);
         add(&stats.rx_buffers, k as u64);
@@ -427,27 +419,112 @@ impl Pair {
     }
 }
 
-/// Gives back gathered RX chains from index `from` on: the ones after the last malformed chain
-/// (index `barrier` and up) go back to the ring by rewinding it, the ones before it are returned
-/// empty, since rewinding past a consumed chain would hand it out twice.
-fn release_chains(
-    chains: &mut Vec<(u16, usize)>,
+/// One RX chain held for frames to come.
+#[derive(Debug, Clone, Copy)]
+struct Stashed {
+    head: u16,
+    len: usize,
+    /// End of its segments in `RxStash::iovs`.
+    iov_end: usize,
+}
+
+/// Host RX buffers popped from the ring during one pass and not filled yet, so a burst of small
+/// frames does not gather buffers for a 64 KiB frame again for every frame. Emptied at the end
+/// of every pass: nothing refers to guest memory between passes.
+struct RxStash {
+    iovs: IovBuf,
+    iov_first: usize,
+    chains: Vec<Stashed>,
+    first: usize,
+    /// `chains[..barrier]` were popped before a malformed chain that was consumed: they can
+    /// only be returned empty, since rewinding past a consumed chain would hand it out twice.
     barrier: usize,
-    from: usize,
-    vring: &mut State,
-    mem: &Mem,
-) {
-    let mut rewind = 0u16;
-    for (i, &(head, _)) in chains.iter().enumerate().skip(from) {
-        if i < barrier {
-            let _ = vring.get_queue_mut().add_used(mem, head, 0);
-        } else {
-            rewind += 1;
+    /// Bytes in the live chains.
+    cap: usize,
+}
+
+impl RxStash {
+    fn new(queue_size: usize) -> Self {
+        RxStash {
+            iovs: IovBuf::with_capacity(2 * IOV_MAX),
+            iov_first: 0,
+            chains: Vec::with_capacity(2 * queue_size),
+            first: 0,
+            barrier: 0,
+            cap: 0,
         }
     }
-    let q = vring.get_queue_mut();
-    q.set_next_avail(q.next_avail().wrapping_sub(rewind));
-    chains.truncate(from);
+
+    fn clear(&mut self) {
+        self.iovs.0.clear();
+        self.chains.clear();
+        self.iov_first = 0;
+        self.first = 0;
+        self.barrier = 0;
+        self.cap = 0;
+    }
+
+    fn live(&self) -> &[Stashed] {
+        &self.chains[self.first..]
+    }
+
+    fn live_iovs(&self) -> &[libc::iovec] {
+        &self.iovs.0[self.iov_first..]
+    }
+
+    fn push(&mut self, head: u16, len: usize) {
+        self.chains.push(Stashed {
+            head,
+            len,
+            iov_end: self.iovs.0.len(),
+        });
+        self.cap += len;
+    }
+
+    /// Drops the first `k` live chains, which a frame filled.
+    fn consume_front(&mut self, k: usize) {
+        if k == 0 {
+            return;
+        }
+        let last = self.chains[self.first + k - 1];
+        self.cap -= self.chains[self.first..self.first + k]
+            .iter()
+            .map(|c| c.len)
+            .sum::<usize>();
+        self.first += k;
+        self.iov_first = last.iov_end;
+        // Compact now and then so the arrays stay small.
+        if self.first >= 64 {
+            let (dc, di) = (self.first, self.iov_first);
+            self.chains.drain(..dc);
+            self.iovs.0.drain(..di);
+            for c in &mut self.chains {
+                c.iov_end -= di;
+            }
+            self.barrier = self.barrier.saturating_sub(dc);
+            self.first = 0;
+            self.iov_first = 0;
+        }
+    }
+
+    /// Gives every live chain back: rewinds the ring over the ones after the barrier and
+    /// returns the others empty. Returns whether the used ring changed.
+    fn release(&mut self, vring: &mut State, mem: &Mem) -> bool {
+        let mut rewind = 0u16;
+        let mut used = false;
+        for (i, c) in self.chains.iter().enumerate().skip(self.first) {
+            if i < self.barrier {
+                let _ = vring.get_queue_mut().add_used(mem, c.head, 0);
+                used = true;
+            } else {
+                rewind = rewind.wrapping_add(1);
+            }
+        }
+        let q = vring.get_queue_mut();
+        q.set_next_avail(q.next_avail().wrapping_sub(rewind));
+        self.clear();
+        used
+    }
 }
 
 enum TxStop {
