@@ -46,9 +46,13 @@ struct Worker {
     wake: (EventConsumer, EventNotifier),
 }
 
+/// Called once when the card's end of the link is gone for good.
+pub type FatalHook = Box<dyn Fn(String) + Send + Sync>;
+
 /// The card's vhost-user backend.
 pub struct CardBackend {
     cfg: BackendConfig,
+    fatal: FatalHook,
     tap: Arc<Tap>,
     workers: Vec<Worker>,
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
@@ -56,7 +60,12 @@ pub struct CardBackend {
 }
 
 impl CardBackend {
-    pub fn new(cfg: BackendConfig, tap: Arc<Tap>, stats: Arc<Stats>) -> io::Result<Self> {
+    pub fn new(
+        cfg: BackendConfig,
+        tap: Arc<Tap>,
+        stats: Arc<Stats>,
+        fatal: FatalHook,
+    ) -> io::Result<Self> {
         let mut workers = Vec::with_capacity(cfg.pairs);
         for i in 0..cfg.pairs {
             workers.push(Worker {
@@ -71,6 +80,7 @@ impl CardBackend {
         }
         Ok(CardBackend {
             cfg,
+            fatal,
             tap,
             workers,
             mem: RwLock::new(None),
@@ -112,6 +122,17 @@ impl CardBackend {
         }
         *self.mem.write().unwrap_or_else(|p| p.into_inner()) = None;
         let _ = self.tap.set_offload(0);
+    }
+
+    /// Reports a vanished tap once per event; the daemon then stops with that message.
+    fn tap_is_gone(&self, pair: &Pair) -> bool {
+        if pair.tap_gone {
+            (self.fatal)(format!(
+                "tap {} was deleted (or its namespace went away) under the daemon",
+                self.tap.name()
+            ));
+        }
+        pair.tap_gone
     }
 
     pub fn stats(&self) -> &Arc<Stats> {
@@ -193,6 +214,10 @@ impl VhostUserBackend for CardBackend {
             0 => add(&stats.rx_kicks, 1),
             1 => add(&stats.tx_kicks, 1),
             e if e == self.tap_event() => {
+                if evset.intersects(EventSet::ERROR | EventSet::HANG_UP) {
+                    // A tun queue polls as an error once its device is unregistered.
+                    pair.tap_gone = true;
+                }
                 if evset.contains(EventSet::IN) {
                     pair.rx_pending = true;
                 }
@@ -204,6 +229,9 @@ impl VhostUserBackend for CardBackend {
                 let _ = worker.wake.0.consume();
             }
             _ => return Ok(()),
+        }
+        if self.tap_is_gone(&pair) {
+            return Ok(());
         }
         let Some(atomic) = self.mem.read().unwrap_or_else(|p| p.into_inner()).clone() else {
             return Ok(());
@@ -224,6 +252,9 @@ impl VhostUserBackend for CardBackend {
             if rx.get_queue().ready() && rx.is_enabled() {
                 more |= pair.process_rx(&mut rx, &mem, stats) == Pass::More;
             }
+        }
+        if self.tap_is_gone(&pair) {
+            return Ok(());
         }
         if more {
             let _ = worker.wake.1.notify();

@@ -49,6 +49,8 @@ pub enum DaemonError {
     },
     #[error("vhost-user daemon: {0}")]
     Vhost(String),
+    #[error("{0}; stopping (restart the daemon to recreate it)")]
+    Fatal(String),
 }
 
 /// Shared stop request: set by a signal, seen by the accept loop, the stats thread and the
@@ -58,6 +60,7 @@ pub struct Stop {
     cv: (Mutex<()>, Condvar),
     event: EventFd,
     frontend: Mutex<Option<UnixStream>>,
+    fatal: Mutex<Option<String>>,
 }
 
 impl Stop {
@@ -67,6 +70,7 @@ impl Stop {
             cv: (Mutex::new(()), Condvar::new()),
             event: EventFd::new(EFD_NONBLOCK)?,
             frontend: Mutex::new(None),
+            fatal: Mutex::new(None),
         })
     }
 
@@ -82,6 +86,17 @@ impl Stop {
             let _ = f.shutdown(std::net::Shutdown::Both);
         }
         self.cv.1.notify_all();
+    }
+
+    /// Stops the daemon because something it cannot do without is gone.
+    pub fn fail(&self, why: String) {
+        let mut f = self.fatal.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            error!("{why}");
+            *f = Some(why);
+        }
+        drop(f);
+        self.request();
     }
 
     pub fn requested(&self) -> bool {
@@ -200,6 +215,10 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             },
             tap.clone(),
             stats.clone(),
+            {
+                let stop = stop.clone();
+                Box::new(move |why| stop.fail(why))
+            },
         )
         .map_err(|source| DaemonError::Io {
             what: "creating the backend",
@@ -258,6 +277,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let _ = std::fs::remove_dir_all(&private);
     for line in stats.report().lines() {
         info!("final stats {line}");
+    }
+    if let Some(why) = stop.fatal.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(DaemonError::Fatal(why));
     }
     result
 }

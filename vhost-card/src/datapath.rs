@@ -50,6 +50,8 @@ pub struct Pair {
     pub rx_pending: bool,
     /// TX is waiting for EPOLLOUT on the tap.
     pub tx_blocked: bool,
+    /// The tap device was deleted under us (its queue reads and writes fail with EBADFD).
+    pub tap_gone: bool,
     tx_iovs: IovBuf,
     rx: RxStash,
     tx_hdr: [u8; HDR_MAX],
@@ -66,6 +68,7 @@ impl Pair {
             rx_verify,
             rx_pending: true,
             tx_blocked: false,
+            tap_gone: false,
             tx_iovs: IovBuf::with_capacity(IOV_MAX + 1),
             rx: RxStash::new(queue_size),
             tx_hdr: [0; HDR_MAX],
@@ -201,6 +204,9 @@ impl Pair {
             }
             debug!("tap write failed: {e}");
             add(&stats.tx_drop_tap_error, 1);
+            if e.raw_os_error() == Some(libc::EBADFD) {
+                self.tap_gone = true;
+            }
             return Ok(());
         }
         add(&stats.tx_frames, 1);
@@ -337,6 +343,9 @@ impl Pair {
             }
             warn!("tap read failed: {e}");
             add(&stats.rx_tap_error, 1);
+            if e.raw_os_error() == Some(libc::EBADFD) {
+                self.tap_gone = true;
+            }
             self.rx_pending = false;
             return Rx::Broken;
         }

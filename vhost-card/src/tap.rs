@@ -278,8 +278,12 @@ impl Tap {
 impl Drop for Tap {
     fn drop(&mut self) {
         if self.created && !self.keep {
-            if let Err(e) = val_ioctl(self.queues[0].as_raw_fd(), libc::TUNSETPERSIST, 0) {
-                warn!("cannot release tap {}: {e}", self.name);
+            match val_ioctl(self.queues[0].as_raw_fd(), libc::TUNSETPERSIST, 0) {
+                // EBADFD: the device is already gone.
+                Err(e) if e.raw_os_error() != Some(libc::EBADFD) => {
+                    warn!("cannot release tap {}: {e}", self.name)
+                }
+                _ => {}
             }
         }
     }
