@@ -1,0 +1,289 @@
+//! The real `vhost-card` binary: built once per test process, started with its stderr in a file,
+//! stopped with SIGTERM, killed on drop. Its counters come from the `stats pair 0: ...` lines it
+//! logs every second (`--stats-interval 1`) and the `final stats pair 0: ...` line at exit.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::TempDir;
+
+/// Path of the daemon binary: `$VHOST_CARD_BIN`, or `<target>/debug/vhost-card` built once with
+/// `$CARGO build -q -p vhost-card`.
+pub fn binary() -> Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| find_or_build().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+fn find_or_build() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("VHOST_CARD_BIN") {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("VHOST_CARD_BIN={} is not a file", p.display());
+        }
+        return Ok(p);
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("tests/ has no parent directory")?
+        .to_path_buf();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(["build", "-q", "-p", "vhost-card"])
+        .current_dir(&workspace)
+        .status()
+        .with_context(|| format!("running {} build", cargo.to_string_lossy()))?;
+    if !status.success() {
+        bail!("`cargo build -p vhost-card` failed: {status}");
+    }
+    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(t) => workspace.join(t),
+        None => workspace.join("target"),
+    };
+    let bin = target.join("debug").join("vhost-card");
+    if !bin.is_file() {
+        bail!("{} was not built", bin.display());
+    }
+    Ok(bin)
+}
+
+/// Counters of queue pair 0 from one stats line. Counters the daemon leaves out are zero.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters(pub BTreeMap<String, u64>);
+
+impl Counters {
+    /// Parses the part after `pair 0:` (`tx_frames=3 tx_bytes=120` or `idle`).
+    pub fn parse(text: &str) -> Result<Self> {
+        let mut map = BTreeMap::new();
+        for word in text.split_whitespace() {
+            if word == "idle" {
+                continue;
+            }
+            let (name, value) = word
+                .split_once('=')
+                .ok_or_else(|| anyhow!("bad counter '{word}' in `{text}`"))?;
+            check_name(name)?;
+            map.insert(name.to_string(), value.parse()?);
+        }
+        Ok(Counters(map))
+    }
+
+    /// The value of a counter; panics on a name the daemon does not have, so a typo cannot make
+    /// an assertion on "0" pass.
+    pub fn get(&self, name: &str) -> u64 {
+        if let Err(e) = check_name(name) {
+            panic!("{e}");
+        }
+        self.0.get(name).copied().unwrap_or(0)
+    }
+}
+
+fn check_name(name: &str) -> Result<()> {
+    let known = vhost_card::stats::PairStats::default().snapshot();
+    if known.iter().any(|(n, _)| *n == name) {
+        Ok(())
+    } else {
+        bail!("the daemon has no counter '{name}'")
+    }
+}
+
+/// A running daemon.
+pub struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+    socket: PathBuf,
+    // Last: removed after the child is gone.
+    _dir: TempDir,
+}
+
+impl Daemon {
+    /// Starts `vhost-card --socket <tmp>/s.sock --netns <ns> --tap card0 --stats-interval 1
+    /// <extra>` and waits until it listens (its tap exists by then).
+    pub fn start(netns: &str, extra: &[&str]) -> Result<Daemon> {
+        let dir = TempDir::new()?;
+        let socket = dir.path().join("s.sock");
+        let log = dir.path().join("daemon.log");
+        let stderr = File::create(&log)?;
+        let child = Command::new(binary()?)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--netns", netns, "--tap", "card0", "--stats-interval", "1"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("RUNTIME_DIRECTORY", dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .context("spawning vhost-card")?;
+        let mut d = Daemon {
+            child: Some(child),
+            log,
+            socket,
+            _dir: dir,
+        };
+        d.wait_log("listening on", Duration::from_secs(10))?;
+        Ok(d)
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Fails if the daemon has exited.
+    pub fn check_running(&mut self) -> Result<()> {
+        let child = self.child.as_mut().context("daemon already stopped")?;
+        if let Some(status) = child.try_wait()? {
+            bail!("vhost-card exited ({status}); log:\n{}", self.log());
+        }
+        Ok(())
+    }
+
+    /// Waits until the log contains `needle` (counting from the start of the log).
+    pub fn wait_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        self.wait_log_count(needle, 1, timeout)
+    }
+
+    /// Waits until the log contains `needle` at least `count` times.
+    pub fn wait_log_count(&mut self, needle: &str, count: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().matches(needle).count() >= count {
+                return Ok(());
+            }
+            self.check_running()?;
+            if Instant::now() >= deadline {
+                bail!(
+                    "vhost-card did not log '{needle}' {count} time(s) within {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Counters from the last stats line logged (all zero before the first one).
+    pub fn counters(&self) -> Result<Counters> {
+        last_counters(&self.log())
+    }
+
+    /// Waits (up to `timeout`) for a stats line whose counters satisfy `pred`; returns them.
+    pub fn wait_counters(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Counters) -> bool,
+    ) -> Result<Counters> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let c = self.counters()?;
+            if pred(&c) {
+                return Ok(c);
+            }
+            self.check_running()?;
+            if Instant::now() >= deadline {
+                bail!("counters never showed {what} within {timeout:?}; last: {c:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then waits for the exit; returns the status and the final counters.
+    pub fn stop(&mut self) -> Result<(ExitStatus, Counters)> {
+        let mut child = self.child.take().context("daemon already stopped")?;
+        let pid = libc::pid_t::try_from(child.id())?;
+        // SAFETY: kill(2) on our own child, which has not been reaped yet (so the pid is ours).
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("vhost-card ignored SIGTERM for 10 s; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let log = self.log();
+        let final_line = log
+            .lines()
+            .rev()
+            .find_map(|l| {
+                l.split_once("final stats pair 0:")
+                    .map(|(_, r)| r.to_string())
+            })
+            .ok_or_else(|| anyhow!("no final stats line; log:\n{log}"))?;
+        Ok((status, Counters::parse(&final_line)?))
+    }
+}
+
+/// Counters of the last `stats pair 0:` line (periodic or final) in a log.
+pub fn last_counters(log: &str) -> Result<Counters> {
+    match log
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once("stats pair 0:").map(|(_, r)| r))
+    {
+        Some(rest) => Counters::parse(rest),
+        None => Ok(Counters::default()),
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Shown by the test runner only when the test fails.
+        eprintln!(
+            "---- vhost-card log ----\n{}------------------------",
+            self.log()
+        );
+    }
+}
+
+/// Runs the daemon with `args` (no defaults added) and expects it to exit by itself within
+/// `timeout`; returns its status and stderr. A daemon still running is killed and reported.
+pub fn run_to_exit(args: &[&str], timeout: Duration) -> Result<(ExitStatus, String)> {
+    let dir = TempDir::new()?;
+    let log = dir.path().join("stderr");
+    let mut child = Command::new(binary()?)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("RUNTIME_DIRECTORY", dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&log)?)
+        .spawn()?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok((status, std::fs::read_to_string(&log)?));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "vhost-card {} kept running for {timeout:?} instead of exiting; log:\n{}",
+                args.join(" "),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
