@@ -116,7 +116,10 @@ impl Daemon {
             .arg(&socket)
             .args(["--netns", netns, "--tap", "card0", "--stats-interval", "1"])
             .args(extra)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("VHOST_CARD_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("RUNTIME_DIRECTORY", dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -264,7 +267,10 @@ pub fn run_to_exit(args: &[&str], timeout: Duration) -> Result<(ExitStatus, Stri
     let log = dir.path().join("stderr");
     let mut child = Command::new(binary()?)
         .args(args)
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("VHOST_CARD_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .env("RUNTIME_DIRECTORY", dir.path())
         .stdin(Stdio::null())
         .stdout(Stdio::null())

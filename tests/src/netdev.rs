@@ -356,8 +356,19 @@ impl VirtioNet {
             data.extend(self.read_rx(h, l)?);
             used.push((h, l));
         }
-        for &(h, _) in &used {
-            self.repost(h)?;
+        // Take every used chain's buffers out before posting any again: a descriptor freed by
+        // one of them may become the head of a reposted chain.
+        let bufs = used
+            .iter()
+            .map(|&(h, _)| {
+                self.rx_bufs
+                    .remove(&h)
+                    .with_context(|| format!("RX head {h} not posted"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for b in bufs {
+            let nh = self.rx.add(&self.mem, &b)?;
+            self.rx_bufs.insert(nh, b);
         }
         self.rx.kick()?;
         Ok(RxFrame {

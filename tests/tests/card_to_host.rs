@@ -113,3 +113,54 @@ fn rx_frames_without_mergeable_buffers() -> Result<()> {
 fn rx_frames_without_mergeable_buffers_in_page_chains() -> Result<()> {
     check_rx(false, RxLayout::big(12))
 }
+
+/// A driver that keeps fewer buffers posted than one 64 KiB frame needs still receives every
+/// frame: frames that fit go up through the bounce buffer at once, a larger one waits until the
+/// driver posts more, and nothing is dropped.
+#[test]
+fn rx_with_few_buffers_posted() -> Result<()> {
+    let card = Card::start(&[])?;
+    let (mut dev, _) =
+        card.driver_custom(|f| f, |o| o.rx = RxLayout::mergeable(MRG_BUF as u32, 8))?;
+    ensure!(dev.mrg_rxbuf());
+    let src = SocketAddrV4::new(CARD_IP, 5353);
+    let dst = SocketAddrV4::new(HOST_IP, 6363);
+    for (i, &len) in [64usize, 1500, 9000].iter().enumerate() {
+        let frame = udp_frame_of_len(card.mac, HOST_MAC, src, dst, len, i as u8)?;
+        let got = inject_and_receive(&card, &mut dev, &frame)?;
+        ensure!(
+            usize::from(got.hdr.num_buffers) == (len + VnetHdr::LEN).div_ceil(MRG_BUF),
+            "{len}: num_buffers {}",
+            got.hdr.num_buffers
+        );
+        ensure!(
+            got.hdr.flags == F_DATA_VALID,
+            "{len}: flags {:#x}",
+            got.hdr.flags
+        );
+    }
+    // 20000 bytes need 14 buffers and only 8 are posted: the frame must wait, not be dropped.
+    let big = udp_frame_of_len(card.mac, HOST_MAC, src, dst, 20000, 9)?;
+    card.ns.packet_socket(TAP)?.send(&big)?;
+    ensure!(
+        dev.recv(Duration::from_millis(700)).is_err(),
+        "a 20000-byte frame was delivered into 8 buffers of {MRG_BUF} bytes"
+    );
+    dev.post_rx(&RxLayout::mergeable(MRG_BUF as u32, 16))?;
+    let got = dev
+        .recv_matching(Duration::from_secs(5), |f| f.frame == big)
+        .context("the held frame after more buffers were posted")?;
+    ensure!(
+        usize::from(got.hdr.num_buffers) == (20000 + VnetHdr::LEN).div_ceil(MRG_BUF),
+        "num_buffers {}",
+        got.hdr.num_buffers
+    );
+    let mut d = card.daemon;
+    let c = d.wait_counters(Duration::from_secs(4), "4 RX frames", |c| {
+        c.get("rx_frames") >= 4
+    })?;
+    ensure!(c.get("rx_held") == 1, "{c:?}");
+    ensure!(c.get("rx_bounced") == 4, "{c:?}");
+    ensure!(c.get("rx_drop_truncated") == 0, "{c:?}");
+    Ok(())
+}

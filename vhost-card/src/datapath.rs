@@ -57,6 +57,10 @@ pub struct Pair {
     tx_hdr: [u8; HDR_MAX],
     /// Room for one frame when its checksum must be verified or completed.
     scratch: Vec<u8>,
+    /// Room for one frame read while the guest has few buffers posted.
+    bounce: Vec<u8>,
+    /// Length of a frame waiting in `bounce` for the guest to post enough buffers (0: none).
+    rx_held: usize,
 }
 
 impl Pair {
@@ -73,6 +77,8 @@ impl Pair {
             rx: RxStash::new(queue_size),
             tx_hdr: [0; HDR_MAX],
             scratch: vec![0; GSO_MAX_FRAME.max(mtu + ETH_HLEN + VLAN_HLEN)],
+            bounce: vec![0; HDR_MAX + GSO_MAX_FRAME.max(mtu + ETH_HLEN + VLAN_HLEN)],
+            rx_held: 0,
         }
     }
 
@@ -82,6 +88,7 @@ impl Pair {
         self.rx_pending = true;
         self.tx_blocked = false;
         self.rx.clear();
+        self.rx_held = 0;
         self.tx_iovs.0.clear();
     }
 
@@ -295,23 +302,51 @@ impl Pair {
         Some((consumed_bad, iov_full))
     }
 
+    /// What a failed tap read means for the RX loop.
+    fn tap_read_error(&mut self, e: io::Error, stats: &PairStats) -> Rx {
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Rx::Empty;
+        }
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Rx::Retry;
+        }
+        // EFAULT means the kernel dropped a frame that did not fit; anything else is a tap
+        // problem reported once per edge.
+        if e.raw_os_error() == Some(libc::EFAULT) {
+            add(&stats.rx_drop_truncated, 1);
+            return Rx::Retry;
+        }
+        warn!("tap read failed: {e}");
+        add(&stats.rx_tap_error, 1);
+        if e.raw_os_error() == Some(libc::EBADFD) {
+            self.tap_gone = true;
+        }
+        self.rx_pending = false;
+        Rx::Broken
+    }
+
     fn rx_one(&mut self, vring: &mut State, mem: &Mem, stats: &PairStats) -> Rx {
         let hdr_len = self.neg.hdr_len();
         let need = self.rx_need();
         let Some((consumed_bad, iov_full)) = self.rx_gather(vring, mem, stats) else {
             return Rx::Broken;
         };
-        // Short of room for the largest frame (or of any buffer): wait for the guest, unless
-        // the whole ring is already ours or the iovec array is full (then a frame that does not
-        // fit is dropped below rather than waiting forever). Every available chain is popped at
-        // this point, so enabling notifications now asks for a kick when the guest posts more.
+        // Room for the largest frame means one readv straight into the guest's buffers. With
+        // less (the guest is slow to refill), the frame is read into the bounce buffer and
+        // copied if it fits, or held until the guest posts more: a driver that keeps few
+        // buffers posted still gets every frame, and waiting never starts while one would do.
+        // When the whole ring is ours or the iovec array is full no more room can come, so a
+        // frame that does not fit is dropped.
         let queue_size = usize::from(vring.get_queue().size());
-        let short = self.rx.live().is_empty()
-            || (self.rx.cap < need
-                && self.neg.mrg_rxbuf
-                && !iov_full
-                && self.rx.live().len() < queue_size);
-        if short {
+        let can_wait = self.neg.mrg_rxbuf && !iov_full && self.rx.live().len() < queue_size;
+        if self.rx_held > self.rx.cap && !can_wait {
+            self.rx_held = 0;
+            add(&stats.rx_drop_truncated, 1);
+            return Rx::Retry;
+        }
+        if self.rx.live().is_empty() || self.rx_held > self.rx.cap {
+            // Every available chain is popped at this point, so enabling notifications now
+            // asks for a kick when the guest posts more.
             let more = vring.enable_notification().unwrap_or(false);
             self.rx.release(vring, mem);
             return if more {
@@ -324,32 +359,46 @@ impl Pair {
         }
         let cap = self.rx.cap;
         let iovs = self.rx.live_iovs();
-        // SAFETY: the iovecs point into guest memory held by `mem` for this call, all
-        // device-writable buffers of chains we popped and own until they are used or released.
-        let n = unsafe { libc::readv(self.tap_fd, iovs.as_ptr(), iov_count(iovs.len())) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock {
-                return Rx::Empty;
+        let (n, bounced) = if self.rx_held > 0 {
+            (std::mem::take(&mut self.rx_held), true)
+        } else if cap < need && can_wait {
+            // SAFETY: reads into our own bounce buffer, valid for its whole length.
+            let n = unsafe {
+                libc::read(
+                    self.tap_fd,
+                    self.bounce.as_mut_ptr().cast(),
+                    self.bounce.len(),
+                )
+            };
+            if n < 0 {
+                return self.tap_read_error(io::Error::last_os_error(), stats);
             }
-            if e.kind() == io::ErrorKind::Interrupted {
-                return Rx::Retry;
-            }
-            // EFAULT means the kernel dropped a frame that did not fit; anything else is a tap
-            // problem reported once per edge.
-            if e.raw_os_error() == Some(libc::EFAULT) {
+            let n = n.unsigned_abs();
+            if n > self.bounce.len() {
                 add(&stats.rx_drop_truncated, 1);
                 return Rx::Retry;
             }
-            warn!("tap read failed: {e}");
-            add(&stats.rx_tap_error, 1);
-            if e.raw_os_error() == Some(libc::EBADFD) {
-                self.tap_gone = true;
+            if n > cap {
+                self.rx_held = n;
+                add(&stats.rx_held, 1);
+                return Rx::Retry;
             }
-            self.rx_pending = false;
-            return Rx::Broken;
+            (n, true)
+        } else {
+            // SAFETY: the iovecs point into guest memory held by `mem` for this call, all
+            // device-writable buffers of chains we popped and own until they are used or
+            // released.
+            let n = unsafe { libc::readv(self.tap_fd, iovs.as_ptr(), iov_count(iovs.len())) };
+            if n < 0 {
+                return self.tap_read_error(io::Error::last_os_error(), stats);
+            }
+            (n.unsigned_abs(), false)
+        };
+        if bounced {
+            // SAFETY: the iovecs point into guest memory held by `mem`; `n <= cap` bytes fit.
+            unsafe { iov::write_iovs(iovs, 0, &self.bounce[..n]) };
+            add(&stats.rx_bounced, 1);
         }
-        let n = n.unsigned_abs();
         if n > cap {
             // The tap reports the full length of a frame it could only partly copy.
             add(&stats.rx_drop_truncated, 1);
@@ -420,6 +469,11 @@ impl Pair {
                 return Rx::Broken;
             }
         }
+        log::trace!(
+            "rx: {n} bytes into {k} buffer(s) {:?}{}",
+            live[..k].iter().map(|c| c.head).collect::<Vec<_>>(),
+            if bounced { " (bounced)" } else { "" }
+        );
         self.rx.consume_front(k);
         add(&stats.rx_frames, 1);
         add(&stats.rx_bytes, frame_len as u64);
@@ -519,6 +573,11 @@ impl RxStash {
     /// Gives every live chain back: rewinds the ring over the ones after the barrier and
     /// returns the others empty. Returns whether the used ring changed.
     fn release(&mut self, vring: &mut State, mem: &Mem) -> bool {
+        log::trace!(
+            "rx: releasing {:?} (barrier {})",
+            self.live().iter().map(|c| c.head).collect::<Vec<_>>(),
+            self.barrier
+        );
         let mut rewind = 0u16;
         let mut used = false;
         for (i, c) in self.chains.iter().enumerate().skip(self.first) {

@@ -61,6 +61,10 @@ counters! {
     rx_tap_error,
     /// Times RX stopped reading the tap because the host had no buffers.
     rx_no_buffers,
+    /// RX frames read through the bounce buffer because the host had few buffers posted.
+    rx_bounced,
+    /// RX frames held in the bounce buffer until the host posted enough buffers.
+    rx_held,
     /// RX frames whose checksums the card verified and marked DATA_VALID.
     rx_csum_verified,
     /// RX frames with a bad checksum, passed up unmarked.
