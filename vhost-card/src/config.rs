@@ -105,6 +105,26 @@ pub struct Args {
     /// Keep a tap this daemon created when it exits cleanly (a tap always survives a crash).
     #[arg(long)]
     pub keep_tap: bool,
+
+    /// After the sockets and the tap exist: `seccomp` clears every capability and installs a
+    /// system-call allow-list (a forbidden call ends the daemon with status 159 and names the
+    /// call); `none` keeps the daemon's privileges (for debugging).
+    #[arg(long, value_enum, default_value_t = Sandbox::Seccomp)]
+    pub sandbox: Sandbox,
+
+    /// Run as this user (name or uid) once the sockets and the tap exist.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// Run with this group (name or gid); default: the --user's primary group.
+    #[arg(long, value_name = "GROUP", requires = "user")]
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Sandbox {
+    Seccomp,
+    None,
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,6 +155,8 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
+    #[error(transparent)]
+    Identity(#[from] crate::sandbox::SandboxError),
     #[error("--socket or --fd is required")]
     NoSocket,
     #[error("--fd {0} is not a listening Unix stream socket")]
@@ -168,6 +190,9 @@ pub struct Config {
     pub rx_verify: bool,
     pub stats_interval: u64,
     pub keep_tap: bool,
+    pub sandbox: Sandbox,
+    /// uid and gid to switch to.
+    pub identity: Option<(u32, u32)>,
 }
 
 impl TryFrom<Args> for Config {
@@ -199,6 +224,18 @@ impl TryFrom<Args> for Config {
             rx_verify: a.rx_csum == RxCsum::Verify,
             stats_interval: a.stats_interval,
             keep_tap: a.keep_tap,
+            sandbox: a.sandbox,
+            identity: match &a.user {
+                None => None,
+                Some(u) => {
+                    let (uid, gid) = crate::sandbox::lookup_user(u)?;
+                    let gid = match &a.group {
+                        Some(g) => crate::sandbox::lookup_group(g)?,
+                        None => gid,
+                    };
+                    Some((uid, gid))
+                }
+            },
         })
     }
 }

@@ -3,6 +3,7 @@
 //! (`--metrics-listen ADDR`, served by `tiny_http`).
 
 use std::io::{self, Read, Write};
+use std::net::TcpListener;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
@@ -12,8 +13,8 @@ use log::{debug, info, warn};
 
 use crate::stats::Stats;
 
-/// Serves the JSON snapshot to every connection on `path` (replacing a stale socket file).
-pub fn serve_control(path: &Path, stats: Arc<Stats>) -> io::Result<()> {
+/// Binds the control socket at `path`, replacing a stale socket file but never a live one.
+pub fn bind_control(path: &Path) -> io::Result<UnixListener> {
     if std::fs::symlink_metadata(path).is_ok() {
         if UnixStream::connect(path).is_ok() {
             return Err(io::Error::new(
@@ -25,6 +26,11 @@ pub fn serve_control(path: &Path, stats: Arc<Stats>) -> io::Result<()> {
     }
     let listener = UnixListener::bind(path)?;
     info!("control socket on {}", path.display());
+    Ok(listener)
+}
+
+/// Serves the JSON snapshot to every connection on `listener`.
+pub fn serve_control(listener: UnixListener, stats: Arc<Stats>) -> io::Result<()> {
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -54,14 +60,15 @@ pub fn query(path: &Path) -> io::Result<String> {
     Ok(s)
 }
 
-/// Serves `GET /metrics` (and `/`) in the Prometheus text format on `addr`.
-pub fn serve_metrics(addr: &str, stats: Arc<Stats>) -> io::Result<()> {
-    let server = tiny_http::Server::http(addr).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::AddrNotAvailable,
-            format!("metrics on {addr}: {e}"),
-        )
-    })?;
+/// Binds the metrics listener on `addr` (host:port).
+pub fn bind_metrics(addr: &str) -> io::Result<TcpListener> {
+    TcpListener::bind(addr).map_err(|e| io::Error::new(e.kind(), format!("{addr}: {e}")))
+}
+
+/// Serves `GET /metrics` (and `/`) in the Prometheus text format on `listener`.
+pub fn serve_metrics(listener: TcpListener, stats: Arc<Stats>) -> io::Result<()> {
+    let server = tiny_http::Server::from_listener(listener, None)
+        .map_err(|e| io::Error::other(format!("metrics server: {e}")))?;
     info!("metrics on http://{}/metrics", server.server_addr());
     std::thread::Builder::new()
         .name("metrics".into())

@@ -20,9 +20,10 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{BackendConfig, CardBackend};
-use crate::config::{Config, Listen, TAP_MAX_MTU};
+use crate::config::{Config, Listen, Sandbox, TAP_MAX_MTU};
 use crate::features::Negotiated;
 use crate::gate::{Gate, GateConfig};
+use crate::sandbox::{self, SandboxError};
 use crate::stats::Stats;
 use crate::tap::{Tap, TapConfig, TapError, TUN_F_CSUM, TUN_F_USO4, TUN_F_USO6};
 
@@ -51,6 +52,8 @@ pub enum DaemonError {
     Vhost(String),
     #[error("{0}; stopping (restart the daemon to recreate it)")]
     Fatal(String),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
 }
 
 /// Shared stop request: set by a signal, seen by the accept loop, the stats thread and the
@@ -154,19 +157,96 @@ fn private_dir() -> io::Result<PathBuf> {
     ))
 }
 
+/// The socket between the gate and the `vhost` crate's handler, in the private directory.
+const HANDLER_SOCKET: &str = "handler.sock";
+
+/// Files the daemon created and removes when it ends, however it ends.
+struct Cleanup {
+    paths: Vec<PathBuf>,
+    dir: Option<PathBuf>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for p in &self.paths {
+            let _ = std::fs::remove_file(p);
+        }
+        if let Some(d) = &self.dir {
+            // The directory only ever holds the handler socket; no directory walk (which the
+            // sandbox would refuse: it opens the directory).
+            let _ = std::fs::remove_file(d.join(HANDLER_SOCKET));
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
 /// Runs the daemon until SIGINT/SIGTERM.
+///
+/// The order is the security design: everything that needs privileges first (sockets, the
+/// tap in its namespace), then, while the process is still single-threaded, the switch to
+/// `--user`/`--group`, the capability drop and the seccomp filter; only then threads start and
+/// frontends are served.
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let stop = Arc::new(Stop::new().map_err(|source| DaemonError::Io {
         what: "eventfd",
         source,
     })?);
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(DaemonError::Signals)?;
+
+    // 1. What needs privileges.
+    let mut cleanup = Cleanup {
+        paths: Vec::new(),
+        dir: None,
+    };
+    let listener = match &cfg.listen {
+        Listen::Path(p) => {
+            let l = bind_socket(p)?;
+            cleanup.paths.push(p.clone());
+            l
+        }
+        // SAFETY: the configuration checked that this descriptor is a listening Unix socket
+        // handed to us by our parent; we take ownership of it.
+        Listen::Fd(fd) => unsafe { UnixListener::from_raw_fd(*fd) },
+    };
+    let tap = open_tap(&cfg)?;
+    let private = private_dir().map_err(|source| DaemonError::Io {
+        what: "creating a private directory",
+        source,
+    })?;
+    cleanup.dir = Some(private.clone());
+    let control = match &cfg.control {
+        Some(p) => {
+            let l = crate::control::bind_control(p).map_err(|source| DaemonError::Io {
+                what: "control socket",
+                source,
+            })?;
+            cleanup.paths.push(p.clone());
+            Some(l)
+        }
+        None => None,
+    };
+    let metrics = match &cfg.metrics_listen {
+        Some(a) => Some(
+            crate::control::bind_metrics(a).map_err(|source| DaemonError::Io {
+                what: "metrics listener",
+                source,
+            })?,
+        ),
+        None => None,
+    };
+
+    // 2. Give up what is no longer needed.
+    let mut owned: Vec<&Path> = cleanup.paths.iter().map(PathBuf::as_path).collect();
+    owned.push(&private);
+    confine(&cfg, &owned)?;
+
+    // 3. Threads, then serve.
     {
         let stop = stop.clone();
-        let mut signals = signal_hook::iterator::Signals::new([
-            signal_hook::consts::SIGINT,
-            signal_hook::consts::SIGTERM,
-        ])
-        .map_err(DaemonError::Signals)?;
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
@@ -180,30 +260,14 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 source,
             })?;
     }
-
-    let listener = match &cfg.listen {
-        Listen::Path(p) => bind_socket(p)?,
-        // SAFETY: the configuration checked that this descriptor is a listening Unix socket
-        // handed to us by our parent; we take ownership of it.
-        Listen::Fd(fd) => unsafe { UnixListener::from_raw_fd(*fd) },
-    };
-    let remove_socket = || {
-        if let Listen::Path(p) = &cfg.listen {
-            let _ = std::fs::remove_file(p);
-        }
-    };
-    let tap = match open_tap(&cfg) {
-        Ok(t) => t,
-        Err(e) => {
-            remove_socket();
-            return Err(e);
-        }
-    };
-    let private = private_dir().map_err(|source| DaemonError::Io {
-        what: "creating a private directory",
-        source,
-    })?;
     let stats = Arc::new(Stats::new(cfg.queues));
+    let io_err = |what: &'static str| move |source| DaemonError::Io { what, source };
+    if let Some(l) = control {
+        crate::control::serve_control(l, stats.clone()).map_err(io_err("control socket"))?;
+    }
+    if let Some(l) = metrics {
+        crate::control::serve_metrics(l, stats.clone()).map_err(io_err("metrics listener"))?;
+    }
     let backend = Arc::new(
         CardBackend::new(
             BackendConfig {
@@ -220,23 +284,8 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 Box::new(move |why| stop.fail(why))
             },
         )
-        .map_err(|source| DaemonError::Io {
-            what: "creating the backend",
-            source,
-        })?,
+        .map_err(io_err("creating the backend"))?,
     );
-    if let Some(path) = &cfg.control {
-        crate::control::serve_control(path, stats.clone()).map_err(|source| DaemonError::Io {
-            what: "control socket",
-            source,
-        })?;
-    }
-    if let Some(addr) = &cfg.metrics_listen {
-        crate::control::serve_metrics(addr, stats.clone()).map_err(|source| DaemonError::Io {
-            what: "metrics listener",
-            source,
-        })?;
-    }
     if cfg.stats_interval > 0 {
         let (stop, stats, every) = (
             stop.clone(),
@@ -269,12 +318,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         num_queues: (cfg.queues * 2) as u32,
     };
     let result = serve(&listener, &backend, &private, gate_cfg, &stop);
-
-    remove_socket();
-    if let Some(p) = &cfg.control {
-        let _ = std::fs::remove_file(p);
-    }
-    let _ = std::fs::remove_dir_all(&private);
+    drop(cleanup);
     for line in stats.report().lines() {
         info!("final stats {line}");
     }
@@ -282,6 +326,33 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         return Err(DaemonError::Fatal(why));
     }
     result
+}
+
+/// Switches identity and installs the sandbox, as configured. `owned` are the files the
+/// daemon created and must still be able to remove as the new user.
+fn confine(cfg: &Config, owned: &[&Path]) -> Result<(), DaemonError> {
+    let seccomp = cfg.sandbox == Sandbox::Seccomp;
+    if seccomp {
+        sandbox::drop_bounding_set()?;
+    }
+    if let Some((uid, gid)) = cfg.identity {
+        for p in owned {
+            std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(|source| {
+                DaemonError::Io {
+                    what: "handing the daemon's files to --user",
+                    source,
+                }
+            })?;
+        }
+        sandbox::switch_identity(uid, gid)?;
+        info!("running as uid {uid} gid {gid}");
+    }
+    if seccomp {
+        sandbox::drop_capabilities()?;
+        sandbox::install_seccomp()?;
+        info!("sandbox: capabilities cleared, seccomp allow-list installed");
+    }
+    Ok(())
 }
 
 /// Opens the tap and checks that the kernel supports what is offered.
@@ -385,7 +456,7 @@ fn serve_one(
     stop: &Stop,
 ) -> Result<(), DaemonError> {
     let vhost = |e: vhost_user_backend::Error| DaemonError::Vhost(e.to_string());
-    let inner_path = private.join("handler.sock");
+    let inner_path = private.join(HANDLER_SOCKET);
     let mut inner_listener = Listener::new(&inner_path, true)
         .map_err(|e| DaemonError::Vhost(format!("inner listener: {e}")))?;
     let gate_side = UnixStream::connect(&inner_path).map_err(|source| DaemonError::Io {

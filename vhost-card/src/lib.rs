@@ -20,6 +20,7 @@ pub mod features;
 pub mod gate;
 pub mod iov;
 pub mod netns;
+pub mod sandbox;
 pub mod stats;
 pub mod tap;
 pub mod vnet;
