@@ -1,15 +1,30 @@
 //! `cargo xtask`: automation for the vhost-card workspace.
 //!
-//! The interesting task boots a real VM (unmodified Debian cloud kernel,
-//! busybox initramfs, QEMU under TCG) whose virtio-net NIC is served by the
-//! vhost-card daemon, and checks what the guest sees. Everything it fetches
-//! or builds is cached under `target/vm/`.
+//! The interesting tasks boot a real VM (unmodified Debian cloud kernel,
+//! busybox initramfs, QEMU under KVM when a probe VM boots, TCG otherwise)
+//! whose virtio-net NIC is served by the vhost-card daemon: `smoke` checks
+//! what the guest sees, `e2e` runs the end-to-end scenarios (traffic, feature
+//! toggles, large frames, hot-plug, card restart) and `demo` shows it all to
+//! a person. Everything they fetch or build is cached under `target/vm/`.
 
+mod accel;
+mod agent;
 mod assets;
+mod card;
 mod cpio;
+mod demo;
+mod e2e;
+mod features;
+mod guest;
+mod json;
 mod netns;
+mod nsnet;
+mod payload;
 mod process;
 mod qemu;
+mod qmp;
+mod report;
+mod rig;
 mod smoke;
 
 use std::path::PathBuf;
@@ -30,11 +45,19 @@ enum Task {
     /// Install the host packages, fetch the Debian cloud kernel and build the
     /// base initramfs (all cached under target/vm/).
     VmAssets(assets::Options),
-    /// Boot a VM against the vhost-card daemon, show what the guest sees of
-    /// the card and ping both ways.
-    Demo(smoke::Options),
-    /// The same scenario as `demo`, for tests and CI: exits non-zero on FAIL.
+    /// Boot a VM against the vhost-card daemon and show what a person wants
+    /// to see: negotiated features, MTU, pings and transfer rates both ways.
+    Demo(demo::Options),
+    /// Boot a VM against the daemon, check MTU, driver and pings both ways;
+    /// exits non-zero on FAIL.
     Smoke(smoke::Options),
+    /// The end-to-end scenarios (binding, traffic, feature toggles, large
+    /// frames, hot-plug, card restart); one PASS/FAIL line each, exits
+    /// non-zero if any fails.
+    E2e(e2e::Options),
+    /// Runs inside the test VM (the guest's helper binary).
+    #[command(subcommand, hide = true)]
+    Guest(guest::Helper),
     /// Every test, as CI runs them: `cargo test --workspace` (unit tests and the in-process
     /// vhost-user frontend against the real daemon), then the VM smoke test.
     Test(smoke::Options),
@@ -50,7 +73,10 @@ fn main() {
     install_signal_handlers();
     let result = match task {
         Task::VmAssets(opts) => assets::ensure(&opts).map(|_| ()),
-        Task::Demo(opts) | Task::Smoke(opts) => smoke::run(&opts),
+        Task::Demo(opts) => demo::run(&opts),
+        Task::Smoke(opts) => smoke::run(&opts),
+        Task::E2e(opts) => e2e::run(&opts),
+        Task::Guest(cmd) => guest::helper(&cmd),
         Task::Test(opts) => run_tests(&opts),
     };
     if let Err(err) = result {

@@ -51,8 +51,19 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        if let Err(err) = run(Command::new("ip").args(["netns", "del", &self.name])) {
-            eprintln!("xtask: cannot delete netns {}: {err:#}", self.name);
+        // Not `run`: that fails once Ctrl-C was pressed, and this is exactly
+        // what must still happen then.
+        match Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output()
+        {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "xtask: cannot delete netns {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(err) => eprintln!("xtask: cannot run ip netns del {}: {err}", self.name),
         }
     }
 }

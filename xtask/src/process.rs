@@ -131,6 +131,21 @@ impl Guarded {
     }
 }
 
+impl Guarded {
+    /// SIGKILL at once (no grace period) and reap.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.try_wait()? {
+            return Ok(status);
+        }
+        self.child
+            .kill()
+            .with_context(|| format!("cannot kill {}", self.name))?;
+        let status = self.child.wait()?;
+        self.status = Some(status);
+        Ok(status)
+    }
+}
+
 impl Drop for Guarded {
     fn drop(&mut self) {
         if let Err(err) = self.stop() {

@@ -1,6 +1,8 @@
-//! The VM scenario behind `cargo xtask demo` and `cargo xtask smoke`: a
-//! Debian kernel sees the card as a virtio-net NIC, reports MTU, driver and
-//! features, and pings the card's stack in its namespace, which pings back.
+//! The VM scenario behind `cargo xtask smoke`: a Debian kernel sees the card
+//! as a virtio-net NIC, reports MTU, driver and features, and pings the
+//! card's stack in its namespace, which pings back. A fixed script in the
+//! initramfs does the guest's part; `e2e` and `demo` drive the guest through
+//! its agent instead (see `guest.rs`).
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
@@ -10,10 +12,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::assets;
 use crate::netns::Netns;
 use crate::process::{self, wait_for, Guarded, TempDir};
 use crate::qemu::{Nic, Vm, VmConfig};
+use crate::report::Ping;
+use crate::{accel, assets, features};
 
 const TAP: &str = "card0";
 const MAC: &str = "52:54:00:12:34:56";
@@ -76,8 +79,9 @@ fn scenario(opts: &Options, log_dir: &Path) -> Result<()> {
     let t0 = Instant::now();
     let assets = assets::ensure(&assets::Options { refresh: false })?;
     if opts.backend == Backend::VhostUser && !opts.no_build {
-        build_daemon()?;
+        crate::card::build()?;
     }
+    let (accel, accel_why) = accel::detect(&assets.kernel, &assets.initramfs, log_dir)?;
 
     // Declaration order matters: guards drop in reverse, so the VM stops
     // first, then the daemon, then the namespace and the temporary files.
@@ -114,8 +118,16 @@ fn scenario(opts: &Options, log_dir: &Path) -> Result<()> {
         log_dir,
         run_dir: tmp.path(),
         echo: !opts.quiet,
+        accel,
+        memory_mib: 512,
+        hotplug_port: false,
+        agent: false,
     })?;
-    println!("smoke: VM started (TCG), QMP at {}", vm.qmp.display());
+    println!(
+        "smoke: VM started ({}: {accel_why}), QMP at {}",
+        accel.name(),
+        vm.qmp.display()
+    );
     let timeout = Duration::from_secs(opts.timeout);
     vm.wait_for_line("the guest scenario to start", timeout, |l| {
         l.contains("SCENARIO-START")
@@ -169,8 +181,9 @@ fn scenario(opts: &Options, log_dir: &Path) -> Result<()> {
     );
     println!("kernel      {}", assets.kernel_package);
     println!(
-        "timing      {:.1} s boot to scenario (TCG), {:.1} s VM total, {:.1} s task",
+        "timing      {:.1} s boot to scenario ({}), {:.1} s VM total, {:.1} s task",
         boot_time.as_secs_f64(),
+        accel.name(),
         total_time.as_secs_f64(),
         t0.elapsed().as_secs_f64()
     );
@@ -181,20 +194,6 @@ fn scenario(opts: &Options, log_dir: &Path) -> Result<()> {
         bail!("smoke test failed");
     }
     println!("RESULT: PASS");
-    Ok(())
-}
-
-fn build_daemon() -> Result<()> {
-    println!("smoke: cargo build --release -p vhost-card");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "vhost-card"])
-        .current_dir(crate::workspace_root())
-        .status()?;
-    crate::check_interrupted()?;
-    if !status.success() {
-        bail!("cargo build --release -p vhost-card failed ({status})");
-    }
     Ok(())
 }
 
@@ -268,50 +267,15 @@ fn host_ping(ns: &Netns, args: &[&str], echo: bool) -> Result<Ping> {
     Ok(Ping::parse(&text))
 }
 
-/// Loss and round-trip summary of one busybox ping run.
-struct Ping {
-    loss: Option<f64>,
-    rtt: Option<String>,
-}
-
-impl Ping {
-    fn parse(text: &str) -> Ping {
-        let loss = text
-            .lines()
-            .find_map(|l| l.split_once("% packet loss"))
-            .and_then(|(head, _)| head.rsplit([' ', ',']).next()?.parse().ok());
-        let rtt = text
-            .lines()
-            .find_map(|l| l.split_once("min/avg/max = "))
-            .map(|(_, tail)| tail.trim_end_matches(" ms").trim().to_string());
-        Ping { loss, rtt }
-    }
-
-    fn from_results(results: &std::collections::BTreeMap<String, String>, name: &str) -> Ping {
-        let get = |key: &str| {
-            results
-                .get(&format!("{name}_{key}"))
-                .filter(|v| !v.is_empty())
-        };
-        Ping {
-            loss: get("loss").and_then(|v| v.parse().ok()),
-            rtt: get("rtt").cloned(),
-        }
-    }
-
-    fn ok(&self) -> bool {
-        self.loss == Some(0.0)
-    }
-
-    fn describe(&self) -> String {
-        let loss = self
-            .loss
-            .map_or("no reply summary".into(), |l| format!("{l}% loss"));
-        let rtt = self.rtt.as_deref().map_or(String::new(), |r| {
-            let avg = r.split('/').nth(1).unwrap_or(r);
-            format!(", avg {avg} ms (min/avg/max {r})")
-        });
-        loss + &rtt
+fn ping_from_results(results: &std::collections::BTreeMap<String, String>, name: &str) -> Ping {
+    let get = |key: &str| {
+        results
+            .get(&format!("{name}_{key}"))
+            .filter(|v| !v.is_empty())
+    };
+    Ping {
+        loss: get("loss").and_then(|v| v.parse().ok()),
+        rtt: get("rtt").cloned(),
     }
 }
 
@@ -362,7 +326,7 @@ impl Report<'_> {
                 format!("{CARD4}, {jumbo}"),
             ),
         ] {
-            let ping = Ping::from_results(self.results, name);
+            let ping = ping_from_results(self.results, name);
             row(
                 Some(ping.ok()),
                 label,
@@ -396,68 +360,10 @@ impl Report<'_> {
 
 /// Decodes sysfs' feature string ('0'/'1' per bit, bit 0 first).
 fn describe_features(bits: &str) -> String {
-    const NAMES: &[(usize, &str)] = &[
-        (0, "CSUM"),
-        (1, "GUEST_CSUM"),
-        (2, "CTRL_GUEST_OFFLOADS"),
-        (3, "MTU"),
-        (5, "MAC"),
-        (6, "GSO"),
-        (7, "GUEST_TSO4"),
-        (8, "GUEST_TSO6"),
-        (9, "GUEST_ECN"),
-        (10, "GUEST_UFO"),
-        (11, "HOST_TSO4"),
-        (12, "HOST_TSO6"),
-        (13, "HOST_ECN"),
-        (14, "HOST_UFO"),
-        (15, "MRG_RXBUF"),
-        (16, "STATUS"),
-        (17, "CTRL_VQ"),
-        (18, "CTRL_RX"),
-        (19, "CTRL_VLAN"),
-        (20, "CTRL_RX_EXTRA"),
-        (21, "GUEST_ANNOUNCE"),
-        (22, "MQ"),
-        (23, "CTRL_MAC_ADDR"),
-        (24, "NOTIFY_ON_EMPTY"),
-        (27, "ANY_LAYOUT"),
-        (28, "RING_INDIRECT_DESC"),
-        (29, "RING_EVENT_IDX"),
-        (32, "VERSION_1"),
-        (33, "ACCESS_PLATFORM"),
-        (34, "RING_PACKED"),
-        (35, "IN_ORDER"),
-        (36, "ORDER_PLATFORM"),
-        (37, "SR_IOV"),
-        (38, "NOTIFICATION_DATA"),
-        (40, "RING_RESET"),
-        (53, "NOTF_COAL"),
-        (54, "GUEST_USO4"),
-        (55, "GUEST_USO6"),
-        (56, "HOST_USO"),
-        (57, "HASH_REPORT"),
-        (59, "GUEST_HDRLEN"),
-        (60, "RSS"),
-        (61, "RSC_EXT"),
-        (62, "STANDBY"),
-        (63, "SPEED_DUPLEX"),
-    ];
-    if bits.is_empty() || !bits.chars().all(|c| c == '0' || c == '1') {
-        return bits.to_string();
+    match features::parse_sysfs(bits) {
+        Some(word) => features::describe(word),
+        None => bits.to_string(),
     }
-    let mut value: u64 = 0;
-    let mut names = Vec::new();
-    for (bit, _) in bits.char_indices().filter(|(_, c)| *c == '1') {
-        if bit < 64 {
-            value |= 1 << bit;
-        }
-        match NAMES.iter().find(|(b, _)| *b == bit) {
-            Some((_, name)) => names.push(name.to_string()),
-            None => names.push(format!("bit{bit}")),
-        }
-    }
-    format!("{value:#x} = {}", names.join(" "))
 }
 
 /// The guest half, run by the initramfs' /init as /scenario.sh.

@@ -1,0 +1,228 @@
+//! `cargo xtask e2e`: the card against an unmodified Debian kernel in a VM,
+//! end to end. Six scenarios, one PASS/FAIL line each:
+//!
+//! 1. binding: virtio_net binds, reads the card's MTU, and its feature bits
+//!    are the card's offer as far as QEMU passes it through;
+//! 2. traffic: pings and 64 MiB of TCP each way with equal SHA-256;
+//! 3. toggles: each offload switched off on the daemon's command line, at
+//!    MTU 1500 and 65520: the bits follow and traffic still passes;
+//! 4. large frames: one 65000-byte UDP datagram each way, as one frame;
+//! 5. hot-plug: the card plugged into a running VM through QMP, used, and
+//!    unplugged cleanly;
+//! 6. restart: the daemon SIGKILLed mid-transfer and started again; QEMU
+//!    reconnects and the transfer completes.
+//!
+//! Scenarios 1, 2, 4 and 6 share one VM; 3 boots one per configuration and 5
+//! its own. Logs: target/vm/logs/e2e/<rig>/.
+
+mod hotplug;
+mod shared_vm;
+mod toggles;
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+
+use crate::accel::Accel;
+use crate::card::CardConfig;
+use crate::rig::{Env, Plug, Rig};
+
+pub const MIB: usize = 1 << 20;
+pub const DEFAULT_MTU: u32 = 65520;
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Run only these scenarios (numbers 1-6, comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<u32>,
+    /// MiB sent each way in scenarios 2 and 6.
+    #[arg(long, default_value_t = 64)]
+    pub mib: usize,
+    /// MiB sent each way per configuration of the toggle matrix (3) and in
+    /// the hot-plug scenario (5); default: as --mib.
+    #[arg(long)]
+    pub matrix_mib: Option<usize>,
+    /// Accelerator; by default a probe VM tries KVM and falls back to TCG.
+    #[arg(long, value_enum)]
+    pub accel: Option<Accel>,
+    /// Use target/release/vhost-card as it is instead of building it first.
+    #[arg(long)]
+    pub no_build: bool,
+    /// Echo the guest consoles (they are in target/vm/logs/e2e/ anyway).
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+pub fn matrix_mib(opts: &Options) -> usize {
+    opts.matrix_mib.unwrap_or(opts.mib)
+}
+
+/// One scenario's verdict line.
+pub struct Line {
+    pub number: u32,
+    pub pass: bool,
+    pub text: String,
+}
+
+impl Line {
+    fn print(&self) {
+        let tag = if self.pass { "PASS" } else { "FAIL" };
+        println!("{tag} {} {}", self.number, self.text);
+    }
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("e2e needs root (network namespaces, tap devices)");
+    }
+    if opts.only.iter().any(|n| !(1..=6).contains(n)) {
+        bail!("scenarios are numbered 1 to 6");
+    }
+    let wanted = |n: u32| opts.only.is_empty() || opts.only.contains(&n);
+    let t0 = Instant::now();
+    let logs = crate::vm_dir().join("logs/e2e");
+    let env = Env::prepare(
+        opts.mib * MIB,
+        !opts.no_build,
+        opts.accel,
+        &logs,
+        opts.verbose,
+    )?;
+    println!(
+        "e2e: {} under {} ({}); payload {} MiB, sha256 {}",
+        env.kernel_package,
+        env.accel.name(),
+        env.accel_why,
+        opts.mib,
+        env.payload.sha256
+    );
+    println!("e2e: logs in {}", logs.display());
+
+    let mut lines = Vec::new();
+    let mut record = |line: Line| {
+        line.print();
+        lines.push(line);
+    };
+
+    if [1, 2, 4, 6].into_iter().any(wanted) {
+        main_rig(&env, opts, &wanted, &mut record);
+    }
+    crate::check_interrupted()?;
+    if wanted(3) {
+        record(toggles::run(&env, opts));
+    }
+    crate::check_interrupted()?;
+    if wanted(5) {
+        record(verdict(5, "hotplug", hotplug::run(&env, opts)));
+    }
+
+    lines.sort_by_key(|l| l.number);
+    println!();
+    println!(
+        "==== cargo xtask e2e: {} under {}, {:.0} s ====",
+        env.kernel_package,
+        env.accel.name(),
+        t0.elapsed().as_secs_f64()
+    );
+    for line in &lines {
+        line.print();
+    }
+    let failed = lines.iter().filter(|l| !l.pass).count();
+    println!("{} passed, {failed} failed", lines.len() - failed);
+    if failed > 0 {
+        bail!("{failed} e2e scenario(s) failed");
+    }
+    Ok(())
+}
+
+/// A scenario's result as its line: Err becomes FAIL with the error.
+pub fn verdict(number: u32, name: &str, result: Result<(bool, String)>) -> Line {
+    match result {
+        Ok((pass, text)) => Line {
+            number,
+            pass,
+            text: format!("{name}: {text}"),
+        },
+        Err(err) => Line {
+            number,
+            pass: false,
+            text: format!("{name}: {err:#}"),
+        },
+    }
+}
+
+/// A scenario run on the shared VM.
+type Scenario = fn(&mut Rig, &Env, &Options) -> Result<(bool, String)>;
+
+/// Scenarios 1, 2, 4 and 6 on one VM with the default card.
+fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, record: &mut dyn FnMut(Line)) {
+    let cfg = CardConfig {
+        mtu: DEFAULT_MTU,
+        disable: String::new(),
+    };
+    let mut rig = match Rig::boot(env, "main", &cfg, Plug::Boot) {
+        Ok(rig) => rig,
+        Err(err) => {
+            let text = format!(
+                "boot failed: {err:#} (logs in {})",
+                env.logs.join("main").display()
+            );
+            for (number, name) in [
+                (1, "binding"),
+                (2, "traffic"),
+                (4, "large frames"),
+                (6, "restart"),
+            ] {
+                if wanted(number) {
+                    record(Line {
+                        number,
+                        pass: false,
+                        text: format!("{name}: {text}"),
+                    });
+                }
+            }
+            return;
+        }
+    };
+    println!("e2e: main VM up in {:.1} s", rig.boot.as_secs_f64());
+    let mut last = 1;
+    let scenarios: [(u32, &str, Scenario); 4] = [
+        (1, "binding", shared_vm::binding),
+        (2, "traffic", shared_vm::traffic),
+        (4, "large frames", shared_vm::large_frames),
+        (6, "restart", shared_vm::restart),
+    ];
+    for (number, name, scenario) in scenarios {
+        if !wanted(number) {
+            continue;
+        }
+        let result = scenario(&mut rig, env, opts);
+        let mut line = verdict(number, name, result);
+        if !line.pass {
+            line.text = format!("{}\n       {}", line.text, rig.evidence());
+        }
+        record(line);
+        last = number;
+        if crate::check_interrupted().is_err() {
+            break;
+        }
+    }
+    if let Err(err) = rig.vm.shutdown() {
+        eprintln!("e2e: main VM: {err:#}");
+    }
+    let (stopped, ok) = rig
+        .card
+        .stop()
+        .unwrap_or_else(|e| (format!("{e:#}"), false));
+    if !ok {
+        record(Line {
+            number: last,
+            pass: false,
+            text: format!(
+                "daemon after the main VM: {stopped}\n       {}",
+                rig.evidence()
+            ),
+        });
+    }
+}
