@@ -59,7 +59,7 @@ enum Task {
     #[command(subcommand, hide = true)]
     Guest(guest::Helper),
     /// Every test, as CI runs them: `cargo test --workspace` (unit tests and the in-process
-    /// vhost-user frontend against the real daemon), then the VM smoke test.
+    /// vhost-user frontend against the real daemon), then the VM smoke test and `e2e`.
     Test(smoke::Options),
 }
 
@@ -86,7 +86,7 @@ fn main() {
 }
 
 /// `cargo xtask test`: host packages first (the tests use ip, ethtool and QEMU), then the
-/// cargo test suites, then the VM.
+/// cargo test suites, then the VM smoke test and the e2e suite.
 fn run_tests(opts: &smoke::Options) -> Result<()> {
     assets::ensure(&assets::Options { refresh: false })?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -98,7 +98,15 @@ fn run_tests(opts: &smoke::Options) -> Result<()> {
         bail!("cargo test --workspace failed ({status})");
     }
     check_interrupted()?;
-    smoke::run(opts)
+    smoke::run(opts)?;
+    check_interrupted()?;
+    // The e2e suite with its defaults, as `cargo xtask e2e` runs it.
+    #[derive(Parser)]
+    struct E2eDefaults {
+        #[command(flatten)]
+        opts: e2e::Options,
+    }
+    e2e::run(&E2eDefaults::parse_from(["e2e"]).opts)
 }
 
 /// The workspace root (the parent of this crate).
