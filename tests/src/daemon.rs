@@ -140,6 +140,41 @@ impl Daemon {
         &self.socket
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> Result<u32> {
+        Ok(self.child.as_ref().context("daemon already stopped")?.id())
+    }
+
+    /// Resident memory of the daemon in KiB (VmRSS).
+    pub fn rss_kib(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .context("no VmRSS")
+    }
+
+    /// Waits for the daemon to exit on its own; returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().context("daemon already stopped")?;
+        loop {
+            if let Some(s) = child.try_wait()? {
+                self.child = None;
+                return Ok(s);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "vhost-card still running after {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Everything the daemon logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -146,6 +146,55 @@ impl Control {
         Ok(Some(u64::from_le_bytes(v)))
     }
 
+    /// Sends one raw request with file descriptors attached; with NEED_REPLY returns the ack,
+    /// or an error if the daemon closed the connection instead.
+    pub fn raw_request_fds(
+        &mut self,
+        request: u32,
+        flags: u32,
+        body: &[u8],
+        fds: &[std::os::fd::RawFd],
+    ) -> Result<Option<u64>> {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let mut msg = Vec::with_capacity(12 + body.len());
+        msg.extend_from_slice(&request.to_le_bytes());
+        msg.extend_from_slice(&(flags | FLAG_VERSION).to_le_bytes());
+        msg.extend_from_slice(&u32::try_from(body.len())?.to_le_bytes());
+        msg.extend_from_slice(body);
+        let n = self
+            .raw
+            .send_with_fds(&[&msg[..]], fds)
+            .map_err(|e| anyhow!("sendmsg: {e}"))?;
+        ensure!(n == msg.len(), "short sendmsg ({n} of {})", msg.len());
+        if flags & FLAG_NEED_REPLY == 0 {
+            return Ok(None);
+        }
+        let mut reply = [0u8; 20];
+        self.raw
+            .read_exact(&mut reply)
+            .with_context(|| format!("no reply to request {request}"))?;
+        Ok(Some(u64::from_le_bytes(reply[12..20].try_into()?)))
+    }
+
+    /// Sends raw bytes on the connection (anything: a broken header, half a message).
+    pub fn raw_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        self.raw.write_all(bytes).context("sending raw bytes")
+    }
+
+    /// Whether the daemon closed this connection (reads end of stream within `timeout`).
+    pub fn closed_by_peer(&mut self, timeout: Duration) -> bool {
+        let _ = self.raw.set_read_timeout(Some(timeout));
+        let mut b = [0u8; 64];
+        loop {
+            match self.raw.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
     /// SET_VRING_ENABLE as a raw message with NEED_REPLY; returns the ack value.
     pub fn raw_set_vring_enable(&mut self, index: u32, enable: bool) -> Result<u64> {
         self.raw_request(

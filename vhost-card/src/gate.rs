@@ -43,6 +43,97 @@ pub enum GateError {
     TooBig(u32),
     #[error("vhost-user socket: {0}")]
     Io(#[from] io::Error),
+    #[error("bad memory table: {0}")]
+    BadMemTable(&'static str),
+}
+
+/// Most regions one SET_MEM_TABLE may carry (QEMU's VHOST_MEMORY_BASELINE_NREGIONS).
+pub const MAX_MEM_REGIONS: usize = 8;
+
+/// One region of a SET_MEM_TABLE request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemRegion {
+    pub guest_phys_addr: u64,
+    pub memory_size: u64,
+    pub userspace_addr: u64,
+    pub mmap_offset: u64,
+}
+
+/// Parses and checks a SET_MEM_TABLE body: a region count, padding, then 32 bytes per region.
+/// Refuses empty or overlapping regions, sizes that wrap, and offsets mmap cannot take.
+pub fn parse_mem_table(body: &[u8]) -> Result<Vec<MemRegion>, &'static str> {
+    let word = |i: usize| -> Option<u64> {
+        body.get(i..i + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+    };
+    let n = body
+        .get(..4)
+        .map(|b| u32::from_le_bytes(b.try_into().unwrap_or([0; 4])) as usize)
+        .ok_or("short body")?;
+    if n == 0 || n > MAX_MEM_REGIONS {
+        return Err("region count out of range");
+    }
+    if body.len() != 8 + 32 * n {
+        return Err("body size does not match the region count");
+    }
+    let mut regions = Vec::with_capacity(n);
+    for i in 0..n {
+        let at = 8 + 32 * i;
+        let r = MemRegion {
+            guest_phys_addr: word(at).ok_or("short body")?,
+            memory_size: word(at + 8).ok_or("short body")?,
+            userspace_addr: word(at + 16).ok_or("short body")?,
+            mmap_offset: word(at + 24).ok_or("short body")?,
+        };
+        if r.memory_size == 0 {
+            return Err("zero-sized region");
+        }
+        if r.mmap_offset % 4096 != 0 {
+            return Err("mmap offset not page aligned");
+        }
+        if r.guest_phys_addr.checked_add(r.memory_size).is_none()
+            || r.userspace_addr.checked_add(r.memory_size).is_none()
+            || r.mmap_offset.checked_add(r.memory_size).is_none()
+        {
+            return Err("region wraps around the address space");
+        }
+        regions.push(r);
+    }
+    for (i, a) in regions.iter().enumerate() {
+        for b in &regions[i + 1..] {
+            let overlap = a.guest_phys_addr < b.guest_phys_addr + b.memory_size
+                && b.guest_phys_addr < a.guest_phys_addr + a.memory_size;
+            if overlap {
+                return Err("regions overlap in guest memory");
+            }
+        }
+    }
+    Ok(regions)
+}
+
+/// Checks a SET_MEM_TABLE request with its descriptors: one descriptor per region, each file
+/// long enough for its mapping (a mapping past the end of a file would fault with SIGBUS on
+/// first touch).
+pub fn check_mem_table(body: &[u8], fds: &[OwnedFd]) -> Result<(), &'static str> {
+    let regions = parse_mem_table(body)?;
+    if regions.len() != fds.len() {
+        return Err("not one file descriptor per region");
+    }
+    for (r, fd) in regions.iter().zip(fds) {
+        // SAFETY: fstat on a descriptor we own, into a zeroed stat buffer we own.
+        let size = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstat(fd.as_raw_fd(), &mut st) != 0 {
+                return Err("cannot stat a region's file");
+            }
+            st.st_size
+        };
+        let size = u64::try_from(size).unwrap_or(0);
+        if r.mmap_offset + r.memory_size > size {
+            return Err("region extends past the end of its file");
+        }
+    }
+    Ok(())
 }
 
 /// A vhost-user message header.
@@ -229,15 +320,29 @@ impl ReqState {
     ) -> Result<(), GateError> {
         let mut msg = Msg::default();
         while let Some(hdr) = recv_msg(frontend, &mut msg)? {
-            match self.filter(&hdr, &msg.body) {
+            let action = if hdr.request == FrontendReq::SET_MEM_TABLE as u32 {
+                match check_mem_table(&msg.body, &msg.fds) {
+                    Ok(()) => Action::Forward,
+                    Err(why) => {
+                        warn!("refused SET_MEM_TABLE: {why}");
+                        if !self.can_reply(&hdr) {
+                            // The frontend expects no answer: end the session rather than let
+                            // it believe the memory was set.
+                            return Err(GateError::BadMemTable(why));
+                        }
+                        Action::Answer(1)
+                    }
+                }
+            } else {
+                self.filter(&hdr, &msg.body)
+            };
+            match action {
                 Action::Forward => {
                     let fds: Vec<RawFd> = msg.fds.iter().map(|f| f.as_raw_fd()).collect();
                     send_msg(backend, &hdr, &msg.body, &fds)?;
                 }
                 Action::Answer(value) => {
-                    if hdr.flags & FLAG_NEED_REPLY != 0
-                        && self.acked_protocol & PROTOCOL_F_REPLY_ACK != 0
-                    {
+                    if self.can_reply(&hdr) {
                         let reply = Hdr {
                             request: hdr.request,
                             flags: FLAG_VERSION | FLAG_REPLY,
@@ -253,6 +358,11 @@ impl ReqState {
             }
         }
         Ok(())
+    }
+
+    /// Whether the frontend asked for a REPLY_ACK on this request and may get one.
+    fn can_reply(&self, hdr: &Hdr) -> bool {
+        hdr.flags & FLAG_NEED_REPLY != 0 && self.acked_protocol & PROTOCOL_F_REPLY_ACK != 0
     }
 
     /// Decides what to do with one request from the frontend.
@@ -389,6 +499,61 @@ mod tests {
             st.filter(&hdr(FrontendReq::SET_VRING_ENABLE), &body),
             Action::Forward
         ));
+    }
+
+    fn table(regions: &[(u64, u64, u64, u64)]) -> Vec<u8> {
+        let mut b = (regions.len() as u32).to_le_bytes().to_vec();
+        b.extend_from_slice(&[0; 4]);
+        for &(g, s, u, o) in regions {
+            for v in [g, s, u, o] {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn memory_tables_are_checked() {
+        let mib = 1u64 << 20;
+        assert_eq!(
+            parse_mem_table(&table(&[(0, mib, 0x1000_0000, 0)]))
+                .unwrap()
+                .len(),
+            1
+        );
+        let good = table(&[(0, mib, 0x1000_0000, 0), (mib, mib, 0x2000_0000, mib)]);
+        assert!(parse_mem_table(&good).is_ok());
+        for (bad, why) in [
+            (table(&[]), "region count out of range"),
+            (table(&[(0, 0, 0, 0)]), "zero-sized region"),
+            (table(&[(0, mib, 0, 16)]), "mmap offset not page aligned"),
+            (
+                table(&[(u64::MAX - 10, mib, 0, 0)]),
+                "region wraps around the address space",
+            ),
+            (
+                table(&[(0, mib, 0, 0), (mib / 2, mib, 0, 0)]),
+                "regions overlap in guest memory",
+            ),
+            (
+                good[..good.len() - 1].to_vec(),
+                "body size does not match the region count",
+            ),
+            (vec![1, 0], "short body"),
+        ] {
+            assert_eq!(parse_mem_table(&bad), Err(why));
+        }
+        // A file shorter than its mapping is refused.
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let fds = vec![OwnedFd::from(f)];
+        assert_eq!(
+            check_mem_table(&table(&[(0, mib, 0, 0)]), &fds),
+            Err("region extends past the end of its file")
+        );
+        assert_eq!(
+            check_mem_table(&table(&[(0, mib, 0, 0)]), &[]),
+            Err("not one file descriptor per region")
+        );
     }
 
     #[test]

@@ -1,0 +1,119 @@
+//! Faults that must end with nothing lost: the frontend vanishing mid-transfer, a guest that
+//! stops posting receive buffers, and the tap deleted under the daemon.
+
+use std::net::SocketAddrV4;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use card_tests::card::*;
+use card_tests::netdev::{RxLayout, TxLayout};
+use card_tests::packet::*;
+
+/// The frontend disconnects with TX frames queued and card-to-host frames in flight; the
+/// daemon notices, listens again, and the next frontend gets a working link.
+#[test]
+fn frontend_disconnects_mid_transfer() -> Result<()> {
+    let card = Card::start(&[])?;
+    let mut dev = card.driver()?;
+    let dst = SocketAddrV4::new(CARD_IP, 7700);
+    let pkt = card.ns.packet_socket(TAP)?;
+    let up = udp_frame(
+        card.mac,
+        HOST_MAC,
+        SocketAddrV4::new(CARD_IP, 5555),
+        SocketAddrV4::new(HOST_IP, 6000),
+        &pattern(1200, 9),
+    )?;
+    for i in 0..100u8 {
+        let frame = card.frame_to(dst, 40000, &pattern(1400, i))?;
+        dev.send(&VnetHdr::default(), &frame, &TxLayout::Split)?;
+        pkt.send(&up)?;
+    }
+    drop(dev);
+    let mut d = card.daemon;
+    d.wait_log("frontend disconnected", Duration::from_secs(5))?;
+    let card = Card { daemon: d, ..card };
+    let mut dev = card
+        .driver()
+        .context("a new frontend after the disconnect")?;
+    card.check_host_to_card(&mut dev, 7701, 1)?;
+    card.check_card_to_host(&mut dev, 2)?;
+    ensure!(card.tap_has_address()?, "card0 lost its address");
+    Ok(())
+}
+
+/// CPU seconds (user + system) the process has used.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').context("odd stat")?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime) are the 12th and 13th after the ')'.
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / hz)
+}
+
+/// The guest posts 16 buffers and then stops for 10 s while the card keeps sending: the
+/// daemon waits (no spinning, no growth) and traffic resumes once buffers come back.
+#[test]
+fn guest_stops_posting_rx_buffers_for_10s() -> Result<()> {
+    let card = Card::start(&[])?;
+    let (mut dev, _) = card.driver_custom(|f| f, |o| o.rx = RxLayout::mergeable(1536, 16))?;
+    let pid = card.daemon.pid()?;
+    let rss0 = card.daemon.rss_kib()?;
+    let cpu0 = cpu_seconds(pid)?;
+    let pkt = card.ns.packet_socket(TAP)?;
+    let frame = udp_frame(
+        card.mac,
+        HOST_MAC,
+        SocketAddrV4::new(CARD_IP, 5555),
+        SocketAddrV4::new(HOST_IP, 6100),
+        &pattern(1000, 5),
+    )?;
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    while t0.elapsed() < Duration::from_secs(10) {
+        for _ in 0..200 {
+            // The tap's queue fills and the kernel drops the rest: that is the point.
+            let _ = pkt.send(&frame);
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rss1 = card.daemon.rss_kib()?;
+    let cpu = cpu_seconds(pid)? - cpu0;
+    eprintln!("sent {sent} frames; daemon RSS {rss0} -> {rss1} KiB, {cpu:.2} CPU s in 10 s");
+    ensure!(rss1 < rss0 + 4096, "RSS grew from {rss0} to {rss1} KiB");
+    ensure!(
+        cpu < 2.0,
+        "the daemon used {cpu:.2} CPU seconds while waiting for buffers"
+    );
+    let c = card.daemon.counters()?;
+    ensure!(c.get("rx_no_buffers") > 0, "{c:?}");
+    ensure!(c.get("rx_frames") <= 16, "more frames than buffers: {c:?}");
+    // Buffers again: the 16 delivered frames are read (and their buffers reposted), then new
+    // traffic flows.
+    for _ in 0..c.get("rx_frames") {
+        dev.recv(Duration::from_secs(2))?;
+    }
+    card.check_card_to_host(&mut dev, 6)?;
+    card.check_host_to_card(&mut dev, 7702, 7)?;
+    Ok(())
+}
+
+/// Deleting card0 under a serving daemon ends it with status 1 and a message naming the tap.
+#[test]
+fn tap_deleted_under_the_daemon() -> Result<()> {
+    let card = Card::start(&[])?;
+    let mut dev = card.driver()?;
+    card.check_host_to_card(&mut dev, 7703, 8)?;
+    card.ns.ip(&["link", "del", TAP])?;
+    let mut d = card.daemon;
+    let status = d.wait_exit(Duration::from_secs(10))?;
+    ensure!(status.code() == Some(1), "exit status {status}");
+    let log = d.log();
+    ensure!(log.contains("tap card0 was deleted"), "log:\n{log}");
+    drop(dev);
+    Ok(())
+}
