@@ -15,6 +15,7 @@ mod cpio;
 mod demo;
 mod e2e;
 mod features;
+mod fuzz;
 mod guest;
 mod json;
 mod netns;
@@ -55,6 +56,8 @@ enum Task {
     /// frames, hot-plug, card restart); one PASS/FAIL line each, exits
     /// non-zero if any fails.
     E2e(e2e::Options),
+    /// Runs the cargo-fuzz targets in fuzz/ for a time budget (--smoke: 20 s each).
+    Fuzz(fuzz::Options),
     /// Runs inside the test VM (the guest's helper binary).
     #[command(subcommand, hide = true)]
     Guest(guest::Helper),
@@ -76,6 +79,7 @@ fn main() {
         Task::Demo(opts) => demo::run(&opts),
         Task::Smoke(opts) => smoke::run(&opts),
         Task::E2e(opts) => e2e::run(&opts),
+        Task::Fuzz(opts) => fuzz::run(&opts),
         Task::Guest(cmd) => guest::helper(&cmd),
         Task::Test(opts) => run_tests(&opts),
     };
