@@ -31,7 +31,8 @@ pub struct Args {
     pub command: Option<Command>,
 
     /// Path of the vhost-user socket to listen on (the VMM connects as client).
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"])]
+    #[arg(long, visible_alias = "socket-path", value_name = "PATH",
+          required_unless_present_any = ["fd", "print_capabilities"])]
     pub socket: Option<PathBuf>,
 
     /// Serve on an already listening Unix socket inherited as file descriptor N (socket
@@ -300,6 +301,10 @@ mod tests {
         assert!(parse(&["features"]).is_ok());
         assert!(parse(&["--print-capabilities"]).is_ok());
         assert!(parse(&["--socket", "s", "--fd", "3"]).is_err());
+        // QEMU's backend conventions spell it --socket-path.
+        let a = parse(&["--socket-path=/tmp/s"]).unwrap();
+        assert_eq!(a.socket.as_deref(), Some(std::path::Path::new("/tmp/s")));
+        assert!(parse(&["--socket-path", "s", "--fd=3"]).is_err());
         // Descriptor 0 is not a listening socket in the test runner.
         let a = parse(&["--fd", "0"]).unwrap();
         assert!(matches!(Config::try_from(a), Err(ConfigError::BadFd(0))));

@@ -239,6 +239,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         None => None,
     };
 
+    // io_uring instances for batched tap writes, while io_uring_setup is still allowed.
+    crate::datapath::preopen_tx_rings(cfg.queues);
+
     // 2. Give up what is no longer needed.
     let mut owned: Vec<&Path> = cleanup.paths.iter().map(PathBuf::as_path).collect();
     owned.push(&private);
@@ -370,11 +373,12 @@ fn open_tap(cfg: &Config) -> Result<Arc<Tap>, DaemonError> {
         keep: cfg.keep_tap,
     })?);
     let offered = Negotiated::from_word(cfg.features);
-    for (on, bit, name) in [
-        (offered.guest_uso4, TUN_F_USO4, "guest-uso4"),
-        (offered.guest_uso6, TUN_F_USO6, "guest-uso6"),
+    for (on, name) in [
+        (offered.guest_uso4, "guest-uso4"),
+        (offered.guest_uso6, "guest-uso6"),
     ] {
-        if on && !tap.supports_offload(TUN_F_CSUM | bit) {
+        // The kernel takes USO4 and USO6 only together (EINVAL for one alone).
+        if on && !tap.supports_offload(TUN_F_CSUM | TUN_F_USO4 | TUN_F_USO6) {
             return Err(DaemonError::UsoUnsupported(name));
         }
     }

@@ -19,6 +19,10 @@ const HOST_PACKAGES: &[&str] = &[
     "busybox-static",
     "iproute2",
     "ethtool",
+    // The capability-file test validates JSON with it; the socket-activation test runs
+    // systemd-socket-activate and systemd-analyze.
+    "python3-jsonschema",
+    "systemd",
     "kmod",
     "xz-utils",
     "zstd",

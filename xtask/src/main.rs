@@ -9,15 +9,20 @@
 
 mod accel;
 mod agent;
+mod apt;
 mod assets;
+mod bench;
 mod card;
+mod cardos;
 mod cpio;
 mod demo;
+mod dist;
 mod e2e;
 mod features;
 mod fuzz;
 mod guest;
 mod json;
+mod libvirt;
 mod netns;
 mod nsnet;
 mod payload;
@@ -26,6 +31,7 @@ mod qemu;
 mod qmp;
 mod report;
 mod rig;
+mod schema;
 mod smoke;
 
 use std::path::PathBuf;
@@ -58,9 +64,26 @@ enum Task {
     E2e(e2e::Options),
     /// Runs the cargo-fuzz targets in fuzz/ for a time budget (--smoke: 20 s each).
     Fuzz(fuzz::Options),
+    /// Data-path throughput without a VM: vhost-card against DPDK's vhost+tap pair, the
+    /// raw tap and memcpy, driven by card-load and dpdk-testpmd (--smoke: short; --vm: TCP
+    /// through a guest). Table, JSON and PNG in target/bench/.
+    Bench(bench::Options),
     /// Runs inside the test VM (the guest's helper binary).
     #[command(subcommand, hide = true)]
     Guest(guest::Helper),
+    /// The card's network node from card-os/card.toml: up, down, status, reload.
+    Card(cardos::Options),
+    /// The card-os end-to-end scenarios (NAT, proxy, fragments, IPsec, firewall, reload).
+    CardosE2e(e2e::cardos::Options),
+    /// Runs inside the test VM (the card-os scenarios' guest helper).
+    #[command(subcommand, hide = true)]
+    CardGuest(cardos::guest::Helper),
+    /// The host install in target/dist/ (release binary, man pages, shell completions,
+    /// 50-vhost-card.json, systemd units, libvirt XML), checked; --install puts it in place.
+    Dist(dist::Options),
+    /// The libvirt domain in host-config/libvirt/ under libvirt from apt: define, start,
+    /// traffic both ways with the card's counters, undefine.
+    Libvirt(libvirt::Options),
     /// Every test, as CI runs them: `cargo test --workspace` (unit tests and the in-process
     /// vhost-user frontend against the real daemon), then the VM smoke test and `e2e`.
     Test(smoke::Options),
@@ -80,7 +103,13 @@ fn main() {
         Task::Smoke(opts) => smoke::run(&opts),
         Task::E2e(opts) => e2e::run(&opts),
         Task::Fuzz(opts) => fuzz::run(&opts),
+        Task::Bench(opts) => bench::run(&opts),
         Task::Guest(cmd) => guest::helper(&cmd),
+        Task::Card(opts) => cardos::run_task(&opts),
+        Task::CardosE2e(opts) => e2e::cardos::run(&opts),
+        Task::CardGuest(cmd) => cardos::guest::helper(&cmd),
+        Task::Dist(opts) => dist::run(&opts),
+        Task::Libvirt(opts) => libvirt::run(&opts),
         Task::Test(opts) => run_tests(&opts),
     };
     if let Err(err) = result {
@@ -110,7 +139,15 @@ fn run_tests(opts: &smoke::Options) -> Result<()> {
         #[command(flatten)]
         opts: e2e::Options,
     }
-    e2e::run(&E2eDefaults::parse_from(["e2e"]).opts)
+    e2e::run(&E2eDefaults::parse_from(["e2e"]).opts)?;
+    check_interrupted()?;
+    // The card-os scenarios, as `cargo xtask cardos-e2e` runs them.
+    #[derive(Parser)]
+    struct CardosDefaults {
+        #[command(flatten)]
+        opts: e2e::cardos::Options,
+    }
+    e2e::cardos::run(&CardosDefaults::parse_from(["cardos-e2e"]).opts)
 }
 
 /// The workspace root (the parent of this crate).

@@ -15,6 +15,7 @@
 //! Scenarios 1, 2, 4 and 6 share one VM; 3 boots one per configuration and 5
 //! its own. Logs: target/vm/logs/e2e/<rig>/.
 
+pub mod cardos;
 mod hotplug;
 mod shared_vm;
 mod toggles;

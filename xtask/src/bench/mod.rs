@@ -1,0 +1,839 @@
+//! `cargo xtask bench`: throughput of the card's data path, without a VM.
+//!
+//! Two frontends drive each backend over vhost-user: the project's own (`card-load`, the test
+//! harness grown into a load generator) and DPDK's `dpdk-testpmd` with a `net_virtio_user` port
+//! (txonly / rxonly). The backends: `vhost-card`, and DPDK's vhost PMD forwarding to DPDK's tap
+//! PMD (`--forward-mode=io`) in the card's namespace. References in the same run: the raw tap
+//! (`card-load tapw`/`tapr`: a tap with a vnet header and no virtio at all) and memcpy over the
+//! same bytes. Host to card ends in a UDP sink in the card's namespace, whose count is the
+//! figure; card to host starts at a UDP sender there and the frontend counts what arrives.
+//!
+//! Every figure is the median of `--reps` runs with the backends alternated (A B A B ...); the
+//! table, a JSON file and a PNG plot land in `target/bench/`. `--smoke` is the short version CI
+//! runs; `--vm` measures TCP through a real guest instead (see `vm.rs`).
+
+mod procs;
+mod report;
+mod setup;
+mod vm;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use procs::{cpu_seconds, wait_until, Ns, Proc};
+
+pub const CARD_IP: &str = "10.88.0.1";
+pub const HOST_IP: &str = "10.88.0.2";
+/// The host's MAC as `card-load` uses it.
+pub const HOST_MAC: &str = "52:54:00:be:4c:01";
+pub const PORT: u16 = 9000;
+/// UDP GSO segment payload at a card MTU of 1500.
+pub const USO_SEG: usize = 1472;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Options {
+    /// The short version (about 2 minutes): one run per figure, queue pair 1, a few cases.
+    #[arg(long)]
+    pub smoke: bool,
+    /// TCP through a VM (stock kernel, QEMU TCG): vhost-card against QEMU's own tap backend.
+    #[arg(long)]
+    pub vm: bool,
+    /// Runs per figure (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Measurement window per run, in seconds.
+    #[arg(long)]
+    pub seconds: Option<f64>,
+    /// Only cases whose label contains this (e.g. `h2c 64B`).
+    #[arg(long)]
+    pub only: Option<String>,
+    /// Leave DPDK out (no testpmd frontend, no DPDK pair).
+    #[arg(long)]
+    pub no_dpdk: bool,
+    /// Extra arguments for every vhost-card started (e.g. `--tx-uring`).
+    #[arg(long, allow_hyphen_values = true)]
+    pub card_args: Option<String>,
+    /// Where results go (default target/bench).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    H2c,
+    C2h,
+}
+
+/// One traffic pattern.
+#[derive(Debug, Clone)]
+pub struct Case {
+    pub dir: Dir,
+    /// Frame length (Ethernet header included); for USO the GSO frame.
+    pub size: usize,
+    /// 64 KiB UDP GSO frames at a card MTU of 1500.
+    pub uso: bool,
+    pub queues: usize,
+}
+
+impl Case {
+    pub fn label(&self) -> String {
+        let d = match self.dir {
+            Dir::H2c => "h2c",
+            Dir::C2h => "c2h",
+        };
+        if self.uso {
+            format!("{d} 64K-USO q{}", self.queues)
+        } else {
+            format!("{d} {}B q{}", self.size, self.queues)
+        }
+    }
+
+    pub fn mtu(&self) -> u16 {
+        if self.uso {
+            1500
+        } else {
+            65520
+        }
+    }
+
+    /// The bytes one frame stands for (what memcpy copies per frame).
+    pub fn frame_bytes(&self) -> usize {
+        if self.uso {
+            42 + (65535 - 28) / USO_SEG * USO_SEG
+        } else {
+            self.size
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Frontend {
+    Own,
+    Testpmd,
+    /// References (raw tap, memcpy) have no frontend.
+    None,
+}
+
+impl Frontend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Frontend::Own => "card-load",
+            Frontend::Testpmd => "testpmd",
+            Frontend::None => "-",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Backend {
+    Card,
+    /// vhost-card with one `writev` per TX frame instead of io_uring batches.
+    CardWritev,
+    Pair,
+    RawTap,
+    Memcpy,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Card => "vhost-card",
+            Backend::CardWritev => "vhost-card writev",
+            Backend::Pair => "dpdk vhost+tap",
+            Backend::RawTap => "raw tap",
+            Backend::Memcpy => "memcpy",
+        }
+    }
+}
+
+/// One run's rates.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sample {
+    pub pps: f64,
+    /// Bytes per second (Ethernet frames; GSO frames count as their segments would).
+    pub bps: f64,
+    /// CPU seconds of the backend per second.
+    pub cpu: f64,
+}
+
+/// All runs of one (case, frontend, backend).
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub case: Case,
+    pub frontend: Frontend,
+    pub backend: Backend,
+    pub samples: Vec<Sample>,
+    /// Why there is no figure.
+    pub na: Option<String>,
+}
+
+impl Row {
+    pub fn median(&self) -> Option<Sample> {
+        if self.samples.is_empty() {
+            return None;
+        }
+        let med = |f: fn(&Sample) -> f64| {
+            let mut v: Vec<f64> = self.samples.iter().map(f).collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            let n = v.len();
+            if n % 2 == 1 {
+                v[n / 2]
+            } else {
+                (v[n / 2 - 1] + v[n / 2]) / 2.0
+            }
+        };
+        Some(Sample {
+            pps: med(|s| s.pps),
+            bps: med(|s| s.bps),
+            cpu: med(|s| s.cpu),
+        })
+    }
+
+    /// CPU seconds per GB moved.
+    pub fn cpu_per_gb(&self) -> Option<f64> {
+        let m = self.median()?;
+        (m.bps > 0.0).then(|| m.cpu / (m.bps / 1e9))
+    }
+}
+
+pub struct Ctx {
+    pub bin: PathBuf,
+    pub logs: PathBuf,
+    pub run_dir: PathBuf,
+    pub huge: bool,
+    pub warm: Duration,
+    pub window: Duration,
+    pub card_args: Vec<String>,
+    runs: u32,
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    let out = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| crate::target_dir().join("bench"));
+    std::fs::create_dir_all(&out)?;
+    if opts.vm {
+        return vm::run(opts, &out);
+    }
+    let started = Instant::now();
+    let env = setup::prepare(!opts.no_dpdk)?;
+    let logs = out.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let run_dir = std::env::temp_dir().join(format!("bench-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir)?;
+    let mut ctx = Ctx {
+        bin: env.bin,
+        logs,
+        run_dir: run_dir.clone(),
+        huge: env.huge,
+        warm: Duration::from_secs_f64(if opts.smoke { 0.7 } else { 1.0 }),
+        window: Duration::from_secs_f64(opts.seconds.unwrap_or(if opts.smoke { 1.5 } else { 3.0 })),
+        card_args: opts
+            .card_args
+            .as_deref()
+            .map(|s| s.split_whitespace().map(String::from).collect())
+            .unwrap_or_default(),
+        runs: 0,
+    };
+    let reps = if opts.smoke { 1 } else { opts.reps.max(1) };
+    let mut cases = cases(opts.smoke);
+    if let Some(f) = &opts.only {
+        cases.retain(|c| c.label().contains(f.as_str()));
+    }
+    if cases.is_empty() {
+        bail!("no case matches --only");
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "bench: {} case(s), {reps} run(s) each, {:.1} s windows; load average {}",
+        cases.len(),
+        ctx.window.as_secs_f64(),
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let frontends: Vec<Frontend> = if opts.no_dpdk || opts.smoke {
+        vec![Frontend::Own]
+    } else {
+        vec![Frontend::Own, Frontend::Testpmd]
+    };
+    let backends: Vec<Backend> = if opts.no_dpdk {
+        vec![Backend::Card]
+    } else {
+        vec![Backend::Card, Backend::Pair]
+    };
+    let mut rows: Vec<Row> = Vec::new();
+    for case in &cases {
+        let mut combos: Vec<(Frontend, Backend)> = Vec::new();
+        for &f in &frontends {
+            for &b in &backends {
+                combos.push((f, b));
+            }
+        }
+        if case.dir == Dir::H2c && frontends.contains(&Frontend::Own) {
+            // The io_uring evaluation: the same daemon writing one frame per system call.
+            combos.insert(1, (Frontend::Own, Backend::CardWritev));
+        }
+        combos.push((Frontend::None, Backend::RawTap));
+        combos.push((Frontend::None, Backend::Memcpy));
+        let first = rows.len();
+        for &(f, b) in &combos {
+            rows.push(Row {
+                case: case.clone(),
+                frontend: f,
+                backend: b,
+                samples: Vec::new(),
+                na: not_applicable(case, f, b),
+            });
+        }
+        for rep in 0..reps {
+            for row in rows[first..].iter_mut() {
+                if row.na.is_some() {
+                    continue;
+                }
+                crate::check_interrupted()?;
+                let t = Instant::now();
+                match measure(&mut ctx, case, row.frontend, row.backend) {
+                    Ok(s) => {
+                        println!(
+                            "  {:<18} {:<9} {:<15} run {}: {:>8.3} Mpps {:>7.2} Gbit/s  cpu {:.2}  ({:.1} s)",
+                            case.label(),
+                            row.frontend.name(),
+                            row.backend.name(),
+                            rep + 1,
+                            s.pps / 1e6,
+                            s.bps * 8.0 / 1e9,
+                            s.cpu,
+                            t.elapsed().as_secs_f64()
+                        );
+                        row.samples.push(s);
+                    }
+                    Err(e) => {
+                        crate::check_interrupted()?;
+                        println!(
+                            "  {:<18} {:<9} {:<15} run {}: FAILED: {e:#}",
+                            case.label(),
+                            row.frontend.name(),
+                            row.backend.name(),
+                            rep + 1
+                        );
+                        if rep + 1 == reps && row.samples.is_empty() {
+                            row.na = Some(format!("failed: {}", first_line(&format!("{e:#}"))));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&run_dir);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let meta = report::Meta {
+        smoke: opts.smoke,
+        reps,
+        window: ctx.window.as_secs_f64(),
+        load: load
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        minutes: started.elapsed().as_secs_f64() / 60.0,
+        huge: ctx.huge,
+        card_args: ctx.card_args.join(" "),
+    };
+    report::write(&out, &rows, &meta)?;
+    Ok(())
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").chars().take(120).collect()
+}
+
+/// The cases: every size both ways at 1 and 2 queue pairs, or a few for `--smoke`.
+pub fn cases(smoke: bool) -> Vec<Case> {
+    let mut v = Vec::new();
+    let qs: &[usize] = if smoke { &[1] } else { &[1, 2] };
+    for &queues in qs {
+        for dir in [Dir::H2c, Dir::C2h] {
+            let sizes: &[usize] = if smoke {
+                &[64, 65000]
+            } else {
+                &[64, 1500, 65000]
+            };
+            for &size in sizes {
+                v.push(Case {
+                    dir,
+                    size,
+                    uso: false,
+                    queues,
+                });
+            }
+            if !smoke {
+                v.push(Case {
+                    dir,
+                    size: 0,
+                    uso: true,
+                    queues,
+                });
+            }
+        }
+    }
+    v
+}
+
+/// Cases a frontend or backend cannot carry, and why (checked once by hand; see bench/README.md).
+fn not_applicable(case: &Case, f: Frontend, b: Backend) -> Option<String> {
+    match (f, b) {
+        (Frontend::Testpmd, _) if case.uso => {
+            Some("testpmd txonly/rxonly neither build nor accept GSO frames".into())
+        }
+        (Frontend::Testpmd, _) if case.dir == Dir::C2h && case.size > 9712 => {
+            Some("DPDK 22.11 virtio PMD: max MTU 9698, larger frames are RX errors".into())
+        }
+        (_, Backend::Pair) if case.dir == Dir::H2c && case.uso => {
+            Some("DPDK vhost PMD does not offer HOST_USO".into())
+        }
+        (_, Backend::Pair) if case.dir == Dir::H2c && case.size > 1522 => {
+            Some("DPDK 22.11 tap PMD: max frame 1522 B, larger frames are TX errors".into())
+        }
+        _ => None,
+    }
+}
+
+/// The two snapshots of one counter.
+struct Snap {
+    frames: f64,
+    bytes: f64,
+    secs: f64,
+}
+
+fn parse_snap(line: &str) -> Result<Snap> {
+    let num = |k: &str| -> Result<f64> {
+        let pat = format!("\"{k}\":");
+        let at = line
+            .find(&pat)
+            .with_context(|| format!("no {k} in `{line}`"))?
+            + pat.len();
+        let digits: String = line[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
+        Ok(digits.parse::<f64>()?)
+    };
+    Ok(Snap {
+        frames: num("frames")?,
+        bytes: num("bytes")?,
+        secs: num("ns")? / 1e9,
+    })
+}
+
+/// Something that yields cumulative (frames, bytes, seconds).
+enum Counter<'a> {
+    Load(&'a mut Proc),
+    Testpmd(&'a mut Proc, Instant),
+}
+
+impl Counter<'_> {
+    fn snap(&mut self) -> Result<Snap> {
+        match self {
+            Counter::Load(p) => {
+                p.drain();
+                p.send("snap")?;
+                let l = p.expect(Duration::from_secs(5), |l| l.starts_with('{'))?;
+                parse_snap(&l)
+            }
+            Counter::Testpmd(p, t0) => {
+                p.drain();
+                p.send("show port stats 0")?;
+                let l = p.expect(Duration::from_secs(5), |l| l.contains("RX-bytes:"))?;
+                let secs = t0.elapsed().as_secs_f64();
+                let field = |k: &str| -> Result<f64> {
+                    let at = l.find(k).with_context(|| format!("no {k} in `{l}`"))? + k.len();
+                    Ok(l[at..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("0")
+                        .parse::<f64>()?)
+                };
+                Ok(Snap {
+                    frames: field("RX-packets:")?,
+                    bytes: field("RX-bytes:")?,
+                    secs,
+                })
+            }
+        }
+    }
+}
+
+fn dpdk_mem(ctx: &Ctx) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "--in-memory",
+        "--single-file-segments",
+        "-m",
+        "512",
+        "--no-pci",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if !ctx.huge {
+        v.push("--no-huge".into());
+    }
+    v
+}
+
+/// One run: sets everything up in a fresh namespace, measures, tears it down.
+fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample> {
+    ctx.runs += 1;
+    let tag = format!("r{}", ctx.runs);
+    if b == Backend::Memcpy {
+        let mut p = Proc::spawn(
+            "memcpy",
+            Command::new(ctx.bin.join("card-load")).args([
+                "memcpy",
+                "--size",
+                &case.frame_bytes().to_string(),
+                "--threads",
+                &case.queues.to_string(),
+                "--seconds",
+                &ctx.window.as_secs_f64().to_string(),
+            ]),
+            &ctx.logs.join(format!("{tag}-memcpy.log")),
+        )?;
+        let l = p.expect(ctx.window + Duration::from_secs(10), |l| l.starts_with('{'))?;
+        let s = parse_snap(&l)?;
+        let mut bps = s.bytes / s.secs;
+        let mut pps = s.frames / s.secs;
+        if case.uso {
+            // Count like the other rows: the segments' Ethernet frames.
+            let segs = ((65535 - 28) / USO_SEG) as f64;
+            pps *= segs;
+            bps = pps * (USO_SEG + 42) as f64;
+        }
+        return Ok(Sample {
+            pps,
+            bps,
+            cpu: case.queues as f64,
+        });
+    }
+    let ns = Ns::new()?;
+    let sock = ctx.run_dir.join(format!("{tag}.sock"));
+    let q = case.queues.to_string();
+    let mtu = case.mtu().to_string();
+    let log = |what: &str| ctx.logs.join(format!("{tag}-{what}.log"));
+
+    // The backend and the card's tap.
+    let mut backend = match b {
+        Backend::Card | Backend::CardWritev => {
+            let mut cmd = Command::new(ctx.bin.join("vhost-card"));
+            if b == Backend::CardWritev {
+                cmd.env("VHOST_CARD_TX_URING", "0");
+            }
+            cmd.arg("--socket").arg(&sock).args([
+                "--netns", &ns.name, "--tap", "card0", "--queues", &q, "--mtu", &mtu,
+            ]);
+            if case.uso {
+                cmd.args(["--enable", "host-uso,guest-uso4,guest-uso6"]);
+            }
+            cmd.args(&ctx.card_args);
+            cmd.env("RUST_LOG", "warn");
+            let p = Proc::spawn("vhost-card", &mut cmd, &log("vhost-card"))?;
+            wait_until("the vhost-card socket", Duration::from_secs(10), || {
+                sock.exists()
+            })?;
+            Some(p)
+        }
+        Backend::Pair => {
+            let lcores = if case.queues > 1 {
+                "0@0,1@1,2@0"
+            } else {
+                "0@0,1@1"
+            };
+            // Line-buffered output, so its answers arrive as they are printed.
+            let mut cmd = ns.command("stdbuf");
+            cmd.args(["-oL", "dpdk-testpmd", "--lcores", lcores])
+                .args(dpdk_mem(ctx))
+                .arg(format!("--file-prefix=pair{}", ctx.runs))
+                .arg("--vdev")
+                .arg(format!("net_vhost0,iface={},queues={q}", sock.display()))
+                .args([
+                    "--vdev",
+                    "net_tap0,iface=card0",
+                    "--",
+                    "-i",
+                    "--forward-mode=io",
+                ])
+                .arg(format!("--rxq={q}"))
+                .arg(format!("--txq={q}"))
+                .arg(format!("--nb-cores={q}"));
+            let mut p = Proc::spawn("dpdk pair", &mut cmd, &log("pair"))?;
+            wait_until("the DPDK vhost socket", Duration::from_secs(30), || {
+                sock.exists() || !p.alive()
+            })?;
+            p.expect(Duration::from_secs(30), |l| l.trim() == "Done")?;
+            // Frames above one mbuf need scatter on the tap port's RX (card to host).
+            for c in [
+                "port stop 1",
+                "port config 1 rx_offload scatter on",
+                "port start 1",
+            ] {
+                p.send(c)?;
+            }
+            p.expect(Duration::from_secs(20), |l| l.trim() == "Done")?;
+            p.send("start")?;
+            Some(p)
+        }
+        Backend::RawTap => {
+            let mut a = vec!["tuntap", "add", "dev", "card0", "mode", "tap", "vnet_hdr"];
+            if case.queues > 1 {
+                a.push("multi_queue");
+            }
+            ns.ip(&a)?;
+            None
+        }
+        Backend::Memcpy => unreachable!(),
+    };
+    wait_until("card0", Duration::from_secs(10), || {
+        ns.ip(&["link", "show", "dev", "card0"]).is_ok()
+    })?;
+    ns.ip(&["link", "set", "card0", "mtu", &mtu, "up"])?;
+    ns.ip(&["addr", "add", &format!("{CARD_IP}/24"), "dev", "card0"])?;
+    ns.ip(&[
+        "neigh",
+        "replace",
+        HOST_IP,
+        "lladdr",
+        HOST_MAC,
+        "dev",
+        "card0",
+        "nud",
+        "permanent",
+    ])?;
+    let mac = ns.read("/sys/class/net/card0/address")?;
+    let load = |args: &[&str]| {
+        let mut c = Command::new(ctx.bin.join("card-load"));
+        c.args(args);
+        c
+    };
+    let size = case.size.to_string();
+    let gso = if case.uso { "udp" } else { "none" };
+    let dst = format!("{HOST_IP}:{PORT}");
+    let card_addr = format!("{CARD_IP}:{PORT}");
+
+    // Traffic: the far end first (sink, or frontend for card to host), then the source.
+    let mut procs: Vec<Proc> = Vec::new();
+    let counter_idx;
+    let mut testpmd_t0 = None;
+    let mut cpu_pid = backend.as_ref().map(|p| p.pid());
+    match case.dir {
+        Dir::H2c => {
+            let mut sink = Proc::spawn(
+                "sink",
+                &mut load(&[
+                    "sink",
+                    "--netns",
+                    &ns.name,
+                    "--addr",
+                    &card_addr,
+                    "--threads",
+                    &q,
+                ]),
+                &log("sink"),
+            )?;
+            sink.expect(Duration::from_secs(10), |l| l == "ready")?;
+            procs.push(sink);
+            counter_idx = 0;
+            let src = match (b, f) {
+                (Backend::RawTap, _) => {
+                    let mut p = Proc::spawn(
+                        "tapw",
+                        &mut load(&[
+                            "tapw",
+                            "--netns",
+                            &ns.name,
+                            "--tap",
+                            "card0",
+                            "--queues",
+                            &q,
+                            "--mtu",
+                            &mtu,
+                            "--size",
+                            &size,
+                            "--gso",
+                            gso,
+                            "--dst-mac",
+                            &mac,
+                        ]),
+                        &log("tapw"),
+                    )?;
+                    p.expect(Duration::from_secs(10), |l| l == "ready")?;
+                    cpu_pid = Some(p.pid());
+                    p
+                }
+                (_, Frontend::Own) => {
+                    let sock_s = sock.display().to_string();
+                    let mut p = Proc::spawn(
+                        "card-load h2c",
+                        &mut load(&[
+                            "h2c",
+                            "--socket",
+                            &sock_s,
+                            "--queues",
+                            &q,
+                            "--size",
+                            &size,
+                            "--gso",
+                            gso,
+                            "--dst-mac",
+                            &mac,
+                        ]),
+                        &log("h2c"),
+                    )?;
+                    p.expect(Duration::from_secs(20), |l| l == "ready")?;
+                    p
+                }
+                (_, Frontend::Testpmd) => testpmd(ctx, case, &sock, &mac, &log("testpmd"))?,
+                (_, Frontend::None) => unreachable!(),
+            };
+            procs.push(src);
+        }
+        Dir::C2h => {
+            let counter = match (b, f) {
+                (Backend::RawTap, _) => {
+                    let mut p = Proc::spawn(
+                        "tapr",
+                        &mut load(&[
+                            "tapr", "--netns", &ns.name, "--tap", "card0", "--queues", &q, "--mtu",
+                            &mtu,
+                        ]),
+                        &log("tapr"),
+                    )?;
+                    p.expect(Duration::from_secs(10), |l| l == "ready")?;
+                    cpu_pid = Some(p.pid());
+                    p
+                }
+                (_, Frontend::Own) => {
+                    let sock_s = sock.display().to_string();
+                    let mut p = Proc::spawn(
+                        "card-load c2h",
+                        &mut load(&["c2h", "--socket", &sock_s, "--queues", &q]),
+                        &log("c2h"),
+                    )?;
+                    p.expect(Duration::from_secs(20), |l| l == "ready")?;
+                    p
+                }
+                (_, Frontend::Testpmd) => {
+                    let p = testpmd(ctx, case, &sock, &mac, &log("testpmd"))?;
+                    testpmd_t0 = Some(Instant::now());
+                    p
+                }
+                (_, Frontend::None) => unreachable!(),
+            };
+            procs.push(counter);
+            counter_idx = 0;
+            let flows = if case.queues > 1 { "4" } else { "1" };
+            let mut args = vec![
+                "send", "--netns", &ns.name, "--src", CARD_IP, "--dst", &dst, "--size", &size,
+                "--flows", flows,
+            ];
+            let seg = USO_SEG.to_string();
+            if case.uso {
+                args.extend(["--gso-seg", &seg]);
+            }
+            let mut s = Proc::spawn("send", &mut load(&args), &log("send"))?;
+            s.expect(Duration::from_secs(10), |l| l == "ready")?;
+            procs.push(s);
+        }
+    }
+
+    std::thread::sleep(ctx.warm);
+    let cpu_pid = cpu_pid.context("no process to charge CPU to")?;
+    let (s0, c0, s1, c1) = {
+        let (first, _) = procs.split_at_mut(counter_idx + 1);
+        let p = &mut first[counter_idx];
+        let mut counter = match testpmd_t0 {
+            Some(t0) => Counter::Testpmd(p, t0),
+            None => Counter::Load(p),
+        };
+        let c0 = cpu_seconds(cpu_pid)?;
+        let s0 = counter.snap()?;
+        std::thread::sleep(ctx.window);
+        let c1 = cpu_seconds(cpu_pid)?;
+        let s1 = counter.snap()?;
+        (s0, c0, s1, c1)
+    };
+    let dt = s1.secs - s0.secs;
+    if dt <= 0.0 {
+        bail!("no time passed between snapshots");
+    }
+    let sample = Sample {
+        pps: (s1.frames - s0.frames) / dt,
+        bps: (s1.bytes - s0.bytes) / dt,
+        cpu: (c1 - c0) / dt,
+    };
+    // Tear down: sources first.
+    for p in procs.iter_mut().rev() {
+        p.stop(Some("quit"));
+    }
+    drop(procs);
+    if let Some(mut p) = backend.take() {
+        if p.name == "dpdk pair" {
+            p.stop(Some("quit"));
+        } else {
+            p.stop(None);
+        }
+    }
+    drop(ns);
+    if sample.pps <= 0.0 {
+        bail!("nothing arrived (logs in {})", ctx.logs.display());
+    }
+    Ok(sample)
+}
+
+/// dpdk-testpmd with a virtio-user port on `sock`: txonly (host to card, frames to the card's
+/// MAC and address) or rxonly (card to host); returns once forwarding has started.
+fn testpmd(ctx: &Ctx, case: &Case, sock: &Path, mac: &str, log: &Path) -> Result<Proc> {
+    let q = case.queues;
+    let lcores = if q > 1 { "0@1,1@0,2@1" } else { "0@1,1@0" };
+    let mut cmd = Command::new("stdbuf");
+    cmd.args(["-oL", "dpdk-testpmd", "--lcores", lcores])
+        .args(dpdk_mem(ctx))
+        .arg(format!("--file-prefix=fe{}", ctx.runs))
+        .arg("--vdev")
+        .arg(format!(
+            "net_virtio_user0,path={},queues={q},queue_size=1024",
+            sock.display()
+        ))
+        .args(["--", "-i"])
+        .arg(format!("--rxq={q}"))
+        .arg(format!("--txq={q}"))
+        .arg(format!("--nb-cores={q}"));
+    match case.dir {
+        Dir::H2c => {
+            cmd.arg("--forward-mode=txonly");
+            if case.size > 2000 {
+                // Must come before --txpkts.
+                cmd.args(["--mbuf-size=65535", "--total-num-mbufs=4096"]);
+            }
+            cmd.arg(format!("--txpkts={}", case.size))
+                .arg(format!("--tx-ip={HOST_IP},{CARD_IP}"))
+                .arg(format!("--tx-udp={PORT},{PORT}"))
+                .arg(format!("--eth-peer=0,{mac}"));
+            if q > 1 {
+                cmd.arg("--txonly-multi-flow");
+            }
+        }
+        Dir::C2h => {
+            cmd.arg("--forward-mode=rxonly");
+        }
+    }
+    let mut p = Proc::spawn("testpmd", &mut cmd, log)?;
+    p.expect(Duration::from_secs(30), |l| l.trim() == "Done")?;
+    p.send("start")?;
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(p)
+}

@@ -1,0 +1,256 @@
+//! Processes and namespaces for one measurement: children whose output lines arrive on a
+//! channel (so a command can be sent and its answer awaited), stopped on drop; a network
+//! namespace deleted on drop; CPU time from /proc.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// A child process talking over stdin/stdout lines; stderr goes to a log file.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<Proc> {
+        let err = std::fs::File::create(log)?;
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(err)
+            .process_group(0);
+        // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is
+        // async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name}: {cmd:?}"))?;
+        let out = child.stdout.take().context("no stdout")?;
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Proc {
+            name: name.to_string(),
+            stdin: child.stdin.take(),
+            child,
+            lines: rx,
+            log: log.to_path_buf(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn send(&mut self, line: &str) -> Result<()> {
+        let stdin = self.stdin.as_mut().context("stdin closed")?;
+        writeln!(stdin, "{line}").with_context(|| format!("writing to {}", self.name))?;
+        stdin.flush()?;
+        Ok(())
+    }
+
+    /// Waits for an output line satisfying `pred`; other lines are dropped.
+    pub fn expect(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            crate::check_interrupted()?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(200)))
+            {
+                Ok(l) if pred(&l) => return Ok(l),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+                Err(_) => {
+                    if let Ok(Some(st)) = self.child.try_wait() {
+                        bail!("{} exited ({st}) early: {}", self.name, tail(&self.log, 15));
+                    }
+                    if Instant::now() >= deadline {
+                        bail!(
+                            "{}: no expected output within {timeout:?}: {}",
+                            self.name,
+                            tail(&self.log, 15)
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops the lines read so far.
+    pub fn drain(&mut self) {
+        while self.lines.try_recv().is_ok() {}
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// `quit` on stdin (when `polite`), then SIGTERM, then SIGKILL.
+    pub fn stop(&mut self, polite: Option<&str>) {
+        if let Some(q) = polite {
+            let _ = self.send(q);
+            if self.wait(Duration::from_secs(3)) {
+                return;
+            }
+        }
+        self.stdin = None;
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            if self.alive() {
+                // SAFETY: kill(2) on our own child, not yet reaped (alive() just said so).
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+        if !self.wait(Duration::from_secs(5)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn wait(&mut self, d: Duration) -> bool {
+        let deadline = Instant::now() + d;
+        while Instant::now() < deadline {
+            if !self.alive() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.alive() {
+            self.stop(None);
+        }
+    }
+}
+
+/// utime + stime of a process, in seconds.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name may hold spaces; the fields after it are fixed.
+    let rest = text
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("bad /proc/{pid}/stat"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let (ut, st): (f64, f64) = (f[11].parse()?, f[12].parse()?);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((ut + st) / hz)
+}
+
+/// A network namespace that lives as long as this value.
+pub struct Ns {
+    pub name: String,
+}
+
+impl Ns {
+    pub fn new() -> Result<Ns> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "bench{}n{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        sh("ip", &["netns", "add", &name])?;
+        let ns = Ns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        for s in [
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ] {
+            sh("ip", &["netns", "exec", &ns.name, "sysctl", "-qw", s])?;
+        }
+        Ok(ns)
+    }
+
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    }
+
+    pub fn read(&self, path: &str) -> Result<String> {
+        Ok(sh("ip", &["netns", "exec", &self.name, "cat", path])?
+            .trim()
+            .to_string())
+    }
+
+    /// A command run inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Runs a command; fails with its stderr.
+pub fn sh(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Polls `f` every 50 ms until it is true.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        crate::check_interrupted()?;
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The last `n` lines of a file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

@@ -1,0 +1,309 @@
+//! The bench's output: a table on stdout and in `results.md`, every run in `results.json`, a
+//! plot in `bench.png` (gnuplot), and the issue's targets checked against the figures.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use super::{Backend, Dir, Frontend, Row};
+
+pub struct Meta {
+    pub smoke: bool,
+    pub reps: usize,
+    pub window: f64,
+    pub load: String,
+    pub minutes: f64,
+    pub huge: bool,
+    pub card_args: String,
+}
+
+fn find<'a>(rows: &'a [Row], r: &Row, f: Frontend, b: Backend) -> Option<&'a Row> {
+    rows.iter()
+        .find(|x| x.case.label() == r.case.label() && x.frontend == f && x.backend == b)
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+fn fmt_ratio(r: Option<f64>) -> String {
+    r.map_or("-".into(), |r| format!("{r:.2}"))
+}
+
+/// The markdown table.
+pub fn table(rows: &[Row]) -> String {
+    let mut t = String::new();
+    t.push_str("| case | frontend | backend | Mpps | Gbit/s | CPU s/GB | ÷ DPDK pair | ÷ memcpy | ÷ raw tap |\n");
+    t.push_str("|---|---|---|---:|---:|---:|---:|---:|---:|\n");
+    for r in rows {
+        let m = r.median();
+        let (pps, gbps) = match m {
+            Some(m) => (
+                format!("{:.3}", m.pps / 1e6),
+                format!("{:.2}", m.bps * 8.0 / 1e9),
+            ),
+            None => ("n/a".into(), "n/a".into()),
+        };
+        let bps = m.map(|m| m.bps);
+        let of =
+            |f: Frontend, b: Backend| find(rows, r, f, b).and_then(|x| x.median()).map(|m| m.bps);
+        let (vs_pair, vs_mem, vs_tap) = match r.backend {
+            Backend::Card | Backend::CardWritev | Backend::Pair | Backend::RawTap => (
+                if matches!(r.backend, Backend::Card | Backend::CardWritev) {
+                    fmt_ratio(ratio(bps, of(r.frontend, Backend::Pair)))
+                } else {
+                    "-".into()
+                },
+                fmt_ratio(ratio(bps, of(Frontend::None, Backend::Memcpy))),
+                if r.backend == Backend::RawTap {
+                    "-".into()
+                } else {
+                    fmt_ratio(ratio(bps, of(Frontend::None, Backend::RawTap)))
+                },
+            ),
+            Backend::Memcpy => ("-".into(), "-".into(), "-".into()),
+        };
+        let cpu = r.cpu_per_gb().map_or("-".into(), |c| format!("{c:.3}"));
+        let backend = match &r.na {
+            Some(why) => format!("{} — {why}", r.backend.name()),
+            None => r.backend.name().to_string(),
+        };
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {pps} | {gbps} | {cpu} | {vs_pair} | {vs_mem} | {vs_tap} |",
+            r.case.label(),
+            r.frontend.name(),
+            backend
+        );
+    }
+    t
+}
+
+/// The targets of the issue that this run can decide.
+pub fn targets(rows: &[Row]) -> String {
+    let mut t = String::new();
+    let get = |label: &str, f: Frontend, b: Backend| {
+        rows.iter()
+            .find(|r| r.case.label() == label && r.frontend == f && r.backend == b)
+            .and_then(|r| {
+                r.median()
+                    .map(|m| (m, r.na.clone()))
+                    .or(Some((Default::default(), r.na.clone())))
+            })
+    };
+    for dir in ["h2c", "c2h"] {
+        let label = format!("{dir} 65000B q1");
+        let card = get(&label, Frontend::Own, Backend::Card);
+        let pair = get(&label, Frontend::Own, Backend::Pair);
+        let tap = get(&label, Frontend::None, Backend::RawTap);
+        if let Some((c, _)) = card {
+            match pair {
+                Some((p, None)) if p.bps > 0.0 => {
+                    let r = c.bps / p.bps;
+                    let _ = writeln!(
+                        t,
+                        "- P2 {label}: vhost-card ÷ DPDK pair = {r:.2} (target ≥ 3): {}",
+                        if r >= 3.0 { "met" } else { "NOT met" }
+                    );
+                }
+                Some((_, Some(why))) => {
+                    let _ = writeln!(t, "- P2 {label}: DPDK pair cannot carry it ({why}); vhost-card carries {:.2} Gbit/s", c.bps * 8.0 / 1e9);
+                }
+                _ => {}
+            }
+            if let Some((tp, None)) = tap {
+                if tp.bps > 0.0 {
+                    let r = c.bps / tp.bps;
+                    let _ = writeln!(
+                        t,
+                        "- P2 {label}: vhost-card ÷ raw tap = {r:.2} (target ≥ 0.8): {}",
+                        if r >= 0.8 { "met" } else { "NOT met" }
+                    );
+                }
+            }
+        }
+        let label = format!("{dir} 64B q1");
+        for f in [Frontend::Own, Frontend::Testpmd] {
+            let card = get(&label, f, Backend::Card);
+            let pair = get(&label, f, Backend::Pair);
+            if let (Some((c, None)), Some((p, None))) = (card, pair) {
+                if p.pps > 0.0 {
+                    let r = c.pps / p.pps;
+                    let _ = writeln!(t, "- P3 {label} ({}): vhost-card ÷ DPDK pair = {r:.2} Mpps/Mpps (target ≥ 1): {}", f.name(), if r >= 1.0 { "met" } else { "NOT met" });
+                }
+            }
+        }
+    }
+    t
+}
+
+fn json(rows: &[Row], meta: &Meta) -> String {
+    let mut j = String::new();
+    let _ = write!(
+        j,
+        "{{\n  \"smoke\": {},\n  \"reps\": {},\n  \"window_s\": {},\n  \"load_average\": \"{}\",\n  \"minutes\": {:.1},\n  \"hugepages\": {},\n  \"card_args\": \"{}\",\n  \"rows\": [\n",
+        meta.smoke, meta.reps, meta.window, meta.load, meta.minutes, meta.huge, meta.card_args
+    );
+    for (i, r) in rows.iter().enumerate() {
+        let samples: Vec<String> = r
+            .samples
+            .iter()
+            .map(|s| {
+                format!(
+                    "{{\"pps\": {:.0}, \"bytes_per_s\": {:.0}, \"cpu\": {:.3}}}",
+                    s.pps, s.bps, s.cpu
+                )
+            })
+            .collect();
+        let med = r.median().map_or("null".into(), |m| {
+            format!(
+                "{{\"mpps\": {:.4}, \"gbit_s\": {:.3}, \"cpu_s_per_gb\": {}}}",
+                m.pps / 1e6,
+                m.bps * 8.0 / 1e9,
+                r.cpu_per_gb().map_or("null".into(), |c| format!("{c:.4}"))
+            )
+        });
+        let _ = writeln!(
+            j,
+            "    {{\"case\": \"{}\", \"direction\": \"{}\", \"frame\": {}, \"uso\": {}, \"queues\": {}, \"frontend\": \"{}\", \"backend\": \"{}\", \"median\": {med}, \"runs\": [{}], \"not_applicable\": {}}}{}",
+            r.case.label(),
+            match r.case.dir { Dir::H2c => "host-to-card", Dir::C2h => "card-to-host" },
+            r.case.frame_bytes(),
+            r.case.uso,
+            r.case.queues,
+            r.frontend.name(),
+            r.backend.name(),
+            samples.join(", "),
+            r.na.as_ref().map_or("null".into(), |w| format!("\"{}\"", w.replace('"', "'"))),
+            if i + 1 < rows.len() { "," } else { "" }
+        );
+    }
+    j.push_str("  ]\n}\n");
+    j
+}
+
+/// Clustered bars per case: Gbit/s and Mpps, log scale.
+fn plot(dir: &Path, rows: &[Row], meta: &Meta) -> Result<()> {
+    let series = [
+        (Frontend::Own, Backend::Card, "vhost-card (card-load)"),
+        (
+            Frontend::Own,
+            Backend::CardWritev,
+            "vhost-card writev (card-load)",
+        ),
+        (Frontend::Own, Backend::Pair, "DPDK vhost+tap (card-load)"),
+        (Frontend::Testpmd, Backend::Card, "vhost-card (testpmd)"),
+        (Frontend::Testpmd, Backend::Pair, "DPDK vhost+tap (testpmd)"),
+        (Frontend::None, Backend::RawTap, "raw tap"),
+        (Frontend::None, Backend::Memcpy, "memcpy"),
+    ];
+    let mut labels: Vec<String> = Vec::new();
+    for r in rows {
+        if !labels.contains(&r.case.label()) {
+            labels.push(r.case.label());
+        }
+    }
+    let mut dat = String::new();
+    for l in &labels {
+        let mut line = format!("\"{l}\"");
+        for (f, b, _) in series {
+            let m = rows
+                .iter()
+                .find(|r| &r.case.label() == l && r.frontend == f && r.backend == b)
+                .and_then(|r| r.median());
+            match m {
+                Some(m) => {
+                    let _ = write!(line, " {:.4} {:.5}", m.bps * 8.0 / 1e9, m.pps / 1e6);
+                }
+                None => line.push_str(" NaN NaN"),
+            }
+        }
+        dat.push_str(&line);
+        dat.push('\n');
+    }
+    std::fs::write(dir.join("bench.dat"), &dat)?;
+    let mut gp = String::new();
+    let _ = write!(
+        gp,
+        "set terminal pngcairo size 1800,1100 font 'DejaVu Sans,11'\n\
+         set output '{}'\n\
+         set datafile missing 'NaN'\n\
+         set style data histograms\n\
+         set style histogram clustered gap 1\n\
+         set style fill solid 0.85 border -1\n\
+         set boxwidth 0.9\n\
+         set logscale y\n\
+         set grid ytics\n\
+         set key outside right top vertical\n\
+         set xtics rotate by -35\n\
+         set multiplot layout 2,1 title 'vhost-card data path: medians of {} run(s), {:.1} s each (load {})'\n",
+        dir.join("bench.png").display(),
+        meta.reps,
+        meta.window,
+        meta.load
+    );
+    for (panel, col) in [("Gbit/s", 0), ("Mpps", 1)] {
+        let _ = writeln!(gp, "set ylabel '{panel}'");
+        let parts: Vec<String> = series
+            .iter()
+            .enumerate()
+            .map(|(i, (_, _, t))| {
+                format!(
+                    "'{}' using {}{} title '{t}'",
+                    dir.join("bench.dat").display(),
+                    2 + 2 * i + col,
+                    if i == 0 { ":xtic(1)" } else { "" }
+                )
+            })
+            .collect();
+        let _ = writeln!(gp, "plot {}", parts.join(", \\\n  "));
+    }
+    gp.push_str("unset multiplot\n");
+    std::fs::write(dir.join("bench.gp"), &gp)?;
+    let st = Command::new("gnuplot")
+        .arg(dir.join("bench.gp"))
+        .status()
+        .context("running gnuplot")?;
+    if !st.success() {
+        anyhow::bail!("gnuplot failed");
+    }
+    Ok(())
+}
+
+pub fn write(dir: &Path, rows: &[Row], meta: &Meta) -> Result<()> {
+    let table = table(rows);
+    let targets = targets(rows);
+    let md = format!(
+        "Medians of {} run(s), {:.1} s windows, backends alternated; load average at the end: {}; \
+         {:.1} minutes; DPDK hugepages: {}{}.\n\n{table}\n{targets}",
+        meta.reps,
+        meta.window,
+        meta.load,
+        meta.minutes,
+        if meta.huge { "yes" } else { "no (--no-huge)" },
+        if meta.card_args.is_empty() {
+            String::new()
+        } else {
+            format!("; vhost-card {}", meta.card_args)
+        }
+    );
+    std::fs::write(dir.join("results.md"), &md)?;
+    std::fs::write(dir.join("results.json"), json(rows, meta))?;
+    println!("\n{md}");
+    match plot(dir, rows, meta) {
+        Ok(()) => println!(
+            "bench: table in {0}/results.md, runs in {0}/results.json, plot in {0}/bench.png",
+            dir.display()
+        ),
+        Err(e) => println!(
+            "bench: no plot ({e:#}); table in {}/results.md",
+            dir.display()
+        ),
+    }
+    Ok(())
+}
