@@ -221,6 +221,7 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     let started = Instant::now();
     let env = setup::prepare(!opts.no_dpdk)?;
+    let steal0 = steal();
     let logs = out.join("logs");
     std::fs::create_dir_all(&logs)?;
     let run_dir = std::env::temp_dir().join(format!("bench-{}", std::process::id()));
@@ -332,7 +333,12 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&run_dir);
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let steal = match (steal0, steal()) {
+        (Some((s0, t0)), Some((s1, t1))) if t1 > t0 => Some(100.0 * (s1 - s0) / (t1 - t0)),
+        _ => None,
+    };
     let meta = report::Meta {
+        steal,
         smoke: opts.smoke,
         reps,
         window: ctx.window.as_secs_f64(),
@@ -346,7 +352,33 @@ pub fn run(opts: &Options) -> Result<()> {
         card_args: ctx.card_args.join(" "),
     };
     report::write(&out, &rows, &meta)?;
+    if opts.smoke {
+        // CI: every vhost-card figure must exist (ratios are noise on a shared machine).
+        let missing: Vec<String> = rows
+            .iter()
+            .filter(|r| r.backend == Backend::Card && r.na.is_none() && r.samples.is_empty())
+            .map(|r| r.case.label())
+            .collect();
+        if !missing.is_empty()
+            || !rows
+                .iter()
+                .any(|r| r.backend == Backend::Card && r.median().is_some())
+        {
+            bail!("vhost-card carried nothing in: {}", missing.join(", "));
+        }
+    }
     Ok(())
+}
+
+/// (steal, total) CPU ticks of the whole machine: time the hypervisor gave to someone else.
+fn steal() -> Option<(f64, f64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = text.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<f64> = cpu
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    Some((*v.get(7)?, v.iter().take(8).sum()))
 }
 
 fn first_line(s: &str) -> String {

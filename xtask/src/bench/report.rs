@@ -10,6 +10,8 @@ use anyhow::{Context, Result};
 use super::{Backend, Dir, Frontend, Row};
 
 pub struct Meta {
+    /// Percentage of CPU time stolen by the hypervisor during the run.
+    pub steal: Option<f64>,
     pub smoke: bool,
     pub reps: usize,
     pub window: f64,
@@ -146,8 +148,15 @@ fn json(rows: &[Row], meta: &Meta) -> String {
     let mut j = String::new();
     let _ = write!(
         j,
-        "{{\n  \"smoke\": {},\n  \"reps\": {},\n  \"window_s\": {},\n  \"load_average\": \"{}\",\n  \"minutes\": {:.1},\n  \"hugepages\": {},\n  \"card_args\": \"{}\",\n  \"rows\": [\n",
-        meta.smoke, meta.reps, meta.window, meta.load, meta.minutes, meta.huge, meta.card_args
+        "{{\n  \"steal_percent\": {},\n  \"smoke\": {},\n  \"reps\": {},\n  \"window_s\": {},\n  \"load_average\": \"{}\",\n  \"minutes\": {:.1},\n  \"hugepages\": {},\n  \"card_args\": \"{}\",\n  \"rows\": [\n",
+        meta.steal.map_or("null".into(), |s| format!("{s:.2}")),
+        meta.smoke,
+        meta.reps,
+        meta.window,
+        meta.load,
+        meta.minutes,
+        meta.huge,
+        meta.card_args
     );
     for (i, r) in rows.iter().enumerate() {
         let samples: Vec<String> = r
@@ -249,15 +258,22 @@ fn plot(dir: &Path, rows: &[Row], meta: &Meta) -> Result<()> {
     );
     for (panel, col) in [("Gbit/s", 0), ("Mpps", 1)] {
         let _ = writeln!(gp, "set ylabel '{panel}'");
+        // Series with no figure at all would only make gnuplot complain.
+        let has = |f: Frontend, b: Backend| {
+            rows.iter()
+                .any(|r| r.frontend == f && r.backend == b && r.median().is_some())
+        };
+        let first = series.iter().position(|(f, b, _)| has(*f, *b)).unwrap_or(0);
         let parts: Vec<String> = series
             .iter()
             .enumerate()
+            .filter(|(_, (f, b, _))| has(*f, *b))
             .map(|(i, (_, _, t))| {
                 format!(
                     "'{}' using {}{} title '{t}'",
                     dir.join("bench.dat").display(),
                     2 + 2 * i + col,
-                    if i == 0 { ":xtic(1)" } else { "" }
+                    if i == first { ":xtic(1)" } else { "" }
                 )
             })
             .collect();
@@ -279,11 +295,13 @@ pub fn write(dir: &Path, rows: &[Row], meta: &Meta) -> Result<()> {
     let table = table(rows);
     let targets = targets(rows);
     let md = format!(
-        "Medians of {} run(s), {:.1} s windows, backends alternated; load average at the end: {}; \
-         {:.1} minutes; DPDK hugepages: {}{}.\n\n{table}\n{targets}",
+        "Medians of {} run(s), {:.1} s windows, backends alternated; load average at the end: {} \
+         (the bench's own busy-polling DPDK threads count in it); CPU stolen by the hypervisor \
+         during the run: {}; {:.1} minutes; DPDK hugepages: {}{}.\n\n{table}\n{targets}",
         meta.reps,
         meta.window,
         meta.load,
+        meta.steal.map_or("unknown".into(), |s| format!("{s:.1} %")),
         meta.minutes,
         if meta.huge { "yes" } else { "no (--no-huge)" },
         if meta.card_args.is_empty() {
