@@ -91,6 +91,8 @@ pub struct Options {
     pub rx: RxLayout,
     /// Send SET_VRING_ENABLE for both queues after setting them up (QEMU does).
     pub enable_rings: bool,
+    /// Create the guest memfd with `MFD_ALLOW_SEALING` (QEMU's memfd backend does).
+    pub allow_sealing: bool,
 }
 
 impl Options {
@@ -105,6 +107,7 @@ impl Options {
                 RxLayout::big(12)
             },
             enable_rings: true,
+            allow_sealing: false,
         }
     }
 }
@@ -142,7 +145,7 @@ impl VirtioNet {
     /// SET_VRING_ENABLE; then RX buffers are posted.
     pub fn start(mut ctl: Control, features: u64, opts: &Options) -> Result<Self> {
         ctl.set_features(features)?;
-        let mut mem = GuestMem::new(opts.mem_size)?;
+        let mut mem = GuestMem::with_sealing(opts.mem_size, opts.allow_sealing)?;
         ctl.vu
             .set_mem_table(&[mem.region_info()?])
             .context("SET_MEM_TABLE")?;

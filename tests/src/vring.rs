@@ -40,11 +40,23 @@ pub struct GuestMem {
 }
 
 impl GuestMem {
-    /// `size` bytes; the upper half is the TX scratch area.
+    /// `size` bytes; the upper half is the TX scratch area. The memfd does not allow seals.
     pub fn new(size: usize) -> Result<Self> {
+        Self::with_sealing(size, false)
+    }
+
+    /// As [`GuestMem::new`]; `allow_sealing` creates the memfd with `MFD_ALLOW_SEALING`, as
+    /// QEMU's `memory-backend-memfd` does.
+    pub fn with_sealing(size: usize, allow_sealing: bool) -> Result<Self> {
         let name = CString::new("card-tests-guest")?;
+        let flags = libc::MFD_CLOEXEC
+            | if allow_sealing {
+                libc::MFD_ALLOW_SEALING
+            } else {
+                0
+            };
         // SAFETY: memfd_create reads a NUL-terminated name that outlives the call.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
         if fd < 0 {
             bail!("memfd_create: {}", std::io::Error::last_os_error());
         }
@@ -66,6 +78,16 @@ impl GuestMem {
             scratch_start: size / 2,
             next_scratch: size / 2,
         })
+    }
+
+    /// The memfd behind guest memory (a hostile frontend may truncate it).
+    pub fn file(&self) -> &File {
+        &self._file
+    }
+
+    /// Size of guest memory in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
     }
 
     /// The region as SET_MEM_TABLE describes it (memfd, and this process's mapping address as

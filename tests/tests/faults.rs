@@ -42,27 +42,14 @@ fn frontend_disconnects_mid_transfer() -> Result<()> {
     Ok(())
 }
 
-/// CPU seconds (user + system) the process has used.
-fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').context("odd stat")?.1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 of stat (utime, stime) are the 12th and 13th after the ')'.
-    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks / hz)
-}
-
 /// The guest posts 16 buffers and then stops for 10 s while the card keeps sending: the
 /// daemon waits (no spinning, no growth) and traffic resumes once buffers come back.
 #[test]
 fn guest_stops_posting_rx_buffers_for_10s() -> Result<()> {
     let card = Card::start(&[])?;
     let (mut dev, _) = card.driver_custom(|f| f, |o| o.rx = RxLayout::mergeable(1536, 16))?;
-    let pid = card.daemon.pid()?;
     let rss0 = card.daemon.rss_kib()?;
-    let cpu0 = cpu_seconds(pid)?;
+    let cpu0 = card.daemon.cpu_seconds()?;
     let pkt = card.ns.packet_socket(TAP)?;
     let frame = udp_frame(
         card.mac,
@@ -82,7 +69,7 @@ fn guest_stops_posting_rx_buffers_for_10s() -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let rss1 = card.daemon.rss_kib()?;
-    let cpu = cpu_seconds(pid)? - cpu0;
+    let cpu = card.daemon.cpu_seconds()? - cpu0;
     eprintln!("sent {sent} frames; daemon RSS {rss0} -> {rss1} KiB, {cpu:.2} CPU s in 10 s");
     ensure!(rss1 < rss0 + 4096, "RSS grew from {rss0} to {rss1} KiB");
     ensure!(

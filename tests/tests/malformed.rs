@@ -10,6 +10,7 @@ use card_tests::daemon::Counters;
 use card_tests::netdev::{RxLayout, VirtioNet};
 use card_tests::packet::{udp_frame_of_len, VnetHdr, F_DATA_VALID};
 use card_tests::vring::{RawDesc, GUEST_BASE, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use vm_memory::GuestAddress;
 
 /// A readable descriptor over `bytes` copied into guest memory.
 fn desc_over(
@@ -304,5 +305,49 @@ fn malformed_rx_chains_are_counted_and_skipped() -> Result<()> {
             c.get("rx_drop_bad_chain") == 6
         })?;
     ensure!(c.get("rx_drop_truncated") == 0, "{c:?}");
+    Ok(())
+}
+
+/// An available index more than a ring ahead of the device (virtio 1.2, 2.7.6 forbids it) on
+/// either queue: the queue is counted broken and ignored without spinning, the other queue
+/// keeps working, and the queue works again once the driver puts its index right.
+#[test]
+fn available_index_beyond_the_ring_is_ignored_without_spinning() -> Result<()> {
+    let mut card = Card::start(&[])?;
+    let mut dev = card.driver()?;
+    card.check_host_to_card(&mut dev, 7310, 1)?;
+    for (name, avail, size) in [
+        ("tx", dev.tx.avail, dev.tx.size),
+        ("rx", dev.rx.avail, dev.rx.size),
+    ] {
+        let idx_at = GuestAddress(avail.0 + 2);
+        let good = dev.mem.read(idx_at, 2)?;
+        let bad = u16::from_le_bytes([good[0], good[1]]).wrapping_add(size + 7);
+        dev.mem.write(idx_at, &bad.to_le_bytes())?;
+        let cpu0 = card.daemon.cpu_seconds()?;
+        for _ in 0..20 {
+            dev.tx.kick()?;
+            dev.rx.kick()?;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let counter = format!("{name}_ring_broken");
+        card.daemon
+            .wait_counters(Duration::from_secs(4), &counter, |c| c.get(&counter) == 1)?;
+        let cpu = card.daemon.cpu_seconds()? - cpu0;
+        ensure!(cpu < 0.5, "{cpu:.2} CPU s in 1 s with a broken {name} ring");
+        // The other direction still works.
+        if name == "tx" {
+            card.check_card_to_host(&mut dev, 3)?;
+        } else {
+            card.check_host_to_card(&mut dev, 7311, 4)?;
+        }
+        // The driver puts its index right: the queue serves again.
+        dev.mem.write(idx_at, &good)?;
+        card.check_host_to_card(&mut dev, 7312, 5)
+            .with_context(|| format!("after repairing {name}"))?;
+        card.check_card_to_host(&mut dev, 6)
+            .with_context(|| format!("after repairing {name}"))?;
+    }
+    card.daemon.check_running()?;
     Ok(())
 }

@@ -196,6 +196,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         signal_hook::consts::SIGTERM,
     ])
     .map_err(DaemonError::Signals)?;
+    // Guest memory files a frontend shrinks later must not end the daemon.
+    crate::memguard::install().map_err(|source| DaemonError::Io {
+        what: "SIGBUS handler",
+        source,
+    })?;
 
     // 1. What needs privileges.
     let mut cleanup = Cleanup {

@@ -15,6 +15,7 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::atomic::AtomicU64;
 
 use log::{debug, warn};
 use vhost_user_backend::VringState;
@@ -67,6 +68,35 @@ pub struct Pair {
     bounce: Vec<u8>,
     /// Length of a frame waiting in `bounce` for the guest to post enough buffers (0: none).
     rx_held: usize,
+    /// The ring's available index ran more than a ring ahead of us: the queue is ignored until
+    /// the driver puts it right (virtio 1.2, 2.7.13.1: the device needs a reset).
+    tx_ring_broken: bool,
+    rx_ring_broken: bool,
+}
+
+/// Whether the driver's available index is at most one ring ahead of what the device consumed
+/// (virtio 1.2, 2.7.6: the driver never makes more than a ring's worth of buffers available).
+fn ring_sane(vring: &State, mem: &Mem) -> bool {
+    let q = vring.get_queue();
+    match q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+        Ok(idx) => idx.0.wrapping_sub(q.next_avail()) <= q.size(),
+        Err(_) => false,
+    }
+}
+
+/// Checks a ring before a pass; a broken ring is counted and logged once per breakage.
+fn ring_ok(broken: &mut bool, vring: &State, mem: &Mem, counter: &AtomicU64, what: &str) -> bool {
+    let sane = ring_sane(vring, mem);
+    if !sane && !*broken {
+        add(counter, 1);
+        warn!(
+            "{what} ring broken: available index more than a ring ahead; ignored until the driver resets it"
+        );
+    } else if sane && *broken {
+        debug!("{what} ring usable again");
+    }
+    *broken = !sane;
+    sane
 }
 
 impl Pair {
@@ -85,6 +115,8 @@ impl Pair {
             scratch: vec![0; GSO_MAX_FRAME.max(mtu + ETH_HLEN + VLAN_HLEN)],
             bounce: vec![0; HDR_MAX + GSO_MAX_FRAME.max(mtu + ETH_HLEN + VLAN_HLEN)],
             rx_held: 0,
+            tx_ring_broken: false,
+            rx_ring_broken: false,
         }
         .with_tx_slots()
     }
@@ -107,6 +139,8 @@ impl Pair {
         self.tx_blocked = false;
         self.rx.clear();
         self.rx_held = 0;
+        self.tx_ring_broken = false;
+        self.rx_ring_broken = false;
         for t in &mut self.tx {
             t.iovs.0.clear();
         }
@@ -126,7 +160,15 @@ impl Pair {
     /// up to [`TX_BATCH`], written (one io_uring submission per batch, or one `writev` each),
     /// then completed in ring order; the guest is signalled once per pass.
     pub fn process_tx(&mut self, vring: &mut State, mem: &Mem, stats: &PairStats) -> Pass {
-        if self.tx_blocked {
+        if self.tx_blocked
+            || !ring_ok(
+                &mut self.tx_ring_broken,
+                vring,
+                mem,
+                &stats.tx_ring_broken,
+                "TX",
+            )
+        {
             return Pass::Idle;
         }
         let mut used = false;
@@ -158,7 +200,8 @@ impl Pair {
                 }
             }
             match vring.enable_notification() {
-                Ok(true) => continue,
+                // More arrived while notifications were off (unless the index is garbage).
+                Ok(true) if ring_sane(vring, mem) => continue,
                 _ => break Pass::Idle,
             }
         };
@@ -295,6 +338,15 @@ impl Pair {
 
     /// Moves frames from the tap to the RX queue.
     pub fn process_rx(&mut self, vring: &mut State, mem: &Mem, stats: &PairStats) -> Pass {
+        if !ring_ok(
+            &mut self.rx_ring_broken,
+            vring,
+            mem,
+            &stats.rx_ring_broken,
+            "RX",
+        ) {
+            return Pass::Idle;
+        }
         let mut used = false;
         let mut frames = 0;
         let _ = vring.disable_notification();
@@ -419,7 +471,7 @@ impl Pair {
         if self.rx.live().is_empty() || self.rx_held > self.rx.cap {
             // Every available chain is popped at this point, so enabling notifications now
             // asks for a kick when the guest posts more.
-            let more = vring.enable_notification().unwrap_or(false);
+            let more = vring.enable_notification().unwrap_or(false) && ring_sane(vring, mem);
             self.rx.release(vring, mem);
             return if more {
                 Rx::Retry

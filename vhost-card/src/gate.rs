@@ -19,7 +19,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -131,6 +131,12 @@ pub fn check_mem_table(body: &[u8], fds: &[OwnedFd]) -> Result<(), &'static str>
         let size = u64::try_from(size).unwrap_or(0);
         if r.mmap_offset + r.memory_size > size {
             return Err("region extends past the end of its file");
+        }
+    }
+    // Accepted: make the files unable to shrink where they allow it (see `memguard`).
+    for fd in fds {
+        if crate::memguard::seal_shrink(fd.as_fd()) == crate::memguard::Seal::Unsealable {
+            debug!("a guest memory file cannot be sealed; the SIGBUS guard covers it");
         }
     }
     Ok(())

@@ -3,7 +3,8 @@
 //! Layout:
 //! * pure logic: [`features`] (feature bits and the spec's dependency rules), [`vnet`] (the
 //!   virtio-net header rules per direction), [`csum`] (checksum verification and completion);
-//! * guest memory and I/O: [`iov`] (descriptor chains to iovecs), [`tap`] and [`netns`] (the
+//! * guest memory and I/O: [`iov`] (descriptor chains to iovecs), [`memguard`] (guest memory
+//!   files that shrink under the daemon), [`tap`] and [`netns`] (the
 //!   card's end of the link), [`datapath`] (TX/RX per queue pair);
 //! * vhost-user: [`backend`] (the `VhostUserBackend`), [`gate`] (answers QEMU's early requests
 //!   in front of the `vhost` crate's handler), [`daemon`] (listen, serve, reconnect, stop);
@@ -19,6 +20,7 @@ pub mod datapath;
 pub mod features;
 pub mod gate;
 pub mod iov;
+pub mod memguard;
 pub mod netns;
 pub mod sandbox;
 pub mod stats;

@@ -79,6 +79,10 @@ counters! {
     tx_kicks,
     /// Guest notifications sent (used-ring interrupts), both queues.
     notifications,
+    /// Times the TX ring's available index ran more than a ring ahead (queue ignored until reset).
+    tx_ring_broken,
+    /// Times the RX ring's available index ran more than a ring ahead (queue ignored until reset).
+    rx_ring_broken,
 }
 
 /// Counters of every queue pair.
@@ -111,6 +115,10 @@ impl Stats {
             }
             s.push('\n');
         }
+        let faults = crate::memguard::faults();
+        if faults != 0 {
+            let _ = writeln!(s, "device: guest_memory_faults={faults}");
+        }
         s
     }
 }
@@ -131,7 +139,10 @@ impl Stats {
                 serde_json::Value::Object(m)
             })
             .collect();
-        serde_json::json!({ "pairs": pairs })
+        serde_json::json!({
+            "pairs": pairs,
+            "guest_memory_faults": crate::memguard::faults(),
+        })
     }
 
     /// The counters in the Prometheus text exposition format (version 0.0.4).
@@ -151,9 +162,23 @@ impl Stats {
                 );
             }
         }
+        let _ = writeln!(
+            s,
+            "# HELP vhost_card_{GUEST_MEMORY_FAULTS}_total {FAULTS_HELP}"
+        );
+        let _ = writeln!(s, "# TYPE vhost_card_{GUEST_MEMORY_FAULTS}_total counter");
+        let _ = writeln!(
+            s,
+            "vhost_card_{GUEST_MEMORY_FAULTS}_total {}",
+            crate::memguard::faults()
+        );
         s
     }
 }
+
+/// The device-wide counter of guest pages lost to a frontend that shrank a memory file.
+pub const GUEST_MEMORY_FAULTS: &str = "guest_memory_faults";
+const FAULTS_HELP: &str = "Guest memory pages the frontend truncated under the daemon, replaced by zero pages (see memguard).";
 
 /// Adds `n` to a counter.
 #[inline]
