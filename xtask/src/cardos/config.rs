@@ -340,6 +340,20 @@ pub struct Ipsec {
     /// `ip xfrm` AEAD algorithm and key length in bits (with the salt).
     pub aead: String,
     pub key_bits: u32,
+    /// Who does ESP: the kernel (`ip xfrm`), strongSwan in userspace, or
+    /// the kernel when it can.
+    pub backend: IpsecBackend,
+}
+
+/// `[ipsec] backend`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IpsecBackend {
+    /// Kernel ESP if the kernel has it (probed), strongSwan otherwise.
+    Auto,
+    /// Kernel ESP with static keys (`ip xfrm`).
+    Kernel,
+    /// strongSwan's charon with kernel-libipsec: IKEv2, ESP in UDP, userspace.
+    Strongswan,
 }
 
 #[derive(Clone, Debug)]
@@ -496,6 +510,14 @@ impl Config {
                 peer_inner: cidr(&mut s, "peer_inner")?,
                 aead: s.str_or("aead", "rfc4106(gcm(aes))")?,
                 key_bits: u32::try_from(s.int_or("key_bits", 160)?).context("ipsec.key_bits")?,
+                backend: match s.str_or("backend", "auto")?.as_str() {
+                    "auto" => IpsecBackend::Auto,
+                    "kernel" => IpsecBackend::Kernel,
+                    "strongswan" => IpsecBackend::Strongswan,
+                    other => bail!(
+                        "ipsec.backend must be \"auto\", \"kernel\" or \"strongswan\", not {other:?}"
+                    ),
+                },
             })
         } else {
             for key in [
@@ -507,6 +529,7 @@ impl Config {
                 "peer_inner",
                 "aead",
                 "key_bits",
+                "backend",
             ] {
                 s.get(key);
             }
@@ -599,5 +622,6 @@ mod tests {
         assert_eq!(cfg.netns, "card");
         assert_eq!(cfg.ports[0].mtu, 1500);
         assert_eq!(cfg.mode, Mode::Nat);
+        assert_eq!(cfg.ipsec.unwrap().backend, IpsecBackend::Auto);
     }
 }

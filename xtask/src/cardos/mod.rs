@@ -4,13 +4,15 @@
 //! The card is a network namespace holding the tap of vhost-card (the host
 //! link), its addresses, network ports (veth pairs into namespaces that play
 //! the outside network, with test hosts), forwarding, an nftables ruleset,
-//! an ESP tunnel (`ip xfrm`, static keys) and nginx (HTTP server, reverse
+//! an ESP tunnel (kernel `ip xfrm`, or strongSwan in userspace where the
+//! kernel has no ESP: see ipsec.rs) and nginx (HTTP server, reverse
 //! proxy, UDP relay). Every step checks what is there first, so `up` can run
 //! again; `reload` is `up` on a changed file: it never touches the daemon or
 //! the tap, replaces the ruleset atomically and reloads nginx gracefully.
 
 pub mod config;
 pub mod guest;
+pub mod ipsec;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -19,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 
 pub use config::{Config, Mode};
 
@@ -217,7 +219,7 @@ fn apply(cfg: &Config) -> Result<()> {
         }
     }
     load_ruleset(cfg)?;
-    apply_ipsec(cfg)?;
+    ipsec::apply(cfg)?;
     start_or_reload_nginx(cfg, Server::Wire)?;
     start_or_reload_nginx(cfg, Server::Card)?;
     Ok(())
@@ -367,20 +369,46 @@ fn ruleset(cfg: &Config) -> Result<String> {
     vars.insert("WIRE_MTU", wire_mtu.to_string());
     vars.insert("HOST_NET4", cfg.link.address4.network().to_string());
     vars.insert("HOST_NET6", cfg.link.address6.network().to_string());
-    let (input, nonat) = match &cfg.ipsec {
+    let (input, forward, nonat) = match &cfg.ipsec {
         Some(s) => (
-            format!(
-                "ip saddr {} meta l4proto esp accept comment \"ESP from the IPsec peer\"",
-                s.peer
-            ),
+            // Kernel ESP, or IKE and ESP in UDP (strongSwan).
+            [
+                format!(
+                    "ip saddr {} meta l4proto esp accept comment \"ESP from the IPsec peer\"",
+                    s.peer
+                ),
+                format!(
+                    "ip saddr {} udp dport {{ 500, 4500 }} accept comment \"IKE and ESP-in-UDP from the IPsec peer\"",
+                    s.peer
+                ),
+            ]
+            .join("\n        "),
+            // The userspace backend's TUN device (kernel ESP goes out of
+            // and comes in through the port itself).
+            [
+                format!(
+                    "iifname \"{}\" oifname \"{}\" ip daddr {} counter accept comment \"host into the tunnel\"",
+                    cfg.link.dev,
+                    ipsec::TUN,
+                    s.peer_subnet
+                ),
+                format!(
+                    "iifname \"{}\" oifname \"{}\" ip saddr {} counter accept comment \"from the IPsec peer (userspace ESP)\"",
+                    ipsec::TUN,
+                    cfg.link.dev,
+                    s.peer_subnet
+                ),
+            ]
+            .join("\n        "),
             format!(
                 "ip saddr {} ip daddr {} accept comment \"into the tunnel\"",
                 s.local_subnet, s.peer_subnet
             ),
         ),
-        None => (String::new(), String::new()),
+        None => (String::new(), String::new(), String::new()),
     };
     vars.insert("IPSEC_INPUT", input);
+    vars.insert("IPSEC_FORWARD", forward);
     vars.insert("IPSEC_NONAT", nonat);
     render(cfg, "nftables.nft.in", &vars)
 }
@@ -390,135 +418,6 @@ fn load_ruleset(cfg: &Config) -> Result<()> {
     fs::write(&path, ruleset(cfg)?)?;
     run(in_ns(&cfg.netns, "nft").arg("-f").arg(&path))
         .with_context(|| format!("loading {}", path.display()))?;
-    Ok(())
-}
-
-/// The tunnel's keys: generated once (at the first `up`), kept in the run
-/// directory so `reload` keeps the security associations as they are.
-fn ipsec_keys(cfg: &Config, bits: u32) -> Result<(String, String)> {
-    let path = cfg.run_dir.join("ipsec.keys");
-    if let Ok(text) = fs::read_to_string(&path) {
-        let keys: Vec<&str> = text.split_whitespace().collect();
-        if let [a, b] = keys[..] {
-            if a.len() == 2 + bits as usize / 4 {
-                return Ok((a.to_string(), b.to_string()));
-            }
-        }
-    }
-    let mut random = vec![0u8; 2 * bits as usize / 8];
-    use std::io::Read;
-    fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
-    let hex = |b: &[u8]| {
-        format!(
-            "0x{}",
-            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
-        )
-    };
-    let (a, b) = random.split_at(bits as usize / 8);
-    let keys = (hex(a), hex(b));
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)?;
-    use std::io::Write;
-    writeln!(f, "{} {}", keys.0, keys.1)?;
-    Ok(keys)
-}
-
-/// The ESP tunnel, both ends: the card and the peer in the wire. Static
-/// keys and SPIs, no IKE daemon. A kernel without ESP (CONFIG_INET_ESP) is
-/// reported in the run directory's `ipsec.status` and by `status`, not
-/// fatal.
-fn apply_ipsec(cfg: &Config) -> Result<()> {
-    let status = cfg.run_dir.join("ipsec.status");
-    let Some(s) = &cfg.ipsec else {
-        fs::write(&status, "disabled\n")?;
-        return Ok(());
-    };
-    let port = cfg
-        .ports
-        .iter()
-        .find(|p| p.name == s.port)
-        .ok_or_else(|| anyhow!("ipsec.port {} is not a port", s.port))?;
-    let wire = port.wire_netns.as_str();
-    ip(
-        wire,
-        &["addr", "replace", &s.peer_inner.to_string(), "dev", "lo"],
-    )?;
-    let (out_key, in_key) = ipsec_keys(cfg, s.key_bits)?;
-    let bits = "128".to_string();
-    let (local, peer) = (s.local.to_string(), s.peer.to_string());
-    let (lnet, pnet) = (s.local_subnet.to_string(), s.peer_subnet.to_string());
-    // (namespace, our outer address, theirs, our inside, theirs, key out, key in, spi out, spi in)
-    let ends = [
-        (
-            cfg.netns.as_str(),
-            &local,
-            &peer,
-            &lnet,
-            &pnet,
-            &out_key,
-            &in_key,
-            "0x7701",
-            "0x7702",
-            true,
-        ),
-        (
-            wire, &peer, &local, &pnet, &lnet, &in_key, &out_key, "0x7702", "0x7701", false,
-        ),
-    ];
-    for (ns, me, them, mine, theirs, kout, kin, spi_out, spi_in, forwards) in ends {
-        run(in_ns(ns, "ip").args(["xfrm", "policy", "flush"]))?;
-        run(in_ns(ns, "ip").args(["xfrm", "state", "flush"]))?;
-        for (src, dst, spi, key) in [(me, them, spi_out, kout), (them, me, spi_in, kin)] {
-            let out = in_ns(ns, "ip")
-                .args(["xfrm", "state", "add", "src", src, "dst", dst])
-                .args(["proto", "esp", "spi", spi, "reqid", "77", "mode", "tunnel"])
-                .args(["aead", &s.aead, key, &bits])
-                .output()?;
-            if !out.status.success() {
-                let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-                // Tell a missing algorithm from a kernel without ESP at all.
-                let probe = in_ns(ns, "ip")
-                    .args(["xfrm", "state", "add", "src", src, "dst", dst])
-                    .args(["proto", "esp", "spi", "0x77ff", "mode", "tunnel"])
-                    .args(["enc", "cbc(aes)", &format!("0x{}", "00".repeat(16))])
-                    .args(["auth", "hmac(sha256)", &format!("0x{}", "00".repeat(32))])
-                    .output()?;
-                let probe = String::from_utf8_lossy(&probe.stderr).trim().to_string();
-                let why = if err.contains("type not found") || probe.contains("type not found") {
-                    format!(
-                        "unavailable: this kernel has no ESP (CONFIG_INET_ESP / esp4): \
-                         `ip xfrm state add ... aead {}`: `{err}`; with cbc(aes)+hmac(sha256): `{probe}`",
-                        s.aead
-                    )
-                } else {
-                    format!("unavailable: ip xfrm state add failed: `{err}`")
-                };
-                eprintln!("card: IPsec {why}");
-                run(in_ns(ns, "ip").args(["xfrm", "state", "flush"]))?;
-                fs::write(&status, format!("{why}\n"))?;
-                return Ok(());
-            }
-        }
-        let mut dirs = vec![
-            ("out", mine, theirs, me, them),
-            ("in", theirs, mine, them, me),
-        ];
-        if forwards {
-            dirs.push(("fwd", theirs, mine, them, me));
-        }
-        for (dir, src, dst, tsrc, tdst) in dirs {
-            run(in_ns(ns, "ip")
-                .args(["xfrm", "policy", "add", "src", src, "dst", dst, "dir", dir])
-                .args(["tmpl", "src", tsrc, "dst", tdst])
-                .args(["proto", "esp", "reqid", "77", "mode", "tunnel"]))?;
-        }
-    }
-    fs::write(&status, "up\n")?;
     Ok(())
 }
 
@@ -749,6 +648,8 @@ pub fn down(cfg: &Config) -> Result<()> {
     {
         stop_nginx(cfg, Server::Wire);
     }
+    // Both charons (userspace IPsec) and the kernel's xfrm states.
+    ipsec::stop(cfg);
     let state = read_state(cfg);
     let ns = cfg.netns.as_str();
     if netns_exists(ns) {
@@ -756,8 +657,6 @@ pub fn down(cfg: &Config) -> Result<()> {
             in_ns(ns, args[0]).args(&args[1..]).output().ok();
         };
         quiet(&["nft", "delete", "table", "inet", "card"]);
-        quiet(&["ip", "xfrm", "policy", "flush"]);
-        quiet(&["ip", "xfrm", "state", "flush"]);
         for (key, port) in &state {
             if key == "port" && has_link(ns, port) {
                 ip(ns, &["link", "del", port]).ok();
@@ -845,12 +744,13 @@ pub fn status(cfg: &Config) -> Result<String> {
                 .join("\n"))
             .unwrap_or_else(|e| format!("  {e:#}"))
     ));
-    line(format!(
-        "ipsec: {}",
-        fs::read_to_string(cfg.run_dir.join("ipsec.status"))
-            .unwrap_or_else(|_| "unknown".into())
-            .trim()
-    ));
+    line(format!("ipsec: {}", ipsec::status(cfg)));
+    if let Some(sas) = ipsec::list_sas(cfg) {
+        line(format!(
+            "ipsec SAs (swanctl --list-sas, card):\n{}",
+            sas.trim_end()
+        ));
+    }
     for (name, server) in [("card nginx", Server::Card), ("wire nginx", Server::Wire)] {
         line(format!(
             "{name}: {}",
@@ -886,8 +786,5 @@ pub fn counters(cfg: &Config) -> Result<BTreeMap<String, u64>> {
 
 /// Whether the IPsec tunnel is up, or why not.
 pub fn ipsec_status(cfg: &Config) -> String {
-    fs::read_to_string(cfg.run_dir.join("ipsec.status"))
-        .unwrap_or_else(|_| "unknown".into())
-        .trim()
-        .to_string()
+    ipsec::status(cfg)
 }
