@@ -83,6 +83,7 @@ fn probe(kernel: &Path, initramfs: &Path, log_dir: &Path) -> Result<(Accel, Stri
         memory_mib: 256,
         hotplug_port: false,
         agent: false,
+        queues: 1,
     });
     let outcome = vm.and_then(|mut vm| {
         // The base initramfs has no scenario: init says so and powers off.

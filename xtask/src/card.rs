@@ -65,6 +65,8 @@ pub struct CardConfig {
     pub mtu: u32,
     /// `--disable` list (comma-separated names), empty for the defaults.
     pub disable: String,
+    /// `--queues`: queue pairs (1 for the default single pair).
+    pub queues: u16,
 }
 
 /// The card's namespace and daemon. Drop order: daemon, then namespace.
@@ -121,6 +123,10 @@ impl Card {
         if !self.cfg.disable.is_empty() {
             args.push("--disable".into());
             args.push(self.cfg.disable.clone());
+        }
+        if self.cfg.queues > 1 {
+            args.push("--queues".into());
+            args.push(self.cfg.queues.to_string());
         }
         args
     }
@@ -258,10 +264,16 @@ impl Card {
     /// Queue pair 0's counters from the current daemon's last stats line
     /// (logged every second).
     pub fn stats(&self) -> Result<BTreeMap<String, u64>> {
+        self.pair_stats(0)
+    }
+
+    /// Queue pair `pair`'s counters from the current daemon's last stats line.
+    pub fn pair_stats(&self, pair: usize) -> Result<BTreeMap<String, u64>> {
         let lines = self.log_lines()?;
         let mut counters = BTreeMap::new();
-        if let Some(line) = lines.iter().rev().find(|l| l.contains("stats pair 0:")) {
-            let rest = line.split_once("stats pair 0:").map_or("", |(_, r)| r);
+        let tag = format!("stats pair {pair}:");
+        if let Some(line) = lines.iter().rev().find(|l| l.contains(&tag)) {
+            let rest = line.split_once(&tag).map_or("", |(_, r)| r);
             for item in rest.split_whitespace() {
                 if let Some((k, v)) = item.split_once('=') {
                     if let Ok(v) = v.parse() {

@@ -54,6 +54,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let cfg = CardConfig {
         mtu: opts.mtu,
         disable: opts.disable.clone(),
+        queues: 1,
     };
     println!(
         "demo: booting {} under {} ({}) against {}",

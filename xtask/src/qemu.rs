@@ -48,6 +48,8 @@ pub struct VmConfig<'a> {
     pub hotplug_port: bool,
     /// Add a second serial port (ttyS1) on a socket for the guest agent.
     pub agent: bool,
+    /// Queue pairs of the NIC; above 1 the guest gets as many vCPUs and the NIC `mq=on`.
+    pub queues: u16,
 }
 
 pub struct Vm {
@@ -81,7 +83,8 @@ impl Vm {
         );
         cmd.args(["-machine", &format!("q35,accel={}", cfg.accel.name())])
             .args(["-cpu", cfg.accel.cpu()])
-            .args(["-smp", "1", "-m", &cfg.memory_mib.to_string()])
+            .args(["-smp", &cfg.queues.max(1).to_string()])
+            .args(["-m", &cfg.memory_mib.to_string()])
             // vhost-user needs guest RAM in a shareable file descriptor.
             .args(["-object", &mem])
             .args(["-numa", "node,memdev=mem"]);
@@ -92,7 +95,10 @@ impl Vm {
             Nic::VhostUser { socket } => {
                 let chardev = format!("socket,id=chr0,path={},reconnect=1", socket.display());
                 cmd.args(["-chardev", &chardev]);
-                Some("vhost-user,id=net0,chardev=chr0".to_string())
+                Some(format!(
+                    "vhost-user,id=net0,chardev=chr0,queues={}",
+                    cfg.queues.max(1)
+                ))
             }
             Nic::Tap { ifname, .. } => Some(format!(
                 "tap,id=net0,ifname={ifname},script=no,downscript=no,vhost=off"
@@ -102,10 +108,13 @@ impl Vm {
         if let Some(netdev) = netdev {
             // vectors=0: no MSI-X, legacy INTx only. Debian 12's QEMU 7.2
             // segfaults when a vhost-user NIC starts under TCG with MSI-X.
-            let device = format!(
+            let mut device = format!(
                 "virtio-net-pci,netdev=net0,mac={},host_mtu={},vectors=0",
                 cfg.mac, cfg.mtu
             );
+            if cfg.queues > 1 {
+                device.push_str(",mq=on");
+            }
             cmd.args(["-netdev", &netdev]).args(["-device", &device]);
         }
         cmd.arg("-kernel")

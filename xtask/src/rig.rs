@@ -149,6 +149,7 @@ impl Rig {
             memory_mib: GUEST_MIB,
             hotplug_port: plug == Plug::Later,
             agent: true,
+            queues: cfg.queues,
         })?;
         let boot = vm.wait_agent(Duration::from_secs(240))?;
         let mut rig = Rig {
@@ -209,6 +210,12 @@ impl Rig {
 
     /// `len` bytes of the payload from the guest to the card over TCP.
     pub fn send_to_card(&mut self, env: &Env, len: usize) -> Result<Checked> {
+        self.send_to_card_via(env, len, "")
+    }
+
+    /// As [`Rig::send_to_card`], the guest's sender run under `wrapper` (e.g. a `taskset`
+    /// command line; empty for none).
+    pub fn send_to_card_via(&mut self, env: &Env, len: usize, wrapper: &str) -> Result<Checked> {
         let timeout = transfer_timeout(len);
         let progress = Arc::new(Progress::default());
         let rx = nsnet::tcp_receive(
@@ -218,7 +225,13 @@ impl Rig {
             timeout,
             progress,
         )?;
-        let reply = self.vm.sh(&guest_send_cmd(env, len, 5001), timeout)?;
+        let cmd = guest_send_cmd(env, len, 5001);
+        let cmd = if wrapper.is_empty() {
+            cmd
+        } else {
+            format!("{wrapper} sh -c '{cmd}'")
+        };
+        let reply = self.vm.sh(&cmd, timeout)?;
         let got = nsnet::join(rx)?;
         if reply.rc != 0 {
             bail!("guest nc failed ({}): {}", reply.rc, reply.out.trim());

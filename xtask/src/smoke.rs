@@ -122,6 +122,7 @@ fn scenario(opts: &Options, log_dir: &Path) -> Result<()> {
         memory_mib: 512,
         hotplug_port: false,
         agent: false,
+        queues: 1,
     })?;
     println!(
         "smoke: VM started ({}: {accel_why}), QMP at {}",

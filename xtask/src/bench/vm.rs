@@ -154,6 +154,7 @@ fn one(env: &Env, b: Nicb, mtu: u32, len: usize, name: &str) -> Run {
             let cfg = CardConfig {
                 mtu,
                 disable: String::new(),
+                queues: 1,
             };
             let mut rig = Rig::boot(env, name, &cfg, Plug::Boot)?;
             let ns = rig.card.ns.name().to_string();
@@ -207,6 +208,7 @@ fn one(env: &Env, b: Nicb, mtu: u32, len: usize, name: &str) -> Run {
                 memory_mib: 1024,
                 hotplug_port: false,
                 agent: true,
+                queues: 1,
             })?;
             vm.wait_agent(Duration::from_secs(240))?;
             vm.check("net_up", Duration::from_secs(30))?;

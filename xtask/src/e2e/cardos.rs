@@ -115,6 +115,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let cfg = CardConfig {
         mtu: DEFAULT_MTU,
         disable: String::new(),
+        queues: 1,
     };
     let mut rig = Rig::boot(&env, "cardos", &cfg, Plug::Boot)?;
     println!("cardos-e2e: VM up in {:.1} s", rig.boot.as_secs_f64());

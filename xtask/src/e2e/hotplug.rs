@@ -16,6 +16,7 @@ pub fn run(env: &Env, opts: &Options) -> Result<(bool, String)> {
     let cfg = CardConfig {
         mtu: DEFAULT_MTU,
         disable: String::new(),
+        queues: 1,
     };
     let mut rig = Rig::boot(env, "hotplug", &cfg, Plug::Later)?;
     let result = hotplug_steps(&mut rig, env, opts);

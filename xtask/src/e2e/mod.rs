@@ -1,5 +1,5 @@
 //! `cargo xtask e2e`: the card against an unmodified Debian kernel in a VM,
-//! end to end. Six scenarios, one PASS/FAIL line each:
+//! end to end. Seven scenarios, one PASS/FAIL line each:
 //!
 //! 1. binding: virtio_net binds, reads the card's MTU, and its feature bits
 //!    are the card's offer as far as QEMU passes it through;
@@ -10,13 +10,16 @@
 //! 5. hot-plug: the card plugged into a running VM through QMP, used, and
 //!    unplugged cleanly;
 //! 6. restart: the daemon SIGKILLed mid-transfer and started again; QEMU
-//!    reconnects and the transfer completes.
+//!    reconnects and the transfer completes;
+//! 7. multiqueue: `--queues 2` with a two-vCPU guest: both pairs up, a TCP
+//!    stream from each vCPU on its own TX queue, sha256 equal.
 //!
-//! Scenarios 1, 2, 4 and 6 share one VM; 3 boots one per configuration and 5
-//! its own. Logs: target/vm/logs/e2e/<rig>/.
+//! Scenarios 1, 2, 4 and 6 share one VM; 3 boots one per configuration, 5
+//! and 7 their own. Logs: target/vm/logs/e2e/<rig>/.
 
 pub mod cardos;
 mod hotplug;
+mod multiqueue;
 mod shared_vm;
 mod toggles;
 
@@ -33,14 +36,15 @@ pub const DEFAULT_MTU: u32 = 65520;
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Run only these scenarios (numbers 1-6, comma-separated).
+    /// Run only these scenarios (numbers 1-7, comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u32>,
     /// MiB sent each way in scenarios 2 and 6.
     #[arg(long, default_value_t = 64)]
     pub mib: usize,
-    /// MiB sent each way per configuration of the toggle matrix (3) and in
-    /// the hot-plug scenario (5); default: as --mib.
+    /// MiB sent each way per configuration of the toggle matrix (3), in the
+    /// hot-plug scenario (5) and per stream in the multiqueue scenario (7);
+    /// default: as --mib.
     #[arg(long)]
     pub matrix_mib: Option<usize>,
     /// Accelerator; by default a probe VM tries KVM and falls back to TCG.
@@ -77,8 +81,8 @@ pub fn run(opts: &Options) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("e2e needs root (network namespaces, tap devices)");
     }
-    if opts.only.iter().any(|n| !(1..=6).contains(n)) {
-        bail!("scenarios are numbered 1 to 6");
+    if opts.only.iter().any(|n| !(1..=7).contains(n)) {
+        bail!("scenarios are numbered 1 to 7");
     }
     let wanted = |n: u32| opts.only.is_empty() || opts.only.contains(&n);
     let t0 = Instant::now();
@@ -116,6 +120,10 @@ pub fn run(opts: &Options) -> Result<()> {
     crate::check_interrupted()?;
     if wanted(5) {
         record(verdict(5, "hotplug", hotplug::run(&env, opts)));
+    }
+    crate::check_interrupted()?;
+    if wanted(7) {
+        record(verdict(7, "multiqueue", multiqueue::run(&env, opts)));
     }
 
     lines.sort_by_key(|l| l.number);
@@ -161,6 +169,7 @@ fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, record: &mu
     let cfg = CardConfig {
         mtu: DEFAULT_MTU,
         disable: String::new(),
+        queues: 1,
     };
     let mut rig = match Rig::boot(env, "main", &cfg, Plug::Boot) {
         Ok(rig) => rig,

@@ -32,6 +32,7 @@ pub fn run(env: &Env, opts: &Options) -> Line {
             let cfg = CardConfig {
                 mtu,
                 disable: disable.to_string(),
+                queues: 1,
             };
             let rig_name = format!("toggle-{name}-{mtu}");
             let result = toggle_one(env, &rig_name, &cfg, len);
