@@ -929,7 +929,6 @@ pub fn run(opts: &Options) -> Result<()> {
             prev = left;
             std::thread::sleep(Duration::from_millis(200));
         }
-        let host_totals = rig.host_snap()?;
         rig.stop_host()?;
         // Host to card: what the daemon wrote to the tap reached the sink or was dropped by
         // the card's kernel, once the sink has read everything.
@@ -944,14 +943,13 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         // The last session's descriptors and threads go once the daemon has noticed.
         let deadline = Instant::now() + Duration::from_secs(5);
-        let mut s = loop {
+        let s = loop {
             let s = rig.sample(t0.elapsed().as_secs_f64())?;
             if (s.fds, s.threads) == (before.fds, before.threads) || Instant::now() > deadline {
                 break s;
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        s.host_rx = host_totals.rx;
         if let Some(mut p) = rig.sink.take() {
             p.stop(Some("quit"));
         }
