@@ -164,3 +164,25 @@ fn rx_with_few_buffers_posted() -> Result<()> {
     ensure!(c.get("rx_drop_truncated") == 0, "{c:?}");
     Ok(())
 }
+
+/// A frame waiting for buffers when the driver goes away is dropped and counted
+/// (`rx_drop_disconnect`): it was read with that session's header and offloads.
+#[test]
+fn rx_frame_held_at_disconnect_is_counted() -> Result<()> {
+    let mut card = Card::start(&[])?;
+    let (dev, _) = card.driver_custom(|f| f, |o| o.rx = RxLayout::mergeable(MRG_BUF as u32, 8))?;
+    ensure!(dev.mrg_rxbuf());
+    let src = SocketAddrV4::new(CARD_IP, 5353);
+    let dst = SocketAddrV4::new(HOST_IP, 6363);
+    let big = udp_frame_of_len(card.mac, HOST_MAC, src, dst, 20000, 9)?;
+    card.ns.packet_socket(TAP)?.send(&big)?;
+    std::thread::sleep(Duration::from_millis(500));
+    drop(dev);
+    let c = card.daemon.wait_counters(
+        Duration::from_secs(5),
+        "the held frame counted at disconnect",
+        |c| c.get("rx_drop_disconnect") == 1,
+    )?;
+    ensure!(c.get("rx_held") == 1, "{c:?}");
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! Reconnect: after the frontend goes away the daemon listens again on the same socket, keeps
 //! the tap and its address, and a new frontend (with new guest memory) negotiates again and
-//! passes traffic. Finally SIGTERM stops it cleanly.
+//! passes traffic, and no descriptor is left behind by the old session. Finally SIGTERM stops it
+//! cleanly.
 
 use std::time::Duration;
 
@@ -21,6 +22,8 @@ fn new_frontend_after_disconnect() -> Result<()> {
         |f| f & (F_VERSION_1 | F_PROTOCOL_FEATURES),
     ];
     let rounds = keeps.len() as u64;
+    let pid = card.daemon.pid()?;
+    let mut fds = Vec::new();
     for (round, keep) in (0..rounds).zip(keeps) {
         let seed = round as u8;
         let (mut dev, _) = card.driver_with(keep)?;
@@ -52,7 +55,14 @@ fn new_frontend_after_disconnect() -> Result<()> {
             "round {round}: card0 changed its MAC"
         );
         ensure!(socket.exists(), "round {round}: the socket is gone");
+        fds.push(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count());
     }
+    // Between sessions the daemon holds the same descriptors every time (a session used to
+    // leak its workers' exit eventfds).
+    ensure!(
+        fds.iter().all(|&n| n == fds[0]),
+        "open descriptors after each session: {fds:?}"
+    );
 
     let (status, c) = card.daemon.stop()?;
     ensure!(status.success(), "exit status {status} after SIGTERM");

@@ -3,6 +3,7 @@
 //! TX queue `2i + 1`), each also watching its tap queue.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::{Arc, Mutex, RwLock};
 
 use log::{info, warn};
@@ -47,6 +48,8 @@ struct Worker {
     pair: Mutex<Pair>,
     /// Written when a pass ends with work left, so the worker comes back after other events.
     wake: (EventConsumer, EventNotifier),
+    /// The worker thread's exit event, the same eventfd for every session (see `exit_event`).
+    exit: (EventConsumer, EventNotifier),
 }
 
 /// Called once when the card's end of the link is gone for good.
@@ -79,6 +82,7 @@ impl CardBackend {
                     cfg.queue_size,
                 )),
                 wake: new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?,
+                exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?,
             });
         }
         Ok(CardBackend {
@@ -103,7 +107,6 @@ impl CardBackend {
 
     /// Descriptors a worker must watch besides its vrings: (fd, events, id).
     pub fn extra_listeners(&self, worker: usize) -> Vec<(i32, EventSet, u64)> {
-        use std::os::fd::AsRawFd;
         vec![
             (
                 self.tap.queue_fd(worker),
@@ -120,8 +123,11 @@ impl CardBackend {
 
     /// Forgets the state of the last frontend connection.
     pub fn reset_connection(&self) {
-        for w in &self.workers {
-            w.pair.lock().unwrap_or_else(|p| p.into_inner()).reset();
+        for (w, stats) in self.workers.iter().zip(&self.stats.pairs) {
+            w.pair
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .reset(stats);
         }
         *self.mem.write().unwrap_or_else(|p| p.into_inner()) = None;
         let _ = self.tap.set_offload(0);
@@ -202,8 +208,22 @@ impl VhostUserBackend for CardBackend {
         (0..self.cfg.pairs).map(|i| 0b11u64 << (2 * i)).collect()
     }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    /// The crate asks for this once per worker and session. It takes the consumer's descriptor
+    /// with `into_raw_fd()` into the worker's epoll set and never closes it (vhost-user-backend
+    /// 0.24, `VringEpollHandler::new`): a fresh eventfd per session leaked one descriptor per
+    /// queue pair and reconnect. So every session gets the worker's own eventfd, which lives as
+    /// long as the daemon; the notifier is a duplicate the crate owns and closes.
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = &self.workers.get(thread_index)?.exit;
+        // The crate never reads the exit event: the last session's stop request is still
+        // pending and would end the new worker at once. The eventfd is non-blocking.
+        while consumer.consume().is_ok() {}
+        let notifier = notifier.try_clone().ok()?;
+        // SAFETY: the descriptor is open (owned by `self.workers`, which outlives every session)
+        // and the crate only turns this value back into a raw descriptor without closing it
+        // (see above), so it is never closed twice; nothing else reads it.
+        let consumer = unsafe { EventConsumer::from_raw_fd(consumer.as_raw_fd()) };
+        Some((consumer, notifier))
     }
 
     fn handle_event(

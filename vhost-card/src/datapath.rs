@@ -132,8 +132,12 @@ impl Pair {
         self.uring.is_some()
     }
 
-    /// Forgets everything tied to a frontend connection.
-    pub fn reset(&mut self) {
+    /// Forgets everything tied to a frontend connection. A frame held for the host's buffers
+    /// is dropped (counted): it was read with that connection's header and offloads.
+    pub fn reset(&mut self, stats: &PairStats) {
+        if self.rx_held > 0 {
+            add(&stats.rx_drop_disconnect, 1);
+        }
         self.neg = Negotiated::default();
         self.rx_pending = true;
         self.tx_blocked = false;

@@ -57,6 +57,8 @@ counters! {
     rx_drop_gso,
     /// RX frames shorter than an Ethernet header.
     rx_drop_runt,
+    /// RX frames waiting in the bounce buffer for host buffers when the host disconnected.
+    rx_drop_disconnect,
     /// RX reads that failed with an error other than EAGAIN.
     rx_tap_error,
     /// Times RX stopped reading the tap because the host had no buffers.

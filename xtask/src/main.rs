@@ -33,6 +33,7 @@ mod report;
 mod rig;
 mod schema;
 mod smoke;
+mod soak;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -68,6 +69,10 @@ enum Task {
     /// raw tap and memcpy, driven by card-load and dpdk-testpmd (--smoke: short; --vm: TCP
     /// through a guest). Table, JSON and PNG in target/bench/.
     Bench(bench::Options),
+    /// Sustained traffic both ways (mixed frame sizes, periodic reconnects) through vhost-card
+    /// for --minutes N (default 10): RSS, descriptors, threads and drops by reason every
+    /// interval; fails on growth after warm-up or unexplained drops. Results in target/soak/.
+    Soak(soak::Options),
     /// Runs inside the test VM (the guest's helper binary).
     #[command(subcommand, hide = true)]
     Guest(guest::Helper),
@@ -104,6 +109,7 @@ fn main() {
         Task::E2e(opts) => e2e::run(&opts),
         Task::Fuzz(opts) => fuzz::run(&opts),
         Task::Bench(opts) => bench::run(&opts),
+        Task::Soak(opts) => soak::run(&opts),
         Task::Guest(cmd) => guest::helper(&cmd),
         Task::Card(opts) => cardos::run_task(&opts),
         Task::CardosE2e(opts) => e2e::cardos::run(&opts),

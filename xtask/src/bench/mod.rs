@@ -12,7 +12,7 @@
 //! table, a JSON file and a PNG plot land in `target/bench/`. `--smoke` is the short version CI
 //! runs; `--vm` measures TCP through a real guest instead (see `vm.rs`).
 
-mod procs;
+pub mod procs;
 mod report;
 mod setup;
 mod vm;

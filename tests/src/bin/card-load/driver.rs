@@ -126,26 +126,51 @@ impl Device {
     }
 }
 
-/// Host to card: keeps TX ring `ring` full of `frame` (header included) until `stop`.
-/// Distinct buffers for every descriptor, up to `max_bytes` of them, then they repeat.
-pub fn tx_setup(dev: &mut Device, ring: usize, frame: &[u8], max_bytes: usize) -> Result<()> {
-    let size = dev.rings[ring].size;
-    let copies = (max_bytes / frame.len().max(1)).clamp(1, usize::from(size));
-    let mut addrs = Vec::with_capacity(copies);
-    for _ in 0..copies {
-        let a = dev.alloc(frame.len())?;
-        dev.mem.mem.write_slice(frame, a)?;
-        addrs.push(a);
+/// Host to card: keeps TX ring `ring` full of `frames` (each with its header, and the wire bytes
+/// it stands for), descriptor `i` carrying frame `i % frames.len()`, so several sizes interleave.
+/// Distinct buffers for every descriptor, up to `max_bytes` of them, then they repeat. Returns
+/// the wire bytes of each descriptor, for [`tx_loop`].
+pub fn tx_setup(
+    dev: &mut Device,
+    ring: usize,
+    frames: &[(Vec<u8>, u64)],
+    max_bytes: usize,
+) -> Result<Vec<u64>> {
+    if frames.is_empty() {
+        bail!("no frame to send");
+    }
+    let size = usize::from(dev.rings[ring].size);
+    let kinds = frames.len();
+    let mut addrs: Vec<Vec<GuestAddress>> = Vec::with_capacity(kinds);
+    for (frame, _) in frames {
+        let copies = (max_bytes / kinds / frame.len().max(1)).clamp(1, size.div_ceil(kinds));
+        let mut these = Vec::with_capacity(copies);
+        for _ in 0..copies {
+            let a = dev.alloc(frame.len())?;
+            dev.mem.mem.write_slice(frame, a)?;
+            these.push(a);
+        }
+        addrs.push(these);
     }
     let r = &mut dev.rings[ring];
+    let mut wire = Vec::with_capacity(size);
     for i in 0..size {
-        let a = addrs[usize::from(i) % copies];
-        r.set_desc(i, a.0, u32::try_from(frame.len())?, 0, 0);
+        let k = i % kinds;
+        let a = addrs[k][(i / kinds) % addrs[k].len()];
+        r.set_desc(
+            u16::try_from(i)?,
+            a.0,
+            u32::try_from(frames[k].0.len())?,
+            0,
+            0,
+        );
+        wire.push(frames[k].1);
     }
-    Ok(())
+    Ok(wire)
 }
 
-pub fn tx_loop(r: &mut Ring, frame_bytes: u64, c: &Counts, stop: &AtomicBool) -> Result<()> {
+/// Recycles TX heads until `stop`; `wire[head]` is what a frame of descriptor `head` counts for.
+pub fn tx_loop(r: &mut Ring, wire: &[u64], c: &Counts, stop: &AtomicBool) -> Result<()> {
     for i in 0..r.size {
         r.push(i);
     }
@@ -153,10 +178,11 @@ pub fn tx_loop(r: &mut Ring, frame_bytes: u64, c: &Counts, stop: &AtomicBool) ->
     let quarter = (r.size / 4).max(1);
     let mut free = 0u16;
     while !stop.load(Ordering::Relaxed) {
-        let mut n = 0u64;
+        let (mut n, mut bytes) = (0u64, 0u64);
         while let Some((head, _)) = r.pop_used() {
             r.push(head);
             n += 1;
+            bytes += wire.get(usize::from(head)).copied().unwrap_or(0);
             free += 1;
             if free >= quarter {
                 r.publish()?;
@@ -165,7 +191,7 @@ pub fn tx_loop(r: &mut Ring, frame_bytes: u64, c: &Counts, stop: &AtomicBool) ->
         }
         if n > 0 {
             c.frames.fetch_add(n, Ordering::Relaxed);
-            c.bytes.fetch_add(n * frame_bytes, Ordering::Relaxed);
+            c.bytes.fetch_add(bytes, Ordering::Relaxed);
             r.publish()?;
             free = 0;
         } else {

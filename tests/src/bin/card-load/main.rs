@@ -3,8 +3,10 @@
 //! ```text
 //! card-load h2c  --socket S [--queues Q] [--size N] [--gso none|udp] [--ring R] ...
 //! card-load c2h  --socket S [--queues Q] [--buf B] [--ring R]
+//! card-load bidi --socket S [--queues Q] [--sizes N,N,...] [--buf B] [--ring R] --dst-mac M ...
 //! card-load sink --netns NS --addr IP:PORT [--threads T]
-//! card-load send --netns NS --src IP --dst IP:PORT --size N [--gso-seg G] [--flows F]
+//! card-load send --netns NS --src IP --dst IP:PORT (--size N | --sizes N,N,...) [--gso-seg G]
+//!                [--flows F]
 //! card-load tapw --netns NS --tap NAME [--queues Q] --size N [--gso none|udp] --dst-mac M ...
 //! card-load tapr --netns NS --tap NAME [--queues Q]
 //! card-load memcpy --size N [--threads T] [--seconds S]
@@ -12,9 +14,11 @@
 //!
 //! `h2c`/`c2h` are a vhost-user frontend (the test harness's control plane and memfd guest memory
 //! with rings that keep the queues full); `sink`/`send` are the card-side UDP endpoints;
-//! `tapw`/`tapr` the raw tap reference (no virtio at all). Every long-running mode reads commands
-//! on stdin: `snap` prints one JSON line of cumulative counters (`frames`, `bytes`, `ns`),
-//! `quit` (or end of input) stops it.
+//! `tapw`/`tapr` the raw tap reference (no virtio at all); `bidi` is `h2c` and `c2h` at once on one
+//! device (the soak's frontend), with frames of several sizes interleaved. Every long-running mode
+//! reads commands on stdin: `snap` prints one JSON line of cumulative counters (`frames`, `bytes`,
+//! `ns`; `bidi`: `tx_frames`, `tx_bytes`, `rx_frames`, `rx_bytes`, `ns`), `quit` (or end of input)
+//! stops it.
 
 mod driver;
 mod ring;
@@ -101,12 +105,13 @@ pub const HOST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xbe, 0x4c, 0x01];
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let Some((mode, rest)) = argv.split_first() else {
-        eprintln!("usage: card-load h2c|c2h|sink|send|tapw|tapr|memcpy --option value ...");
+        eprintln!("usage: card-load h2c|c2h|bidi|sink|send|tapw|tapr|memcpy --option value ...");
         std::process::exit(2);
     };
     let r = Args::parse(rest).and_then(|a| match mode.as_str() {
         "h2c" => h2c(&a),
         "c2h" => c2h(&a),
+        "bidi" => bidi(&a),
         "sink" => tools::sink(&a),
         "send" => tools::send(&a),
         "tapw" => tools::tap_write(&a),
@@ -120,25 +125,30 @@ fn main() {
     }
 }
 
+/// `frames`, `bytes` and `ns` (since `t0`) of the sum of `counts`, as JSON members with `prefix`.
+fn snap_members(prefix: &str, counts: &[Arc<Counts>]) -> String {
+    let (f, b) = counts.iter().fold((0u64, 0u64), |(f, b), c| {
+        (
+            f + c.frames.load(Ordering::Relaxed),
+            b.wrapping_add(c.bytes.load(Ordering::Relaxed)),
+        )
+    });
+    format!("\"{prefix}frames\":{f},\"{prefix}bytes\":{b}")
+}
+
 /// Serves `snap` on stdin with the sum of `counts` until `quit` or end of input.
 pub fn serve_snaps(counts: &[Arc<Counts>], stop: &AtomicBool) -> Result<()> {
+    serve_with(stop, || snap_members("", counts))
+}
+
+/// Serves `snap` on stdin with what `members` says (and `ns`) until `quit` or end of input.
+fn serve_with(stop: &AtomicBool, members: impl Fn() -> String) -> Result<()> {
     let t0 = Instant::now();
     println!("ready");
     for line in std::io::stdin().lock().lines() {
         let line = line?;
         match line.trim() {
-            "snap" => {
-                let (f, b) = counts.iter().fold((0u64, 0u64), |(f, b), c| {
-                    (
-                        f + c.frames.load(Ordering::Relaxed),
-                        b.wrapping_add(c.bytes.load(Ordering::Relaxed)),
-                    )
-                });
-                println!(
-                    "{{\"frames\":{f},\"bytes\":{b},\"ns\":{}}}",
-                    t0.elapsed().as_nanos()
-                );
-            }
+            "snap" => println!("{{{},\"ns\":{}}}", members(), t0.elapsed().as_nanos()),
             "quit" => break,
             "" => {}
             other => eprintln!("card-load: unknown command '{other}'"),
@@ -157,6 +167,17 @@ pub fn run_threads<T: Send + 'static>(
     counts: &[Arc<Counts>],
     work: impl Fn(T, &Counts, &AtomicBool) -> Result<()> + Send + Sync + 'static,
 ) -> Result<()> {
+    let all = counts.to_vec();
+    run_threads_with(items, counts, move || snap_members("", &all), work)
+}
+
+/// [`run_threads`] with the `snap` answer's members from `members`.
+fn run_threads_with<T: Send + 'static>(
+    items: Vec<T>,
+    counts: &[Arc<Counts>],
+    members: impl Fn() -> String,
+    work: impl Fn(T, &Counts, &AtomicBool) -> Result<()> + Send + Sync + 'static,
+) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let work = Arc::new(work);
     let mut handles = Vec::new();
@@ -170,7 +191,7 @@ pub fn run_threads<T: Send + 'static>(
             r
         }));
     }
-    serve_snaps(counts, &stop)?;
+    serve_with(&stop, members)?;
     stop.store(true, Ordering::Relaxed);
     for h in handles {
         h.join().map_err(|_| anyhow!("worker panicked"))??;
@@ -185,23 +206,30 @@ fn h2c(a: &Args) -> Result<()> {
     let mem_mib: usize = a.num("mem-mib", 512)?;
     let mut dev = Device::start(&socket, pairs, ring, mem_mib)?;
     let spec = tools::FrameSpec::from_args(a)?;
-    let frame = spec.build_with_hdr(dev.hdr_len(), 0)?;
     let wire = spec.wire_bytes() as u64;
     // Distinct frame buffers per queue, up to this working set (1 MiB: about a core's L2).
     let per_queue: usize = a.num("ws-kib", 1024usize)? << 10;
+    let mut wires = Vec::new();
     for q in 0..pairs {
         let f = spec.build_with_hdr(dev.hdr_len(), u16::try_from(q)?)?;
-        driver::tx_setup(&mut dev, 2 * q + 1, &f, per_queue)?;
+        wires.push(driver::tx_setup(
+            &mut dev,
+            2 * q + 1,
+            &[(f, wire)],
+            per_queue,
+        )?);
     }
-    drop(frame);
     let mut all: Vec<Option<ring::Ring>> = std::mem::take(&mut dev.rings)
         .into_iter()
         .map(Some)
         .collect();
-    let rings: Vec<ring::Ring> = (0..pairs).filter_map(|q| all[2 * q + 1].take()).collect();
+    let rings: Vec<_> = (0..pairs)
+        .filter_map(|q| all[2 * q + 1].take())
+        .zip(wires)
+        .collect();
     let counts: Vec<Arc<Counts>> = (0..pairs).map(|_| Arc::default()).collect();
-    run_threads(rings, &counts, move |mut r, c, stop| {
-        driver::tx_loop(&mut r, wire, c, stop)
+    run_threads(rings, &counts, move |(mut r, wire), c, stop| {
+        driver::tx_loop(&mut r, &wire, c, stop)
     })?;
     drop(dev);
     Ok(())
@@ -236,6 +264,77 @@ fn c2h(a: &Args) -> Result<()> {
     run_threads(work, &counts, move |(mut r, ptrs), c, stop| {
         let hdrs: Vec<*const u8> = ptrs.iter().map(|&p| p as *const u8).collect();
         driver::rx_loop(&mut r, &hdrs, hdr_len, mrg, spin, c, stop)
+    })?;
+    drop(dev);
+    Ok(())
+}
+
+/// One thread of `bidi`: a TX ring with its descriptors' wire bytes, or an RX ring with the host
+/// addresses of its buffers.
+enum Work {
+    Tx(ring::Ring, Vec<u64>),
+    Rx(ring::Ring, Vec<usize>),
+}
+
+/// Both directions at once on one device: every queue pair's TX ring kept full of frames of
+/// `--sizes` (interleaved), its RX ring of `--buf`-byte buffers recycled as they are used.
+fn bidi(a: &Args) -> Result<()> {
+    let socket = PathBuf::from(a.str("socket")?);
+    let pairs: usize = a.num("queues", 1)?;
+    let ring: u16 = a.num("ring", 1024)?;
+    let buf: u32 = a.num("buf", 4096)?;
+    let spin = std::time::Duration::from_micros(a.num("spin-us", 50)?);
+    let mem_mib: usize = a.num("mem-mib", 256)?;
+    let per_queue: usize = a.num("ws-kib", 1024usize)? << 10;
+    let sizes = tools::sizes(a)?;
+    let spec = tools::FrameSpec::from_args(a)?;
+    let mut dev = Device::start(&socket, pairs, ring, mem_mib)?;
+    let mrg = dev.features & card_tests::netdev::F_MRG_RXBUF != 0;
+    let buf = if mrg { buf } else { 65550 };
+    let hdr_len = dev.hdr_len();
+    let mut tx = Vec::new();
+    let mut rx = Vec::new();
+    for q in 0..pairs {
+        let mut frames = Vec::new();
+        for &size in &sizes {
+            let s = spec.sized(size);
+            frames.push((
+                s.build_with_hdr(hdr_len, u16::try_from(q)?)?,
+                s.wire_bytes() as u64,
+            ));
+        }
+        tx.push(driver::tx_setup(&mut dev, 2 * q + 1, &frames, per_queue)?);
+        let addrs = driver::rx_setup(&mut dev, 2 * q, buf)?;
+        rx.push(driver::host_ptrs(&dev, &addrs)?);
+    }
+    let mut all: Vec<Option<ring::Ring>> = std::mem::take(&mut dev.rings)
+        .into_iter()
+        .map(Some)
+        .collect();
+    let mut work = Vec::new();
+    for (q, (wire, ptrs)) in tx.into_iter().zip(rx).enumerate() {
+        let t = all[2 * q + 1].take().context("TX ring")?;
+        let r = all[2 * q].take().context("RX ring")?;
+        work.push(Work::Tx(t, wire));
+        work.push(Work::Rx(r, ptrs));
+    }
+    // counts[2q] is TX of pair q, counts[2q + 1] its RX (the order of `work`).
+    let counts: Vec<Arc<Counts>> = (0..2 * pairs).map(|_| Arc::default()).collect();
+    let tx_counts: Vec<Arc<Counts>> = counts.iter().step_by(2).cloned().collect();
+    let rx_counts: Vec<Arc<Counts>> = counts.iter().skip(1).step_by(2).cloned().collect();
+    let members = move || {
+        format!(
+            "{},{}",
+            snap_members("tx_", &tx_counts),
+            snap_members("rx_", &rx_counts)
+        )
+    };
+    run_threads_with(work, &counts, members, move |w, c, stop| match w {
+        Work::Tx(mut r, wire) => driver::tx_loop(&mut r, &wire, c, stop),
+        Work::Rx(mut r, ptrs) => {
+            let hdrs: Vec<*const u8> = ptrs.iter().map(|&p| p as *const u8).collect();
+            driver::rx_loop(&mut r, &hdrs, hdr_len, mrg, spin, c, stop)
+        }
     })?;
     drop(dev);
     Ok(())

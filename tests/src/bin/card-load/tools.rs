@@ -21,6 +21,7 @@ const SOL_UDP: libc::c_int = 17;
 const UDP_SEGMENT: libc::c_int = 103;
 
 /// What a host-to-card frame looks like.
+#[derive(Clone)]
 pub struct FrameSpec {
     size: usize,
     /// UDP GSO (USO) with this segment payload size.
@@ -46,6 +47,14 @@ impl FrameSpec {
             port: a.num("port", 9000)?,
             dst_mac: a.mac("dst-mac")?,
         })
+    }
+
+    /// The same frame at another size.
+    pub fn sized(&self, size: usize) -> FrameSpec {
+        FrameSpec {
+            size,
+            ..self.clone()
+        }
     }
 
     /// Segments of a GSO frame (1 otherwise).
@@ -90,6 +99,25 @@ impl FrameSpec {
         out.append(&mut frame);
         Ok(out)
     }
+}
+
+/// `--sizes N,N,...` (frame sizes, Ethernet header included), or `--size N` alone.
+pub fn sizes(a: &Args) -> Result<Vec<usize>> {
+    let Some(list) = a.opt("sizes") else {
+        return Ok(vec![a.num("size", 1500)?]);
+    };
+    let sizes = list
+        .split(',')
+        .map(|v| {
+            v.trim()
+                .parse::<usize>()
+                .map_err(|e| anyhow!("--sizes {list}: {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if sizes.is_empty() || sizes.iter().any(|&n| n < UDP_OVERHEAD) {
+        bail!("--sizes {list}: every frame needs at least {UDP_OVERHEAD} bytes");
+    }
+    Ok(sizes)
 }
 
 fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
@@ -225,13 +253,13 @@ pub fn sink(a: &Args) -> Result<()> {
 }
 
 /// UDP sender inside the card's namespace: `--flows` sockets (one thread each, source ports
-/// 50000+i) sending to `--dst`, with sendmmsg batches of frames of `--size` bytes, or with
-/// `--gso-seg G` 64 KiB UDP GSO sends of G-byte segments.
+/// 50000+i) sending to `--dst`, with sendmmsg batches of frames of `--size` bytes (or of every
+/// size of `--sizes` in turn within each batch), or with `--gso-seg G` 64 KiB UDP GSO sends of
+/// G-byte segments.
 pub fn send(a: &Args) -> Result<()> {
     let ns = a.str("netns")?;
     let src = a.ip("src", Ipv4Addr::new(10, 88, 0, 1))?;
     let dst = a.sock("dst")?;
-    let size: usize = a.num("size", 1500)?;
     let flows: usize = a.num("flows", 1)?;
     let gso: usize = a.num("gso-seg", 0)?;
     let mut socks = Vec::new();
@@ -254,39 +282,55 @@ pub fn send(a: &Args) -> Result<()> {
         }
         socks.push(s);
     }
-    let (payload, per_send, wire) = if let Some(segs) = (65535 - 28usize).checked_div(gso) {
-        (segs * gso, segs as u64, (gso + UDP_OVERHEAD) as u64)
+    // Each kind of send: (payload bytes, frames it makes, wire bytes of those frames).
+    let kinds: Vec<(usize, u64, u64)> = if let Some(segs) = (65535 - 28usize).checked_div(gso) {
+        vec![(
+            segs * gso,
+            segs as u64,
+            segs as u64 * (gso + UDP_OVERHEAD) as u64,
+        )]
     } else {
-        if size < UDP_OVERHEAD {
-            bail!("--size {size} cannot hold a UDP frame");
-        }
-        (size - UDP_OVERHEAD, 1, size as u64)
+        sizes(a)?
+            .into_iter()
+            .map(|size| (size - UDP_OVERHEAD, 1, size as u64))
+            .collect()
     };
     let counts: Vec<Arc<Counts>> = (0..flows).map(|_| Arc::default()).collect();
     run_threads(socks, &counts, move |s, c, stop| {
         const BATCH: usize = 64;
-        let data = vec![0x5au8; payload];
-        let mut iov = libc::iovec {
-            iov_base: data.as_ptr() as *mut libc::c_void,
-            iov_len: payload,
-        };
         let batch = if gso > 0 { 4 } else { BATCH };
+        let longest = kinds.iter().map(|k| k.0).max().unwrap_or(0);
+        let data = vec![0x5au8; longest];
+        // Message j of a batch is of kind j % kinds; `done[n]` what the first n messages count.
+        let mut iovs: Vec<libc::iovec> = (0..batch)
+            .map(|j| libc::iovec {
+                iov_base: data.as_ptr() as *mut libc::c_void,
+                iov_len: kinds[j % kinds.len()].0,
+            })
+            .collect();
+        let mut done = vec![(0u64, 0u64)];
+        for j in 0..batch {
+            let (f, b) = done[j];
+            let k = kinds[j % kinds.len()];
+            done.push((f + k.1, b + k.2));
+        }
         // SAFETY: mmsghdr is plain old data; all-zero is valid before the fields are set.
         let mut msgs: Vec<libc::mmsghdr> =
             (0..batch).map(|_| unsafe { std::mem::zeroed() }).collect();
-        for m in &mut msgs {
-            m.msg_hdr.msg_iov = &mut iov;
+        for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
+            m.msg_hdr.msg_iov = iov;
             m.msg_hdr.msg_iovlen = 1;
         }
         while !stop.load(Ordering::Relaxed) {
-            // SAFETY: every header points at `iov`, which points at `data`; both outlive the call.
+            // SAFETY: every header points at its own iovec in `iovs`, which points into `data`;
+            // all of them outlive the call.
             let n = unsafe {
                 libc::sendmmsg(s.as_raw_fd(), msgs.as_mut_ptr(), batch as libc::c_uint, 0)
             };
             if n > 0 {
-                let segs = n as u64 * per_send;
-                c.frames.fetch_add(segs, Ordering::Relaxed);
-                c.bytes.fetch_add(segs * wire, Ordering::Relaxed);
+                let (f, b) = done[n.unsigned_abs() as usize];
+                c.frames.fetch_add(f, Ordering::Relaxed);
+                c.bytes.fetch_add(b, Ordering::Relaxed);
             } else {
                 std::thread::yield_now();
             }
