@@ -13,10 +13,15 @@
 //! 4. ipsec: guest traffic to the peer is ESP on the wire;
 //! 5. firewall: a new connection from the wire to the guest is dropped; the
 //!    card's own HTTP server answers;
-//! 6. reload: `card reload` with a changed config during a transfer.
+//! 6. reload: `card reload` with a changed config during a transfer;
+//! 7. networkd: a second guest, Debian with systemd-networkd from
+//!    debootstrap, configured by host-config/networkd/ alone, gets the
+//!    card's MTU, addresses and routes and reaches the card and the wire
+//!    (see `networkd.rs`).
 //!
 //! The namespaces are private to the run (`vhc-<pid>-<n>` for the card,
-//! `cosw-<pid>` for the wire). Logs: target/vm/logs/cardos/.
+//! `cosw-<pid>` for the wire); the rest comes from card-os/card.toml or the
+//! file --config names. Logs: target/vm/logs/cardos/.
 
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
@@ -26,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::networkd;
 use super::{DEFAULT_MTU, MIB};
 use crate::accel::Accel;
 use crate::card::{self, CardConfig};
@@ -38,9 +44,13 @@ use crate::rig::{self, Env, Plug, Rig};
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Run only these scenarios (numbers 1-6, comma-separated).
+    /// Run only these scenarios (numbers 1-7, comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u32>,
+    /// The card-os config to run with (its namespace names, run directory
+    /// and daemon are replaced by the run's own).
+    #[arg(long, default_value_os_t = cardos::default_config())]
+    pub config: std::path::PathBuf,
     /// MiB of each HTTP transfer.
     #[arg(long, default_value_t = 64)]
     pub mib: usize,
@@ -72,6 +82,10 @@ impl Verdict {
 /// The card-os config the run uses: card-os/card.toml with private names.
 struct Node {
     cfg: Config,
+    /// The networkd guest's image, when scenario 7 runs.
+    networkd: Option<networkd::Prepared>,
+    /// Whether the rig's VM is that guest.
+    networkd_booted: bool,
     _run: TempDir,
 }
 
@@ -88,9 +102,12 @@ pub fn run(opts: &Options) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("cardos-e2e needs root (network namespaces, nftables)");
     }
-    if opts.only.iter().any(|n| !(1..=6).contains(n)) {
-        bail!("scenarios are numbered 1 to 6");
+    if opts.only.iter().any(|n| !(1..=7).contains(n)) {
+        bail!("scenarios are numbered 1 to 7");
     }
+    let wanted = |n: u32| opts.only.is_empty() || opts.only.contains(&n);
+    // Scenarios 1-6 share the busybox guest; 7 boots its own after them.
+    let busybox = (1..=6).any(wanted);
     let t0 = Instant::now();
     cardos::ensure_packages()?;
     let logs = crate::vm_dir().join("logs/cardos");
@@ -108,13 +125,24 @@ pub fn run(opts: &Options) -> Result<()> {
         opts.mib,
         env.payload.sha256
     );
+    let node_cfg = Config::load(&opts.config)?;
     let cfg = CardConfig {
-        mtu: DEFAULT_MTU,
+        mtu: node_cfg.daemon.mtu,
         disable: String::new(),
     };
-    let mut rig = Rig::boot(&env, "cardos", &cfg, Plug::Boot)?;
+    let prepared = if wanted(7) {
+        Some(networkd::prepare(&env)?)
+    } else {
+        None
+    };
+    let mut rig = match &prepared {
+        Some(p) if !busybox => Rig::boot_image(&env, "cardos", &cfg, Plug::Boot, &p.image())?,
+        _ => Rig::boot(&env, "cardos", &cfg, Plug::Boot)?,
+    };
     println!("cardos-e2e: VM up in {:.1} s", rig.boot.as_secs_f64());
-    let node = node_for(&rig)?;
+    let mut node = node_for(&rig, node_cfg)?;
+    node.networkd = prepared;
+    node.networkd_booted = !busybox;
     let t_up = Instant::now();
     cardos::up(&node.cfg)?;
     println!(
@@ -126,20 +154,22 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     // The wire's web server serves the payload.
     std::fs::copy(&env.payload.path, node.cfg.run_dir.join("wire/www/payload"))?;
-    guest_setup(&mut rig, &node.cfg)?;
+    if busybox {
+        guest_setup(&mut rig, &node.cfg)?;
+    }
 
-    let wanted = |n: u32| opts.only.is_empty() || opts.only.contains(&n);
     let mut verdicts = Vec::new();
     type Scenario = fn(&mut Rig, &Env, &mut Node, &Options) -> Result<(Option<bool>, String)>;
-    let scenarios: [(u32, &str, Scenario); 6] = [
+    let scenarios: [(u32, &str, Scenario); 7] = [
         (1, "nat", nat),
         (5, "firewall", firewall),
         (3, "fragments", fragments),
         (2, "proxy", proxy),
         (6, "reload", reload),
         (4, "ipsec", ipsec),
+        // Last: it replaces the busybox guest.
+        (7, "networkd", networkd_guest),
     ];
-    let mut node = node;
     for (number, name, scenario) in scenarios {
         if !wanted(number) {
             continue;
@@ -189,10 +219,9 @@ pub fn run(opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// card-os/card.toml, with the rig's namespace as the card (its daemon is
+/// The card-os config, with the rig's namespace as the card (its daemon is
 /// the rig's), a private wire namespace and run directory.
-fn node_for(rig: &Rig) -> Result<Node> {
-    let mut cfg = Config::load(&cardos::default_config())?;
+fn node_for(rig: &Rig, mut cfg: Config) -> Result<Node> {
     let run = TempDir::new("vhc-cardos")?;
     cfg.netns = rig.card.ns.name().to_string();
     cfg.run_dir = run.path().join("card");
@@ -208,7 +237,28 @@ fn node_for(rig: &Rig) -> Result<Node> {
             card::TAP
         );
     }
-    Ok(Node { cfg, _run: run })
+    Ok(Node {
+        cfg,
+        networkd: None,
+        networkd_booted: false,
+        _run: run,
+    })
+}
+
+/// Scenario 7: the networkd guest (booted now unless it is the rig's VM
+/// already).
+fn networkd_guest(
+    rig: &mut Rig,
+    env: &Env,
+    node: &mut Node,
+    opts: &Options,
+) -> Result<(Option<bool>, String)> {
+    let prepared = node.networkd.as_ref().context("no networkd image")?;
+    if !node.networkd_booted {
+        rig.replace_vm(env, "networkd", &prepared.image())?;
+        node.networkd_booted = true;
+    }
+    networkd::check(rig, prepared, &node.cfg, env, opts.mib * MIB)
 }
 
 /// The guest applies host-config/card-link.sh (routes via the card) and

@@ -17,6 +17,7 @@
 
 pub mod cardos;
 mod hotplug;
+mod networkd;
 mod shared_vm;
 mod toggles;
 
