@@ -222,7 +222,7 @@ pub fn run(opts: &Options) -> Result<()> {
 /// The card-os config, with the rig's namespace as the card (its daemon is
 /// the rig's), a private wire namespace and run directory.
 fn node_for(rig: &Rig, mut cfg: Config) -> Result<Node> {
-    let run = TempDir::new("vhc-cardos")?;
+    let run = TempDir::new("vhc-cardos-node")?;
     cfg.netns = rig.card.ns.name().to_string();
     cfg.run_dir = run.path().join("card");
     cfg.daemon.start = false;
