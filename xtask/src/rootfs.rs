@@ -1,10 +1,11 @@
-//! The networkd guest's root file system: a small Debian made by
-//! `debootstrap` from apt (systemd, systemd-networkd, udev, iproute2,
-//! iputils-ping), with systemd-networkd enabled and nothing else configured,
-//! packed as an uncompressed cpio archive the kernel unpacks as its
-//! initramfs (no disk, no loop mount). Cached in
-//! target/vm/networkd/<key>/, where the key covers the suite, mirror,
-//! package list and this recipe, so changing any of them builds anew.
+//! The root file systems of the Debian guests (networkd, NetworkManager): a
+//! small Debian made by `debootstrap` from apt (systemd, udev, iproute2,
+//! iputils-ping and the network manager), with that manager enabled and
+//! nothing else configured, packed as an uncompressed cpio archive the
+//! kernel unpacks as its initramfs (no disk, no loop mount). Cached in
+//! target/vm/networkd/<name>-<key>/, where the key covers the suite,
+//! mirror, package list and this recipe, so changing any of them builds
+//! anew.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -20,9 +21,9 @@ use crate::process::{run, stdout};
 pub const SUITE: &str = "bookworm";
 pub const MIRROR: &str = "http://deb.debian.org/debian";
 /// What `debootstrap --variant=minbase --include=` adds to Debian's required
-/// packages: the init system with systemd-networkd and udev, `ip` and `ping`
-/// for the checks, kmod for module autoloading.
-pub const PACKAGES: &[&str] = &[
+/// packages for every guest: the init system with systemd-networkd and
+/// udev, `ip` and `ping` for the checks, kmod for module autoloading.
+pub const BASE_PACKAGES: &[&str] = &[
     "systemd",
     "systemd-sysv",
     "udev",
@@ -32,6 +33,27 @@ pub const PACKAGES: &[&str] = &[
 ];
 /// Bump when what [`build`] does to the tree changes.
 const RECIPE: u32 = 1;
+
+/// One guest's rootfs.
+pub struct Recipe {
+    /// Cache directory prefix.
+    pub name: &'static str,
+    /// Added to [`BASE_PACKAGES`].
+    pub packages: &'static [&'static str],
+    /// `systemctl enable`d, as the host's administrator would.
+    pub enable: &'static str,
+}
+
+impl Recipe {
+    fn packages(&self) -> String {
+        BASE_PACKAGES
+            .iter()
+            .chain(self.packages)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
 /// Time allowed for debootstrap (about 40 s on a fresh machine).
 const DEBOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(900);
 
@@ -71,20 +93,22 @@ fn fnv1a(text: &str) -> u64 {
     })
 }
 
-fn key() -> String {
+fn key(recipe: &Recipe) -> String {
     format!(
-        "{SUITE}-{:016x}",
+        "{}-{SUITE}-{:016x}",
+        recipe.name,
         fnv1a(&format!(
-            "{SUITE} {MIRROR} minbase {} recipe {RECIPE}",
-            PACKAGES.join(",")
+            "{SUITE} {MIRROR} minbase {} enable {} recipe {RECIPE}",
+            recipe.packages(),
+            recipe.enable
         ))
     )
 }
 
 /// The cached rootfs, built first if it is missing or its key changed.
-pub fn ensure() -> Result<Rootfs> {
+pub fn ensure(recipe: &Recipe) -> Result<Rootfs> {
     let base = crate::vm_dir().join("networkd");
-    let dir = base.join(key());
+    let dir = base.join(key(recipe));
     let cpio = dir.join("rootfs.cpio");
     let versions_file = dir.join("VERSIONS");
     if cpio.exists() && versions_file.exists() {
@@ -95,19 +119,20 @@ pub fn ensure() -> Result<Rootfs> {
         });
     }
     let t0 = Instant::now();
-    // Older keys: another package list or recipe.
+    // Older keys of this guest: another package list or recipe.
     if base.exists() {
         for entry in fs::read_dir(&base)? {
-            let path = entry?.path();
-            if path != dir {
-                remove(&path);
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!("{}-", recipe.name)) && entry.path() != dir {
+                remove(&entry.path());
             }
         }
     }
     crate::apt::install(&["debootstrap"])?;
-    let build_dir = base.join(format!("build-{}", std::process::id()));
+    let build_dir = base.join(format!("build-{}-{}", recipe.name, std::process::id()));
     let root = build_dir.join("root");
-    let result = build(&root, &dir);
+    let result = build(recipe, &root, &dir);
     remove(&build_dir);
     result?;
     Ok(Rootfs {
@@ -125,18 +150,19 @@ fn remove(path: &Path) {
     }
 }
 
-fn build(root: &Path, dir: &Path) -> Result<()> {
+fn build(recipe: &Recipe, root: &Path, dir: &Path) -> Result<()> {
     fs::create_dir_all(root)?;
     println!(
-        "networkd: debootstrap --variant=minbase --include={} {SUITE} (cached in {})",
-        PACKAGES.join(","),
+        "{}: debootstrap --variant=minbase --include={} {SUITE} (cached in {})",
+        recipe.name,
+        recipe.packages(),
         dir.display()
     );
     let log = fs::File::create(root.with_file_name("debootstrap.log"))?;
     let status = Command::new("timeout")
         .arg(DEBOOTSTRAP_TIMEOUT.as_secs().to_string())
         .args(["debootstrap", "--variant=minbase"])
-        .arg(format!("--include={}", PACKAGES.join(",")))
+        .arg(format!("--include={}", recipe.packages()))
         .arg(SUITE)
         .arg(root)
         .arg(MIRROR)
@@ -152,12 +178,15 @@ fn build(root: &Path, dir: &Path) -> Result<()> {
             crate::process::tail(&root.with_file_name("debootstrap.log"), 20)
         );
     }
-    // As a host's administrator would: networkd on (with its socket and
-    // wait-online, the unit's Also=).
+    // As a host's administrator would (networkd's Also= brings its socket
+    // and wait-online).
     run(Command::new("systemctl")
         .arg(format!("--root={}", root.display()))
-        .args(["enable", "systemd-networkd.service"]))?;
-    fs::write(root.join("etc/hostname"), "networkd-guest\n")?;
+        .args(["enable", recipe.enable]))?;
+    fs::write(
+        root.join("etc/hostname"),
+        format!("{}-guest\n", recipe.name),
+    )?;
     for trim in TRIM {
         let path = root.join(trim);
         if path.is_dir() {
@@ -180,7 +209,8 @@ fn build(root: &Path, dir: &Path) -> Result<()> {
     fs::rename(&tmp, dir.join("rootfs.cpio"))?;
     fs::write(dir.join("VERSIONS"), versions + "\n")?;
     println!(
-        "networkd: rootfs {} MB in {}",
+        "{}: rootfs {} MB in {}",
+        recipe.name,
         bytes.len() / 1_000_000,
         dir.display()
     );

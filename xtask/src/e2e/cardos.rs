@@ -17,7 +17,9 @@
 //! 7. networkd: a second guest, Debian with systemd-networkd from
 //!    debootstrap, configured by host-config/networkd/ alone, gets the
 //!    card's MTU, addresses and routes and reaches the card and the wire
-//!    (see `networkd.rs`).
+//!    (see `networkd.rs`);
+//! 8. networkmanager: the same with NetworkManager and
+//!    host-config/networkmanager/'s keyfile.
 //!
 //! The namespaces are private to the run (`vhc-<pid>-<n>` for the card,
 //! `cosw-<pid>` for the wire); the rest comes from card-os/card.toml or the
@@ -31,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::networkd;
+use super::networkd::{self, Flavour};
 use super::{DEFAULT_MTU, MIB};
 use crate::accel::Accel;
 use crate::card::{self, CardConfig};
@@ -44,7 +46,7 @@ use crate::rig::{self, Env, Plug, Rig};
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Run only these scenarios (numbers 1-7, comma-separated).
+    /// Run only these scenarios (numbers 1-8, comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u32>,
     /// The card-os config to run with (its namespace names, run directory
@@ -82,10 +84,10 @@ impl Verdict {
 /// The card-os config the run uses: card-os/card.toml with private names.
 struct Node {
     cfg: Config,
-    /// The networkd guest's image, when scenario 7 runs.
-    networkd: Option<networkd::Prepared>,
-    /// Whether the rig's VM is that guest.
-    networkd_booted: bool,
+    /// The Debian guests' images, of the scenarios that run.
+    guests: Vec<networkd::Prepared>,
+    /// Which of them the rig's VM is, if any.
+    booted: Option<Flavour>,
     _run: TempDir,
 }
 
@@ -102,11 +104,12 @@ pub fn run(opts: &Options) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("cardos-e2e needs root (network namespaces, nftables)");
     }
-    if opts.only.iter().any(|n| !(1..=7).contains(n)) {
-        bail!("scenarios are numbered 1 to 7");
+    if opts.only.iter().any(|n| !(1..=8).contains(n)) {
+        bail!("scenarios are numbered 1 to 8");
     }
     let wanted = |n: u32| opts.only.is_empty() || opts.only.contains(&n);
-    // Scenarios 1-6 share the busybox guest; 7 boots its own after them.
+    // Scenarios 1-6 share the busybox guest; 7 and 8 boot their own after
+    // them.
     let busybox = (1..=6).any(wanted);
     let t0 = Instant::now();
     cardos::ensure_packages()?;
@@ -130,19 +133,22 @@ pub fn run(opts: &Options) -> Result<()> {
         mtu: node_cfg.daemon.mtu,
         disable: String::new(),
     };
-    let prepared = if wanted(7) {
-        Some(networkd::prepare(&env)?)
-    } else {
-        None
-    };
-    let mut rig = match &prepared {
+    let mut guests = Vec::new();
+    for (number, flavour) in DEBIAN_GUESTS {
+        if wanted(number) {
+            guests.push(networkd::prepare(&env, flavour)?);
+        }
+    }
+    let mut rig = match guests.first() {
         Some(p) if !busybox => Rig::boot_image(&env, "cardos", &cfg, Plug::Boot, &p.image())?,
         _ => Rig::boot(&env, "cardos", &cfg, Plug::Boot)?,
     };
     println!("cardos-e2e: VM up in {:.1} s", rig.boot.as_secs_f64());
     let mut node = node_for(&rig, node_cfg)?;
-    node.networkd = prepared;
-    node.networkd_booted = !busybox;
+    if !busybox {
+        node.booted = guests.first().map(|p| p.flavour);
+    }
+    node.guests = guests;
     let t_up = Instant::now();
     cardos::up(&node.cfg)?;
     println!(
@@ -160,15 +166,16 @@ pub fn run(opts: &Options) -> Result<()> {
 
     let mut verdicts = Vec::new();
     type Scenario = fn(&mut Rig, &Env, &mut Node, &Options) -> Result<(Option<bool>, String)>;
-    let scenarios: [(u32, &str, Scenario); 7] = [
+    let scenarios: [(u32, &str, Scenario); 8] = [
         (1, "nat", nat),
         (5, "firewall", firewall),
         (3, "fragments", fragments),
         (2, "proxy", proxy),
         (6, "reload", reload),
         (4, "ipsec", ipsec),
-        // Last: it replaces the busybox guest.
+        // Last: they replace the busybox guest.
         (7, "networkd", networkd_guest),
+        (8, "networkmanager", networkmanager_guest),
     ];
     for (number, name, scenario) in scenarios {
         if !wanted(number) {
@@ -239,26 +246,52 @@ fn node_for(rig: &Rig, mut cfg: Config) -> Result<Node> {
     }
     Ok(Node {
         cfg,
-        networkd: None,
-        networkd_booted: false,
+        guests: Vec::new(),
+        booted: None,
         _run: run,
     })
 }
 
-/// Scenario 7: the networkd guest (booted now unless it is the rig's VM
-/// already).
+/// The Debian guests' scenarios.
+const DEBIAN_GUESTS: [(u32, Flavour); 2] = [(7, Flavour::Networkd), (8, Flavour::NetworkManager)];
+
+/// Scenarios 7 and 8: a Debian guest (booted now unless it is the rig's VM
+/// already) configured by host-config alone.
+fn debian_guest(
+    rig: &mut Rig,
+    env: &Env,
+    node: &mut Node,
+    opts: &Options,
+    flavour: Flavour,
+) -> Result<(Option<bool>, String)> {
+    let prepared = node
+        .guests
+        .iter()
+        .find(|p| p.flavour == flavour)
+        .context("no image for this guest")?;
+    if node.booted != Some(flavour) {
+        rig.replace_vm(env, flavour.name(), &prepared.image())?;
+        node.booted = Some(flavour);
+    }
+    networkd::check(rig, prepared, &node.cfg, env, opts.mib * MIB)
+}
+
 fn networkd_guest(
     rig: &mut Rig,
     env: &Env,
     node: &mut Node,
     opts: &Options,
 ) -> Result<(Option<bool>, String)> {
-    let prepared = node.networkd.as_ref().context("no networkd image")?;
-    if !node.networkd_booted {
-        rig.replace_vm(env, "networkd", &prepared.image())?;
-        node.networkd_booted = true;
-    }
-    networkd::check(rig, prepared, &node.cfg, env, opts.mib * MIB)
+    debian_guest(rig, env, node, opts, Flavour::Networkd)
+}
+
+fn networkmanager_guest(
+    rig: &mut Rig,
+    env: &Env,
+    node: &mut Node,
+    opts: &Options,
+) -> Result<(Option<bool>, String)> {
+    debian_guest(rig, env, node, opts, Flavour::NetworkManager)
 }
 
 /// The guest applies host-config/card-link.sh (routes via the card) and

@@ -1,13 +1,14 @@
-//! Scenario 7 of `cargo xtask cardos-e2e`: the networkd guest. A Debian
-//! rootfs from debootstrap (see `rootfs.rs`) with systemd-networkd enabled
-//! and host-config/networkd/ copied in verbatim boots with the card as its
+//! Scenarios 7 and 8 of `cargo xtask cardos-e2e`: the Debian guests. A
+//! Debian rootfs from debootstrap (see `rootfs.rs`) with systemd-networkd
+//! (7) or NetworkManager (8) enabled and host-config/networkd/ or
+//! host-config/networkmanager/ copied in verbatim boots with the card as its
 //! NIC. QEMU offers no MTU (`host_mtu` unset), so the stock virtio_net
 //! starts at 1500 and only the files can bring it to the card's MTU. The
 //! guest agent starts after `network-online.target` and only reads: nothing
 //! configures the network but udev and networkd with those files.
 //!
-//! Checked: the interface matched both files (udev's ID_NET_LINK_FILE,
-//! networkd's NETWORK_FILE), its MTU in /sys, state routable, the
+//! Checked: the interface matched the files (udev's ID_NET_LINK_FILE,
+//! networkd's NETWORK_FILE or NetworkManager's connection FILENAME), its MTU in /sys, state routable, the
 //! addresses and every [Route] of the .network file in the routing tables,
 //! pings to the card's IPv4 and IPv6 addresses (also 65000-byte ones with
 //! DF), and the default route through the card to the wire: a ping and an
@@ -28,8 +29,101 @@ use crate::report::Ping;
 use crate::rig::{Env, Image, Rig};
 use crate::rootfs::{self, Rootfs};
 
-/// The host-config folder installed in /etc/systemd/network/.
-const FILES: &str = "host-config/networkd";
+/// Which network manager the guest runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavour {
+    Networkd,
+    NetworkManager,
+}
+
+impl Flavour {
+    pub fn name(self) -> &'static str {
+        match self {
+            Flavour::Networkd => "networkd",
+            Flavour::NetworkManager => "networkmanager",
+        }
+    }
+
+    /// The host-config folder the guest gets, verbatim.
+    fn files(self) -> &'static str {
+        match self {
+            Flavour::Networkd => "host-config/networkd",
+            Flavour::NetworkManager => "host-config/networkmanager",
+        }
+    }
+
+    /// Where the files go, and their mode (NetworkManager ignores keyfiles
+    /// others can read).
+    fn install(self) -> (&'static str, u32) {
+        match self {
+            Flavour::Networkd => ("etc/systemd/network", 0o644),
+            Flavour::NetworkManager => ("etc/NetworkManager/system-connections", 0o600),
+        }
+    }
+
+    /// The file that configures the link: its extension.
+    fn config_ext(self) -> &'static str {
+        match self {
+            Flavour::Networkd => ".network",
+            Flavour::NetworkManager => ".nmconnection",
+        }
+    }
+
+    fn recipe(self) -> rootfs::Recipe {
+        match self {
+            Flavour::Networkd => rootfs::Recipe {
+                name: "networkd",
+                packages: &[],
+                enable: "systemd-networkd.service",
+            },
+            Flavour::NetworkManager => rootfs::Recipe {
+                name: "networkmanager",
+                // debootstrap does not pick providers of virtual packages
+                // (dbus-system-bus, polkitd's logind).
+                packages: &["network-manager", "dbus", "polkitd", "libpam-systemd"],
+                enable: "NetworkManager.service",
+            },
+        }
+    }
+
+    fn online_unit(self) -> &'static str {
+        match self {
+            Flavour::Networkd => "systemd-networkd-wait-online.service",
+            Flavour::NetworkManager => "NetworkManager-wait-online.service",
+        }
+    }
+
+    /// What the manager says of a configured link.
+    fn configured(self) -> &'static str {
+        match self {
+            Flavour::Networkd => "routable (configured)",
+            Flavour::NetworkManager => "100 (connected)",
+        }
+    }
+
+    /// Report lines `network_file=` and `state=` for `$dev`.
+    fn state_script(self) -> &'static str {
+        match self {
+            Flavour::Networkd => {
+                r#"# networkd's own record of the link (networkctl would need D-Bus).
+state=/run/systemd/netif/links/$(cat /sys/class/net/$dev/ifindex)
+echo "network_file=$(sed -n 's/^NETWORK_FILE=//p' $state)"
+echo "state=$(sed -n 's/^OPER_STATE=//p' $state) ($(sed -n 's/^ADMIN_STATE=//p' $state))"
+echo "-- $state"
+cat $state
+"#
+            }
+            Flavour::NetworkManager => {
+                r#"c=$(nmcli -g GENERAL.CONNECTION device show "$dev")
+echo "network_file=$(nmcli -g NAME,FILENAME connection show | sed -n "s|^$c:||p")"
+echo "state=$(nmcli -g GENERAL.STATE device show "$dev")"
+echo "-- nmcli device show"
+nmcli device show "$dev"
+"#
+            }
+        }
+    }
+}
 
 /// Kernel command line: the rootfs is the initramfs and /init is systemd.
 const APPEND: &str = "systemd.show_status=1";
@@ -70,8 +164,9 @@ ExecStart=
 ExecStart=/lib/systemd/systemd-networkd-wait-online --timeout=90
 ";
 
-/// The networkd guest's image, built before any VM boots.
+/// A Debian guest's image, built before any VM boots.
 pub struct Prepared {
+    pub flavour: Flavour,
     pub initrd: PathBuf,
     pub rootfs: Rootfs,
     /// The installed host-config files (names).
@@ -118,7 +213,51 @@ fn sections(text: &str) -> Vec<(String, Vec<(String, String)>)> {
     out
 }
 
-fn expect(name: &str, text: &str) -> Result<Expect> {
+fn expect(flavour: Flavour, name: &str, text: &str) -> Result<Expect> {
+    match flavour {
+        Flavour::Networkd => expect_network(name, text),
+        Flavour::NetworkManager => expect_keyfile(name, text),
+    }
+}
+
+/// From a NetworkManager keyfile: `[ethernet] mtu=`, `mac-address=`,
+/// `[ipv4]`/`[ipv6]` `addressN=ADDR/PREFIX[,GATEWAY]` and `gateway=`.
+fn expect_keyfile(name: &str, text: &str) -> Result<Expect> {
+    let secs = sections(text);
+    let mut e = Expect {
+        file: name.to_string(),
+        mac: String::new(),
+        mtu: 0,
+        addresses: Vec::new(),
+        routes: Vec::new(),
+    };
+    for (section, kv) in &secs {
+        for (k, v) in kv {
+            match (section.as_str(), k.as_str()) {
+                ("ethernet", "mtu") => e.mtu = v.parse().with_context(|| format!("{name}: mtu"))?,
+                ("ethernet", "mac-address") => e.mac = v.to_lowercase(),
+                ("ipv4" | "ipv6", "gateway") => e.routes.push(("default".into(), v.clone())),
+                ("ipv4" | "ipv6", k) if k.starts_with("address") => {
+                    let mut parts = v.split(',');
+                    if let Some(addr) = parts.next() {
+                        e.addresses.push(addr.trim().to_string());
+                    }
+                    if let Some(gw) = parts.next() {
+                        e.routes.push(("default".into(), gw.trim().to_string()));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    if e.mtu == 0 {
+        bail!("{name} sets no [ethernet] mtu=");
+    }
+    Ok(e)
+}
+
+/// From a systemd-networkd .network file.
+fn expect_network(name: &str, text: &str) -> Result<Expect> {
     let secs = sections(text);
     let get = |section: &str, key: &str| -> Vec<String> {
         secs.iter()
@@ -154,15 +293,16 @@ fn expect(name: &str, text: &str) -> Result<Expect> {
 /// The rootfs (cached, debootstrap on the first run) and a per-run archive
 /// on top: the host-config files, the kernel's virtio modules with
 /// depmod's index, the agent and its unit.
-pub fn prepare(env: &Env) -> Result<Prepared> {
-    let rootfs = rootfs::ensure()?;
+pub fn prepare(env: &Env, flavour: Flavour) -> Result<Prepared> {
+    let rootfs = rootfs::ensure(&flavour.recipe())?;
     if let Some(t) = rootfs.built_in {
         println!(
-            "cardos-e2e: networkd guest rootfs built in {:.0} s",
+            "cardos-e2e: {} guest rootfs built in {:.0} s",
+            flavour.name(),
             t.as_secs_f64()
         );
     }
-    let work = TempDir::new("vhc-networkd")?;
+    let work = TempDir::new(&format!("vhc-{}", flavour.name()))?;
     let mut overlay = Archive::new();
     let mut dirs = Vec::<String>::new();
     let mut dir = |archive: &mut Archive, path: &str| {
@@ -180,30 +320,28 @@ pub fn prepare(env: &Env) -> Result<Prepared> {
         }
     };
 
-    // host-config/networkd/, verbatim.
-    let src = crate::workspace_root().join(FILES);
+    // The host-config folder, verbatim.
+    let files = flavour.files();
+    let (install, mode) = flavour.install();
+    let src = crate::workspace_root().join(files);
     let mut names = std::fs::read_dir(&src)
         .with_context(|| format!("reading {}", src.display()))?
         .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
         .collect::<Result<Vec<_>>>()?;
     names.sort();
-    dir(&mut overlay, "etc/systemd/network");
+    dir(&mut overlay, install);
     let mut network = None;
     for name in &names {
         let text = std::fs::read_to_string(src.join(name))?;
-        if name.ends_with(".network") {
+        if name.ends_with(flavour.config_ext()) {
             if network.is_some() {
-                bail!("{FILES} has more than one .network file");
+                bail!("{files} has more than one {} file", flavour.config_ext());
             }
-            network = Some(expect(name, &text)?);
+            network = Some(expect(flavour, name, &text)?);
         }
-        overlay.file(
-            &format!("etc/systemd/network/{name}"),
-            0o644,
-            text.as_bytes(),
-        );
+        overlay.file(&format!("{install}/{name}"), mode, text.as_bytes());
     }
-    let expect = network.ok_or_else(|| anyhow!("{FILES} has no .network file"))?;
+    let expect = network.ok_or_else(|| anyhow!("{files} has no {} file", flavour.config_ext()))?;
 
     // The kernel's modules where kmod finds them, indexed by depmod so udev
     // loads them by modalias as on any Debian host.
@@ -269,9 +407,10 @@ pub fn prepare(env: &Env) -> Result<Prepared> {
         bytes.push(0);
     }
     bytes.extend(overlay.finish());
-    let initrd = work.path().join("networkd.cpio");
+    let initrd = work.path().join(format!("{}.cpio", flavour.name()));
     std::fs::write(&initrd, bytes)?;
     Ok(Prepared {
+        flavour,
         initrd,
         rootfs,
         files: names,
@@ -295,7 +434,7 @@ fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// What the guest reports about its network, without changing anything.
-fn report_script(mac: &str) -> String {
+fn report_script(flavour: Flavour, mac: &str) -> String {
     format!(
         r#"dev=
 for d in /sys/class/net/*; do [ "$(cat $d/address)" = "{mac}" ] && dev=${{d##*/}}; done
@@ -305,22 +444,19 @@ echo "mtu=$(cat /sys/class/net/$dev/mtu)"
 echo "driver=$(basename "$(readlink /sys/class/net/$dev/device/driver)")"
 echo "features=$(cat /sys/class/net/$dev/device/features)"
 udevadm info -q property -p /sys/class/net/$dev | sed -n 's/^ID_NET_LINK_FILE=/link_file=/p; s/^ID_NET_NAME_\(ONBOARD\|SLOT\|PATH\)=/name_\1=/p'
-echo "wait_online=$(systemctl is-active systemd-networkd-wait-online.service)"
-echo "online_us=$(systemctl show -P ActiveEnterTimestampMonotonic systemd-networkd-wait-online.service)"
+echo "wait_online=$(systemctl is-active {online})"
+echo "online_us=$(systemctl show -P ActiveEnterTimestampMonotonic {online})"
 echo "failed_units=$(systemctl list-units --failed --no-legend --plain | cut -d' ' -f1 | tr '\n' ' ')"
-# networkd's own record of the link (networkctl would need D-Bus).
-state=/run/systemd/netif/links/$(cat /sys/class/net/$dev/ifindex)
-sed -n 's/^NETWORK_FILE=/network_file=/p; s/^ADMIN_STATE=/admin_state=/p; s/^OPER_STATE=/oper_state=/p' $state
-echo "-- $state"
-cat $state
-echo "-- ip -d link"
+{state}echo "-- ip -d link"
 ip -d link show dev "$dev"
 echo "-- addr"
 ip -o addr show dev "$dev" | sed 's/^/addr /'
 echo "-- routes"
 ip -4 route | sed 's/^/route4 /'
 ip -6 route | sed 's/^/route6 /'
-"#
+"#,
+        online = flavour.online_unit(),
+        state = flavour.state_script(),
     )
 }
 
@@ -382,10 +518,12 @@ pub fn check(
         }
     }
 
+    let flavour = prepared.flavour;
+    let report = rig.log_dir.join(format!("{}-report.txt", flavour.name()));
     let out = rig
         .vm
-        .check(&report_script(card::MAC), Duration::from_secs(60))?;
-    std::fs::write(rig.log_dir.join("networkd-report.txt"), &out).ok();
+        .check(&report_script(flavour, card::MAC), Duration::from_secs(60))?;
+    std::fs::write(&report, &out).ok();
     let dev = field(&out, "dev").to_string();
     let mtu: u32 = field(&out, "mtu").parse().unwrap_or(0);
     let features = field(&out, "features");
@@ -393,11 +531,7 @@ pub fn check(
     let offered_mtu = features.as_bytes().get(3) == Some(&b'1');
     let link_file = field(&out, "link_file");
     let network_file = field(&out, "network_file");
-    let state = format!(
-        "{} ({})",
-        field(&out, "oper_state"),
-        field(&out, "admin_state")
-    );
+    let state = field(&out, "state");
     let online_s = field(&out, "online_us").parse::<f64>().unwrap_or(0.0) / 1e6;
     let driver = field(&out, "driver");
     if driver != "virtio_net" {
@@ -409,23 +543,35 @@ pub fn check(
     if mtu != cfg.daemon.mtu {
         problems.push(format!("MTU {mtu} in /sys, expected {}", cfg.daemon.mtu));
     }
-    for (kind, got) in [("link", link_file), ("network", network_file)] {
-        if !prepared
+    let (install, _) = flavour.install();
+    let ours = |ext: &str, got: &str| {
+        prepared
             .files
             .iter()
-            .any(|f| f.ends_with(&format!(".{kind}")) && got == format!("/etc/systemd/network/{f}"))
-        {
+            .any(|f| f.ends_with(ext) && got == format!("/{install}/{f}"))
+    };
+    let mut matched = vec![network_file];
+    // A .link file, if the folder has one, must be the one udev applied.
+    if prepared.files.iter().any(|f| f.ends_with(".link")) {
+        matched.insert(0, link_file);
+        if !ours(".link", link_file) {
             problems.push(format!(
-                "{dev} was configured by {kind} file {got:?}, not host-config's"
+                "udev applied {link_file:?} to {dev}, not host-config's"
             ));
         }
     }
-    if state != "routable (configured)" {
-        problems.push(format!("networkd's state {state:?}"));
+    if !ours(flavour.config_ext(), network_file) {
+        problems.push(format!(
+            "{dev} was configured by {network_file:?}, not host-config's"
+        ));
+    }
+    if state != flavour.configured() {
+        problems.push(format!("{}'s state {state:?}", flavour.name()));
     }
     if field(&out, "wait_online") != "active" {
         problems.push(format!(
-            "systemd-networkd-wait-online is {}",
+            "{} is {}",
+            flavour.online_unit(),
             field(&out, "wait_online")
         ));
     }
@@ -500,12 +646,19 @@ pub fn check(
     }
 
     let text = format!(
-        "Debian {} systemd {} guest up in {:.1} s (online {online_s:.1} s after kernel start); \
-         {dev} ({driver}, no MTU offered) matched {link_file} and {network_file}, {state}; \
+        "Debian {} {} guest up in {:.1} s (online {online_s:.1} s after kernel start); \
+         {dev} ({driver}, no MTU offered) matched {}, {state}; \
          MTU {mtu}; routes {}; ping card {}{wire}",
         rootfs::SUITE,
-        prepared.rootfs.version("systemd"),
+        match flavour {
+            Flavour::Networkd => format!("systemd {}", prepared.rootfs.version("systemd")),
+            Flavour::NetworkManager => format!(
+                "NetworkManager {}",
+                prepared.rootfs.version("network-manager")
+            ),
+        },
         rig.boot.as_secs_f64(),
+        matched.join(" and "),
         if routes.is_empty() {
             "none".to_string()
         } else {
@@ -521,7 +674,7 @@ pub fn check(
             format!(
                 "{}; {text}; guest report: {}",
                 problems.join("; "),
-                rig.log_dir.join("networkd-report.txt").display()
+                report.display()
             ),
         ))
     }
