@@ -5,11 +5,12 @@
 //! NIC. QEMU offers no MTU (`host_mtu` unset), so the stock virtio_net
 //! starts at 1500 and only the files can bring it to the card's MTU. The
 //! guest agent starts after `network-online.target` and only reads: nothing
-//! configures the network but udev and networkd with those files.
+//! configures the network but udev and the manager with those files.
 //!
 //! Checked: the interface matched the files (udev's ID_NET_LINK_FILE,
-//! networkd's NETWORK_FILE or NetworkManager's connection FILENAME), its MTU in /sys, state routable, the
-//! addresses and every [Route] of the .network file in the routing tables,
+//! networkd's NETWORK_FILE or NetworkManager's connection FILENAME) and
+//! kept its predictable name, its MTU in /sys, the manager's state, the
+//! addresses and every route of the file in the routing tables,
 //! pings to the card's IPv4 and IPv6 addresses (also 65000-byte ones with
 //! DF), and the default route through the card to the wire: a ping and an
 //! HTTP transfer with its SHA-256.
@@ -125,7 +126,7 @@ nmcli device show "$dev"
     }
 }
 
-/// Kernel command line: the rootfs is the initramfs and /init is systemd.
+/// Kernel command line: systemd's progress on the console (serial.log).
 const APPEND: &str = "systemd.show_status=1";
 
 /// Units a test VM does without (speed; no console logins).
@@ -625,8 +626,8 @@ pub fn check(
         pings.push(format!("{label} {}", rtt(&p)));
     }
 
-    // Beyond the card by the .network file's routes: the wire's web server
-    // through the card's NAT.
+    // Beyond the card by the file's routes: the wire's web server through
+    // the card's NAT.
     let mut wire = String::new();
     if let Some(port) = cfg.ports.first() {
         let server = port.wire_hosts[0].addr.to_string();
