@@ -76,6 +76,7 @@ fn probe(kernel: &Path, initramfs: &Path, log_dir: &Path) -> Result<(Accel, Stri
         nic: Nic::None,
         mac: "52:54:00:00:00:01",
         mtu: 1500,
+        append: "",
         log_dir: &dir,
         run_dir: run.path(),
         echo: false,

@@ -74,6 +74,10 @@ pub struct Assets {
     pub initramfs: PathBuf,
     /// Package name, version and `uname -r` of the kernel.
     pub kernel_package: String,
+    /// `uname -r` of the kernel.
+    pub release: String,
+    /// The guest's modules (uncompressed .ko files), in load order.
+    pub modules: Vec<PathBuf>,
 }
 
 /// Makes sure every asset exists, building only what is missing or stale.
@@ -84,6 +88,12 @@ pub fn ensure(opts: &Options) -> Result<Assets> {
     let assets = Assets {
         kernel: kernel.dir.join("vmlinuz"),
         initramfs,
+        release: release_of(&kernel.package)?,
+        modules: kernel
+            .modules
+            .iter()
+            .map(|name| kernel.dir.join("modules").join(format!("{name}.ko")))
+            .collect(),
         kernel_package: kernel.package,
     };
     println!("vm-assets: kernel    {}", assets.kernel.display());
@@ -91,6 +101,15 @@ pub fn ensure(opts: &Options) -> Result<Assets> {
     println!("vm-assets: modules   {}", kernel.modules.join(" "));
     println!("vm-assets: initramfs {}", assets.initramfs.display());
     Ok(assets)
+}
+
+/// `linux-image-X 6.1.1-1 (6.1.0-56-cloud-amd64)` -> `6.1.0-56-cloud-amd64`.
+fn release_of(package: &str) -> Result<String> {
+    package
+        .rsplit_once('(')
+        .and_then(|(_, r)| r.strip_suffix(')'))
+        .map(String::from)
+        .ok_or_else(|| anyhow!("no kernel release in {package:?}"))
 }
 
 fn installed(package: &str) -> bool {

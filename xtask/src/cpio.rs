@@ -4,6 +4,8 @@
 pub struct Archive {
     buf: Vec<u8>,
     next_ino: u32,
+    /// uid and gid of the entry being written.
+    owner: (u32, u32),
 }
 
 const TYPE_MASK: u32 = 0o170_000;
@@ -17,6 +19,7 @@ impl Archive {
         Archive {
             buf: Vec::new(),
             next_ino: 1,
+            owner: (0, 0),
         }
     }
 
@@ -36,6 +39,15 @@ impl Archive {
         self.entry(path, CHAR_DEV | perm, b"", (major, minor));
     }
 
+    /// A directory, file or symlink as a file system has it: `mode` is the
+    /// whole `st_mode` (type, set-id bits, permissions), `owner` (uid, gid);
+    /// `data` is the file's contents or the link's target.
+    pub fn node(&mut self, path: &str, mode: u32, owner: (u32, u32), data: &[u8]) {
+        self.owner = owner;
+        self.entry(path, mode, data, (0, 0));
+        self.owner = (0, 0);
+    }
+
     /// Appends the trailer and returns the archive.
     pub fn finish(mut self) -> Vec<u8> {
         self.next_ino = 0;
@@ -49,8 +61,8 @@ impl Archive {
         let fields = [
             self.next_ino,
             mode,
-            0, // uid
-            0, // gid
+            self.owner.0,
+            self.owner.1,
             nlink,
             0, // mtime: fixed, so the archive is reproducible
             u32::try_from(data.len()).expect("cpio member larger than 4 GiB"),

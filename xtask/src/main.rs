@@ -31,6 +31,7 @@ mod qemu;
 mod qmp;
 mod report;
 mod rig;
+mod rootfs;
 mod schema;
 mod smoke;
 mod soak;
@@ -78,7 +79,8 @@ enum Task {
     Guest(guest::Helper),
     /// The card's network node from card-os/card.toml: up, down, status, reload.
     Card(cardos::Options),
-    /// The card-os end-to-end scenarios (NAT, proxy, fragments, IPsec, firewall, reload).
+    /// The card-os end-to-end scenarios (NAT, proxy, fragments, IPsec, firewall, reload, the
+    /// networkd guest).
     CardosE2e(e2e::cardos::Options),
     /// Runs inside the test VM (the card-os scenarios' guest helper).
     #[command(subcommand, hide = true)]

@@ -32,7 +32,11 @@ pub struct VmConfig<'a> {
     pub initrd: &'a Path,
     pub nic: Nic<'a>,
     pub mac: &'a str,
+    /// The MTU QEMU offers the guest (`host_mtu`, VIRTIO_NET_F_MTU); 0 offers
+    /// none, so the guest's driver starts at 1500.
     pub mtu: u32,
+    /// More kernel command line, after [`CMDLINE`].
+    pub append: &'a str,
     /// Directory for the serial log, QEMU's stderr (qemu.log) and the agent
     /// transcript (agent.log).
     pub log_dir: &'a Path,
@@ -108,10 +112,10 @@ impl Vm {
         if let Some(netdev) = netdev {
             // vectors=0: no MSI-X, legacy INTx only. Debian 12's QEMU 7.2
             // segfaults when a vhost-user NIC starts under TCG with MSI-X.
-            let mut device = format!(
-                "virtio-net-pci,netdev=net0,mac={},host_mtu={},vectors=0",
-                cfg.mac, cfg.mtu
-            );
+            let mut device = format!("virtio-net-pci,netdev=net0,mac={},vectors=0", cfg.mac);
+            if cfg.mtu != 0 {
+                device += &format!(",host_mtu={}", cfg.mtu);
+            }
             if cfg.queues > 1 {
                 device.push_str(",mq=on");
             }
@@ -121,7 +125,7 @@ impl Vm {
             .arg(cfg.kernel)
             .arg("-initrd")
             .arg(cfg.initrd)
-            .args(["-append", CMDLINE])
+            .args(["-append", &format!("{CMDLINE} {}", cfg.append)])
             .args(["-display", "none", "-no-reboot", "-nodefaults"])
             .arg("-serial")
             .arg(format!("file:{}", serial_log.display()));

@@ -11,7 +11,8 @@ pub struct Ping {
 }
 
 impl Ping {
-    /// Reads busybox ping's summary lines.
+    /// Reads the summary lines of busybox's or iputils' ping (whose rtt line
+    /// is `rtt min/avg/max/mdev = a/b/c/d ms`).
     pub fn parse(text: &str) -> Ping {
         let loss = text
             .lines()
@@ -19,8 +20,14 @@ impl Ping {
             .and_then(|(head, _)| head.rsplit([' ', ',']).next()?.parse().ok());
         let rtt = text
             .lines()
-            .find_map(|l| l.split_once("min/avg/max = "))
-            .map(|(_, tail)| tail.trim_end_matches(" ms").trim().to_string());
+            .find_map(|l| {
+                l.split_once("min/avg/max = ")
+                    .or_else(|| l.split_once("min/avg/max/mdev = "))
+            })
+            .map(|(_, tail)| {
+                let values = tail.trim_end_matches(" ms").trim();
+                values.split('/').take(3).collect::<Vec<_>>().join("/")
+            });
         Ping { loss, rtt }
     }
 
@@ -67,5 +74,13 @@ mod tests {
         assert_eq!(p.avg(), Some("3.325"));
         let p = Ping::parse("2 packets transmitted, 1 packets received, 50% packet loss\n");
         assert!(!p.ok());
+        // iputils
+        let p = Ping::parse(
+            "3 packets transmitted, 3 received, 0% packet loss, time 2003ms\n\
+             rtt min/avg/max/mdev = 0.412/0.655/1.015/0.259 ms\n",
+        );
+        assert!(p.ok());
+        assert_eq!(p.avg(), Some("0.655"));
+        assert_eq!(p.rtt.as_deref(), Some("0.412/0.655/1.015"));
     }
 }

@@ -23,6 +23,9 @@ use crate::report::{key_values, Ping};
 pub struct Env {
     pub kernel: PathBuf,
     pub kernel_package: String,
+    /// `uname -r` of the kernel and its virtio-net modules (.ko files).
+    pub kernel_release: String,
+    pub modules: Vec<PathBuf>,
     /// The e2e initramfs (agent, helper, payload).
     pub initrd: PathBuf,
     pub accel: Accel,
@@ -69,6 +72,8 @@ impl Env {
         Ok(Env {
             kernel: assets.kernel,
             kernel_package: assets.kernel_package,
+            kernel_release: assets.release,
+            modules: assets.modules,
             initrd,
             accel,
             accel_why,
@@ -119,10 +124,41 @@ pub struct Rig {
     pub boot: Duration,
 }
 
+/// What a rig's VM boots: the e2e initramfs by default, or another image
+/// (the networkd guest) whose agent speaks the same protocol.
+pub struct Image<'a> {
+    pub initrd: &'a Path,
+    /// More kernel command line.
+    pub append: &'a str,
+    /// Whether QEMU offers the card's MTU to the guest (`host_mtu`).
+    pub host_mtu: bool,
+}
+
 impl Rig {
     /// Starts the card with `cfg`, boots the VM and waits for its agent; with
     /// [`Plug::Boot`] also brings eth0 up with the guest's addresses.
     pub fn boot(env: &Env, name: &str, cfg: &CardConfig, plug: Plug) -> Result<Rig> {
+        let image = Image {
+            initrd: &env.initrd,
+            append: "",
+            host_mtu: true,
+        };
+        let mut rig = Rig::boot_image(env, name, cfg, plug, &image)?;
+        if plug == Plug::Boot {
+            rig.vm.check("net_up", Duration::from_secs(30))?;
+        }
+        Ok(rig)
+    }
+
+    /// Starts the card with `cfg`, boots `image` and waits for its agent;
+    /// configures nothing in the guest.
+    pub fn boot_image(
+        env: &Env,
+        name: &str,
+        cfg: &CardConfig,
+        plug: Plug,
+        image: &Image,
+    ) -> Result<Rig> {
         let log_dir = env.logs.join(name);
         if log_dir.exists() {
             std::fs::remove_dir_all(&log_dir)?;
@@ -130,39 +166,33 @@ impl Rig {
         std::fs::create_dir_all(&log_dir)?;
         let run = TempDir::new(&format!("vhc-{name}"))?;
         let card = Card::start(cfg, run.path(), &log_dir.join("daemon.log"))?;
-        let nic = match plug {
-            Plug::Boot => Nic::VhostUser {
-                socket: &card.socket,
-            },
-            Plug::Later => Nic::None,
-        };
-        let mut vm = Vm::start(&VmConfig {
-            kernel: &env.kernel,
-            initrd: &env.initrd,
-            nic,
-            mac: card::MAC,
-            mtu: cfg.mtu,
-            log_dir: &log_dir,
-            run_dir: run.path(),
-            echo: env.echo,
-            accel: env.accel,
-            memory_mib: GUEST_MIB,
-            hotplug_port: plug == Plug::Later,
-            agent: true,
-            queues: cfg.queues,
-        })?;
-        let boot = vm.wait_agent(Duration::from_secs(240))?;
-        let mut rig = Rig {
+        let (vm, boot) = start_vm(env, &card, run.path(), &log_dir, plug, image)?;
+        Ok(Rig {
             vm,
             card,
             _run: run,
             log_dir,
             boot,
-        };
-        if plug == Plug::Boot {
-            rig.vm.check("net_up", Duration::from_secs(30))?;
-        }
-        Ok(rig)
+        })
+    }
+
+    /// Powers the VM off and boots `image` on the same card (the daemon
+    /// listens again once QEMU is gone); its logs go to `<log_dir>/<name>`.
+    pub fn replace_vm(&mut self, env: &Env, name: &str, image: &Image) -> Result<()> {
+        self.vm.shutdown()?;
+        let log_dir = self.log_dir.join(name);
+        std::fs::create_dir_all(&log_dir)?;
+        let (vm, boot) = start_vm(
+            env,
+            &self.card,
+            self._run.path(),
+            &log_dir,
+            Plug::Boot,
+            image,
+        )?;
+        self.vm = vm;
+        self.boot = boot;
+        Ok(())
     }
 
     /// The guest's view of eth0 (mtu, driver, features, operstate, ...).
@@ -326,6 +356,42 @@ impl Rig {
             self.log_dir.display()
         )
     }
+}
+
+/// Boots `image` with the card's NIC (or none, to hot-plug later) and waits
+/// for the guest agent; returns the VM and QEMU start to agent ready.
+fn start_vm(
+    env: &Env,
+    card: &Card,
+    run_dir: &Path,
+    log_dir: &Path,
+    plug: Plug,
+    image: &Image,
+) -> Result<(Vm, Duration)> {
+    let nic = match plug {
+        Plug::Boot => Nic::VhostUser {
+            socket: &card.socket,
+        },
+        Plug::Later => Nic::None,
+    };
+    let mut vm = Vm::start(&VmConfig {
+        kernel: &env.kernel,
+        initrd: image.initrd,
+        nic,
+        mac: card::MAC,
+        mtu: if image.host_mtu { card.cfg.mtu } else { 0 },
+        append: image.append,
+        log_dir,
+        run_dir,
+        echo: env.echo,
+        accel: env.accel,
+        memory_mib: GUEST_MIB,
+        hotplug_port: plug == Plug::Later,
+        agent: true,
+        queues: card.cfg.queues,
+    })?;
+    let boot = vm.wait_agent(Duration::from_secs(240))?;
+    Ok((vm, boot))
 }
 
 /// The guest command that sends the first `len` payload bytes to the card's

@@ -115,6 +115,7 @@ fn scenario(opts: &Options, log_dir: &Path) -> Result<()> {
         nic,
         mac: MAC,
         mtu: opts.mtu,
+        append: "",
         log_dir,
         run_dir: tmp.path(),
         echo: !opts.quiet,

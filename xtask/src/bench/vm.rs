@@ -201,6 +201,7 @@ fn one(env: &Env, b: Nicb, mtu: u32, len: usize, name: &str) -> Run {
                 },
                 mac: card::MAC,
                 mtu,
+                append: "",
                 log_dir: &log_dir,
                 run_dir: run.path(),
                 echo: env.echo,

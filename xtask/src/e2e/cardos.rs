@@ -16,10 +16,17 @@
 //!    through keeps the SAs;
 //! 5. firewall: a new connection from the wire to the guest is dropped; the
 //!    card's own HTTP server answers;
-//! 6. reload: `card reload` with a changed config during a transfer.
+//! 6. reload: `card reload` with a changed config during a transfer;
+//! 7. networkd: a second guest, Debian with systemd-networkd from
+//!    debootstrap, configured by host-config/networkd/ alone, gets the
+//!    card's MTU, addresses and routes and reaches the card and the wire
+//!    (see `networkd.rs`);
+//! 8. networkmanager: the same with NetworkManager and
+//!    host-config/networkmanager/'s keyfile.
 //!
 //! The namespaces are private to the run (`vhc-<pid>-<n>` for the card,
-//! `cosw-<pid>` for the wire). Logs: target/vm/logs/cardos/.
+//! `cosw-<pid>` for the wire); the rest comes from card-os/card.toml or the
+//! file --config names. Logs: target/vm/logs/cardos/.
 
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
@@ -29,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::networkd::{self, Flavour};
 use super::{DEFAULT_MTU, MIB};
 use crate::accel::Accel;
 use crate::card::{self, CardConfig};
@@ -41,9 +49,13 @@ use crate::rig::{self, Env, Plug, Rig};
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Run only these scenarios (numbers 1-6, comma-separated).
+    /// Run only these scenarios (numbers 1-8, comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u32>,
+    /// The card-os config to run with (its namespace names, run directory
+    /// and daemon are replaced by the run's own).
+    #[arg(long, default_value_os_t = cardos::default_config())]
+    pub config: std::path::PathBuf,
     /// MiB of each HTTP transfer.
     #[arg(long, default_value_t = 64)]
     pub mib: usize,
@@ -75,6 +87,10 @@ impl Verdict {
 /// The card-os config the run uses: card-os/card.toml with private names.
 struct Node {
     cfg: Config,
+    /// The Debian guests' images, of the scenarios that run.
+    guests: Vec<networkd::Prepared>,
+    /// Which of them the rig's VM is, if any.
+    booted: Option<Flavour>,
     _run: TempDir,
 }
 
@@ -91,9 +107,13 @@ pub fn run(opts: &Options) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("cardos-e2e needs root (network namespaces, nftables)");
     }
-    if opts.only.iter().any(|n| !(1..=6).contains(n)) {
-        bail!("scenarios are numbered 1 to 6");
+    if opts.only.iter().any(|n| !(1..=8).contains(n)) {
+        bail!("scenarios are numbered 1 to 8");
     }
+    let wanted = |n: u32| opts.only.is_empty() || opts.only.contains(&n);
+    // Scenarios 1-6 share the busybox guest; 7 and 8 boot their own after
+    // them.
+    let busybox = (1..=6).any(wanted);
     let t0 = Instant::now();
     cardos::ensure_packages()?;
     crate::apt::install(&["tcpdump"])?;
@@ -112,14 +132,28 @@ pub fn run(opts: &Options) -> Result<()> {
         opts.mib,
         env.payload.sha256
     );
+    let node_cfg = Config::load(&opts.config)?;
     let cfg = CardConfig {
-        mtu: DEFAULT_MTU,
+        mtu: node_cfg.daemon.mtu,
         disable: String::new(),
         queues: 1,
     };
-    let mut rig = Rig::boot(&env, "cardos", &cfg, Plug::Boot)?;
+    let mut guests = Vec::new();
+    for (number, flavour) in DEBIAN_GUESTS {
+        if wanted(number) {
+            guests.push(networkd::prepare(&env, flavour)?);
+        }
+    }
+    let mut rig = match guests.first() {
+        Some(p) if !busybox => Rig::boot_image(&env, "cardos", &cfg, Plug::Boot, &p.image())?,
+        _ => Rig::boot(&env, "cardos", &cfg, Plug::Boot)?,
+    };
     println!("cardos-e2e: VM up in {:.1} s", rig.boot.as_secs_f64());
-    let node = node_for(&rig)?;
+    let mut node = node_for(&rig, node_cfg)?;
+    if !busybox {
+        node.booted = guests.first().map(|p| p.flavour);
+    }
+    node.guests = guests;
     let t_up = Instant::now();
     cardos::up(&node.cfg)?;
     println!(
@@ -131,20 +165,23 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     // The wire's web server serves the payload.
     std::fs::copy(&env.payload.path, node.cfg.run_dir.join("wire/www/payload"))?;
-    guest_setup(&mut rig, &node.cfg)?;
+    if busybox {
+        guest_setup(&mut rig, &node.cfg)?;
+    }
 
-    let wanted = |n: u32| opts.only.is_empty() || opts.only.contains(&n);
     let mut verdicts = Vec::new();
     type Scenario = fn(&mut Rig, &Env, &mut Node, &Options) -> Result<(Option<bool>, String)>;
-    let scenarios: [(u32, &str, Scenario); 6] = [
+    let scenarios: [(u32, &str, Scenario); 8] = [
         (1, "nat", nat),
         (5, "firewall", firewall),
         (3, "fragments", fragments),
         (2, "proxy", proxy),
         (6, "reload", reload),
         (4, "ipsec", ipsec),
+        // Last: they replace the busybox guest.
+        (7, "networkd", networkd_guest),
+        (8, "networkmanager", networkmanager_guest),
     ];
-    let mut node = node;
     for (number, name, scenario) in scenarios {
         if !wanted(number) {
             continue;
@@ -194,11 +231,10 @@ pub fn run(opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// card-os/card.toml, with the rig's namespace as the card (its daemon is
+/// The card-os config, with the rig's namespace as the card (its daemon is
 /// the rig's), a private wire namespace and run directory.
-fn node_for(rig: &Rig) -> Result<Node> {
-    let mut cfg = Config::load(&cardos::default_config())?;
-    let run = TempDir::new("vhc-cardos")?;
+fn node_for(rig: &Rig, mut cfg: Config) -> Result<Node> {
+    let run = TempDir::new("vhc-cardos-node")?;
     cfg.netns = rig.card.ns.name().to_string();
     cfg.run_dir = run.path().join("card");
     cfg.daemon.start = false;
@@ -213,7 +249,54 @@ fn node_for(rig: &Rig) -> Result<Node> {
             card::TAP
         );
     }
-    Ok(Node { cfg, _run: run })
+    Ok(Node {
+        cfg,
+        guests: Vec::new(),
+        booted: None,
+        _run: run,
+    })
+}
+
+/// The Debian guests' scenarios.
+const DEBIAN_GUESTS: [(u32, Flavour); 2] = [(7, Flavour::Networkd), (8, Flavour::NetworkManager)];
+
+/// Scenarios 7 and 8: a Debian guest (booted now unless it is the rig's VM
+/// already) configured by host-config alone.
+fn debian_guest(
+    rig: &mut Rig,
+    env: &Env,
+    node: &mut Node,
+    opts: &Options,
+    flavour: Flavour,
+) -> Result<(Option<bool>, String)> {
+    let prepared = node
+        .guests
+        .iter()
+        .find(|p| p.flavour == flavour)
+        .context("no image for this guest")?;
+    if node.booted != Some(flavour) {
+        rig.replace_vm(env, flavour.name(), &prepared.image())?;
+        node.booted = Some(flavour);
+    }
+    networkd::check(rig, prepared, &node.cfg, env, opts.mib * MIB)
+}
+
+fn networkd_guest(
+    rig: &mut Rig,
+    env: &Env,
+    node: &mut Node,
+    opts: &Options,
+) -> Result<(Option<bool>, String)> {
+    debian_guest(rig, env, node, opts, Flavour::Networkd)
+}
+
+fn networkmanager_guest(
+    rig: &mut Rig,
+    env: &Env,
+    node: &mut Node,
+    opts: &Options,
+) -> Result<(Option<bool>, String)> {
+    debian_guest(rig, env, node, opts, Flavour::NetworkManager)
 }
 
 /// The guest applies host-config/card-link.sh (routes via the card) and

@@ -20,6 +20,7 @@
 pub mod cardos;
 mod hotplug;
 mod multiqueue;
+mod networkd;
 mod shared_vm;
 mod toggles;
 
