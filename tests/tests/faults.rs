@@ -112,3 +112,29 @@ fn tap_deleted_under_the_daemon() -> Result<()> {
     drop(dev);
     Ok(())
 }
+
+/// The card's namespace deleted under a serving daemon (`ip netns del`): the tap's open queues
+/// keep the namespace alive without a name, where nothing reaches the card's side; the daemon
+/// notices within a second or two and ends with status 1 and a message naming the namespace,
+/// as when the tap alone is deleted.
+#[test]
+fn card_namespace_deleted_under_the_daemon() -> Result<()> {
+    let card = Card::start(&[])?;
+    let mut dev = card.driver()?;
+    card.check_host_to_card(&mut dev, 7704, 9)?;
+    let name = card.ns.name().to_string();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "del", &name])
+        .output()?;
+    ensure!(out.status.success(), "ip netns del {name}: {out:?}");
+    let mut d = card.daemon;
+    let status = d.wait_exit(Duration::from_secs(10))?;
+    ensure!(status.code() == Some(1), "exit status {status}");
+    let log = d.log();
+    ensure!(
+        log.contains(&format!("the card's network namespace {name} was deleted")),
+        "log:\n{log}"
+    );
+    drop(dev);
+    Ok(())
+}

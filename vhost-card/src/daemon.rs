@@ -5,7 +5,7 @@
 use std::fs::DirBuilder;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,6 +55,9 @@ pub enum DaemonError {
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
 }
+
+/// How often the daemon checks that its network namespace still has its name.
+const NETNS_WATCH_EVERY: Duration = Duration::from_secs(1);
 
 /// Shared stop request: set by a signal, seen by the accept loop, the stats thread and the
 /// connection being served.
@@ -218,6 +221,16 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         Listen::Fd(fd) => unsafe { UnixListener::from_raw_fd(*fd) },
     };
     let tap = open_tap(&cfg)?;
+    // The identity of the named namespace the tap lives in, watched while serving.
+    let netns_watch = cfg
+        .netns
+        .as_deref()
+        .filter(|n| !n.contains('/'))
+        .and_then(|n| {
+            let path = crate::netns::path_of(n);
+            let meta = std::fs::metadata(&path).ok()?;
+            Some((n.to_string(), path, (meta.dev(), meta.ino())))
+        });
     let private = private_dir().map_err(|source| DaemonError::Io {
         what: "creating a private directory",
         source,
@@ -306,6 +319,39 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 while !stop.wait(every) {
                     for line in stats.report().lines() {
                         info!("stats {line}");
+                    }
+                }
+            });
+    }
+    if let Some((name, path, id)) = netns_watch {
+        let tap_name = cfg.tap.clone();
+        // `ip netns del` only removes the name: the tap's open queues keep the namespace alive,
+        // unnamed, where nothing can reach the card's side any more. Say so and stop, as when
+        // the tap is deleted.
+        let stop = stop.clone();
+        let _ = std::thread::Builder::new()
+            .name("netns-watch".into())
+            .spawn(move || {
+                while !stop.wait(NETNS_WATCH_EVERY) {
+                    match std::fs::metadata(&path) {
+                        Ok(m) if (m.dev(), m.ino()) == id => {}
+                        Ok(_) => {
+                            stop.fail(format!(
+                                "the card's network namespace {name} was deleted and another \
+                                 one made under its name; tap {tap_name} stays in the old one: \
+                                 exiting"
+                            ));
+                            break;
+                        }
+                        Err(_) => {
+                            stop.fail(format!(
+                                "the card's network namespace {name} was deleted ({} is \
+                                 gone); tap {tap_name} is unreachable in what is left of it: \
+                                 exiting",
+                                path.display()
+                            ));
+                            break;
+                        }
                     }
                 }
             });

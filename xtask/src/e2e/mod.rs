@@ -12,9 +12,12 @@
 //! 6. restart: the daemon SIGKILLed mid-transfer and started again; QEMU
 //!    reconnects and the transfer completes;
 //! 7. multiqueue: `--queues 2` with a two-vCPU guest: both pairs up, a TCP
-//!    stream from each vCPU on its own TX queue, sha256 equal.
+//!    stream from each vCPU on its own TX queue, sha256 equal;
+//! 8. device reset: the guest's driver unbound and bound again twice (as a
+//!    driver reload or a reboot resets the device) on the same vhost-user
+//!    session; traffic both ways after each.
 //!
-//! Scenarios 1, 2, 4 and 6 share one VM; 3 boots one per configuration, 5
+//! Scenarios 1, 2, 4, 6 and 8 share one VM; 3 boots one per configuration, 5
 //! and 7 their own. Logs: target/vm/logs/e2e/<rig>/.
 
 pub mod cardos;
@@ -37,7 +40,7 @@ pub const DEFAULT_MTU: u32 = 65520;
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Run only these scenarios (numbers 1-7, comma-separated).
+    /// Run only these scenarios (numbers 1-8, comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u32>,
     /// MiB sent each way in scenarios 2 and 6.
@@ -82,8 +85,8 @@ pub fn run(opts: &Options) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("e2e needs root (network namespaces, tap devices)");
     }
-    if opts.only.iter().any(|n| !(1..=7).contains(n)) {
-        bail!("scenarios are numbered 1 to 7");
+    if opts.only.iter().any(|n| !(1..=8).contains(n)) {
+        bail!("scenarios are numbered 1 to 8");
     }
     let wanted = |n: u32| opts.only.is_empty() || opts.only.contains(&n);
     let t0 = Instant::now();
@@ -111,7 +114,7 @@ pub fn run(opts: &Options) -> Result<()> {
         lines.push(line);
     };
 
-    if [1, 2, 4, 6].into_iter().any(wanted) {
+    if [1, 2, 4, 6, 8].into_iter().any(wanted) {
         main_rig(&env, opts, &wanted, &mut record);
     }
     crate::check_interrupted()?;
@@ -165,7 +168,7 @@ pub fn verdict(number: u32, name: &str, result: Result<(bool, String)>) -> Line 
 /// A scenario run on the shared VM.
 type Scenario = fn(&mut Rig, &Env, &Options) -> Result<(bool, String)>;
 
-/// Scenarios 1, 2, 4 and 6 on one VM with the default card.
+/// Scenarios 1, 2, 4, 6 and 8 on one VM with the default card.
 fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, record: &mut dyn FnMut(Line)) {
     let cfg = CardConfig {
         mtu: DEFAULT_MTU,
@@ -184,6 +187,7 @@ fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, record: &mu
                 (2, "traffic"),
                 (4, "large frames"),
                 (6, "restart"),
+                (8, "device reset"),
             ] {
                 if wanted(number) {
                     record(Line {
@@ -198,11 +202,12 @@ fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, record: &mu
     };
     println!("e2e: main VM up in {:.1} s", rig.boot.as_secs_f64());
     let mut last = 1;
-    let scenarios: [(u32, &str, Scenario); 4] = [
+    let scenarios: [(u32, &str, Scenario); 5] = [
         (1, "binding", shared_vm::binding),
         (2, "traffic", shared_vm::traffic),
         (4, "large frames", shared_vm::large_frames),
         (6, "restart", shared_vm::restart),
+        (8, "device reset", shared_vm::driver_reset),
     ];
     for (number, name, scenario) in scenarios {
         if !wanted(number) {

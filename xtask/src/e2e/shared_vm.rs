@@ -1,5 +1,5 @@
-//! Scenarios 1, 2, 4 and 6, run one after the other on one VM with the
-//! default card: binding, traffic, large frames, restart.
+//! Scenarios 1, 2, 4, 6 and 8, run one after the other on one VM with the
+//! default card: binding, traffic, large frames, restart, device reset.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::Ordering;
@@ -340,4 +340,68 @@ pub fn restart(rig: &mut Rig, env: &Env, opts: &Options) -> Result<(bool, String
         changes(&carrier1) - changes(&carrier0),
     );
     Ok((pass, text))
+}
+
+/// Scenario 8: the guest resets the device twice, as a driver reload or a guest reboot does:
+/// virtio_net is unbound (QEMU stops the rings with GET_VRING_BASE on the same vhost-user
+/// connection) and bound again (features, memory and rings set anew), then the link must
+/// carry pings and the payload each way. The daemon must see no disconnect.
+pub fn driver_reset(rig: &mut Rig, env: &Env, opts: &Options) -> Result<(bool, String)> {
+    let len = super::matrix_mib(opts) * MIB;
+    let connects0 = count_lines(rig, "frontend connected")?;
+    let acks0 = count_lines(rig, "frontend acked features")?;
+    let mut pass = true;
+    let mut rounds = Vec::new();
+    for round in 1..=2 {
+        let t0 = Instant::now();
+        rig.vm.check(
+            "dev=$(basename \"$(readlink /sys/class/net/eth0/device)\")
+             d=/sys/bus/virtio/drivers/virtio_net
+             echo \"$dev\" > $d/unbind || exit 1
+             if [ -e /sys/class/net/eth0 ]; then echo 'eth0 still there after unbind'; exit 1; fi
+             echo \"$dev\" > $d/bind || exit 1
+             net_up",
+            Duration::from_secs(60),
+        )?;
+        let back = t0.elapsed();
+        let info = rig.nic_info()?;
+        let pings = rig.pings(2)?;
+        let up = rig.send_to_card(env, len)?;
+        let down = rig.send_to_guest(env, len)?;
+        let mtu_ok =
+            info.get("mtu").map(String::as_str) == Some(rig.card.cfg.mtu.to_string().as_str());
+        pass &= mtu_ok && pings.ok() && up.ok && down.ok;
+        rounds.push(format!(
+            "reset {round}: eth0 back in {} ms (MTU {}), {}; {} MiB guest→card {}, card→guest {}",
+            back.as_millis(),
+            info.get("mtu").map_or("?", String::as_str),
+            pings.describe(),
+            len / MIB,
+            up.describe(),
+            down.describe()
+        ));
+    }
+    let reconnects = count_lines(rig, "frontend connected")? - connects0;
+    // Each reset makes QEMU stop the rings and negotiate again: one more SET_FEATURES each.
+    let acks = count_lines(rig, "frontend acked features")? - acks0;
+    let alive = rig.card.alive()?;
+    pass &= reconnects == 0 && acks == 2 && alive;
+    Ok((
+        pass,
+        format!(
+            "{}; features negotiated anew {acks} time(s) on the same vhost-user session \
+             ({reconnects} reconnect(s)), daemon {}",
+            rounds.join("; "),
+            if alive { "running" } else { "GONE" }
+        ),
+    ))
+}
+
+fn count_lines(rig: &Rig, needle: &str) -> Result<usize> {
+    Ok(rig
+        .card
+        .log_lines()?
+        .iter()
+        .filter(|l| l.contains(needle))
+        .count())
 }
