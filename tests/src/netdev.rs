@@ -93,6 +93,8 @@ pub struct Options {
     pub enable_rings: bool,
     /// Create the guest memfd with `MFD_ALLOW_SEALING` (QEMU's memfd backend does).
     pub allow_sealing: bool,
+    /// Hand the device kick eventfds in blocking mode (QEMU's are non-blocking).
+    pub blocking_kicks: bool,
 }
 
 impl Options {
@@ -108,6 +110,7 @@ impl Options {
             },
             enable_rings: true,
             allow_sealing: false,
+            blocking_kicks: false,
         }
     }
 }
@@ -149,8 +152,12 @@ impl VirtioNet {
         ctl.vu
             .set_mem_table(&[mem.region_info()?])
             .context("SET_MEM_TABLE")?;
-        let rx = Vq::new(&mut mem, opts.queue_size)?;
-        let tx = Vq::new(&mut mem, opts.queue_size)?;
+        let mut rx = Vq::new(&mut mem, opts.queue_size)?;
+        let mut tx = Vq::new(&mut mem, opts.queue_size)?;
+        if opts.blocking_kicks {
+            rx.kick = vmm_sys_util::eventfd::EventFd::new(0)?;
+            tx.kick = vmm_sys_util::eventfd::EventFd::new(0)?;
+        }
         for (i, q) in [(RX, &rx), (TX, &tx)] {
             ctl.vu.set_vring_num(i, q.size).context("SET_VRING_NUM")?;
             ctl.vu.set_vring_base(i, 0).context("SET_VRING_BASE")?;

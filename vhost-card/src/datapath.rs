@@ -14,7 +14,7 @@
 //! counted, and the worker keeps serving.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::AtomicU64;
 
 use log::{debug, warn};
@@ -930,12 +930,38 @@ fn iov_count(n: usize) -> libc::c_int {
 }
 
 fn notify(vring: &mut State, stats: &PairStats) {
-    if vring.needs_notification().unwrap_or(true) {
-        if let Err(e) = vring.signal_used_queue() {
-            warn!("cannot notify the guest: {e}");
-        }
-        add(&stats.notifications, 1);
+    if !vring.needs_notification().unwrap_or(true) {
+        return;
     }
+    // The call descriptor is the frontend's and may be in blocking mode: a write to a full pipe
+    // or to an eventfd at its limit would hang this worker, both queues of the pair and every
+    // later session with it. So it is written only when it takes the write now.
+    if let Some(call) = vring.get_call() {
+        if !writable_now(call.as_raw_fd()) {
+            add(&stats.notifications_blocked, 1);
+            return;
+        }
+    }
+    if let Err(e) = vring.signal_used_queue() {
+        debug!("cannot notify the guest: {e}");
+        add(&stats.notifications_blocked, 1);
+        return;
+    }
+    add(&stats.notifications, 1);
+}
+
+/// Whether `fd` takes a write without blocking right now (and has a reader).
+fn writable_now(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd that outlives the call; a zero timeout never sleeps.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n == 1
+        && pfd.revents & libc::POLLOUT != 0
+        && pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) == 0
 }
 
 /// The `TUNSETOFFLOAD` bits for what the host accepts on its RX queue.

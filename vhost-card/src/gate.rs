@@ -340,6 +340,9 @@ impl ReqState {
                     }
                 }
             } else {
+                if hdr.request == FrontendReq::SET_VRING_KICK as u32 {
+                    msg.fds.iter().for_each(set_nonblocking);
+                }
                 self.filter(&hdr, &msg.body)
             };
             match action {
@@ -458,6 +461,21 @@ pub fn screen_stream(input: &[u8], cfg: GateConfig) -> Result<(), GateError> {
     frontend_peer.write_all(input)?;
     drop(frontend_peer);
     ReqState::new(cfg).run(&frontend, &backend, &Mutex::new(writer))
+}
+
+/// Puts a kick descriptor in non-blocking mode. The card reads it only after epoll said it is
+/// readable, but a frontend that drains it in between would leave a blocking read hanging the
+/// queue pair's worker. The frontend only writes kicks, so this changes nothing on its side
+/// (QEMU's and DPDK's are non-blocking already).
+fn set_nonblocking(fd: &OwnedFd) {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own; F_GETFL/F_SETFL touch only its status flags.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 && flags & libc::O_NONBLOCK == 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+    }
 }
 
 enum Action {

@@ -81,6 +81,9 @@ counters! {
     tx_kicks,
     /// Guest notifications sent (used-ring interrupts), both queues.
     notifications,
+    /// Guest notifications skipped because the frontend's call descriptor could not take a write
+    /// without blocking (a full pipe, an eventfd at its limit, a pipe nobody reads).
+    notifications_blocked,
     /// Times the TX ring's available index ran more than a ring ahead (queue ignored until reset).
     tx_ring_broken,
     /// Times the RX ring's available index ran more than a ring ahead (queue ignored until reset).
