@@ -131,6 +131,13 @@ impl CardBackend {
         }
         *self.mem.write().unwrap_or_else(|p| p.into_inner()) = None;
         let _ = self.tap.set_offload(0);
+        self.tap.attach_all();
+    }
+
+    /// Called by the gate whenever the frontend's rings of queue pair `pair` become enabled
+    /// or disabled: the pair's tap queue follows (see `Tap::set_pair_enabled`).
+    pub fn pair_enabled(&self, pair: usize, enabled: bool) {
+        self.tap.set_pair_enabled(pair, enabled);
     }
 
     /// Reports a vanished tap once per event; the daemon then stops with that message.

@@ -537,10 +537,13 @@ fn serve_one(
     daemon.start(&mut inner_listener).map_err(vhost)?;
     drop(inner_listener);
 
-    let gate = Gate::start(frontend, gate_side, gate_cfg).map_err(|source| DaemonError::Io {
-        what: "starting the gate",
-        source,
-    })?;
+    let steer = backend.clone();
+    let on_pair = Box::new(move |pair: usize, enabled: bool| steer.pair_enabled(pair, enabled));
+    let gate =
+        Gate::start(frontend, gate_side, gate_cfg, on_pair).map_err(|source| DaemonError::Io {
+            what: "starting the gate",
+            source,
+        })?;
     *stop.frontend.lock().unwrap_or_else(|p| p.into_inner()) = gate.frontend_handle().ok();
     if stop.requested() {
         gate.shutdown();

@@ -234,7 +234,12 @@ pub struct Gate {
 
 impl Gate {
     /// Starts relaying between `frontend` and `backend` (the crate's end).
-    pub fn start(frontend: UnixStream, backend: UnixStream, cfg: GateConfig) -> io::Result<Gate> {
+    pub fn start(
+        frontend: UnixStream,
+        backend: UnixStream,
+        cfg: GateConfig,
+        on_pair: PairHook,
+    ) -> io::Result<Gate> {
         let f_writer = Arc::new(Mutex::new(frontend.try_clone()?));
         let closer = || -> io::Result<_> {
             let f = frontend.try_clone()?;
@@ -251,6 +256,7 @@ impl Gate {
             .name("vhost-gate-req".into())
             .spawn(move || {
                 let mut st = ReqState::new(cfg);
+                st.on_pair = Some(on_pair);
                 if let Err(e) = st.run(&f_in, &b_out, &writer) {
                     debug!("gate: frontend side ended: {e}");
                 }
@@ -296,12 +302,19 @@ impl Gate {
     }
 }
 
+/// Told when the RX ring of a queue pair becomes enabled (true) or disabled (false).
+pub type PairHook = Box<dyn Fn(usize, bool) + Send>;
+
 struct ReqState {
     cfg: GateConfig,
     acked_features: u64,
     acked_protocol: u64,
     /// SET_VRING_ENABLE requests held back until PROTOCOL_FEATURES is acked: (index, enable).
     pending: Vec<(u32, u32)>,
+    /// Each ring's enabled state as the frontend set it (rings start disabled when
+    /// PROTOCOL_FEATURES is acked), mirrored to `on_pair`.
+    enabled: Vec<bool>,
+    on_pair: Option<PairHook>,
 }
 
 impl ReqState {
@@ -311,6 +324,32 @@ impl ReqState {
             acked_features: 0,
             acked_protocol: 0,
             pending: Vec::new(),
+            enabled: vec![false; cfg.num_queues as usize],
+            on_pair: None,
+        }
+    }
+
+    /// Records a ring's new state; a pair counts as used while its RX ring (the even index) is
+    /// enabled, and the hook hears of every change of that.
+    fn ring_enabled(&mut self, index: u32, enabled: bool) {
+        let Some(state) = self.enabled.get_mut(index as usize) else {
+            return;
+        };
+        let changed = *state != enabled;
+        *state = enabled;
+        if changed && index % 2 == 0 {
+            if let Some(hook) = &self.on_pair {
+                hook(index as usize / 2, enabled);
+            }
+        }
+    }
+
+    /// Tells the hook the state of every pair (after SET_FEATURES set them anew).
+    fn report_all(&self) {
+        if let Some(hook) = &self.on_pair {
+            for (pair, rx) in self.enabled.iter().step_by(2).enumerate() {
+                hook(pair, *rx);
+            }
         }
     }
 
@@ -349,6 +388,7 @@ impl ReqState {
                 Action::Forward => {
                     let fds: Vec<RawFd> = msg.fds.iter().map(|f| f.as_raw_fd()).collect();
                     send_msg(backend, &hdr, &msg.body, &fds)?;
+                    self.track_rings(&hdr, &msg.body);
                 }
                 Action::Answer(value) => {
                     if self.can_reply(&hdr) {
@@ -427,14 +467,46 @@ impl ReqState {
         }
     }
 
+    /// Follows the ring state a forwarded request sets: SET_VRING_ENABLE (once PROTOCOL_FEATURES
+    /// is acked; the crate refuses anything but 0 and 1) and GET_VRING_BASE, which stops a ring.
+    fn track_rings(&mut self, hdr: &Hdr, body: &[u8]) {
+        let word = |i: usize| {
+            body.get(i..i + 4)
+                .map(|b| u32::from_le_bytes(b.try_into().unwrap_or([0; 4])))
+        };
+        match hdr.request {
+            r if r == FrontendReq::SET_VRING_ENABLE as u32 && self.protocol_acked() => {
+                if let (Some(index), Some(num @ (0 | 1))) = (word(0), word(4)) {
+                    self.ring_enabled(index, num == 1);
+                }
+            }
+            r if r == FrontendReq::GET_VRING_BASE as u32 => {
+                if let Some(index) = word(0) {
+                    self.ring_enabled(index, false);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Replays held SET_VRING_ENABLE requests once PROTOCOL_FEATURES is acked.
     fn after_set_features(&mut self, backend: &UnixStream) -> Result<(), GateError> {
         if !self.protocol_acked() {
             // Without PROTOCOL_FEATURES every ring is enabled at SET_FEATURES; nothing to replay.
             self.pending.clear();
+            self.enabled.iter_mut().for_each(|e| *e = true);
+            self.report_all();
             return Ok(());
         }
-        for (index, num) in self.pending.drain(..) {
+        // With it, rings keep their state, which the held requests now set.
+        let pending = std::mem::take(&mut self.pending);
+        for &(index, num) in &pending {
+            if let Some(e) = self.enabled.get_mut(index as usize) {
+                *e = num == 1;
+            }
+        }
+        self.report_all();
+        for (index, num) in pending {
             let hdr = Hdr {
                 request: FrontendReq::SET_VRING_ENABLE as u32,
                 flags: FLAG_VERSION,

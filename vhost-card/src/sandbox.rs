@@ -208,6 +208,7 @@ pub fn filter() -> Result<BpfProgram, SandboxError> {
                 libc::TUNSETOFFLOAD,
                 libc::TUNSETVNETHDRSZ,
                 libc::TUNSETPERSIST,
+                libc::TUNSETQUEUE,
                 libc::FIONBIO,
                 libc::FIOCLEX,
                 libc::FIONCLEX,

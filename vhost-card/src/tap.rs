@@ -9,8 +9,9 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::Mutex;
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use thiserror::Error;
 
 use crate::netns::{self, NetnsError};
@@ -61,6 +62,8 @@ pub struct TapConfig {
 pub struct Tap {
     name: String,
     queues: Vec<File>,
+    /// Whether each queue is attached to the device (`TUNSETQUEUE`); a new queue is.
+    attached: Mutex<Vec<bool>>,
     created: bool,
     keep: bool,
 }
@@ -183,6 +186,7 @@ impl Tap {
         }
         let tap = Tap {
             name: cfg.name.clone(),
+            attached: Mutex::new(vec![true; queues.len()]),
             queues,
             created: !existed,
             keep: cfg.keep,
@@ -235,6 +239,50 @@ impl Tap {
     /// The descriptor of queue pair `i`.
     pub fn queue_fd(&self, i: usize) -> RawFd {
         self.queues[i].as_raw_fd()
+    }
+
+    /// Follows the frontend's use of queue pair `i`: the tap queue of a pair whose rings are
+    /// disabled is detached from the device (`TUNSETQUEUE`), so the card's kernel spreads
+    /// card-to-host flows over the pairs the host really reads, as QEMU's tap backend does. A
+    /// guest with fewer vCPUs than queue pairs enables only some. Pair 0 always stays attached:
+    /// a tap without an attached queue drops everything.
+    pub fn set_pair_enabled(&self, i: usize, enabled: bool) {
+        if i == 0 || i >= self.queues.len() {
+            return;
+        }
+        let mut attached = self.attached.lock().unwrap_or_else(|p| p.into_inner());
+        if attached[i] == enabled {
+            return;
+        }
+        let mut ifr = ifreq_with_name("");
+        let flag = if enabled {
+            libc::IFF_ATTACH_QUEUE
+        } else {
+            libc::IFF_DETACH_QUEUE
+        };
+        ifr.ifr_ifru.ifru_flags = flag as libc::c_short;
+        match ifr_ioctl(self.queues[i].as_raw_fd(), libc::TUNSETQUEUE, &mut ifr) {
+            Ok(()) => {
+                attached[i] = enabled;
+                debug!(
+                    "tap {} queue {i} {}",
+                    self.name,
+                    if enabled { "attached" } else { "detached" }
+                );
+            }
+            Err(e) => warn!(
+                "tap {} queue {i}: cannot {} it: {e}",
+                self.name,
+                if enabled { "attach" } else { "detach" }
+            ),
+        }
+    }
+
+    /// Attaches every queue again (between frontend sessions).
+    pub fn attach_all(&self) {
+        for i in 1..self.queues.len() {
+            self.set_pair_enabled(i, true);
+        }
     }
 
     pub fn num_queues(&self) -> usize {

@@ -129,6 +129,49 @@ pub enum Helper {
         ready: PathBuf,
         secs: u64,
     },
+    /// Print DEV's combined channels (queue pairs) in use and the maximum, as
+    /// `ethtool -l` does; with --set N first use N of them (`ethtool -L DEV combined N`).
+    Channels {
+        dev: String,
+        #[arg(long)]
+        set: Option<u32>,
+    },
+}
+
+/// `struct ethtool_channels` of linux/ethtool.h.
+#[repr(C)]
+#[derive(Default)]
+struct EthtoolChannels {
+    cmd: u32,
+    max_rx: u32,
+    max_tx: u32,
+    max_other: u32,
+    max_combined: u32,
+    rx_count: u32,
+    tx_count: u32,
+    other_count: u32,
+    combined_count: u32,
+}
+
+const ETHTOOL_GCHANNELS: u32 = 0x3c;
+const ETHTOOL_SCHANNELS: u32 = 0x3d;
+
+/// One SIOCETHTOOL request on `dev` with `ch` as its data.
+fn ethtool_channels(dev: &str, ch: &mut EthtoolChannels) -> Result<()> {
+    let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr.ifr_name.iter_mut().zip(dev.bytes().take(15)) {
+        *d = libc::c_char::from_ne_bytes([s]);
+    }
+    ifr.ifr_ifru.ifru_data = (ch as *mut EthtoolChannels).cast();
+    // SAFETY: SIOCETHTOOL reads the ifreq and the ethtool_channels it points to, both valid
+    // and exclusively ours for the duration of the call.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut ifr) };
+    if rc != 0 {
+        bail!("SIOCETHTOOL on {dev}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 pub fn helper(cmd: &Helper) -> Result<()> {
@@ -165,6 +208,22 @@ pub fn helper(cmd: &Helper) -> Result<()> {
             println!("received={n}");
             println!("from={from}");
             println!("intact={}", buf[..n] == pattern(n)[..]);
+        }
+        Helper::Channels { dev, set } => {
+            let mut ch = EthtoolChannels {
+                cmd: ETHTOOL_GCHANNELS,
+                ..Default::default()
+            };
+            ethtool_channels(dev, &mut ch)?;
+            if let Some(n) = set {
+                ch.cmd = ETHTOOL_SCHANNELS;
+                ch.combined_count = *n;
+                ethtool_channels(dev, &mut ch)?;
+                ch.cmd = ETHTOOL_GCHANNELS;
+                ethtool_channels(dev, &mut ch)?;
+            }
+            println!("combined={}", ch.combined_count);
+            println!("max_combined={}", ch.max_combined);
         }
     }
     Ok(())

@@ -15,7 +15,9 @@
 //!    stream from each vCPU on its own TX queue, sha256 equal;
 //! 8. device reset: the guest's driver unbound and bound again twice (as a
 //!    driver reload or a reboot resets the device) on the same vhost-user
-//!    session; traffic both ways after each.
+//!    session; traffic both ways after each;
+//! 9. fewer pairs: `--queues 2` with a one-CPU guest that enables one pair,
+//!    then two, then one again: every card→guest flow arrives in each state.
 //!
 //! Scenarios 1, 2, 4, 6 and 8 share one VM; 3 boots one per configuration, 5
 //! and 7 their own. Logs: target/vm/logs/e2e/<rig>/.
@@ -40,7 +42,7 @@ pub const DEFAULT_MTU: u32 = 65520;
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Run only these scenarios (numbers 1-8, comma-separated).
+    /// Run only these scenarios (numbers 1-9, comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u32>,
     /// MiB sent each way in scenarios 2 and 6.
@@ -85,8 +87,8 @@ pub fn run(opts: &Options) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("e2e needs root (network namespaces, tap devices)");
     }
-    if opts.only.iter().any(|n| !(1..=8).contains(n)) {
-        bail!("scenarios are numbered 1 to 8");
+    if opts.only.iter().any(|n| !(1..=9).contains(n)) {
+        bail!("scenarios are numbered 1 to 9");
     }
     let wanted = |n: u32| opts.only.is_empty() || opts.only.contains(&n);
     let t0 = Instant::now();
@@ -128,6 +130,14 @@ pub fn run(opts: &Options) -> Result<()> {
     crate::check_interrupted()?;
     if wanted(7) {
         record(verdict(7, "multiqueue", multiqueue::run(&env, opts)));
+    }
+    crate::check_interrupted()?;
+    if wanted(9) {
+        record(verdict(
+            9,
+            "fewer pairs",
+            multiqueue::fewer_pairs(&env, opts),
+        ));
     }
 
     lines.sort_by_key(|l| l.number);
