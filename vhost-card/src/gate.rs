@@ -522,17 +522,32 @@ impl ReqState {
 }
 
 /// Runs the gate's request loop over `input`, taken as the byte stream a frontend sends (no
-/// descriptors), with the protocol handler's side and the reply side left unread: the entry
-/// point of the `vhost_msg` fuzz target. Input beyond 64 KiB is ignored (it would only fill
+/// descriptors), with what it sends to the protocol handler and to the frontend read and dropped:
+/// the entry point of the `vhost_msg` fuzz target. Input beyond 64 KiB is ignored (it would only fill
 /// socket buffers).
 pub fn screen_stream(input: &[u8], cfg: GateConfig) -> Result<(), GateError> {
     let input = &input[..input.len().min(64 << 10)];
     let (frontend, mut frontend_peer) = UnixStream::pair()?;
-    let (backend, _backend_peer) = UnixStream::pair()?;
-    let (writer, _writer_peer) = UnixStream::pair()?;
+    let (backend, backend_peer) = UnixStream::pair()?;
+    let (writer, writer_peer) = UnixStream::pair()?;
     frontend_peer.write_all(input)?;
     drop(frontend_peer);
-    ReqState::new(cfg).run(&frontend, &backend, &Mutex::new(writer))
+    // What the gate forwards and answers is read and dropped, as the crate's handler and the
+    // frontend read it: with nobody reading, thousands of small messages fill the socket
+    // buffers and the gate blocks in sendmsg for good.
+    let drain = |mut peer: UnixStream| {
+        std::thread::spawn(move || {
+            let _ = io::copy(&mut peer, &mut io::sink());
+        })
+    };
+    let drains = [drain(backend_peer), drain(writer_peer)];
+    let writer = Mutex::new(writer);
+    let result = ReqState::new(cfg).run(&frontend, &backend, &writer);
+    drop((backend, writer));
+    for d in drains {
+        let _ = d.join();
+    }
+    result
 }
 
 /// Puts a kick descriptor in non-blocking mode. The card reads it only after epoll said it is
@@ -707,6 +722,41 @@ mod tests {
         }
         .encode();
         assert!(screen_stream(&huge, cfg()).is_err());
+    }
+
+    /// 64 KiB of tiny requests, each forwarded or answered: more messages than the socket
+    /// buffers hold, so screen_stream must read what the gate sends (it once blocked for good).
+    #[test]
+    fn screen_stream_survives_a_flood_of_small_requests() {
+        let mut s = Vec::new();
+        let set_reply_ack = Hdr {
+            request: FrontendReq::SET_PROTOCOL_FEATURES as u32,
+            flags: 1,
+            size: 8,
+        };
+        s.extend(set_reply_ack.encode());
+        s.extend((1u64 << 3).to_le_bytes());
+        while s.len() + 40 < 64 << 10 {
+            let get = Hdr {
+                request: FrontendReq::GET_FEATURES as u32,
+                flags: 1,
+                size: 0,
+            };
+            s.extend(get.encode());
+            let mtu = Hdr {
+                request: FrontendReq::NET_SET_MTU as u32,
+                flags: 9,
+                size: 8,
+            };
+            s.extend(mtu.encode());
+            s.extend(1500u64.to_le_bytes());
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(screen_stream(&s, cfg()).is_ok());
+        });
+        let done = rx.recv_timeout(std::time::Duration::from_secs(20));
+        assert_eq!(done, Ok(true), "screen_stream blocked or failed");
     }
 
     #[test]
