@@ -79,6 +79,9 @@ pub fn run(opts: &Options) -> Result<()> {
             .arg(&seeds)
             .arg("--")
             .arg(format!("-max_total_time={seconds}"))
+            // One input that runs this long is a hang: reported as a failure with its input in
+            // fuzz/artifacts/, instead of outliving the budget (libFuzzer's default is 20 min).
+            .arg("-timeout=10")
             .arg("-print_final_stats=1")
             .output()
             .with_context(|| format!("cargo fuzz run {t}"))?;
