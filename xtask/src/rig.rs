@@ -334,6 +334,20 @@ impl Rig {
         }
     }
 
+    /// Ends a scenario that has its own VM: a FAIL line gets the evidence, then the VM is
+    /// powered off (the daemon and namespace go with the rig).
+    pub fn finish(mut self, result: Result<(bool, String)>) -> Result<(bool, String)> {
+        let result = result.map(|(ok, text)| {
+            if ok {
+                (ok, text)
+            } else {
+                (ok, format!("{text}\n       {}", self.evidence()))
+            }
+        });
+        self.vm.shutdown().ok();
+        result
+    }
+
     /// The daemon's counters and where the logs are, for FAIL reports.
     pub fn evidence(&self) -> String {
         let stats = self

@@ -20,15 +20,7 @@ pub fn run(env: &Env, opts: &Options) -> Result<(bool, String)> {
     };
     let mut rig = Rig::boot(env, "hotplug", &cfg, Plug::Later)?;
     let result = hotplug_steps(&mut rig, env, opts);
-    let result = result.map(|(ok, text)| {
-        if ok {
-            (ok, text)
-        } else {
-            (ok, format!("{text}\n       {}", rig.evidence()))
-        }
-    });
-    rig.vm.shutdown().ok();
-    result
+    rig.finish(result)
 }
 
 fn hotplug_steps(rig: &mut Rig, env: &Env, opts: &Options) -> Result<(bool, String)> {

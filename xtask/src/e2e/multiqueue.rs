@@ -14,23 +14,20 @@ use crate::rig::{Env, Plug, Rig};
 
 const PAIRS: usize = 2;
 
-pub fn run(env: &Env, opts: &Options) -> Result<(bool, String)> {
-    let cfg = CardConfig {
+/// The card of both scenarios: the default card with `--queues 2`.
+fn two_pairs() -> CardConfig {
+    CardConfig {
         mtu: DEFAULT_MTU,
         disable: String::new(),
         queues: PAIRS as u16,
-    };
+    }
+}
+
+pub fn run(env: &Env, opts: &Options) -> Result<(bool, String)> {
+    let cfg = two_pairs();
     let mut rig = Rig::boot(env, "multiqueue", &cfg, Plug::Boot)?;
     let result = steps(&mut rig, env, opts);
-    let result = result.map(|(ok, text)| {
-        if ok {
-            (ok, text)
-        } else {
-            (ok, format!("{text}\n       {}", rig.evidence()))
-        }
-    });
-    rig.vm.shutdown().ok();
-    result
+    rig.finish(result)
 }
 
 fn counters(rig: &Rig) -> Result<Vec<BTreeMap<String, u64>>> {
@@ -98,11 +95,7 @@ fn steps(rig: &mut Rig, env: &Env, opts: &Options) -> Result<(bool, String)> {
 /// (`ethtool -L eth0 combined 2`, here through the guest helper) and off again; traffic passes
 /// in each state.
 pub fn fewer_pairs(env: &Env, opts: &Options) -> Result<(bool, String)> {
-    let cfg = CardConfig {
-        mtu: DEFAULT_MTU,
-        disable: String::new(),
-        queues: PAIRS as u16,
-    };
+    let cfg = two_pairs();
     let image = crate::rig::Image {
         initrd: &env.initrd,
         append: "nr_cpus=1",
@@ -113,15 +106,7 @@ pub fn fewer_pairs(env: &Env, opts: &Options) -> Result<(bool, String)> {
         .vm
         .check("net_up", Duration::from_secs(30))
         .and_then(|_| fewer_pairs_steps(&mut rig, env, opts));
-    let result = result.map(|(ok, text)| {
-        if ok {
-            (ok, text)
-        } else {
-            (ok, format!("{text}\n       {}", rig.evidence()))
-        }
-    });
-    rig.vm.shutdown().ok();
-    result
+    rig.finish(result)
 }
 
 /// Card-to-guest flows per state: each TCP connection from the card's namespace has its own
