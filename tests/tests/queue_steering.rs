@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use card_tests::card::*;
+use card_tests::frontend::F_PROTOCOL_FEATURES;
 use card_tests::packet::*;
 
 const FLOWS: u16 = 32;
@@ -61,5 +62,24 @@ fn flows_reach_the_only_enabled_pair() -> Result<()> {
         got.len()
     );
     card.check_host_to_card(&mut dev, 7730, 1)?;
+    Ok(())
+}
+
+/// The same without PROTOCOL_FEATURES: SET_FEATURES then enables every ring at once (no
+/// SET_VRING_ENABLE), but the frontend starts only pair 0 (it could not even ask how many
+/// pairs there are); a pair counts as used only once its ring is started, so every flow still
+/// arrives.
+#[test]
+fn flows_reach_the_only_started_pair_without_protocol_features() -> Result<()> {
+    let card = Card::start(&["--queues", "2"])?;
+    let (mut dev, _) =
+        card.driver_custom(|f| f & !F_PROTOCOL_FEATURES, |o| o.enable_rings = false)?;
+    let got = flows_delivered(&card, &mut dev, 6100)?;
+    ensure!(
+        got.len() == usize::from(FLOWS),
+        "{} of {FLOWS} card-to-host flows reached the started queue pair (ports {got:?})",
+        got.len()
+    );
+    card.check_host_to_card(&mut dev, 7731, 2)?;
     Ok(())
 }

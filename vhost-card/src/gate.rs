@@ -312,8 +312,14 @@ struct ReqState {
     /// SET_VRING_ENABLE requests held back until PROTOCOL_FEATURES is acked: (index, enable).
     pending: Vec<(u32, u32)>,
     /// Each ring's enabled state as the frontend set it (rings start disabled when
-    /// PROTOCOL_FEATURES is acked), mirrored to `on_pair`.
+    /// PROTOCOL_FEATURES is acked).
     enabled: Vec<bool>,
+    /// Each ring started: given a kick (`SET_VRING_KICK`) and not stopped since
+    /// (`GET_VRING_BASE`).
+    started: Vec<bool>,
+    /// Per queue pair, whether `on_pair` was last told it is in use (its RX ring started and
+    /// enabled); every tap queue is attached when a session begins.
+    in_use: Vec<bool>,
     on_pair: Option<PairHook>,
 }
 
@@ -325,31 +331,36 @@ impl ReqState {
             acked_protocol: 0,
             pending: Vec::new(),
             enabled: vec![false; cfg.num_queues as usize],
+            started: vec![false; cfg.num_queues as usize],
+            in_use: vec![true; (cfg.num_queues as usize).div_ceil(2)],
             on_pair: None,
         }
     }
 
-    /// Records a ring's new state; a pair counts as used while its RX ring (the even index) is
-    /// enabled, and the hook hears of every change of that.
-    fn ring_enabled(&mut self, index: u32, enabled: bool) {
-        let Some(state) = self.enabled.get_mut(index as usize) else {
-            return;
-        };
-        let changed = *state != enabled;
-        *state = enabled;
-        if changed && index % 2 == 0 {
-            if let Some(hook) = &self.on_pair {
-                hook(index as usize / 2, enabled);
+    /// Tells the hook of every queue pair whose use changed: a pair is in use while its RX
+    /// ring (the even index) is both started and enabled. A frontend that never sets up a pair
+    /// (fewer vCPUs, no MQ) leaves it unused whether or not it enables the rings.
+    fn sync_pairs(&mut self) {
+        for (pair, was) in self.in_use.iter_mut().enumerate() {
+            let now = self.enabled[2 * pair] && self.started[2 * pair];
+            if now != *was {
+                *was = now;
+                if let Some(hook) = &self.on_pair {
+                    hook(pair, now);
+                }
             }
         }
     }
 
-    /// Tells the hook the state of every pair (after SET_FEATURES set them anew).
-    fn report_all(&self) {
-        if let Some(hook) = &self.on_pair {
-            for (pair, rx) in self.enabled.iter().step_by(2).enumerate() {
-                hook(pair, *rx);
-            }
+    fn ring_enabled(&mut self, index: u32, enabled: bool) {
+        if let Some(e) = self.enabled.get_mut(index as usize) {
+            *e = enabled;
+        }
+    }
+
+    fn ring_started(&mut self, index: u32, started: bool) {
+        if let Some(s) = self.started.get_mut(index as usize) {
+            *s = started;
         }
     }
 
@@ -468,7 +479,8 @@ impl ReqState {
     }
 
     /// Follows the ring state a forwarded request sets: SET_VRING_ENABLE (once PROTOCOL_FEATURES
-    /// is acked; the crate refuses anything but 0 and 1) and GET_VRING_BASE, which stops a ring.
+    /// is acked; the crate refuses anything but 0 and 1), SET_VRING_KICK, which starts a ring,
+    /// and GET_VRING_BASE, which stops it.
     fn track_rings(&mut self, hdr: &Hdr, body: &[u8]) {
         let word = |i: usize| {
             body.get(i..i + 4)
@@ -480,13 +492,20 @@ impl ReqState {
                     self.ring_enabled(index, num == 1);
                 }
             }
-            r if r == FrontendReq::GET_VRING_BASE as u32 => {
-                if let Some(index) = word(0) {
-                    self.ring_enabled(index, false);
+            // The index is the low byte of the u64 body (the rest are flags).
+            r if r == FrontendReq::SET_VRING_KICK as u32 => {
+                if let Some(w) = word(0) {
+                    self.ring_started(w & 0xff, true);
                 }
             }
-            _ => {}
+            r if r == FrontendReq::GET_VRING_BASE as u32 => {
+                if let Some(index) = word(0) {
+                    self.ring_started(index, false);
+                }
+            }
+            _ => return,
         }
+        self.sync_pairs();
     }
 
     /// Replays held SET_VRING_ENABLE requests once PROTOCOL_FEATURES is acked.
@@ -495,17 +514,15 @@ impl ReqState {
             // Without PROTOCOL_FEATURES every ring is enabled at SET_FEATURES; nothing to replay.
             self.pending.clear();
             self.enabled.iter_mut().for_each(|e| *e = true);
-            self.report_all();
+            self.sync_pairs();
             return Ok(());
         }
         // With it, rings keep their state, which the held requests now set.
         let pending = std::mem::take(&mut self.pending);
         for &(index, num) in &pending {
-            if let Some(e) = self.enabled.get_mut(index as usize) {
-                *e = num == 1;
-            }
+            self.ring_enabled(index, num == 1);
         }
-        self.report_all();
+        self.sync_pairs();
         for (index, num) in pending {
             let hdr = Hdr {
                 request: FrontendReq::SET_VRING_ENABLE as u32,
