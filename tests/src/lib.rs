@@ -14,6 +14,7 @@
 
 pub mod card;
 pub mod daemon;
+pub mod fds;
 pub mod frontend;
 pub mod netdev;
 pub mod netns;

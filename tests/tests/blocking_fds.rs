@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
 use card_tests::card::*;
+use card_tests::fds::pipe;
 use card_tests::netdev::{TxLayout, F_EVENT_IDX, TX};
 use card_tests::packet::*;
 use vhost::VhostBackend;
@@ -16,15 +17,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// A pipe with the smallest buffer the kernel allows (one page): (read end, write end).
 fn small_pipe() -> Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [-1; 2];
-    // SAFETY: pipe2 writes two descriptors into the array we own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        bail!("pipe2: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors were just created and are owned by nothing else.
-    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (r, w) = pipe()?;
     // SAFETY: F_SETPIPE_SZ on a pipe we own; the kernel rounds up to one page.
-    unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, 4096) };
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
     Ok((r, w))
 }
 

@@ -2,11 +2,12 @@
 //! request ends in an error reply or a closed session, never in a crash, and the daemon serves
 //! the next frontend normally.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use card_tests::card::Card;
+use card_tests::fds::memfd;
 use card_tests::frontend::{Control, FLAG_NEED_REPLY};
 
 const SET_FEATURES: u32 = 2;
@@ -34,19 +35,6 @@ fn refused(ctl: &mut Control, req: u32, body: &[u8], fds: &[i32]) -> Result<Outc
         Err(_) if ctl.closed_by_peer(Duration::from_secs(2)) => Ok(Outcome::Closed),
         Err(e) => Err(e).context(format!("request {req}: neither a reply nor a close")),
     }
-}
-
-fn memfd(size: u64) -> Result<OwnedFd> {
-    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"hostile".as_ptr(), libc::MFD_CLOEXEC) };
-    ensure!(fd >= 0, "memfd_create failed");
-    // SAFETY: `fd` is a fresh descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len = i64::try_from(size)?;
-    // SAFETY: ftruncate on our own memfd.
-    let rc = unsafe { libc::ftruncate(fd.as_raw_fd(), len) };
-    ensure!(rc == 0, "ftruncate failed");
-    Ok(fd)
 }
 
 /// A SET_MEM_TABLE body: (guest address, size, user address, mmap offset) per region.

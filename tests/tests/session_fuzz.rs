@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use card_tests::card::Card;
+use card_tests::fds::{memfd, pipe};
 use card_tests::frontend::{Control, FLAG_NEED_REPLY, FLAG_VERSION};
 
 /// splitmix64: a small, seeded, reproducible generator.
@@ -70,16 +71,6 @@ impl Rng {
 const MIB: u64 = 1 << 20;
 const HVA: u64 = 0x7f00_0000_0000;
 
-fn memfd(size: u64) -> Result<OwnedFd> {
-    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"fuzz".as_ptr(), libc::MFD_CLOEXEC) };
-    ensure!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: the descriptor was just created and is owned by nothing else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    File::from(fd.try_clone()?).set_len(size)?;
-    Ok(fd)
-}
-
 fn eventfd(nonblock: bool) -> Result<OwnedFd> {
     let flags = libc::EFD_CLOEXEC | if nonblock { libc::EFD_NONBLOCK } else { 0 };
     // SAFETY: eventfd(2) with valid flags; the result is checked.
@@ -95,11 +86,7 @@ fn some_fd(rng: &mut Rng) -> Result<OwnedFd> {
         0 => memfd(rng.pick(&[4096, MIB]))?,
         1 => eventfd(false)?,
         2 => {
-            let mut fds = [-1; 2];
-            // SAFETY: pipe2 writes two descriptors into the array we own.
-            ensure!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == 0);
-            // SAFETY: both were just created; we keep one and close the other.
-            let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+            let (r, w) = pipe()?;
             if rng.chance(50) {
                 r
             } else {
