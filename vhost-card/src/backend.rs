@@ -134,8 +134,8 @@ impl CardBackend {
         self.tap.attach_all();
     }
 
-    /// Called by the gate whenever the frontend's rings of queue pair `pair` become enabled
-    /// or disabled: the pair's tap queue follows (see `Tap::set_pair_enabled`).
+    /// Called by the gate with whether the frontend uses queue pair `pair`: the pair's tap
+    /// queue follows (see `Tap::set_pair_enabled`).
     pub fn pair_enabled(&self, pair: usize, enabled: bool) {
         self.tap.set_pair_enabled(pair, enabled);
     }

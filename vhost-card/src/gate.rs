@@ -218,6 +218,12 @@ pub fn send_msg(sock: &UnixStream, hdr: &Hdr, body: &[u8], fds: &[RawFd]) -> io:
     (&*sock).write_all(&bytes[n..])
 }
 
+/// The little-endian u32 at `at` in a message body, if the body is that long.
+fn le_u32(body: &[u8], at: usize) -> Option<u32> {
+    body.get(at..at + 4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
 /// What the gate knows of the card.
 #[derive(Debug, Clone, Copy)]
 pub struct GateConfig {
@@ -302,7 +308,8 @@ impl Gate {
     }
 }
 
-/// Told when the RX ring of a queue pair becomes enabled (true) or disabled (false).
+/// Told, after every change of ring state, whether each queue pair is in use (its RX ring
+/// started and enabled); repeats of the same state are the hook's to ignore.
 pub type PairHook = Box<dyn Fn(usize, bool) + Send>;
 
 struct ReqState {
@@ -317,9 +324,6 @@ struct ReqState {
     /// Each ring started: given a kick (`SET_VRING_KICK`) and not stopped since
     /// (`GET_VRING_BASE`).
     started: Vec<bool>,
-    /// Per queue pair, whether `on_pair` was last told it is in use (its RX ring started and
-    /// enabled); every tap queue is attached when a session begins.
-    in_use: Vec<bool>,
     on_pair: Option<PairHook>,
 }
 
@@ -332,22 +336,18 @@ impl ReqState {
             pending: Vec::new(),
             enabled: vec![false; cfg.num_queues as usize],
             started: vec![false; cfg.num_queues as usize],
-            in_use: vec![true; (cfg.num_queues as usize).div_ceil(2)],
             on_pair: None,
         }
     }
 
-    /// Tells the hook of every queue pair whose use changed: a pair is in use while its RX
-    /// ring (the even index) is both started and enabled. A frontend that never sets up a pair
-    /// (fewer vCPUs, no MQ) leaves it unused whether or not it enables the rings.
-    fn sync_pairs(&mut self) {
-        for (pair, was) in self.in_use.iter_mut().enumerate() {
-            let now = self.enabled[2 * pair] && self.started[2 * pair];
-            if now != *was {
-                *was = now;
-                if let Some(hook) = &self.on_pair {
-                    hook(pair, now);
-                }
+    /// Tells the hook whether each queue pair is in use: its RX ring (the even index) both
+    /// started and enabled. A frontend that never sets up a pair (fewer vCPUs, no MQ) leaves
+    /// it unused whether or not it enables the rings. The hook acts on changes only.
+    fn sync_pairs(&self) {
+        if let Some(hook) = &self.on_pair {
+            let rx = self.enabled.iter().zip(&self.started).step_by(2);
+            for (pair, (enabled, started)) in rx.enumerate() {
+                hook(pair, *enabled && *started);
             }
         }
     }
@@ -458,12 +458,7 @@ impl ReqState {
                 }
             }
             r if r == FrontendReq::SET_VRING_ENABLE as u32 && !self.protocol_acked() => {
-                let (Some(index), Some(num)) = (
-                    body.get(0..4)
-                        .map(|b| u32::from_le_bytes(b.try_into().unwrap_or([0; 4]))),
-                    body.get(4..8)
-                        .map(|b| u32::from_le_bytes(b.try_into().unwrap_or([0; 4]))),
-                ) else {
+                let (Some(index), Some(num)) = (le_u32(body, 0), le_u32(body, 4)) else {
                     return Action::Answer(1);
                 };
                 if index >= self.cfg.num_queues || num > 1 {
@@ -482,10 +477,7 @@ impl ReqState {
     /// is acked; the crate refuses anything but 0 and 1), SET_VRING_KICK, which starts a ring,
     /// and GET_VRING_BASE, which stops it.
     fn track_rings(&mut self, hdr: &Hdr, body: &[u8]) {
-        let word = |i: usize| {
-            body.get(i..i + 4)
-                .map(|b| u32::from_le_bytes(b.try_into().unwrap_or([0; 4])))
-        };
+        let word = |at: usize| le_u32(body, at);
         match hdr.request {
             r if r == FrontendReq::SET_VRING_ENABLE as u32 && self.protocol_acked() => {
                 if let (Some(index), Some(num @ (0 | 1))) = (word(0), word(4)) {

@@ -241,8 +241,8 @@ impl Tap {
         self.queues[i].as_raw_fd()
     }
 
-    /// Follows the frontend's use of queue pair `i`: the tap queue of a pair whose rings are
-    /// disabled is detached from the device (`TUNSETQUEUE`), so the card's kernel spreads
+    /// Follows the frontend's use of queue pair `i`: the tap queue of a pair it does not use is
+    /// detached from the device (`TUNSETQUEUE`); a repeat of the current state does nothing, so the card's kernel spreads
     /// card-to-host flows over the pairs the host really reads, as QEMU's tap backend does. A
     /// guest with fewer vCPUs than queue pairs enables only some. Pair 0 always stays attached:
     /// a tap without an attached queue drops everything.
