@@ -109,6 +109,13 @@ impl Netns {
         let dev = dev.to_string();
         self.enter(move || PacketSocket::open(&dev))
     }
+
+    /// An AF_PACKET socket that receives the frames of EtherType `ethertype` arriving on `dev`
+    /// in this namespace (from the time it is opened).
+    pub fn packet_listener(&self, dev: &str, ethertype: u16) -> Result<PacketListener> {
+        let dev = dev.to_string();
+        self.enter(move || PacketListener::open(&dev, ethertype))
+    }
 }
 
 impl Drop for Netns {
@@ -186,5 +193,62 @@ impl PacketSocket {
             bail!("short send: {n} of {} bytes", frame.len());
         }
         Ok(())
+    }
+}
+
+/// A raw AF_PACKET socket bound to one interface and one EtherType, for watching frames.
+pub struct PacketListener {
+    fd: OwnedFd,
+}
+
+impl PacketListener {
+    fn open(dev: &str, ethertype: u16) -> Result<Self> {
+        let cdev = std::ffi::CString::new(dev)?;
+        // SAFETY: if_nametoindex reads a NUL-terminated string that outlives the call.
+        let ifindex = unsafe { libc::if_nametoindex(cdev.as_ptr()) };
+        if ifindex == 0 {
+            bail!("no interface {dev}: {}", std::io::Error::last_os_error());
+        }
+        let proto = i32::from(ethertype.to_be());
+        // SAFETY: plain socket(2); the result is checked before use.
+        let fd =
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
+        if fd < 0 {
+            bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = ethertype.to_be();
+        sll.sll_ifindex = i32::try_from(ifindex)?;
+        // SAFETY: binds our socket to a sockaddr_ll that outlives the call.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            bail!("binding to {dev}: {}", std::io::Error::last_os_error());
+        }
+        Ok(PacketListener { fd })
+    }
+
+    /// The next frame, or `None` after `timeout`.
+    pub fn recv(&self, timeout: Duration) -> Result<Option<Vec<u8>>> {
+        if !crate::vring::poll_in(self.fd.as_raw_fd(), timeout)? {
+            return Ok(None);
+        }
+        let mut buf = vec![0u8; 2048];
+        // SAFETY: reads into our own buffer of the length given.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            bail!("recv: {}", std::io::Error::last_os_error());
+        }
+        buf.truncate(n.unsigned_abs());
+        Ok(Some(buf))
     }
 }

@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use log::{info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{
-    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
     MemoryRegionAddress,
 };
 use vmm_sys_util::epoll::EventSet;
@@ -20,7 +20,8 @@ use vmm_sys_util::event::{
 };
 
 use crate::datapath::{tap_offload, Pair, Pass};
-use crate::features::{self, Negotiated, VHOST_USER_F_PROTOCOL_FEATURES};
+use crate::dirtylog::{self, GuestMem, RegionBitmap, Vring};
+use crate::features::{self, Negotiated, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES};
 use crate::stats::{add, Stats};
 use crate::tap::Tap;
 
@@ -37,9 +38,12 @@ pub struct BackendConfig {
 }
 
 /// The protocol features this daemon handles: MQ (several queue pairs), REPLY_ACK (answered by
-/// the `vhost` crate) and NET_MTU (answered by the gate in front of it, see `gate.rs`).
+/// the `vhost` crate), and NET_MTU, LOG_SHMFD (live migration's dirty log) and RARP (the
+/// announcement after a migration), answered by the gate in front of it (see `gate.rs`).
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::RARP
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::MTU
 }
@@ -61,7 +65,7 @@ pub struct CardBackend {
     fatal: FatalHook,
     tap: Arc<Tap>,
     workers: Vec<Worker>,
-    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMem>>>,
     stats: Arc<Stats>,
 }
 
@@ -130,6 +134,7 @@ impl CardBackend {
                 .reset(stats);
         }
         *self.mem.write().unwrap_or_else(|p| p.into_inner()) = None;
+        dirtylog::LOG.reset();
         let _ = self.tap.set_offload(0);
         self.tap.attach_all();
     }
@@ -138,6 +143,38 @@ impl CardBackend {
     /// queue follows (see `Tap::set_pair_enabled`).
     pub fn pair_enabled(&self, pair: usize, enabled: bool) {
         self.tap.set_pair_enabled(pair, enabled);
+    }
+
+    /// `VHOST_USER_SEND_RARP`: announces the guest's MAC to the card's network after a live
+    /// migration (for a guest without GUEST_ANNOUNCE), as QEMU's own announcement does: a RARP
+    /// "reverse request" from `mac` to everyone, written into the tap, so the card's switch or
+    /// bridge learns the port behind which the guest now lives.
+    pub fn send_rarp(&self, mac: [u8; 6]) -> io::Result<()> {
+        let hdr_len = self.workers[0]
+            .pair
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .neg
+            .hdr_len();
+        let frame = crate::announce::rarp_frame(mac);
+        let hdr = [0u8; crate::vnet::HDR_MAX];
+        let iov = [
+            libc::iovec {
+                iov_base: hdr.as_ptr() as *mut libc::c_void,
+                iov_len: hdr_len,
+            },
+            libc::iovec {
+                iov_base: frame.as_ptr() as *mut libc::c_void,
+                iov_len: frame.len(),
+            },
+        ];
+        // SAFETY: two iovecs over local buffers that outlive the call.
+        let n = unsafe { libc::writev(self.tap.queue_fd(0), iov.as_ptr(), 2) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        add(&self.stats.pairs[0].rarp_sent, 1);
+        Ok(())
     }
 
     /// Reports a vanished tap once per event; the daemon then stops with that message.
@@ -157,8 +194,8 @@ impl CardBackend {
 }
 
 impl VhostUserBackend for CardBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = RegionBitmap;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         self.cfg.pairs * 2
@@ -179,6 +216,7 @@ impl VhostUserBackend for CardBackend {
             word,
             features::names(word).join(" ")
         );
+        dirtylog::LOG.set_log_all(word & 1 << VHOST_F_LOG_ALL != 0);
         let hdr_len = if neg.hdr_len() == 12 { 12 } else { 10 };
         if let Err(e) = self.tap.set_vnet_hdr_len(hdr_len) {
             warn!("cannot set the tap's vnet header length to {hdr_len}: {e}");
@@ -201,7 +239,8 @@ impl VhostUserBackend for CardBackend {
         // The queues apply EVENT_IDX themselves (`VringT::set_queue_event_idx`).
     }
 
-    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
+        dirtylog::bind_regions(&mem.memory());
         for region in mem.memory().iter() {
             if let Ok(p) = region.get_host_address(MemoryRegionAddress(0)) {
                 crate::memguard::register(p as usize, region.len() as usize);
@@ -237,7 +276,7 @@ impl VhostUserBackend for CardBackend {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
         let Some(worker) = self.workers.get(thread_id) else {

@@ -16,13 +16,13 @@ use log::{error, info, warn};
 use thiserror::Error;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{BackendConfig, CardBackend};
 use crate::config::{Config, Listen, Sandbox, TAP_MAX_MTU};
 use crate::features::Negotiated;
-use crate::gate::{Gate, GateConfig};
+use crate::gate::{Gate, GateConfig, Hooks};
 use crate::sandbox::{self, SandboxError};
 use crate::stats::Stats;
 use crate::tap::{Tap, TapConfig, TapError, TUN_F_CSUM, TUN_F_USO4, TUN_F_USO6};
@@ -370,6 +370,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let gate_cfg = GateConfig {
         mtu: cfg.mtu,
         num_queues: (cfg.queues * 2) as u32,
+        queue_size: cfg.queue_size as u32,
     };
     let result = serve(&listener, &backend, &private, gate_cfg, &stop);
     drop(cleanup);
@@ -521,7 +522,7 @@ fn serve_one(
     let mut daemon = VhostUserDaemon::new(
         "vhost-card".to_string(),
         backend.clone(),
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        GuestMemoryAtomic::new(crate::dirtylog::GuestMem::new()),
     )
     .map_err(vhost)?;
     for (i, handler) in daemon.get_epoll_handlers().iter().enumerate() {
@@ -537,10 +538,13 @@ fn serve_one(
     daemon.start(&mut inner_listener).map_err(vhost)?;
     drop(inner_listener);
 
-    let steer = backend.clone();
-    let on_pair = Box::new(move |pair: usize, enabled: bool| steer.pair_enabled(pair, enabled));
+    let (steer, announce) = (backend.clone(), backend.clone());
+    let hooks = Hooks {
+        pair: Box::new(move |pair: usize, enabled: bool| steer.pair_enabled(pair, enabled)),
+        rarp: Box::new(move |mac| announce.send_rarp(mac)),
+    };
     let gate =
-        Gate::start(frontend, gate_side, gate_cfg, on_pair).map_err(|source| DaemonError::Io {
+        Gate::start(frontend, gate_side, gate_cfg, hooks).map_err(|source| DaemonError::Io {
             what: "starting the gate",
             source,
         })?;

@@ -20,15 +20,16 @@ use std::sync::atomic::AtomicU64;
 use log::{debug, warn};
 use vhost_user_backend::VringState;
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 
 use crate::csum::{self, Verdict};
+use crate::dirtylog::LOG;
 use crate::features::Negotiated;
 use crate::iov::{self, ChainError, IovBuf, IOV_MAX};
 use crate::stats::{add, PairStats};
 use crate::vnet::{self, RxAction, TxDrop, VnetHdr, ETH_HLEN, GSO_MAX_FRAME, HDR_MAX, VLAN_HLEN};
 
-type Mem = GuestMemoryMmap;
+type Mem = crate::dirtylog::GuestMem;
 type State = VringState<GuestMemoryAtomic<Mem>>;
 
 /// Frames handled per queue per wake-up before yielding to the other events of the worker.
@@ -587,6 +588,7 @@ impl Pair {
         }
         // SAFETY: see the readv above.
         unsafe { iov::write_iovs(iovs, 0, &hdr.encode()[..hdr_len]) };
+        log_written(mem, iovs, n);
         let mut left = n;
         for c in &live[..k] {
             let this = left.min(c.len);
@@ -929,7 +931,18 @@ fn iov_count(n: usize) -> libc::c_int {
     libc::c_int::try_from(n.min(IOV_MAX)).unwrap_or(0)
 }
 
+/// Live migration: logs the `n` bytes a frame took in the guest's buffers, after writing them
+/// and before the used entries that hand them over (see `dirtylog`). One relaxed load when the
+/// frontend is not logging.
+#[inline]
+fn log_written(mem: &Mem, iovs: &[libc::iovec], n: usize) {
+    if LOG.active() {
+        LOG.mark_iovs(mem, iovs, n);
+    }
+}
+
 fn notify(vring: &mut State, stats: &PairStats) {
+    LOG.notify();
     if !vring.needs_notification().unwrap_or(true) {
         return;
     }

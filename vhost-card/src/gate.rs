@@ -30,6 +30,7 @@ use vhost::vhost_user::message::{FrontendReq, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_S
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::features::VHOST_USER_F_PROTOCOL_FEATURES;
+use crate::migrate::{Migration, Negotiation, RarpHook, Verdict};
 
 const HDR_SIZE: usize = 12;
 const FLAG_VERSION: u32 = 0x1;
@@ -45,6 +46,8 @@ pub enum GateError {
     Io(#[from] io::Error),
     #[error("bad memory table: {0}")]
     BadMemTable(&'static str),
+    #[error("refused a request the frontend cannot be told about (no REPLY_ACK): {0}")]
+    Refused(&'static str),
 }
 
 /// Most regions one SET_MEM_TABLE may carry (QEMU's VHOST_MEMORY_BASELINE_NREGIONS).
@@ -219,9 +222,15 @@ pub fn send_msg(sock: &UnixStream, hdr: &Hdr, body: &[u8], fds: &[RawFd]) -> io:
 }
 
 /// The little-endian u32 at `at` in a message body, if the body is that long.
-fn le_u32(body: &[u8], at: usize) -> Option<u32> {
+pub(crate) fn le_u32(body: &[u8], at: usize) -> Option<u32> {
     body.get(at..at + 4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// The little-endian u64 at `at` in a message body, if the body is that long.
+pub(crate) fn le_u64(body: &[u8], at: usize) -> Option<u64> {
+    let b: [u8; 8] = body.get(at..at + 8)?.try_into().ok()?;
+    Some(u64::from_le_bytes(b))
 }
 
 /// What the gate knows of the card.
@@ -229,6 +238,16 @@ fn le_u32(body: &[u8], at: usize) -> Option<u32> {
 pub struct GateConfig {
     pub mtu: u16,
     pub num_queues: u32,
+    /// Largest ring size the card takes (the size of a ring the frontend did not size).
+    pub queue_size: u32,
+}
+
+/// What the gate tells the backend.
+pub struct Hooks {
+    /// Whether each queue pair is in use, after every change of ring state.
+    pub pair: PairHook,
+    /// `SEND_RARP`: announce a guest MAC into the card's network.
+    pub rarp: RarpHook,
 }
 
 /// A running gate.
@@ -244,7 +263,7 @@ impl Gate {
         frontend: UnixStream,
         backend: UnixStream,
         cfg: GateConfig,
-        on_pair: PairHook,
+        hooks: Hooks,
     ) -> io::Result<Gate> {
         let f_writer = Arc::new(Mutex::new(frontend.try_clone()?));
         let closer = || -> io::Result<_> {
@@ -262,7 +281,8 @@ impl Gate {
             .name("vhost-gate-req".into())
             .spawn(move || {
                 let mut st = ReqState::new(cfg);
-                st.on_pair = Some(on_pair);
+                st.on_pair = Some(hooks.pair);
+                st.migration = Migration::new(cfg.num_queues, cfg.queue_size, Some(hooks.rarp));
                 if let Err(e) = st.run(&f_in, &b_out, &writer) {
                     debug!("gate: frontend side ended: {e}");
                 }
@@ -325,6 +345,8 @@ struct ReqState {
     /// (`GET_VRING_BASE`).
     started: Vec<bool>,
     on_pair: Option<PairHook>,
+    /// Live migration's requests (dirty log, announcement).
+    migration: Migration,
 }
 
 impl ReqState {
@@ -337,6 +359,7 @@ impl ReqState {
             enabled: vec![false; cfg.num_queues as usize],
             started: vec![false; cfg.num_queues as usize],
             on_pair: None,
+            migration: Migration::new(cfg.num_queues, cfg.queue_size, None),
         }
     }
 
@@ -376,9 +399,29 @@ impl ReqState {
     ) -> Result<(), GateError> {
         let mut msg = Msg::default();
         while let Some(hdr) = recv_msg(frontend, &mut msg)? {
-            let action = if hdr.request == FrontendReq::SET_MEM_TABLE as u32 {
+            let neg = Negotiation {
+                features: self.acked_features,
+                protocol: self.acked_protocol,
+            };
+            let screened = self
+                .migration
+                .request(hdr.request, &msg.body, &mut msg.fds, neg);
+            let action = if let Some(verdict) = screened {
+                match verdict {
+                    Verdict::Forward => self.filter(&hdr, &msg.body),
+                    Verdict::Answer(v) => Action::Answer(v),
+                    Verdict::LogReply(ok) => Action::LogReply(ok),
+                    Verdict::Refuse(_) if self.can_reply(&hdr) => Action::Answer(1),
+                    Verdict::Refuse(why) => return Err(GateError::Refused(why)),
+                }
+            } else if hdr.request == FrontendReq::SET_MEM_TABLE as u32 {
                 match check_mem_table(&msg.body, &msg.fds) {
-                    Ok(()) => Action::Forward,
+                    Ok(()) => {
+                        if let Ok(regions) = parse_mem_table(&msg.body) {
+                            self.migration.mem_table(regions);
+                        }
+                        Action::Forward
+                    }
                     Err(why) => {
                         warn!("refused SET_MEM_TABLE: {why}");
                         if !self.can_reply(&hdr) {
@@ -403,17 +446,23 @@ impl ReqState {
                 }
                 Action::Answer(value) => {
                     if self.can_reply(&hdr) {
-                        let reply = Hdr {
-                            request: hdr.request,
-                            flags: FLAG_VERSION | FLAG_REPLY,
-                            size: 8,
-                        };
-                        let w = writer.lock().unwrap_or_else(|p| p.into_inner());
-                        send_msg(&w, &reply, &value.to_le_bytes(), &[])?;
+                        reply_u64(writer, &hdr, value)?;
                     }
                 }
+                Action::LogReply(ok) => {
+                    // The log description back, or a zero-sized one (see `migrate`).
+                    let body = if ok { msg.body.clone() } else { vec![0u8; 16] };
+                    let reply = Hdr {
+                        request: hdr.request,
+                        flags: FLAG_VERSION | FLAG_REPLY,
+                        size: body.len() as u32,
+                    };
+                    let w = writer.lock().unwrap_or_else(|p| p.into_inner());
+                    send_msg(&w, &reply, &body, &[])?;
+                }
             }
-            if hdr.request == FrontendReq::SET_FEATURES as u32 {
+            if hdr.request == FrontendReq::SET_FEATURES as u32 && matches!(action, Action::Forward)
+            {
                 self.after_set_features(backend)?;
             }
         }
@@ -578,6 +627,19 @@ enum Action {
     Forward,
     /// Answer here with this REPLY_ACK value (0 is success) when the frontend asked for one.
     Answer(u64),
+    /// SET_LOG_BASE's own reply: whether the log is in place (see `migrate`).
+    LogReply(bool),
+}
+
+/// Sends the frontend a reply to `req` carrying one u64.
+fn reply_u64(writer: &Mutex<UnixStream>, req: &Hdr, value: u64) -> io::Result<()> {
+    let reply = Hdr {
+        request: req.request,
+        flags: FLAG_VERSION | FLAG_REPLY,
+        size: 8,
+    };
+    let w = writer.lock().unwrap_or_else(|p| p.into_inner());
+    send_msg(&w, &reply, &value.to_le_bytes(), &[])
 }
 
 #[cfg(test)]
@@ -588,6 +650,7 @@ mod tests {
         GateConfig {
             mtu: 65520,
             num_queues: 2,
+            queue_size: 256,
         }
     }
 

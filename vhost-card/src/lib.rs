@@ -11,16 +11,19 @@
 //! * [`config`] (the command line), [`stats`] (counters) and [`control`] (counters over a
 //!   control socket as JSON and over HTTP for Prometheus).
 
+pub mod announce;
 pub mod backend;
 pub mod config;
 pub mod control;
 pub mod csum;
 pub mod daemon;
 pub mod datapath;
+pub mod dirtylog;
 pub mod features;
 pub mod gate;
 pub mod iov;
 pub mod memguard;
+pub mod migrate;
 pub mod netns;
 pub mod sandbox;
 pub mod stats;

@@ -88,6 +88,9 @@ counters! {
     tx_ring_broken,
     /// Times the RX ring's available index ran more than a ring ahead (queue ignored until reset).
     rx_ring_broken,
+    /// RARP announcements written to the tap for the frontend (`VHOST_USER_SEND_RARP`, after a
+    /// live migration).
+    rarp_sent,
 }
 
 /// Counters of every queue pair.
@@ -123,6 +126,13 @@ impl Stats {
         let faults = crate::memguard::faults();
         if faults != 0 {
             let _ = writeln!(s, "device: guest_memory_faults={faults}");
+        }
+        let (marks, misses) = crate::dirtylog::LOG.counts();
+        if marks + misses != 0 {
+            let _ = writeln!(
+                s,
+                "device: dirty_log_marks={marks} dirty_log_misses={misses}"
+            );
         }
         s
     }
