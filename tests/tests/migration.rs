@@ -76,7 +76,10 @@ impl Log {
         let zero = vec![0u8; self.len as usize];
         // SAFETY: pwrite from our own buffer to our own descriptor.
         let n = unsafe { libc::pwrite(self.fd.as_raw_fd(), zero.as_ptr().cast(), zero.len(), 0) };
-        ensure!(usize::try_from(n) == Ok(zero.len()), "short write of the log");
+        ensure!(
+            usize::try_from(n) == Ok(zero.len()),
+            "short write of the log"
+        );
         Ok(())
     }
 

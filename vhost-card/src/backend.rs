@@ -150,29 +150,7 @@ impl CardBackend {
     /// "reverse request" from `mac` to everyone, written into the tap, so the card's switch or
     /// bridge learns the port behind which the guest now lives.
     pub fn send_rarp(&self, mac: [u8; 6]) -> io::Result<()> {
-        let hdr_len = self.workers[0]
-            .pair
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .neg
-            .hdr_len();
-        let frame = crate::announce::rarp_frame(mac);
-        let hdr = [0u8; crate::vnet::HDR_MAX];
-        let iov = [
-            libc::iovec {
-                iov_base: hdr.as_ptr() as *mut libc::c_void,
-                iov_len: hdr_len,
-            },
-            libc::iovec {
-                iov_base: frame.as_ptr() as *mut libc::c_void,
-                iov_len: frame.len(),
-            },
-        ];
-        // SAFETY: two iovecs over local buffers that outlive the call.
-        let n = unsafe { libc::writev(self.tap.queue_fd(0), iov.as_ptr(), 2) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        self.tap.inject(&crate::announce::rarp_frame(mac))?;
         add(&self.stats.pairs[0].rarp_sent, 1);
         Ok(())
     }

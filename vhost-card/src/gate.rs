@@ -403,9 +403,9 @@ impl ReqState {
                 features: self.acked_features,
                 protocol: self.acked_protocol,
             };
-            let screened = self
-                .migration
-                .request(hdr.request, &msg.body, &mut msg.fds, neg);
+            let screened =
+                self.migration
+                    .request(hdr.request, &msg.body, &mut msg.fds, neg, &self.started);
             let action = if let Some(verdict) = screened {
                 match verdict {
                     Verdict::Forward => self.filter(&hdr, &msg.body),

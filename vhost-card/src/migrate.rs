@@ -72,6 +72,9 @@ impl Negotiation {
 pub type RarpHook = Box<dyn Fn([u8; 6]) -> std::io::Result<()> + Send>;
 
 /// The migration state of one frontend session.
+///
+/// `SET_VRING_ADDR` on a started ring that changes nothing but its logging is answered here
+/// (see `vring_addr`).
 pub struct Migration {
     /// The last memory table accepted.
     regions: Vec<MemRegion>,
@@ -79,6 +82,8 @@ pub struct Migration {
     ring_num: Vec<u32>,
     /// Each ring's used-ring log parameters (SET_VRING_ADDR).
     rings: Vec<Option<RingLog>>,
+    /// Each ring's descriptor table, used ring and available ring addresses, as last passed on.
+    addrs: Vec<Option<[u64; 3]>>,
     max_queue_size: u32,
     rarp: Option<RarpHook>,
 }
@@ -89,6 +94,7 @@ impl Migration {
             regions: Vec::new(),
             ring_num: vec![0; num_queues as usize],
             rings: vec![None; num_queues as usize],
+            addrs: vec![None; num_queues as usize],
             max_queue_size,
             rarp,
         }
@@ -113,6 +119,7 @@ impl Migration {
         body: &[u8],
         fds: &mut Vec<OwnedFd>,
         neg: Negotiation,
+        started: &[bool],
     ) -> Option<Verdict> {
         Some(match request {
             r if r == FrontendReq::SET_LOG_BASE as u32 => self.log_base(body, fds, neg),
@@ -126,7 +133,8 @@ impl Migration {
                 }
                 return None;
             }
-            r if r == FrontendReq::SET_VRING_ADDR as u32 => self.vring_addr(body, neg)?,
+            r if r == FrontendReq::SET_VRING_ADDR as u32 => self.vring_addr(body, neg, started)?,
+
             _ => return None,
         })
     }
@@ -205,7 +213,7 @@ impl Migration {
         }
     }
 
-    fn vring_addr(&mut self, body: &[u8], neg: Negotiation) -> Option<Verdict> {
+    fn vring_addr(&mut self, body: &[u8], neg: Negotiation, started: &[bool]) -> Option<Verdict> {
         if body.len() != VRING_ADDR_SIZE {
             return None; // the crate refuses it
         }
@@ -251,6 +259,18 @@ impl Migration {
         };
         self.rings[slot] = Some(ring);
         LOG.set_ring(slot, ring);
+        // The rings' own addresses: descriptor table, used ring, available ring.
+        let addrs = [le_u64(body, 8)?, used_va, le_u64(body, 24)?];
+        let same = self.addrs[slot] == Some(addrs);
+        self.addrs[slot] = Some(addrs);
+        if same && started.get(slot).copied().unwrap_or(false) {
+            // A running ring whose addresses stay: only its logging changes (QEMU starting or
+            // stopping a migration's log), which is ours. Not passed on: vhost-user-backend
+            // 0.24 re-reads the used index from guest memory on every SET_VRING_ADDR, in a
+            // step apart from the worker's pass, and a completion made in between would be
+            // lost from the device's count.
+            return Some(Verdict::Answer(0));
+        }
         Some(Verdict::Forward)
     }
 }

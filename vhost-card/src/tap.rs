@@ -9,6 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use log::{debug, info, warn};
@@ -64,6 +65,8 @@ pub struct Tap {
     queues: Vec<File>,
     /// Whether each queue is attached to the device (`TUNSETQUEUE`); a new queue is.
     attached: Mutex<Vec<bool>>,
+    /// The vnet header length the tap reads and writes (`TUNSETVNETHDRSZ`).
+    hdr_len: AtomicUsize,
     created: bool,
     keep: bool,
 }
@@ -187,6 +190,7 @@ impl Tap {
         let tap = Tap {
             name: cfg.name.clone(),
             attached: Mutex::new(vec![true; queues.len()]),
+            hdr_len: AtomicUsize::new(0),
             queues,
             created: !existed,
             keep: cfg.keep,
@@ -302,8 +306,33 @@ impl Tap {
         if rc < 0 {
             Err(io::Error::last_os_error())
         } else {
+            self.hdr_len
+                .store(usize::try_from(len).unwrap_or(0), Ordering::Relaxed);
             Ok(())
         }
+    }
+
+    /// Writes one frame of the card's own (not the host's) into the card's network, as if the
+    /// host had sent it: behind a vnet header with no offload requested.
+    pub fn inject(&self, frame: &[u8]) -> io::Result<()> {
+        let hdr = [0u8; crate::vnet::HDR_MAX];
+        let hdr_len = self.hdr_len.load(Ordering::Relaxed).min(hdr.len());
+        let iov = [
+            libc::iovec {
+                iov_base: hdr.as_ptr() as *mut libc::c_void,
+                iov_len: hdr_len,
+            },
+            libc::iovec {
+                iov_base: frame.as_ptr() as *mut libc::c_void,
+                iov_len: frame.len(),
+            },
+        ];
+        // SAFETY: two iovecs over buffers that outlive the call; the kernel only reads them.
+        let n = unsafe { libc::writev(self.queues[0].as_raw_fd(), iov.as_ptr(), 2) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Tells the kernel which partial-checksum and GSO frames the reader (the host) accepts.
