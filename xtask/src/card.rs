@@ -108,27 +108,7 @@ impl Card {
     }
 
     fn args(&self) -> Vec<String> {
-        let mut args = vec![
-            "--socket".to_string(),
-            self.socket.display().to_string(),
-            "--netns".into(),
-            self.ns.name().into(),
-            "--tap".into(),
-            TAP.into(),
-            "--mtu".into(),
-            self.cfg.mtu.to_string(),
-            "--stats-interval".into(),
-            "1".into(),
-        ];
-        if !self.cfg.disable.is_empty() {
-            args.push("--disable".into());
-            args.push(self.cfg.disable.clone());
-        }
-        if self.cfg.queues > 1 {
-            args.push("--queues".into());
-            args.push(self.cfg.queues.to_string());
-        }
-        args
+        daemon_args(&self.cfg, &self.socket, self.ns.name(), TAP)
     }
 
     /// The daemon's command line, for reports.
@@ -139,32 +119,17 @@ impl Card {
     fn spawn(&mut self) -> Result<()> {
         let log = OpenOptions::new().append(true).open(&self.log)?;
         self.log_start = log.metadata()?.len();
-        let mut cmd = Command::new(binary());
-        cmd.args(self.args())
-            // The daemon's private directory goes with our run directory,
-            // also after a SIGKILL.
-            .env("RUNTIME_DIRECTORY", &self.run_dir)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let mut daemon = Guarded::spawn("the vhost-card daemon", &mut cmd, libc::SIGTERM)?;
-        let (socket, ns) = (&self.socket, &self.ns);
-        let started = wait_for(
-            "the daemon's socket and tap",
-            Duration::from_secs(20),
-            || {
-                if let Some(status) = daemon.try_wait()? {
-                    bail!("the daemon exited early ({status})");
-                }
-                Ok((socket.exists() && ns.has_link(TAP)).then_some(()))
-            },
-        );
+        let daemon = spawn_daemon(
+            &self.args(),
+            &self.run_dir,
+            log,
+            &self.socket,
+            &self.ns,
+            TAP,
+        )
+        .with_context(|| crate::process::tail(&self.log, 10))?;
         self.daemon = Some(daemon);
-        started.with_context(|| crate::process::tail(&self.log, 10))
+        Ok(())
     }
 
     /// SIGKILLs the daemon (a crash, or a firmware update that does not say
@@ -269,20 +234,7 @@ impl Card {
 
     /// Queue pair `pair`'s counters from the current daemon's last stats line.
     pub fn pair_stats(&self, pair: usize) -> Result<BTreeMap<String, u64>> {
-        let lines = self.log_lines()?;
-        let mut counters = BTreeMap::new();
-        let tag = format!("stats pair {pair}:");
-        if let Some(line) = lines.iter().rev().find(|l| l.contains(&tag)) {
-            let rest = line.split_once(&tag).map_or("", |(_, r)| r);
-            for item in rest.split_whitespace() {
-                if let Some((k, v)) = item.split_once('=') {
-                    if let Ok(v) = v.parse() {
-                        counters.insert(k.to_string(), v);
-                    }
-                }
-            }
-        }
-        Ok(counters)
+        Ok(last_stats(&self.log_lines()?, &format!("pair {pair}")))
     }
 
     /// Waits for the next stats line, so counters include everything so far.
@@ -317,4 +269,81 @@ impl Card {
             + &String::from_utf8_lossy(&out.stderr);
         Ok(crate::report::Ping::parse(&text))
     }
+}
+
+/// The counters of the last `stats <what>: name=value ...` line a daemon logged (`what` is
+/// `pair N` or `device`); empty before the first.
+pub fn last_stats(lines: &[String], what: &str) -> BTreeMap<String, u64> {
+    let tag = format!("stats {what}:");
+    let mut counters = BTreeMap::new();
+    if let Some(line) = lines.iter().rev().find(|l| l.contains(&tag)) {
+        let rest = line.split_once(&tag).map_or("", |(_, r)| r);
+        for item in rest.split_whitespace() {
+            if let Some((k, v)) = item.split_once('=') {
+                if let Ok(v) = v.parse() {
+                    counters.insert(k.to_string(), v);
+                }
+            }
+        }
+    }
+    counters
+}
+
+/// The daemon's arguments for `cfg`, serving `socket` with tap `tap` in namespace `ns`.
+pub fn daemon_args(cfg: &CardConfig, socket: &Path, ns: &str, tap: &str) -> Vec<String> {
+    let mut args = vec![
+        "--socket".to_string(),
+        socket.display().to_string(),
+        "--netns".into(),
+        ns.into(),
+        "--tap".into(),
+        tap.into(),
+        "--mtu".into(),
+        cfg.mtu.to_string(),
+        "--stats-interval".into(),
+        "1".into(),
+    ];
+    if !cfg.disable.is_empty() {
+        args.push("--disable".into());
+        args.push(cfg.disable.clone());
+    }
+    if cfg.queues > 1 {
+        args.push("--queues".into());
+        args.push(cfg.queues.to_string());
+    }
+    args
+}
+
+/// Starts the daemon with `args`, logging to `log`, and waits for its socket and for its tap in
+/// `ns`. Its private directory goes with `run_dir`, also after a SIGKILL.
+pub fn spawn_daemon(
+    args: &[String],
+    run_dir: &Path,
+    log: File,
+    socket: &Path,
+    ns: &Netns,
+    tap: &str,
+) -> Result<Guarded> {
+    let mut cmd = Command::new(binary());
+    cmd.args(args)
+        .env("RUNTIME_DIRECTORY", run_dir)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let mut daemon = Guarded::spawn("the vhost-card daemon", &mut cmd, libc::SIGTERM)?;
+    wait_for(
+        "the daemon's socket and tap",
+        Duration::from_secs(20),
+        || {
+            if let Some(status) = daemon.try_wait()? {
+                bail!("the daemon exited early ({status})");
+            }
+            Ok((socket.exists() && ns.has_link(tap)).then_some(()))
+        },
+    )?;
+    Ok(daemon)
 }

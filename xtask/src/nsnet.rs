@@ -363,7 +363,7 @@ pub fn capture_udp(
 
 /// A non-blocking AF_PACKET socket bound to `ifname` (all protocols, both
 /// directions).
-fn packet_socket(ifname: &str) -> Result<OwnedFd> {
+pub(crate) fn packet_socket(ifname: &str) -> Result<OwnedFd> {
     let proto = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: plain socket(2) call; the result is checked before use.
     let fd = unsafe {
@@ -404,7 +404,7 @@ fn packet_socket(ifname: &str) -> Result<OwnedFd> {
 }
 
 /// The next frame: its real length (MSG_TRUNC) and whether we sent it.
-fn recv_frame(fd: &OwnedFd, buf: &mut [u8]) -> Result<Option<(usize, bool)>> {
+pub(crate) fn recv_frame(fd: &OwnedFd, buf: &mut [u8]) -> Result<Option<(usize, bool)>> {
     // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
     let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     let mut from_len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;

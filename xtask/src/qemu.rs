@@ -72,6 +72,12 @@ const CMDLINE: &str = "console=ttyS0 panic=-1 quiet mitigations=off";
 
 impl Vm {
     pub fn start(cfg: &VmConfig) -> Result<Vm> {
+        Vm::start_with(cfg, &[])
+    }
+
+    /// [`Vm::start`] with more QEMU arguments (e.g. `-incoming URI` for the destination of a
+    /// live migration, which starts paused until the guest arrives).
+    pub fn start_with(cfg: &VmConfig, extra: &[String]) -> Result<Vm> {
         let serial_log = cfg.log_dir.join("serial.log");
         let qmp = cfg.run_dir.join("qmp.sock");
         let agent_sock = cfg.run_dir.join("agent.sock");
@@ -138,7 +144,8 @@ impl Vm {
             cmd.args(["-chardev", &chardev])
                 .args(["-serial", "chardev:agent"]);
         }
-        cmd.arg("-qmp")
+        cmd.args(extra)
+            .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -229,6 +236,16 @@ impl Vm {
             }
         })?;
         Ok(self.started.elapsed())
+    }
+
+    /// Talks to a guest agent that is already running, which does not announce itself again:
+    /// the guest arrived here by live migration.
+    pub fn adopt_agent(&mut self) -> Result<()> {
+        self.agent
+            .as_mut()
+            .context("this VM has no agent port")?
+            .assume_ready();
+        Ok(())
     }
 
     /// Runs `script` in the guest (through the agent, with the helpers of

@@ -17,13 +17,18 @@
 //!    driver reload or a reboot resets the device) on the same vhost-user
 //!    session; traffic both ways after each;
 //! 9. fewer pairs: `--queues 2` with a one-CPU guest that enables one pair,
-//!    then two, then one again: every card→guest flow arrives in each state.
+//!    then two, then one again: every card→guest flow arrives in each state;
+//! 10. migration: the VM live-migrated between two QEMU processes, each with
+//!     its own daemon and tap on one bridge in the card namespace, while TCP
+//!     runs both ways; there and back, then once with `--queues 2` (see
+//!     `migration.rs`).
 //!
-//! Scenarios 1, 2, 4, 6 and 8 share one VM; 3 boots one per configuration, 5
-//! and 7 their own. Logs: target/vm/logs/e2e/<rig>/.
+//! Scenarios 1, 2, 4, 6 and 8 share one VM; 3 boots one per configuration, 5,
+//! 7, 9 and 10 their own. Logs: target/vm/logs/e2e/<rig>/.
 
 pub mod cardos;
 mod hotplug;
+mod migration;
 mod multiqueue;
 mod networkd;
 mod shared_vm;
@@ -42,10 +47,10 @@ pub const DEFAULT_MTU: u32 = 65520;
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Run only these scenarios (numbers 1-9, comma-separated).
+    /// Run only these scenarios (numbers 1-10, comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u32>,
-    /// MiB sent each way in scenarios 2 and 6.
+    /// MiB sent each way in scenarios 2, 6 and 10.
     #[arg(long, default_value_t = 64)]
     pub mib: usize,
     /// MiB sent each way per configuration of the toggle matrix (3), in the
@@ -87,8 +92,8 @@ pub fn run(opts: &Options) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("e2e needs root (network namespaces, tap devices)");
     }
-    if opts.only.iter().any(|n| !(1..=9).contains(n)) {
-        bail!("scenarios are numbered 1 to 9");
+    if opts.only.iter().any(|n| !(1..=10).contains(n)) {
+        bail!("scenarios are numbered 1 to 10");
     }
     let wanted = |n: u32| opts.only.is_empty() || opts.only.contains(&n);
     let t0 = Instant::now();
@@ -138,6 +143,10 @@ pub fn run(opts: &Options) -> Result<()> {
             "fewer pairs",
             multiqueue::fewer_pairs(&env, opts),
         ));
+    }
+    crate::check_interrupted()?;
+    if wanted(10) {
+        record(verdict(10, "migration", migration::run(&env, opts)));
     }
 
     lines.sort_by_key(|l| l.number);
