@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use log::{info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringT};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{
-    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     MemoryRegionAddress,
 };
 use vmm_sys_util::epoll::EventSet;
@@ -20,7 +20,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::datapath::{tap_offload, Pair, Pass};
-use crate::dirtylog::{self, GuestMem, RegionBitmap, Vring};
+use crate::dirtylog;
 use crate::features::{self, Negotiated, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES};
 use crate::stats::{add, Stats};
 use crate::tap::Tap;
@@ -65,7 +65,7 @@ pub struct CardBackend {
     fatal: FatalHook,
     tap: Arc<Tap>,
     workers: Vec<Worker>,
-    mem: RwLock<Option<GuestMemoryAtomic<GuestMem>>>,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     stats: Arc<Stats>,
 }
 
@@ -172,8 +172,8 @@ impl CardBackend {
 }
 
 impl VhostUserBackend for CardBackend {
-    type Bitmap = RegionBitmap;
-    type Vring = Vring;
+    type Bitmap = ();
+    type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
         self.cfg.pairs * 2
@@ -217,8 +217,8 @@ impl VhostUserBackend for CardBackend {
         // The queues apply EVENT_IDX themselves (`VringT::set_queue_event_idx`).
     }
 
-    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
-        dirtylog::bind_regions(&mem.memory());
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        dirtylog::LOG.set_memory(&mem.memory());
         for region in mem.memory().iter() {
             if let Ok(p) = region.get_host_address(MemoryRegionAddress(0)) {
                 crate::memguard::register(p as usize, region.len() as usize);
@@ -254,7 +254,7 @@ impl VhostUserBackend for CardBackend {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[Vring],
+        vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<()> {
         let Some(worker) = self.workers.get(thread_id) else {

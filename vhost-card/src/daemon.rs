@@ -16,7 +16,7 @@ use log::{error, info, warn};
 use thiserror::Error;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
-use vm_memory::GuestMemoryAtomic;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{BackendConfig, CardBackend};
@@ -522,7 +522,7 @@ fn serve_one(
     let mut daemon = VhostUserDaemon::new(
         "vhost-card".to_string(),
         backend.clone(),
-        GuestMemoryAtomic::new(crate::dirtylog::GuestMem::new()),
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
     .map_err(vhost)?;
     for (i, handler) in daemon.get_epoll_handlers().iter().enumerate() {

@@ -16,20 +16,21 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 use log::{debug, warn};
 use vhost_user_backend::VringState;
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::GuestMemoryAtomic;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::csum::{self, Verdict};
-use crate::dirtylog::LOG;
+use crate::dirtylog::{LoggedMem, LOG};
 use crate::features::Negotiated;
 use crate::iov::{self, ChainError, IovBuf, IOV_MAX};
 use crate::stats::{add, PairStats};
 use crate::vnet::{self, RxAction, TxDrop, VnetHdr, ETH_HLEN, GSO_MAX_FRAME, HDR_MAX, VLAN_HLEN};
 
-type Mem = crate::dirtylog::GuestMem;
+type Mem = GuestMemoryMmap;
 type State = VringState<GuestMemoryAtomic<Mem>>;
 
 /// Frames handled per queue per wake-up before yielding to the other events of the worker.
@@ -73,6 +74,9 @@ pub struct Pair {
     /// the driver puts it right (virtio 1.2, 2.7.13.1: the device needs a reset).
     tx_ring_broken: bool,
     rx_ring_broken: bool,
+    /// While the frontend logs: the logged view of guest memory this pass writes used rings
+    /// through (see `dirtylog`).
+    logged: Option<Arc<LoggedMem>>,
 }
 
 /// Whether the driver's available index is at most one ring ahead of what the device consumed
@@ -118,6 +122,7 @@ impl Pair {
             rx_held: 0,
             tx_ring_broken: false,
             rx_ring_broken: false,
+            logged: None,
         }
         .with_tx_slots()
     }
@@ -176,11 +181,12 @@ impl Pair {
         {
             return Pass::Idle;
         }
+        self.begin_logging(mem);
         let mut used = false;
         let mut done = 0;
         let batch = self.tx.len();
         let pass = 'outer: loop {
-            let _ = vring.disable_notification();
+            let _ = set_notification(vring, mem, self.logged.as_deref(), false);
             loop {
                 let mut n = 0;
                 while n < batch && done + n < BUDGET {
@@ -204,12 +210,13 @@ impl Pair {
                     break 'outer Pass::More;
                 }
             }
-            match vring.enable_notification() {
+            match set_notification(vring, mem, self.logged.as_deref(), true) {
                 // More arrived while notifications were off (unless the index is garbage).
                 Ok(true) if ring_sane(vring, mem) => continue,
                 _ => break Pass::Idle,
             }
         };
+        self.end_logging();
         if used {
             notify(vring, stats);
         }
@@ -329,7 +336,7 @@ impl Pair {
                     }
                 }
             }
-            if vring.get_queue_mut().add_used(mem, t.head, 0).is_err() {
+            if add_used(vring, mem, self.logged.as_deref(), t.head, 0).is_err() {
                 warn!("TX used ring is outside guest memory");
                 return n;
             }
@@ -352,9 +359,10 @@ impl Pair {
         ) {
             return Pass::Idle;
         }
+        self.begin_logging(mem);
         let mut used = false;
         let mut frames = 0;
-        let _ = vring.disable_notification();
+        let _ = set_notification(vring, mem, self.logged.as_deref(), false);
         self.rx.clear();
         let pass = loop {
             if !self.rx_pending {
@@ -382,7 +390,8 @@ impl Pair {
             }
         };
         // Buffers gathered but not filled go back to the guest before the pass ends.
-        used |= self.rx.release(vring, mem);
+        used |= self.rx.release(vring, mem, self.logged.as_deref());
+        self.end_logging();
         if used {
             notify(vring, stats);
         }
@@ -422,7 +431,7 @@ impl Pair {
                     debug!("RX chain dropped: {other:?}");
                     self.rx.iovs.0.truncate(before);
                     add(&stats.rx_drop_bad_chain, 1);
-                    vring.get_queue_mut().add_used(mem, head, 0).ok()?;
+                    add_used(vring, mem, self.logged.as_deref(), head, 0).ok()?;
                     consumed_bad = true;
                     self.rx.barrier = self.rx.chains.len();
                 }
@@ -476,8 +485,9 @@ impl Pair {
         if self.rx.live().is_empty() || self.rx_held > self.rx.cap {
             // Every available chain is popped at this point, so enabling notifications now
             // asks for a kick when the guest posts more.
-            let more = vring.enable_notification().unwrap_or(false) && ring_sane(vring, mem);
-            self.rx.release(vring, mem);
+            let more = set_notification(vring, mem, self.logged.as_deref(), true).unwrap_or(false)
+                && ring_sane(vring, mem);
+            self.rx.release(vring, mem, self.logged.as_deref());
             return if more {
                 Rx::Retry
             } else if consumed_bad {
@@ -595,7 +605,7 @@ impl Pair {
             left -= this;
             // `this` is at most one chain's length, which the chain iterator keeps below 2^32.
             let this = u32::try_from(this).unwrap_or(u32::MAX);
-            if vring.get_queue_mut().add_used(mem, c.head, this).is_err() {
+            if add_used(vring, mem, self.logged.as_deref(), c.head, this).is_err() {
                 return Rx::Broken;
             }
         }
@@ -702,7 +712,7 @@ impl RxStash {
 
     /// Gives every live chain back: rewinds the ring over the ones after the barrier and
     /// returns the others empty. Returns whether the used ring changed.
-    fn release(&mut self, vring: &mut State, mem: &Mem) -> bool {
+    fn release(&mut self, vring: &mut State, mem: &Mem, logged: Option<&LoggedMem>) -> bool {
         log::trace!(
             "rx: releasing {:?} (barrier {})",
             self.live().iter().map(|c| c.head).collect::<Vec<_>>(),
@@ -712,7 +722,7 @@ impl RxStash {
         let mut used = false;
         for (i, c) in self.chains.iter().enumerate().skip(self.first) {
             if i < self.barrier {
-                let _ = vring.get_queue_mut().add_used(mem, c.head, 0);
+                let _ = add_used(vring, mem, logged, c.head, 0);
                 used = true;
             } else {
                 rewind = rewind.wrapping_add(1);
@@ -938,6 +948,60 @@ fn iov_count(n: usize) -> libc::c_int {
 fn log_written(mem: &Mem, iovs: &[libc::iovec], n: usize) {
     if LOG.active() {
         LOG.mark_iovs(mem, iovs, n);
+    }
+}
+
+impl Pair {
+    /// Live migration: while the frontend logs, this pass writes used rings through the logged
+    /// view of guest memory (see `dirtylog`). One relaxed load otherwise.
+    fn begin_logging(&mut self, mem: &Mem) {
+        self.logged = None;
+        if LOG.active() {
+            self.logged = LOG.view_for(mem);
+        }
+    }
+
+    /// Ends a pass's logging; a pass that could not use the logged view marks the used rings
+    /// it wrote now, after writing them.
+    fn end_logging(&mut self) {
+        if self.logged.take().is_none() && LOG.active() {
+            LOG.mark_logged_rings();
+        }
+    }
+}
+
+/// Adds a used element through the logged view of guest memory while the frontend logs, through
+/// `mem` otherwise (the same memory).
+#[inline]
+fn add_used(
+    vring: &mut State,
+    mem: &Mem,
+    logged: Option<&LoggedMem>,
+    head: u16,
+    len: u32,
+) -> Result<(), virtio_queue::Error> {
+    match logged {
+        Some(view) => vring.get_queue_mut().add_used(view, head, len),
+        None => vring.get_queue_mut().add_used(mem, head, len),
+    }
+}
+
+/// Enables or disables the guest's notifications (used flags or avail_event, in the used ring),
+/// like `VringState::{enable,disable}_notification`, through the logged view while the frontend
+/// logs. Returns whether more buffers arrived (when enabling).
+#[inline]
+fn set_notification(
+    vring: &mut State,
+    mem: &Mem,
+    logged: Option<&LoggedMem>,
+    enable: bool,
+) -> Result<bool, virtio_queue::Error> {
+    let q = vring.get_queue_mut();
+    match (logged, enable) {
+        (Some(view), true) => q.enable_notification(view),
+        (Some(view), false) => q.disable_notification(view).map(|()| false),
+        (None, true) => q.enable_notification(mem),
+        (None, false) => q.disable_notification(mem).map(|()| false),
     }
 }
 

@@ -13,10 +13,14 @@
 //!   after writing them and before the used entry that hands them to the guest.
 //! * Used-ring writes are logged for rings whose `SET_VRING_ADDR` carried `VHOST_VRING_F_LOG`, at
 //!   the ring's `log_guest_addr` as the spec says. They happen inside `virtio-queue` through
-//!   vm-memory, which reports each write (after making it) to the region's [`RegionBitmap`]: the
-//!   used element is marked before the used index that publishes it is stored.
+//!   vm-memory: while the frontend logs, the data path hands `virtio-queue` a second view of
+//!   guest memory ([`LoggedMem`], the same mappings) whose regions report each write, right
+//!   after making it, to a [`RegionBitmap`]: the used element is marked before the used index
+//!   that publishes it is stored.
 //!
-//! With logging off, a ring write costs one relaxed load of [`DirtyLog::active`].
+//! With logging off the data path uses guest memory as before, without a bitmap (vm-memory's
+//! code for `()` compiles to nothing), at the cost of one relaxed load of
+//! [`DirtyLog::active`] per pass and per received frame.
 //!
 //! vhost-user-backend 0.24 has its own log handling (`BitmapMmapRegion`), which we do not use:
 //! it marks used-ring writes at the ring's address rather than at `log_guest_addr`, ignores
@@ -28,19 +32,20 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 
+use log::warn;
 use thiserror::Error;
 use vm_memory::bitmap::{Bitmap, BitmapSlice, RefSlice, WithBitmapSlice};
-use vm_memory::mmap::NewBitmap;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
 /// Size of a page in the log (`VHOST_LOG_PAGE`).
 pub const LOG_PAGE: u64 = 0x1000;
 
-/// Guest memory as the card maps it: every region reports vm-memory's writes to the log.
-pub type GuestMem = GuestMemoryMmap<RegionBitmap>;
+/// Guest memory as the card maps it.
+pub type GuestMem = GuestMemoryMmap;
 
-/// A vring over that memory.
-pub type Vring = vhost_user_backend::VringRwLock<vm_memory::GuestMemoryAtomic<GuestMem>>;
+/// A view of guest memory over the same mappings whose writes are logged (see [`RegionBitmap`]).
+pub type LoggedMem = GuestMemoryMmap<RegionBitmap>;
 
 /// Why a log area was refused.
 #[derive(Debug, Error)]
@@ -225,6 +230,8 @@ struct State {
     rings: Vec<RingLog>,
     /// `VHOST_USER_SET_LOG_FD`: told (eventfd write) when the log changed.
     notify: Option<OwnedFd>,
+    /// The logged view of the current guest memory.
+    view: Option<Arc<LoggedMem>>,
 }
 
 /// The daemon's log: one frontend session at a time, set by the gate, read by the data path
@@ -251,6 +258,7 @@ impl DirtyLog {
                 log_all: false,
                 rings: Vec::new(),
                 notify: None,
+                view: None,
             }),
             marks: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -365,19 +373,12 @@ impl DirtyLog {
         });
     }
 
-    /// Logs a write vm-memory made at guest physical address `gpa` (the used rings: the data
-    /// path writes nothing else through it). Inside a used ring with `VHOST_VRING_F_LOG` it is
-    /// logged at the ring's `log_guest_addr`; inside one without, not at all; anywhere else at
-    /// its own address. `None` is a region whose address is not known yet (a memory table
-    /// being replaced): every logged used ring is marked whole.
-    fn mark_ring_write(&self, gpa: Option<u64>, len: u64) {
+    /// Logs a write vm-memory made at guest physical address `gpa` through the logged view
+    /// (the used rings: the data path writes nothing else through it). Inside a used ring with
+    /// `VHOST_VRING_F_LOG` it is logged at the ring's `log_guest_addr`; inside one without, not
+    /// at all; anywhere else at its own address.
+    fn mark_ring_write(&self, gpa: u64, len: u64) {
         self.with_area(|st, area| {
-            let Some(gpa) = gpa else {
-                for r in st.rings.iter().filter(|r| r.log) {
-                    self.mark_in(area, r.log_addr, r.used_len);
-                }
-                return;
-            };
             let ring = st
                 .rings
                 .iter()
@@ -388,6 +389,35 @@ impl DirtyLog {
                 None => self.mark_in(area, gpa, len),
             }
         });
+    }
+
+    /// Marks every logged used ring whole: for a pass that wrote them without the logged view
+    /// (guest memory changed under it), after those writes.
+    pub fn mark_logged_rings(&self) {
+        self.with_area(|st, area| {
+            for r in st.rings.iter().filter(|r| r.log) {
+                self.mark_in(area, r.log_addr, r.used_len);
+            }
+        });
+    }
+
+    /// Builds the logged view of `mem` (a new memory table).
+    pub fn set_memory(&self, mem: &GuestMem) {
+        let view = logged_view(mem);
+        if view.is_none() {
+            warn!("cannot build the logged view of guest memory; used rings are marked whole");
+        }
+        self.update(|st| st.view = view.map(Arc::new));
+    }
+
+    /// What a pass writes used rings through while writes are logged: the logged view if it
+    /// is the view of `mem`, or `None` (the pass then calls [`DirtyLog::mark_logged_rings`]).
+    pub fn view_for(&self, mem: &GuestMem) -> Option<Arc<LoggedMem>> {
+        let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+        st.view
+            .as_ref()
+            .filter(|view| same_regions(view, mem))
+            .cloned()
     }
 
     /// Tells the frontend the log changed, if it gave a descriptor for that
@@ -425,29 +455,12 @@ impl Default for DirtyLog {
     }
 }
 
-/// The vm-memory bitmap of one guest memory region: passes the region's writes, as guest
-/// physical addresses, to [`LOG`]. The region's address is bound when the backend receives the
-/// memory table (`bind`); vm-memory creates the bitmap before that.
-#[derive(Clone, Debug)]
+/// The vm-memory bitmap of one region of the logged view: passes the region's writes, as
+/// guest physical addresses, to [`LOG`].
+#[derive(Clone, Copy, Debug, Default)]
 pub struct RegionBitmap {
-    gpa: Arc<AtomicU64>,
-}
-
-const UNBOUND: u64 = u64::MAX;
-
-impl RegionBitmap {
-    /// Sets the guest physical address of the region's first byte.
-    pub fn bind(&self, gpa: u64) {
-        self.gpa.store(gpa, Ordering::Release);
-    }
-}
-
-impl Default for RegionBitmap {
-    fn default() -> Self {
-        RegionBitmap {
-            gpa: Arc::new(AtomicU64::new(UNBOUND)),
-        }
-    }
+    /// Guest physical address of the region's first byte.
+    gpa: u64,
 }
 
 impl<'a> WithBitmapSlice<'a> for RegionBitmap {
@@ -455,14 +468,8 @@ impl<'a> WithBitmapSlice<'a> for RegionBitmap {
 }
 
 impl Bitmap for RegionBitmap {
-    #[inline]
     fn mark_dirty(&self, offset: usize, len: usize) {
-        if !LOG.active() {
-            return;
-        }
-        let gpa = self.gpa.load(Ordering::Acquire);
-        let at = (gpa != UNBOUND).then(|| gpa.wrapping_add(offset as u64));
-        LOG.mark_ring_write(at, len as u64);
+        LOG.mark_ring_write(self.gpa.wrapping_add(offset as u64), len as u64);
     }
 
     /// The log is the frontend's to read; vm-memory never asks.
@@ -475,35 +482,44 @@ impl Bitmap for RegionBitmap {
     }
 }
 
-impl NewBitmap for RegionBitmap {
-    fn with_len(_len: usize) -> Self {
-        Self::default()
-    }
-}
-
-/// vhost-user-backend wants to install its own log through this trait; the gate answers
-/// `SET_LOG_BASE` itself, so the crate never calls it.
-impl vhost_user_backend::bitmap::BitmapReplace for RegionBitmap {
-    type InnerBitmap = ();
-
-    fn replace(&self, _bitmap: ()) {}
-}
-
-// Makes `RefSlice<RegionBitmap>` a valid slice type: vm-memory requires `BitmapSlice` of the
-// slices only.
+// Makes sure `RefSlice<RegionBitmap>` is a valid slice type.
 const _: fn() = || {
     fn slice<T: BitmapSlice>() {}
     slice::<RefSlice<'static, RegionBitmap>>();
 };
 
-/// Binds every region of `mem` to its guest physical address.
-pub fn bind_regions(mem: &GuestMem) {
-    for region in mem.iter() {
-        // The region's own bitmap (`MmapRegion::bitmap`), not a slice of it.
-        std::ops::Deref::deref(region)
-            .bitmap()
-            .bind(region.start_addr().0);
+/// A second view of `mem`'s mappings, each region with its [`RegionBitmap`]. The view owns
+/// nothing: it is only used while `mem` (or memory with the very same regions, see
+/// [`same_regions`]) is held.
+fn logged_view(mem: &GuestMem) -> Option<LoggedMem> {
+    let mut regions = Vec::new();
+    for r in mem.iter() {
+        let bitmap = RegionBitmap {
+            gpa: r.start_addr().0,
+        };
+        let size = usize::try_from(r.len()).ok()?;
+        // SAFETY: the pointer and size are those of a live mapping of `mem`; the view's region
+        // does not own it (no munmap on drop) and is used only while a memory with the same
+        // mappings is held (`view_for`).
+        let region = unsafe {
+            MmapRegionBuilder::new_with_bitmap(size, bitmap)
+                .with_raw_mmap_pointer(r.as_ptr())
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_SHARED)
+                .build()
+        }
+        .ok()?;
+        regions.push(GuestRegionMmap::new(region, r.start_addr())?);
     }
+    LoggedMem::from_regions(regions).ok()
+}
+
+/// Whether `view` has exactly `mem`'s regions (host mapping, length, guest address).
+fn same_regions(view: &LoggedMem, mem: &GuestMem) -> bool {
+    view.num_regions() == mem.num_regions()
+        && view.iter().zip(mem.iter()).all(|(v, m)| {
+            v.as_ptr() == m.as_ptr() && v.len() == m.len() && v.start_addr() == m.start_addr()
+        })
 }
 
 #[cfg(test)]
@@ -571,6 +587,32 @@ mod tests {
     }
 
     #[test]
+    fn the_logged_view_marks_what_is_written_through_it() {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0x10_0000), 0x10_0000)]).unwrap();
+        let fd = memfd(4096);
+        let log = &LOG;
+        log.set_area(Some(LogArea::map(fd.as_fd(), 256, 0).unwrap()));
+        log.set_memory(&mem);
+        log.set_log_all(true);
+        let view = log.view_for(&mem).unwrap();
+        view.write_obj(7u64, GuestAddress(0x10_3008)).unwrap();
+        // The same memory, and the page marked.
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x10_3008)).unwrap(), 7);
+        let area = log.state.read().unwrap().area.clone().unwrap();
+        assert!(area.is_marked(0x10_3000));
+        assert!(!area.is_marked(0x10_4000));
+        // Writes through the memory itself are not reported (the data path marks its own).
+        mem.write_obj(7u64, GuestAddress(0x10_5000)).unwrap();
+        assert!(!area.is_marked(0x10_5000));
+        // Another memory (a new table) has no view until it is set.
+        let other = GuestMem::from_ranges(&[(GuestAddress(0x10_0000), 0x10_0000)]).unwrap();
+        assert!(log.view_for(&other).is_none());
+        log.reset();
+        assert!(!log.active());
+    }
+
+    #[test]
     fn ring_writes_go_to_log_guest_addr() {
         let log = DirtyLog::new();
         let fd = memfd(4096);
@@ -585,22 +627,22 @@ mod tests {
             },
         );
         // Not active until LOG_ALL.
-        log.mark_ring_write(Some(0x10_0004), 8);
+        log.mark_ring_write(0x10_0004, 8);
         log.mark(0x5000, 1);
         let st = log.state.read().unwrap();
         let area = st.area.clone().unwrap();
         drop(st);
         assert!(!area.is_marked(0x5000));
         log.set_log_all(true);
-        log.mark_ring_write(Some(0x10_1000), 2);
-        log.mark_ring_write(Some(0x30_0000), 8);
+        log.mark_ring_write(0x10_1000, 2);
+        log.mark_ring_write(0x30_0000, 8);
         log.mark(0x5000, 1);
         assert!(area.is_marked(0x20_1000));
         assert!(!area.is_marked(0x10_1000));
         assert!(area.is_marked(0x30_0000));
         assert!(area.is_marked(0x5000));
-        // Unknown region address: the whole logged ring.
-        log.mark_ring_write(None, 2);
+        // A pass without the logged view: the whole logged ring.
+        log.mark_logged_rings();
         assert!(area.is_marked(0x20_0000));
         log.set_log_all(false);
         log.mark(0x7000, 1);

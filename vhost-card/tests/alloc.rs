@@ -13,11 +13,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use etherparse::PacketBuilder;
 use vhost_card::datapath::{preopen_tx_rings, Pair};
-use vhost_card::dirtylog::{GuestMem as GuestMemoryMmap, Vring as VringRwLock};
 use vhost_card::features::{default_features, Negotiated};
 use vhost_card::stats::PairStats;
-use vhost_user_backend::VringT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+use vhost_user_backend::{VringRwLock, VringT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 /// Counts allocations made by threads that asked for it.
 struct Counting;
@@ -182,7 +181,7 @@ fn udp_frame(payload: usize) -> Vec<u8> {
 
 fn steady_state(uring: bool) {
     let mem = GuestMemoryAtomic::new(
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap(),
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap(),
     );
     let m = mem.memory();
     let mut rxd = Driver::new(0x1_0000);
@@ -290,7 +289,7 @@ fn no_allocation_per_frame() {
 
 fn backpressure(uring: bool) {
     let mem = GuestMemoryAtomic::new(
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap(),
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap(),
     );
     let m = mem.memory();
     let mut txd = Driver::new(0x2_0000);
