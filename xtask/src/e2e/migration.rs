@@ -21,11 +21,12 @@
 //! (`--queues 2` with both pairs in use, guest-announce disabled, so the card sends the RARP)
 //! goes once.
 //!
-//! The guest has one vCPU in both rounds. With two, QEMU 7.2 under TCG loses the NIC of a
-//! migrated guest whatever its vhost-user backend: after the move no interrupt reaches the
-//! driver (no announcement, traffic stops, sometimes a corrupted guest). Measured on this
-//! machine with vhost-card and with DPDK's vhost PMD (testpmd forwarding to its tap PMD) as the
-//! backend; QEMU's own tap backend migrates the same two-vCPU guest cleanly.
+//! The guest has one vCPU in both rounds. With two, QEMU 7.2 under TCG breaks a migrated guest
+//! whatever its vhost-user backend: on the destination the NIC goes silent (no announcement,
+//! traffic stops) or the guest's kernel finds its memory corrupted (list corruption, a smashed
+//! stack, a panic). Measured on this machine with vhost-card and with DPDK's vhost PMD
+//! (testpmd forwarding to its tap PMD) as the backend, both ways; QEMU's own tap backend
+//! migrates the same two-vCPU guest cleanly, twice, under the same load.
 
 use std::fs::File;
 use std::net::SocketAddrV4;
