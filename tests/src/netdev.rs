@@ -31,6 +31,9 @@ pub const F_HOST_TSO4: u64 = 1 << 11;
 pub const F_HOST_TSO6: u64 = 1 << 12;
 pub const F_HOST_UFO: u64 = 1 << 14;
 pub const F_MRG_RXBUF: u64 = 1 << 15;
+pub const F_GUEST_ANNOUNCE: u64 = 1 << 21;
+/// vhost's VHOST_F_LOG_ALL (live migration's dirty log).
+pub const F_LOG_ALL: u64 = 1 << 26;
 pub const F_INDIRECT_DESC: u64 = 1 << 28;
 pub const F_EVENT_IDX: u64 = 1 << 29;
 pub const F_VERSION_1: u64 = 1 << 32;

@@ -19,7 +19,7 @@ use anyhow::{ensure, Context, Result};
 use card_tests::card::*;
 use card_tests::fds::{memfd, pipe};
 use card_tests::frontend::{wanted_protocol, Control, FLAG_NEED_REPLY};
-use card_tests::netdev::{Options, VirtioNet, RX, TX};
+use card_tests::netdev::{Options, VirtioNet, F_LOG_ALL as LOG_ALL, RX, TX};
 use card_tests::packet::{pattern, udp_frame};
 use card_tests::vring::{GuestMem, GUEST_BASE};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -27,7 +27,6 @@ use vhost::vhost_user::VhostUserFrontend;
 use vhost::{VhostBackend, VhostUserDirtyLogRegion};
 use vm_memory::GuestAddress;
 
-const LOG_ALL: u64 = 1 << 26;
 const VRING_F_LOG: u32 = 1;
 const PAGE: u64 = 4096;
 const REQ_SET_LOG_BASE: u32 = 6;
