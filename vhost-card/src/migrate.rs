@@ -300,3 +300,111 @@ fn mem_end(regions: &[MemRegion]) -> u64 {
 fn covered(len: u64) -> u64 {
     len.saturating_mul(8 * crate::dirtylog::LOG_PAGE)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOG_SHMFD: u64 = 1 << 1;
+    const RARP: u64 = 1 << 2;
+
+    fn vring_addr(index: u32, flags: u32, used: u64, log: u64) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&index.to_le_bytes());
+        b.extend_from_slice(&flags.to_le_bytes());
+        for v in [0x1000_0000u64, used, 0x1000_2000, log] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b
+    }
+
+    fn table() -> Vec<MemRegion> {
+        vec![MemRegion {
+            guest_phys_addr: 0,
+            memory_size: 1 << 20,
+            userspace_addr: 0x1000_0000,
+            mmap_offset: 0,
+        }]
+    }
+
+    #[test]
+    fn used_ring_logging_needs_log_all() {
+        let mut m = Migration::new(2, 256, None);
+        m.mem_table(table());
+        let req = FrontendReq::SET_VRING_ADDR as u32;
+        let body = vring_addr(1, VRING_F_LOG, 0x1000_3000, 0x3000);
+        let neg = Negotiation::default();
+        assert!(matches!(
+            m.request(req, &body, &mut Vec::new(), neg, &[false, false]),
+            Some(Verdict::Refuse(_))
+        ));
+        let neg = Negotiation {
+            features: 1 << VHOST_F_LOG_ALL,
+            protocol: LOG_SHMFD,
+        };
+        assert_eq!(
+            m.request(req, &body, &mut Vec::new(), neg, &[false, false]),
+            Some(Verdict::Forward)
+        );
+    }
+
+    #[test]
+    fn a_running_ring_changing_only_its_logging_stays_with_the_gate() {
+        let mut m = Migration::new(2, 256, None);
+        m.mem_table(table());
+        let req = FrontendReq::SET_VRING_ADDR as u32;
+        let neg = Negotiation {
+            features: 1 << VHOST_F_LOG_ALL,
+            protocol: LOG_SHMFD,
+        };
+        let plain = vring_addr(0, 0, 0x1000_3000, 0);
+        let logged = vring_addr(0, VRING_F_LOG, 0x1000_3000, 0x3000);
+        let moved = vring_addr(0, VRING_F_LOG, 0x1000_5000, 0x5000);
+        let started = [true, false];
+        // First addresses of a ring, then the same with logging on a running ring.
+        assert_eq!(
+            m.request(req, &plain, &mut Vec::new(), neg, &[false, false]),
+            Some(Verdict::Forward)
+        );
+        assert_eq!(
+            m.request(req, &logged, &mut Vec::new(), neg, &started),
+            Some(Verdict::Answer(0))
+        );
+        // New addresses go to the crate, running or not.
+        assert_eq!(
+            m.request(req, &moved, &mut Vec::new(), neg, &started),
+            Some(Verdict::Forward)
+        );
+    }
+
+    #[test]
+    fn requests_of_features_not_negotiated_are_refused() {
+        let mut m = Migration::new(2, 256, None);
+        let neg = Negotiation::default();
+        let log_base = FrontendReq::SET_LOG_BASE as u32;
+        assert_eq!(
+            m.request(log_base, &[0; 16], &mut Vec::new(), neg, &[]),
+            Some(Verdict::Answer(1))
+        );
+        let rarp = FrontendReq::SEND_RARP as u32;
+        let mac = [0x52, 0x54, 0, 1, 2, 3, 0, 0];
+        assert_eq!(
+            m.request(rarp, &mac, &mut Vec::new(), neg, &[]),
+            Some(Verdict::Answer(1))
+        );
+        // Negotiated, but nobody to send it (the fuzz target's gate): refused, not a panic.
+        let neg = Negotiation {
+            features: 0,
+            protocol: RARP | LOG_SHMFD,
+        };
+        assert_eq!(
+            m.request(rarp, &mac, &mut Vec::new(), neg, &[]),
+            Some(Verdict::Answer(1))
+        );
+        // With LOG_SHMFD, a log base without its descriptor gets its own (refusing) reply.
+        assert_eq!(
+            m.request(log_base, &[0; 16], &mut Vec::new(), neg, &[]),
+            Some(Verdict::LogReply(false))
+        );
+    }
+}
