@@ -1,5 +1,6 @@
 //! Command line (clap) and the validated configuration it turns into.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -50,9 +51,13 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
-    /// Serve the counters in the Prometheus text format over HTTP on ADDR (e.g. 127.0.0.1:9101).
-    #[arg(long, value_name = "ADDR")]
-    pub metrics_listen: Option<String>,
+    /// Serve the counters and state to Prometheus over HTTP (`GET /metrics`) on ADDR: an IP
+    /// address with or without a port (default port 10046), e.g. `127.0.0.1:10046`, `[::1]`,
+    /// `0.0.0.0:9000`; the flag alone means 127.0.0.1:10046. Port 0 lets the kernel choose (the
+    /// daemon logs the address).
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1",
+          value_parser = parse_metrics_addr)]
+    pub metrics_listen: Option<SocketAddr>,
 
     /// Name of the tap device, created or attached to (up to 15 characters).
     #[arg(long, value_name = "NAME", default_value = "card0")]
@@ -132,11 +137,16 @@ pub enum Sandbox {
 pub enum Command {
     /// Print every feature bit with its number, its default and what it does.
     Features,
-    /// Print the counters of a running daemon as JSON, read from its --control socket.
+    /// Show a running daemon's state (frontend connected, MTU, queue pairs in use, features,
+    /// uptime) and counters per queue pair, read from its --control socket.
     Stats {
         /// The daemon's --control socket.
         #[arg(long, value_name = "PATH")]
         control: PathBuf,
+        /// Print the snapshot as one JSON object (schema: README, "vhost-card stats --json")
+        /// instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -152,6 +162,25 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
         return Err(format!("{n} is not a power of two between 64 and 32768"));
     }
     Ok(n as u16)
+}
+
+/// `IP:PORT`, `[IPv6]:PORT`, or an IP alone (the default metrics port).
+fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let ip = s
+        .strip_prefix('[')
+        .and_then(|v| v.strip_suffix(']'))
+        .unwrap_or(s);
+    ip.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, crate::metrics::DEFAULT_PORT))
+        .map_err(|_| {
+            format!(
+                "'{s}' is not an IP address with an optional port (e.g. 127.0.0.1:{}, [::1])",
+                crate::metrics::DEFAULT_PORT
+            )
+        })
 }
 
 #[derive(Debug, Error)]
@@ -180,7 +209,7 @@ pub enum Listen {
 pub struct Config {
     pub listen: Listen,
     pub control: Option<PathBuf>,
-    pub metrics_listen: Option<String>,
+    pub metrics_listen: Option<SocketAddr>,
     pub tap: String,
     pub netns: Option<String>,
     pub mtu: u16,

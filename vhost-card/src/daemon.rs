@@ -24,7 +24,7 @@ use crate::config::{Config, Listen, Sandbox, TAP_MAX_MTU};
 use crate::features::Negotiated;
 use crate::gate::{Gate, GateConfig};
 use crate::sandbox::{self, SandboxError};
-use crate::stats::Stats;
+use crate::stats::{DeviceInfo, Stats};
 use crate::tap::{Tap, TapConfig, TapError, TUN_F_CSUM, TUN_F_USO4, TUN_F_USO6};
 
 #[derive(Debug, Error)]
@@ -247,7 +247,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         }
         None => None,
     };
-    let metrics = match &cfg.metrics_listen {
+    let metrics = match cfg.metrics_listen {
         Some(a) => Some(
             crate::control::bind_metrics(a).map_err(|source| DaemonError::Io {
                 what: "metrics listener",
@@ -256,6 +256,12 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         ),
         None => None,
     };
+    // The process figures for the metrics, opened while opening files is still allowed.
+    let proc_self = metrics.as_ref().and_then(|_| {
+        crate::procstat::ProcSelf::open()
+            .map_err(|e| warn!("no process metrics: /proc/self: {e}"))
+            .ok()
+    });
 
     // io_uring instances for batched tap writes, while io_uring_setup is still allowed.
     crate::datapath::preopen_tx_rings(cfg.queues);
@@ -281,13 +287,21 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 source,
             })?;
     }
-    let stats = Arc::new(Stats::new(cfg.queues));
+    let stats = Arc::new(Stats::new(
+        cfg.queues,
+        DeviceInfo {
+            mtu: cfg.mtu,
+            // As the backend offers it (`CardBackend::features`), so acked is a subset.
+            offered: cfg.features | 1 << crate::features::VHOST_USER_F_PROTOCOL_FEATURES,
+        },
+    ));
     let io_err = |what: &'static str| move |source| DaemonError::Io { what, source };
     if let Some(l) = control {
         crate::control::serve_control(l, stats.clone()).map_err(io_err("control socket"))?;
     }
     if let Some(l) = metrics {
-        crate::control::serve_metrics(l, stats.clone()).map_err(io_err("metrics listener"))?;
+        let exporter = crate::metrics::Exporter::new(stats.clone(), proc_self);
+        crate::control::serve_metrics(l, exporter).map_err(io_err("metrics listener"))?;
     }
     let backend = Arc::new(
         CardBackend::new(
@@ -491,11 +505,13 @@ fn serve(
             continue;
         }
         info!("frontend connected");
+        backend.stats().set_connected(true);
         match serve_one(stream, backend, private, gate_cfg, stop) {
             Ok(()) => info!("frontend disconnected; listening again"),
             Err(e) => error!("frontend session ended with an error: {e}; listening again"),
         }
         backend.reset_connection();
+        backend.stats().set_connected(false);
         for line in backend.stats().report().lines() {
             info!("stats {line}");
         }

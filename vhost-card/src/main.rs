@@ -12,9 +12,19 @@ fn main() {
             print!("{}", features::table());
             return;
         }
-        Some(Command::Stats { control }) => match control::query(control) {
-            Ok(json) => {
-                print!("{json}");
+        Some(Command::Stats { control, json }) => match control::query_snapshot(control) {
+            Ok(snap) => {
+                if *json {
+                    match serde_json::to_string_pretty(&snap) {
+                        Ok(text) => println!("{text}"),
+                        Err(e) => {
+                            eprintln!("vhost-card: error: {e}");
+                            std::process::exit(1);
+                        }
+                    }
+                } else {
+                    print!("{}", snap.table());
+                }
                 return;
             }
             Err(e) => {

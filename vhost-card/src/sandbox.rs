@@ -130,6 +130,10 @@ pub fn filter() -> Result<BpfProgram, SandboxError> {
         libc::SYS_sendmsg,
         libc::SYS_close,
         libc::SYS_shutdown,
+        // The process metrics: /proc/self/stat and /proc/self/fd, opened before the sandbox,
+        // read again at each scrape (procstat.rs).
+        libc::SYS_pread64,
+        libc::SYS_getdents64,
         libc::SYS_fcntl,
         libc::SYS_lseek,
         libc::SYS_poll,
