@@ -3,10 +3,17 @@ use vhost_card::config::{capabilities_json, Args, Command, Config};
 use vhost_card::{control, daemon, features};
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .init();
     let args = Args::parse();
+    // --log-level, else RUST_LOG, else info.
+    let mut log = match args.log_level {
+        Some(level) => {
+            let mut b = env_logger::Builder::new();
+            b.filter_level(level.into());
+            b
+        }
+        None => env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")),
+    };
+    log.format_timestamp_millis().init();
     match &args.command {
         Some(Command::Features) => {
             print!("{}", features::table());
