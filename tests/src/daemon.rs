@@ -332,6 +332,22 @@ impl Drop for Daemon {
     }
 }
 
+/// `vhost-card stats --control PATH <extra>`: what it prints.
+pub fn stats_cmd(control: &Path, extra: &[&str]) -> Result<String> {
+    let out = Command::new(binary()?)
+        .arg("stats")
+        .arg("--control")
+        .arg(control)
+        .args(extra)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "vhost-card stats failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
 /// Runs the daemon with `args` (no defaults added) and expects it to exit by itself within
 /// `timeout`; returns its status and stderr. A daemon still running is killed and reported.
 pub fn run_to_exit(args: &[&str], timeout: Duration) -> Result<(ExitStatus, String)> {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use card_tests::card::*;
-use card_tests::daemon::binary;
+use card_tests::daemon::stats_cmd;
 use card_tests::netdev::TxLayout;
 use card_tests::packet::{pattern, udp_frame, VnetHdr};
 use card_tests::TempDir;
@@ -110,20 +110,6 @@ fn metrics_addr(log: &str) -> Result<String> {
         .find_map(|l| l.split_once("metrics on http://")?.1.split('/').next())
         .map(String::from)
         .ok_or_else(|| anyhow!("the daemon logged no metrics address:\n{log}"))
-}
-
-/// `vhost-card stats --control PATH [extra]`: its stdout.
-fn stats_cmd(control: &str, extra: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(binary()?)
-        .args(["stats", "--control", control])
-        .args(extra)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "vhost-card stats failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
 }
 
 /// A card with a control socket and a metrics endpoint on a kernel-chosen port.
@@ -219,7 +205,7 @@ fn every_series_is_exported_at_zero_before_a_frontend_connects() -> Result<()> {
     let snap = read_control(&control)?;
     ensure!(!snap.state.connected && snap.state.features.acked.is_none());
     ensure!(snap.state.queue_pairs == 2 && snap.pairs.len() == 2);
-    let table = stats_cmd(&control.to_string_lossy(), &[])?;
+    let table = stats_cmd(&control, &[])?;
     eprintln!("vhost-card stats (no frontend yet):\n{table}");
     ensure!(
         table.contains("not connected (0 sessions so far)"),
@@ -345,8 +331,8 @@ fn counters_and_state_follow_the_traffic() -> Result<()> {
     // labelled series.
     let json = read_control(&control)?;
     let prom = scrape(&metrics)?;
-    let table = stats_cmd(&control_s, &[])?;
-    let cli_json = Snapshot::parse(&stats_cmd(&control_s, &["--json"])?)?;
+    let table = stats_cmd(&control, &[])?;
+    let cli_json = Snapshot::parse(&stats_cmd(&control, &["--json"])?)?;
     eprintln!("vhost-card stats --control {control_s}:\n{table}");
     eprintln!(
         "GET http://{metrics}/metrics (frames, bytes, drops, state):\n{}",

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use card_tests::card::{mac_str, CARD_IP, HOST_IP, HOST_MAC, TAP};
-use card_tests::daemon::binary;
+use card_tests::daemon::{binary, stats_cmd};
 use card_tests::frontend::{Control, F_PROTOCOL_FEATURES};
 use card_tests::netdev::{Options, TxLayout, VirtioNet, F_MTU};
 use card_tests::netns::Netns;
@@ -159,16 +159,7 @@ fn stat(snap: &Snapshot, name: &str) -> Result<u64> {
 
 /// `vhost-card stats --json --control PATH`.
 fn stats(control: &Path) -> Result<Snapshot> {
-    let out = Command::new(binary()?)
-        .args(["stats", "--json", "--control"])
-        .arg(control)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "vhost-card stats failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(Snapshot::parse(&String::from_utf8(out.stdout)?)?)
+    Ok(Snapshot::parse(&stats_cmd(control, &["--json"])?)?)
 }
 
 #[test]
