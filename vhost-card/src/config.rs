@@ -23,7 +23,8 @@ pub const TAP_MAX_MTU: u16 = 65521;
                   Frames go to and from a tap device (with virtio-net headers) in the card's \
                   network namespace, where the card's Linux stack owns its own addresses.\n\n\
                   The daemon listens again after the VMM disconnects and keeps the tap. \
-                  SIGINT/SIGTERM stop it and remove the socket.",
+                  SIGINT/SIGTERM stop it and remove the socket; SIGHUP is logged and ignored \
+                  (the log goes to stderr: nothing to reopen).",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
@@ -76,7 +77,9 @@ pub struct Args {
           value_parser = parse_metrics_addr)]
     pub metrics_listen: Option<SocketAddr>,
 
-    /// Name of the tap device, created or attached to (up to 15 characters).
+    /// Name of the tap device, created or attached to (up to 15 characters). Of an existing tap
+    /// only what differs (MTU, MAC, up) is changed, so a tap made beforehand for this user, with
+    /// the MTU and up, needs no privileges.
     #[arg(long, value_name = "NAME", default_value = "card0")]
     pub tap: String,
 
@@ -183,8 +186,7 @@ pub enum Command {
         /// The daemon's --control socket.
         #[arg(long, value_name = "PATH")]
         control: PathBuf,
-        /// Print the snapshot as one JSON object (schema: README, "vhost-card stats --json")
-        /// instead of a table.
+        /// Print the snapshot as one JSON object (schema: README, "Metrics") instead of a table.
         #[arg(long)]
         json: bool,
     },

@@ -681,10 +681,23 @@ fn scenario(opts: &Options, log_dir: &Path, t0: Instant) -> Result<()> {
         control.display()
     );
     print!("{}", during.stats.table());
-    println!("---- GET http://{metrics}/metrics (after), frame and byte counters ----");
-    for line in after.prom_text.lines().filter(|l| {
-        l.starts_with("vhost_card_frames_total") || l.starts_with("vhost_card_bytes_total")
-    }) {
+    println!("---- GET http://{metrics}/metrics (after): traffic, drops, state, process ----");
+    let shown = [
+        "vhost_card_frames_total",
+        "vhost_card_bytes_total",
+        "vhost_card_dropped_frames_total",
+        "vhost_card_rx_checksums_total",
+        "vhost_card_frontend_",
+        "vhost_card_queue_pairs",
+        "vhost_card_mtu_bytes",
+        "vhost_card_info",
+        "process_",
+    ];
+    for line in after
+        .prom_text
+        .lines()
+        .filter(|l| shown.iter().any(|p| l.starts_with(p)))
+    {
         println!("{line}");
     }
     println!("logs        {}", log_dir.display());
@@ -737,6 +750,9 @@ fn start_daemon(
         control.display().to_string(),
         "--metrics-listen".into(),
         "127.0.0.1:0".into(),
+        // libvirt's QEMU runs as libvirt-qemu in group kvm.
+        "--socket-group".into(),
+        SOCKET_GROUP.into(),
     ];
     println!("$ vhost-card {} &", args.join(" "));
     let mut cmd = Command::new(binary);
@@ -760,10 +776,6 @@ fn start_daemon(
             Ok((socket.exists() && control.exists() && ns.has_link(TAP)).then_some(()))
         },
     )?;
-    let sock = socket.display().to_string();
-    println!("$ chgrp {SOCKET_GROUP} {sock} && chmod 0660 {sock}");
-    crate::process::run(Command::new("chgrp").args([SOCKET_GROUP, &sock]))?;
-    crate::process::run(Command::new("chmod").args(["0660", &sock]))?;
     Ok(daemon)
 }
 
