@@ -136,6 +136,18 @@ fn errors_are_printed_once_with_the_systems_words() -> Result<()> {
         has_link(&ns, TAP)?,
         "the daemon deleted a tap it did not create"
     );
+
+    // A single-queue tap another daemon serves.
+    let first = Daemon::start(ns.name(), &[])?;
+    let e = one_error(&[&["--socket", &sock], &base[..]].concat(), 1)?;
+    ensure!(
+        e.ends_with(
+            "tap 'card0' is held by another process (a single-queue tap takes one reader: \
+             is another vhost-card or a QEMU using it?)"
+        ),
+        "{e}"
+    );
+    drop(first);
     Ok(())
 }
 
