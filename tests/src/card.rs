@@ -49,10 +49,22 @@ impl Card {
     /// Starts the daemon with `extra` flags in a fresh namespace and gives card0 its address and
     /// a permanent neighbour entry for the host, so no ARP is needed.
     pub fn start(extra: &[&str]) -> Result<Card> {
+        let ns = Card::namespace()?;
+        let daemon = Daemon::start(ns.name(), extra)?;
+        Card::around(ns, daemon)
+    }
+
+    /// A fresh, quiet namespace for a card whose daemon the caller starts.
+    pub fn namespace() -> Result<Netns> {
         require_root()?;
         let ns = Netns::new("c")?;
         quiet_namespace(&ns)?;
-        let daemon = Daemon::start(ns.name(), extra)?;
+        Ok(ns)
+    }
+
+    /// The card around a daemon serving card0 in `ns`: card0's address and a permanent
+    /// neighbour entry for the host, so no ARP is needed.
+    pub fn around(ns: Netns, daemon: Daemon) -> Result<Card> {
         ns.ip(&["addr", "add", &format!("{CARD_IP}/24"), "dev", TAP])?;
         ns.ip(&[
             "neigh",

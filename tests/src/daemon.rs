@@ -107,14 +107,38 @@ impl Daemon {
     /// Starts `vhost-card --socket <tmp>/s.sock --netns <ns> --tap card0 --stats-interval 1
     /// <extra>` and waits until it listens (its tap exists by then).
     pub fn start(netns: &str, extra: &[&str]) -> Result<Daemon> {
+        Self::start_via(&[], Some(netns), extra)
+    }
+
+    /// Like [`Daemon::start`], through `wrapper` (a program and its arguments that ends by
+    /// running the rest of its command line, e.g. `ip netns exec NS setpriv --reuid U ...`),
+    /// without `--netns` when `netns` is `None`. With a wrapper the daemon may run as another
+    /// user: its directory is open to all and it runs a copy of the binary in it.
+    pub fn start_via(wrapper: &[&str], netns: Option<&str>, extra: &[&str]) -> Result<Daemon> {
         let dir = TempDir::new()?;
         let socket = dir.path().join("s.sock");
         let log = dir.path().join("daemon.log");
         let stderr = File::create(&log)?;
-        let child = Command::new(binary()?)
-            .arg("--socket")
-            .arg(&socket)
-            .args(["--netns", netns, "--tap", "card0", "--stats-interval", "1"])
+        let mut bin = binary()?;
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(&bin),
+            Some((program, args)) => {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))?;
+                let copy = dir.path().join("vhost-card");
+                std::fs::copy(&bin, &copy)?;
+                bin = copy;
+                let mut c = Command::new(program);
+                c.args(args).arg(&bin);
+                c
+            }
+        };
+        cmd.arg("--socket").arg(&socket);
+        if let Some(ns) = netns {
+            cmd.args(["--netns", ns]);
+        }
+        let child = cmd
+            .args(["--tap", "card0", "--stats-interval", "1"])
             .args(extra)
             .env(
                 "RUST_LOG",
@@ -125,7 +149,7 @@ impl Daemon {
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
-            .context("spawning vhost-card")?;
+            .with_context(|| format!("spawning {}", bin.display()))?;
         let mut d = Daemon {
             child: Some(child),
             log,
@@ -306,6 +330,22 @@ impl Drop for Daemon {
             self.log()
         );
     }
+}
+
+/// `vhost-card stats --control PATH <extra>`: what it prints.
+pub fn stats_cmd(control: &Path, extra: &[&str]) -> Result<String> {
+    let out = Command::new(binary()?)
+        .arg("stats")
+        .arg("--control")
+        .arg(control)
+        .args(extra)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "vhost-card stats failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
 }
 
 /// Runs the daemon with `args` (no defaults added) and expects it to exit by itself within

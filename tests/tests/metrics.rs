@@ -1,62 +1,94 @@
-//! Counters while the daemon runs: the JSON on `--control PATH` (also through
-//! `vhost-card stats --control PATH`) and the Prometheus text on `--metrics-listen ADDR`
-//! (bound to 127.0.0.1, port chosen by the kernel and read from the daemon's log). A thread
-//! scrapes both endpoints continuously while the driver sends and receives frames; the
-//! counters must move during the traffic, never go backwards, and end at what was sent.
+//! Counters and state while the daemon runs: the JSON on `--control PATH` (and `vhost-card stats
+//! [--json]`) and the Prometheus exposition on `--metrics-listen ADDR` (bound to 127.0.0.1, port
+//! chosen by the kernel and read from the daemon's log).
+//!
+//! - Before any frontend: every series of every counter family, for every queue pair, is there
+//!   at 0 (each drop `reason`), the state says not connected, the process metrics are there.
+//! - With traffic: a thread scrapes both endpoints while the driver sends and receives frames;
+//!   the counters move, never go backwards, and end at what was sent, with the same values in
+//!   the JSON, the table, and the labelled series; a runt frame shows up as
+//!   `reason="runt"`; the state follows the frontend (connected, acked features, pairs in use).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddrV4, TcpStream};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use card_tests::card::*;
-use card_tests::daemon::binary;
+use card_tests::daemon::stats_cmd;
 use card_tests::netdev::TxLayout;
 use card_tests::packet::{pattern, udp_frame, VnetHdr};
 use card_tests::TempDir;
+use vhost_card::stats::{Snapshot, COUNTERS};
 
-/// Counter `name` of queue pair 0 in the control socket's JSON.
-fn json_counter(json: &str, name: &str) -> Result<u64> {
-    let key = format!("\"{name}\":");
-    let at = json
-        .find(&key)
-        .ok_or_else(|| anyhow!("no {name} in {json}"))?
-        + key.len();
-    let digits: String = json[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    Ok(digits.parse()?)
+/// The drop reasons by direction, spelled out so a renamed or lost reason fails here.
+const REASONS: &[(&str, &[&str])] = &[
+    (
+        "tx",
+        &[
+            "bad_chain",
+            "short_header",
+            "bad_vnet_hdr",
+            "runt",
+            "oversize",
+            "tap_error",
+        ],
+    ),
+    (
+        "rx",
+        &["bad_chain", "truncated", "gso", "runt", "disconnect"],
+    ),
+];
+
+fn read_control(path: &Path) -> Result<Snapshot> {
+    Ok(vhost_card::control::query_snapshot(path)?)
 }
 
-/// Sample of `vhost_card_<name>_total{queue_pair="0"}` in the Prometheus text.
-fn prom_counter(text: &str, name: &str) -> Result<u64> {
-    let prefix = format!("vhost_card_{name}_total{{queue_pair=\"0\"}} ");
+/// Counter `name` of queue pair `pair` in a snapshot.
+fn json_counter(snap: &Snapshot, pair: usize, name: &str) -> Result<u64> {
+    snap.pairs
+        .get(pair)
+        .and_then(|p| p.counters.get(name))
+        .ok_or_else(|| anyhow!("no {name} for pair {pair} in {snap:?}"))
+}
+
+/// The series of flat counter `name` of queue pair `pair`, as Prometheus names it:
+/// `vhost_card_<family>_total{queue="<pair>",<labels>}`.
+fn series(name: &str, pair: usize) -> Result<String> {
+    let c = COUNTERS
+        .iter()
+        .find(|c| c.name == name)
+        .ok_or_else(|| anyhow!("no counter {name}"))?;
+    let mut labels = format!("queue=\"{pair}\"");
+    for (k, v) in c.labels {
+        labels.push_str(&format!(",{k}=\"{v}\""));
+    }
+    Ok(format!("vhost_card_{}_total{{{labels}}}", c.family))
+}
+
+/// The value of the sample `series` (name and labels, exactly) in an exposition.
+fn sample(text: &str, series: &str) -> Result<f64> {
     text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .ok_or_else(|| anyhow!("no {prefix} in the scrape"))?
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .ok_or_else(|| anyhow!("no `{series}` in the scrape:\n{text}"))?
         .trim()
         .parse()
-        .context("sample value")
+        .with_context(|| format!("value of {series}"))
 }
 
-fn read_control(path: &Path) -> Result<String> {
-    let mut s = UnixStream::connect(path)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    Ok(text)
+fn prom_counter(text: &str, name: &str, pair: usize) -> Result<u64> {
+    Ok(sample(text, &series(name, pair)?)? as u64)
 }
 
-/// GET `path` over HTTP/1.0: (status line, headers, body).
-fn http_get(addr: &str, path: &str) -> Result<(String, String, String)> {
+/// GET `path` over HTTP/1.0 with an optional Accept header: (status line, headers, body).
+fn http_get(addr: &str, path: &str, accept: Option<&str>) -> Result<(String, String, String)> {
     let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{accept}\r\n")?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let (head, body) = text
@@ -64,6 +96,12 @@ fn http_get(addr: &str, path: &str) -> Result<(String, String, String)> {
         .ok_or_else(|| anyhow!("no header/body separator in {text:?}"))?;
     let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
     Ok((status.to_string(), headers.to_lowercase(), body.to_string()))
+}
+
+fn scrape(addr: &str) -> Result<String> {
+    let (status, _, body) = http_get(addr, "/metrics", None)?;
+    ensure!(status.contains(" 200"), "GET /metrics: {status}");
+    Ok(body)
 }
 
 /// The address the daemon's metrics endpoint bound, from its log.
@@ -74,6 +112,110 @@ fn metrics_addr(log: &str) -> Result<String> {
         .ok_or_else(|| anyhow!("the daemon logged no metrics address:\n{log}"))
 }
 
+/// A card with a control socket and a metrics endpoint on a kernel-chosen port.
+fn start(dir: &TempDir, extra: &[&str]) -> Result<(Card, PathBuf, String)> {
+    let control = dir.path().join("card.control");
+    let control_s = control.to_string_lossy().into_owned();
+    let mut args = vec!["--control", &control_s, "--metrics-listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let card = Card::start(&args)?;
+    let metrics = metrics_addr(&card.daemon.log())?;
+    ensure!(
+        metrics.starts_with("127.0.0.1:"),
+        "metrics bound to {metrics}"
+    );
+    Ok((card, control, metrics))
+}
+
+#[test]
+fn every_series_is_exported_at_zero_before_a_frontend_connects() -> Result<()> {
+    let dir = TempDir::new()?;
+    let (card, control, metrics) = start(&dir, &["--queues", "2"])?;
+
+    let (status, headers, prom) = http_get(&metrics, "/metrics", None)?;
+    ensure!(status.contains(" 200"), "GET /metrics: {status}");
+    ensure!(
+        headers.contains("content-type: text/plain; version=0.0.4"),
+        "Prometheus content type missing: {headers}"
+    );
+    for pair in 0..2 {
+        for c in COUNTERS {
+            ensure!(
+                prom_counter(&prom, c.name, pair)? == 0,
+                "{} of pair {pair} not 0",
+                c.name
+            );
+        }
+        for (direction, reasons) in REASONS {
+            for reason in *reasons {
+                let s = format!(
+                    "vhost_card_dropped_frames_total{{queue=\"{pair}\",direction=\"{direction}\",\
+                     reason=\"{reason}\"}}"
+                );
+                ensure!(sample(&prom, &s)? == 0.0, "{s} not 0");
+            }
+        }
+    }
+    ensure!(prom.contains("# TYPE vhost_card_dropped_frames_total counter"));
+    // One counter for the drop reasons, not a metric name per reason.
+    ensure!(
+        !prom.contains("vhost_card_tx_drop_") && !prom.contains("queue_pair="),
+        "old metric names are back:\n{prom}"
+    );
+    for (s, v) in [
+        ("vhost_card_frontend_connected", 0.0),
+        ("vhost_card_frontend_sessions_total", 0.0),
+        ("vhost_card_queue_pairs", 2.0),
+        ("vhost_card_queue_pairs_in_use", 0.0),
+        ("vhost_card_queue_in_use{queue=\"1\"}", 0.0),
+        ("vhost_card_mtu_bytes", 65520.0),
+        ("vhost_card_guest_memory_faults_total", 0.0),
+    ] {
+        ensure!(sample(&prom, s)? == v, "{s} is not {v}");
+    }
+    let version = env!("CARGO_PKG_VERSION");
+    ensure!(
+        prom.lines().any(|l| l.starts_with(&format!(
+            "vhost_card_info{{version=\"{version}\",features_offered=\"csum,"
+        )) && l.ends_with(",features_acked=\"\"} 1")),
+        "no info metric:\n{prom}"
+    );
+    // The process, read from /proc under the sandbox.
+    let pid_start = std::fs::metadata(format!("/proc/{}", card.daemon.pid()?))?
+        .modified()?
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    let start_time = sample(&prom, "process_start_time_seconds")?;
+    ensure!(
+        (start_time - pid_start).abs() < 5.0,
+        "process_start_time_seconds {start_time}, /proc says {pid_start}"
+    );
+    ensure!(sample(&prom, "process_resident_memory_bytes")? > 1e6);
+    ensure!(sample(&prom, "process_threads")? >= 2.0);
+    let fds = sample(&prom, "process_open_fds")?;
+    let real = std::fs::read_dir(format!("/proc/{}/fd", card.daemon.pid()?))?.count() as f64;
+    ensure!(
+        (fds - real).abs() <= 2.0,
+        "process_open_fds {fds}, /proc has {real}"
+    );
+    ensure!(sample(&prom, "process_max_fds")? >= fds);
+    ensure!(sample(&prom, "process_cpu_seconds_total")? >= 0.0);
+
+    // The same state through the control socket.
+    let snap = read_control(&control)?;
+    ensure!(!snap.state.connected && snap.state.features.acked.is_none());
+    ensure!(snap.state.queue_pairs == 2 && snap.pairs.len() == 2);
+    let table = stats_cmd(&control, &[])?;
+    eprintln!("vhost-card stats (no frontend yet):\n{table}");
+    ensure!(
+        table.contains("not connected (0 sessions so far)"),
+        "{table}"
+    );
+    ensure!(table.contains("0 in use of 2"), "{table}");
+    ensure!(table.contains("none yet"), "{table}");
+    Ok(())
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     json_tx: u64,
@@ -82,47 +224,23 @@ struct Sample {
     prom_rx: u64,
 }
 
-fn sample(control: &Path, metrics: &str) -> Result<Sample> {
+fn take_sample(control: &Path, metrics: &str) -> Result<Sample> {
     let json = read_control(control)?;
-    let (status, _, prom) = http_get(metrics, "/metrics")?;
-    ensure!(status.contains(" 200"), "GET /metrics: {status}");
+    let prom = scrape(metrics)?;
     Ok(Sample {
-        json_tx: json_counter(&json, "tx_frames")?,
-        json_rx: json_counter(&json, "rx_frames")?,
-        prom_tx: prom_counter(&prom, "tx_frames")?,
-        prom_rx: prom_counter(&prom, "rx_frames")?,
+        json_tx: json_counter(&json, 0, "tx_frames")?,
+        json_rx: json_counter(&json, 0, "rx_frames")?,
+        prom_tx: prom_counter(&prom, "tx_frames", 0)?,
+        prom_rx: prom_counter(&prom, "rx_frames", 0)?,
     })
 }
 
 #[test]
-fn control_socket_and_prometheus_follow_the_traffic() -> Result<()> {
+fn counters_and_state_follow_the_traffic() -> Result<()> {
     let dir = TempDir::new()?;
-    let control: PathBuf = dir.path().join("card.control");
+    let (card, control, metrics) = start(&dir, &[])?;
     let control_s = control.to_string_lossy().into_owned();
-    let card = Card::start(&["--control", &control_s, "--metrics-listen", "127.0.0.1:0"])?;
-    let metrics = metrics_addr(&card.daemon.log())?;
-    ensure!(
-        metrics.starts_with("127.0.0.1:"),
-        "metrics bound to {metrics}"
-    );
-
-    // Before any traffic: every counter is on both endpoints, at zero.
-    let json = read_control(&control)?;
-    let (status, headers, prom) = http_get(&metrics, "/metrics")?;
-    ensure!(status.contains(" 200"), "GET /metrics: {status}");
-    ensure!(
-        headers.contains("content-type: text/plain; version=0.0.4"),
-        "Prometheus content type missing: {headers}"
-    );
-    for (name, _) in vhost_card::stats::HELP {
-        ensure!(json_counter(&json, name)? == 0, "{name} not 0 at start");
-        ensure!(prom_counter(&prom, name)? == 0, "{name} not 0 at start");
-        ensure!(
-            prom.contains(&format!("# TYPE vhost_card_{name}_total counter")),
-            "no TYPE line for {name}"
-        );
-    }
-    let (status, _, _) = http_get(&metrics, "/nothing-here")?;
+    let (status, _, _) = http_get(&metrics, "/nothing-here", None)?;
     ensure!(status.contains(" 404"), "GET /nothing-here: {status}");
 
     let mut dev = card.driver()?;
@@ -137,7 +255,7 @@ fn control_socket_and_prometheus_follow_the_traffic() -> Result<()> {
         std::thread::spawn(move || -> Result<Vec<Sample>> {
             let mut samples = Vec::new();
             while !stop.load(Ordering::SeqCst) {
-                samples.push(sample(&control, &metrics)?);
+                samples.push(take_sample(&control, &metrics)?);
                 std::thread::sleep(Duration::from_millis(10));
             }
             Ok(samples)
@@ -168,6 +286,10 @@ fn control_socket_and_prometheus_follow_the_traffic() -> Result<()> {
             dev.recv_matching(Duration::from_secs(5), |f| f.frame == frame)?;
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+    // Two runts (shorter than an Ethernet header): dropped, counted by reason.
+    for _ in 0..2 {
+        dev.send_wait(&VnetHdr::default(), &[0u8; 6], &TxLayout::Split)?;
     }
     stop.store(true, Ordering::SeqCst);
     let samples = scraper
@@ -205,36 +327,126 @@ fn control_socket_and_prometheus_follow_the_traffic() -> Result<()> {
         "rx counters did not move during the traffic"
     );
 
-    // The end state, identical on both endpoints and in `vhost-card stats`.
+    // The end state, identical in the JSON, `vhost-card stats --json`, the table and the
+    // labelled series.
     let json = read_control(&control)?;
-    let (_, _, prom) = http_get(&metrics, "/metrics")?;
-    let out = std::process::Command::new(binary()?)
-        .args(["stats", "--control", &control_s])
-        .output()?;
-    ensure!(out.status.success(), "vhost-card stats failed");
-    let stats = String::from_utf8(out.stdout)?;
-    eprintln!("vhost-card stats --control {control_s}:\n{stats}");
+    let prom = scrape(&metrics)?;
+    let table = stats_cmd(&control, &[])?;
+    let cli_json_text = stats_cmd(&control, &["--json"])?;
+    let cli_json = Snapshot::parse(&cli_json_text)?;
+    eprintln!("vhost-card stats --control {control_s}:\n{table}");
+    eprintln!("vhost-card stats --control {control_s} --json:\n{cli_json_text}");
     eprintln!(
-        "GET http://{metrics}/metrics (frames, bytes):\n{}",
+        "GET http://{metrics}/metrics (frames, bytes, drops, state):\n{}",
         prom.lines()
-            .filter(|l| !l.starts_with('#')
-                && (l.contains("_frames_total") || l.contains("_bytes_total")))
+            .filter(|l| l.starts_with("vhost_card_frames_total")
+                || l.starts_with("vhost_card_bytes_total")
+                || l.starts_with("vhost_card_dropped_frames_total{queue=\"0\",direction=\"tx\"")
+                || l.starts_with("vhost_card_frontend")
+                || l.starts_with("vhost_card_queue_pairs")
+                || l.starts_with("vhost_card_info"))
             .collect::<Vec<_>>()
             .join("\n")
     );
-    for name in ["tx_frames", "tx_bytes", "rx_frames", "rx_bytes", "tx_kicks"] {
-        let j = json_counter(&json, name)?;
+    for c in COUNTERS {
+        let j = json_counter(&json, 0, c.name)?;
+        let row = table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(c.name))
+            .ok_or_else(|| anyhow!("no row {} in\n{table}", c.name))?;
+        // Counters that move on their own (kicks, notifications) may differ between two reads;
+        // the rest must be equal everywhere.
+        if ["rx_kicks", "tx_kicks", "notifications", "rx_no_buffers"].contains(&c.name) {
+            continue;
+        }
         ensure!(
-            prom_counter(&prom, name)? == j && json_counter(&stats, name)? == j,
-            "{name} differs between the endpoints"
+            prom_counter(&prom, c.name, 0)? == j
+                && json_counter(&cli_json, 0, c.name)? == j
+                && row.split_whitespace().nth(1) == Some(&j.to_string()),
+            "{} differs: JSON {j}, scrape {}, table `{row}`",
+            c.name,
+            prom_counter(&prom, c.name, 0)?
         );
     }
-    ensure!(json_counter(&json, "tx_frames")? == total_tx, "{json}");
-    ensure!(json_counter(&json, "tx_bytes")? == tx_bytes, "{json}");
+    ensure!(json_counter(&json, 0, "tx_frames")? == total_tx, "{json:?}");
+    ensure!(json_counter(&json, 0, "tx_bytes")? == tx_bytes, "{json:?}");
     ensure!(
-        json_counter(&json, "rx_frames")? >= rounds * rx_per_round,
-        "{json}"
+        json_counter(&json, 0, "rx_frames")? >= rounds * rx_per_round,
+        "{json:?}"
     );
-    ensure!(json_counter(&json, "tx_kicks")? > 0, "{json}");
+    ensure!(json_counter(&json, 0, "tx_kicks")? > 0, "{json:?}");
+    ensure!(
+        sample(
+            &prom,
+            "vhost_card_dropped_frames_total{queue=\"0\",direction=\"tx\",reason=\"runt\"}"
+        )? == 2.0,
+        "the runts are not counted by reason"
+    );
+    ensure!(
+        sample(
+            &prom,
+            "vhost_card_dropped_frames_total{queue=\"0\",direction=\"tx\",reason=\"oversize\"}"
+        )? == 0.0
+    );
+
+    // The state while the frontend is connected.
+    ensure!(sample(&prom, "vhost_card_frontend_connected")? == 1.0);
+    ensure!(sample(&prom, "vhost_card_frontend_sessions_total")? == 1.0);
+    ensure!(sample(&prom, "vhost_card_queue_pairs_in_use")? == 1.0);
+    ensure!(sample(&prom, "vhost_card_queue_in_use{queue=\"0\"}")? == 1.0);
+    let acked = json
+        .state
+        .features
+        .acked
+        .as_ref()
+        .ok_or_else(|| anyhow!("no acked features while connected: {json:?}"))?;
+    ensure!(
+        acked.names.iter().any(|n| n == "version-1"),
+        "acked: {acked:?}"
+    );
+    let info = format!("features_acked=\"{}\"}} 1", acked.names.join(","));
+    ensure!(
+        prom.lines()
+            .any(|l| l.starts_with("vhost_card_info{") && l.ends_with(&info)),
+        "no `{info}` in the info metric:\n{prom}"
+    );
+    ensure!(
+        table.contains("connected (1 session so far)") && table.contains(&acked.bits),
+        "{table}"
+    );
+    ensure!(json.state.connected && json.state.pairs_in_use == 1 && json.pairs[0].in_use);
+
+    // OpenMetrics for a scraper that asks for it.
+    let (status, headers, om) = http_get(
+        &metrics,
+        "/metrics",
+        Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"),
+    )?;
+    ensure!(status.contains(" 200"));
+    ensure!(
+        headers.contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{headers}"
+    );
+    ensure!(om.ends_with("# EOF\n") && om.contains("# TYPE vhost_card_frames counter"));
+    ensure!(om.contains(&format!(
+        "vhost_card_frames_total{{queue=\"0\",direction=\"tx\"}} {total_tx}"
+    )));
+
+    // The frontend goes: the state says so, the counters stay.
+    drop(dev);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let prom = scrape(&metrics)?;
+        if sample(&prom, "vhost_card_frontend_connected")? == 0.0 {
+            ensure!(sample(&prom, "vhost_card_queue_pairs_in_use")? == 0.0);
+            ensure!(prom_counter(&prom, "tx_frames", 0)? == total_tx);
+            ensure!(prom.contains("features_acked=\"\"} 1"));
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("still connected after the frontend went:\n{prom}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     Ok(())
 }

@@ -15,12 +15,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use card_tests::card::{mac_str, CARD_IP, HOST_IP, HOST_MAC, TAP};
-use card_tests::daemon::binary;
+use card_tests::daemon::{binary, stats_cmd};
 use card_tests::frontend::{Control, F_PROTOCOL_FEATURES};
 use card_tests::netdev::{Options, TxLayout, VirtioNet, F_MTU};
 use card_tests::netns::Netns;
 use card_tests::packet::{pattern, udp_frame, VnetHdr};
 use card_tests::TempDir;
+use vhost_card::stats::Snapshot;
 
 fn unit_file(name: &str) -> Result<String> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -148,31 +149,17 @@ impl Drop for Activated {
     }
 }
 
-/// `vhost-card stats --control PATH`, counter `name` of queue pair 0.
-fn stat(json: &str, name: &str) -> Result<u64> {
-    let key = format!("\"{name}\":");
-    let at = json
-        .find(&key)
-        .ok_or_else(|| anyhow!("no {name} in {json}"))?
-        + key.len();
-    let digits: String = json[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    Ok(digits.parse()?)
+/// Counter `name` of queue pair 0 in `vhost-card stats --json`.
+fn stat(snap: &Snapshot, name: &str) -> Result<u64> {
+    snap.pairs
+        .first()
+        .and_then(|p| p.counters.get(name))
+        .ok_or_else(|| anyhow!("no {name} in {snap:?}"))
 }
 
-fn stats(control: &Path) -> Result<String> {
-    let out = Command::new(binary()?)
-        .args(["stats", "--control"])
-        .arg(control)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "vhost-card stats failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
+/// `vhost-card stats --json --control PATH`.
+fn stats(control: &Path) -> Result<Snapshot> {
+    Ok(Snapshot::parse(&stats_cmd(control, &["--json"])?)?)
 }
 
 #[test]
@@ -306,12 +293,13 @@ fn socket_activation_serves_the_inherited_socket() -> Result<()> {
     // The counters, through the control socket the unit names.
     let json = stats(&act.control)?;
     eprintln!(
-        "vhost-card stats --control {}: {json}",
-        act.control.display()
+        "vhost-card stats --control {}:\n{}",
+        act.control.display(),
+        json.table()
     );
-    ensure!(stat(&json, "tx_frames")? == sent, "tx_frames in {json}");
-    ensure!(stat(&json, "rx_frames")? >= 5, "rx_frames in {json}");
-    ensure!(stat(&json, "tx_drop_bad_vnet_hdr")? == 0, "{json}");
+    ensure!(stat(&json, "tx_frames")? == sent, "tx_frames in {json:?}");
+    ensure!(stat(&json, "rx_frames")? >= 5, "rx_frames in {json:?}");
+    ensure!(stat(&json, "tx_drop_bad_vnet_hdr")? == 0, "{json:?}");
 
     // A second session on the same inherited socket (QEMU reconnecting).
     drop(dev);

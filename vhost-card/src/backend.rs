@@ -142,6 +142,7 @@ impl CardBackend {
     /// Called by the gate with whether the frontend uses queue pair `pair`: the pair's tap
     /// queue follows (see `Tap::set_pair_enabled`).
     pub fn pair_enabled(&self, pair: usize, enabled: bool) {
+        self.stats.set_in_use(pair, enabled);
         self.tap.set_pair_enabled(pair, enabled);
     }
 
@@ -189,6 +190,7 @@ impl VhostUserBackend for CardBackend {
 
     fn acked_features(&self, word: u64) {
         let neg = Negotiated::from_word(word);
+        self.stats.set_acked(word);
         info!(
             "frontend acked features {:#x}: {}",
             word,

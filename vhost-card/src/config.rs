@@ -1,5 +1,6 @@
 //! Command line (clap) and the validated configuration it turns into.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -22,7 +23,8 @@ pub const TAP_MAX_MTU: u16 = 65521;
                   Frames go to and from a tap device (with virtio-net headers) in the card's \
                   network namespace, where the card's Linux stack owns its own addresses.\n\n\
                   The daemon listens again after the VMM disconnects and keeps the tap. \
-                  SIGINT/SIGTERM stop it and remove the socket.",
+                  SIGINT/SIGTERM stop it and remove the socket; SIGHUP is logged and ignored \
+                  (the log goes to stderr: nothing to reopen).",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
@@ -41,6 +43,23 @@ pub struct Args {
     #[arg(long, value_name = "N", conflicts_with = "socket")]
     pub fd: Option<i32>,
 
+    /// Group (name or gid) of the vhost-user socket, so that a VMM running as another user of
+    /// that group can connect (as virtiofsd's --socket-group); the socket's mode becomes 0660
+    /// unless --socket-mode says otherwise.
+    #[arg(long, value_name = "GROUP", conflicts_with = "fd")]
+    pub socket_group: Option<String>,
+
+    /// Permissions of the vhost-user socket, in octal (e.g. 0600, 0660); connecting needs write
+    /// permission. Default: from the umask (0660 with --socket-group).
+    #[arg(long, value_name = "MODE", value_parser = parse_mode, conflicts_with = "fd")]
+    pub socket_mode: Option<u32>,
+
+    /// Log level: error, warn, info, debug, trace or off. Without it the RUST_LOG environment
+    /// variable is read (env_logger syntax, e.g. `info,vhost_card::gate=debug`); without either,
+    /// info. The log goes to stderr.
+    #[arg(long, value_name = "LEVEL", value_enum)]
+    pub log_level: Option<LogLevel>,
+
     /// Print the vhost-user backend capabilities as JSON (QEMU's docs/interop/vhost-user.json)
     /// and exit.
     #[arg(long)]
@@ -50,11 +69,17 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
-    /// Serve the counters in the Prometheus text format over HTTP on ADDR (e.g. 127.0.0.1:9101).
-    #[arg(long, value_name = "ADDR")]
-    pub metrics_listen: Option<String>,
+    /// Serve the counters and state to Prometheus over HTTP (`GET /metrics`) on ADDR: an IP
+    /// address with or without a port (default port 10046), e.g. `127.0.0.1:10046`, `[::1]`,
+    /// `0.0.0.0:9000`; the flag alone means 127.0.0.1:10046. Port 0 lets the kernel choose (the
+    /// daemon logs the address).
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1",
+          value_parser = parse_metrics_addr)]
+    pub metrics_listen: Option<SocketAddr>,
 
-    /// Name of the tap device, created or attached to (up to 15 characters).
+    /// Name of the tap device, created or attached to (up to 15 characters). Of an existing tap
+    /// only what differs (MTU, MAC, up) is changed, so a tap made beforehand for this user, with
+    /// the MTU and up, needs no privileges.
     #[arg(long, value_name = "NAME", default_value = "card0")]
     pub tap: String,
 
@@ -123,6 +148,29 @@ pub struct Args {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+    Off,
+}
+
+impl From<LogLevel> for log::LevelFilter {
+    fn from(l: LogLevel) -> Self {
+        match l {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+            LogLevel::Off => log::LevelFilter::Off,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Sandbox {
     Seccomp,
     None,
@@ -132,11 +180,15 @@ pub enum Sandbox {
 pub enum Command {
     /// Print every feature bit with its number, its default and what it does.
     Features,
-    /// Print the counters of a running daemon as JSON, read from its --control socket.
+    /// Show a running daemon's state (frontend connected, MTU, queue pairs in use, features,
+    /// uptime) and counters per queue pair, read from its --control socket.
     Stats {
         /// The daemon's --control socket.
         #[arg(long, value_name = "PATH")]
         control: PathBuf,
+        /// Print the snapshot as one JSON object (schema: README, "Metrics") instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -154,6 +206,33 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
     Ok(n as u16)
 }
 
+/// File permissions in octal, at most 0777.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.strip_prefix("0o").unwrap_or(s), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("'{s}' is not a file mode in octal (e.g. 0660)"))
+}
+
+/// `IP:PORT`, `[IPv6]:PORT`, or an IP alone (the default metrics port).
+fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let ip = s
+        .strip_prefix('[')
+        .and_then(|v| v.strip_suffix(']'))
+        .unwrap_or(s);
+    ip.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, crate::metrics::DEFAULT_PORT))
+        .map_err(|_| {
+            format!(
+                "'{s}' is not an IP address with an optional port (e.g. 127.0.0.1:{}, [::1])",
+                crate::metrics::DEFAULT_PORT
+            )
+        })
+}
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error(transparent)]
@@ -164,6 +243,10 @@ pub enum ConfigError {
     BadFd(i32),
     #[error(transparent)]
     Features(#[from] FeatureError),
+    #[error(transparent)]
+    Tap(#[from] crate::tap::TapError),
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
 }
 
 /// Where the vhost-user socket comes from.
@@ -180,7 +263,10 @@ pub enum Listen {
 pub struct Config {
     pub listen: Listen,
     pub control: Option<PathBuf>,
-    pub metrics_listen: Option<String>,
+    pub metrics_listen: Option<SocketAddr>,
+    /// Group and mode of the vhost-user socket.
+    pub socket_group: Option<u32>,
+    pub socket_mode: Option<u32>,
     pub tap: String,
     pub netns: Option<String>,
     pub mtu: u16,
@@ -206,10 +292,22 @@ impl TryFrom<Args> for Config {
             (None, Some(fd)) => return Err(ConfigError::BadFd(fd)),
             _ => return Err(ConfigError::NoSocket),
         };
+        // What can be checked before anything is created.
+        crate::tap::check_name(&a.tap)?;
+        if let Some(n) = &a.netns {
+            if !crate::netns::path_of(n).exists() {
+                return Err(crate::netns::NetnsError::Missing(n.clone()).into());
+            }
+        }
         Ok(Config {
             listen,
             control: a.control,
             metrics_listen: a.metrics_listen,
+            socket_group: match &a.socket_group {
+                Some(g) => Some(crate::sandbox::lookup_group(g)?),
+                None => None,
+            },
+            socket_mode: a.socket_mode,
             tap: a.tap,
             netns: a.netns,
             mtu: a.mtu,
@@ -320,6 +418,67 @@ mod tests {
         let c = Config::try_from(parse(&["--fd", &fd]).unwrap()).unwrap();
         assert_eq!(c.listen, Listen::Fd(l.as_raw_fd()));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn metrics_addresses_socket_modes_and_log_levels() {
+        let m = |v: &[&str]| {
+            Config::try_from(parse(&[&["--socket", "s"], v].concat()).unwrap())
+                .unwrap()
+                .metrics_listen
+        };
+        let port = crate::metrics::DEFAULT_PORT;
+        assert_eq!(m(&[]), None);
+        assert_eq!(
+            m(&["--metrics-listen"]),
+            Some(([127, 0, 0, 1], port).into())
+        );
+        assert_eq!(
+            m(&["--metrics-listen", "0.0.0.0"]),
+            Some(([0, 0, 0, 0], port).into())
+        );
+        assert_eq!(
+            m(&["--metrics-listen=[::1]"]),
+            Some(format!("[::1]:{port}").parse().unwrap())
+        );
+        assert_eq!(
+            m(&["--metrics-listen", "127.0.0.1:0"]),
+            Some(([127, 0, 0, 1], 0).into())
+        );
+        assert!(parse(&["--socket", "s", "--metrics-listen", "localhost:x"]).is_err());
+
+        let a = parse(&[
+            "--socket",
+            "s",
+            "--socket-mode",
+            "0660",
+            "--socket-group",
+            "0",
+        ])
+        .unwrap();
+        let c = Config::try_from(a).unwrap();
+        assert_eq!((c.socket_mode, c.socket_group), (Some(0o660), Some(0)));
+        assert!(parse(&["--socket", "s", "--socket-mode", "0800"]).is_err());
+        assert!(parse(&["--socket", "s", "--socket-mode", "01777"]).is_err());
+        assert!(parse(&["--fd", "3", "--socket-mode", "0600"]).is_err());
+
+        let a = parse(&["--socket", "s", "--log-level", "debug"]).unwrap();
+        assert_eq!(
+            a.log_level.map(log::LevelFilter::from),
+            Some(log::LevelFilter::Debug)
+        );
+        assert!(parse(&["--socket", "s", "--log-level", "loud"]).is_err());
+    }
+
+    #[test]
+    fn what_can_be_checked_is_checked_before_the_daemon_runs() {
+        let a = parse(&["--socket", "s", "--tap", "bad/name"]).unwrap();
+        assert!(matches!(Config::try_from(a), Err(ConfigError::Tap(_))));
+        let a = parse(&["--socket", "s", "--netns", "no-such-namespace-here"]).unwrap();
+        let e = Config::try_from(a).unwrap_err().to_string();
+        assert!(e.contains("ip netns add no-such-namespace-here"), "{e}");
+        let a = parse(&["--socket", "s", "--socket-group", "no-such-group-here"]).unwrap();
+        assert!(Config::try_from(a).is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::fs::DirBuilder;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,7 +24,7 @@ use crate::config::{Config, Listen, Sandbox, TAP_MAX_MTU};
 use crate::features::Negotiated;
 use crate::gate::{Gate, GateConfig, Hooks};
 use crate::sandbox::{self, SandboxError};
-use crate::stats::Stats;
+use crate::stats::{DeviceInfo, Stats};
 use crate::tap::{Tap, TapConfig, TapError, TUN_F_CSUM, TUN_F_USO4, TUN_F_USO6};
 
 #[derive(Debug, Error)]
@@ -35,18 +35,25 @@ pub enum DaemonError {
     SocketInUse(PathBuf),
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
-    #[error("permission denied creating socket {0}")]
-    SocketPermission(PathBuf),
-    #[error("cannot listen on {path}: {source}")]
-    Listen { path: PathBuf, source: io::Error },
+    #[error("cannot listen on {path}: {cause}")]
+    Listen { path: PathBuf, cause: io::Error },
     #[error("{0} was requested but the card's kernel cannot hand USO frames to the host (needs Linux >= 6.2)")]
     UsoUnsupported(&'static str),
+    #[error("cannot create control socket {path}: {cause}")]
+    Control { path: PathBuf, cause: io::Error },
+    #[error("cannot listen for metrics on {addr}: {cause}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        cause: io::Error,
+    },
+    #[error("cannot give socket {path} its group or mode: {cause}")]
+    SocketAccess { path: PathBuf, cause: io::Error },
     #[error("cannot set up signal handling: {0}")]
     Signals(io::Error),
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause}")]
     Io {
         what: &'static str,
-        source: io::Error,
+        cause: io::Error,
     },
     #[error("vhost-user daemon: {0}")]
     Vhost(String),
@@ -54,6 +61,11 @@ pub enum DaemonError {
     Fatal(String),
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+}
+
+/// Maps a failed step to [`DaemonError::Io`]; the OS's words come once, after `what`.
+fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> DaemonError {
+    move |cause| DaemonError::Io { what, cause }
 }
 
 /// How often the daemon checks that its network namespace still has its name.
@@ -132,13 +144,32 @@ fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
         let _ = std::fs::remove_file(path);
     }
     UnixListener::bind(path).map_err(|e| match e.kind() {
-        io::ErrorKind::PermissionDenied => DaemonError::SocketPermission(path.to_path_buf()),
         io::ErrorKind::AddrInUse => DaemonError::SocketInUse(path.to_path_buf()),
         _ => DaemonError::Listen {
             path: path.to_path_buf(),
-            source: e,
+            cause: e,
         },
     })
+}
+
+/// Gives the vhost-user socket its `--socket-group` and `--socket-mode` (0660 with a group and
+/// no mode, so the group can connect).
+fn set_socket_access(
+    path: &Path,
+    group: Option<u32>,
+    mode: Option<u32>,
+) -> Result<(), DaemonError> {
+    let err = |cause| DaemonError::SocketAccess {
+        path: path.to_path_buf(),
+        cause,
+    };
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(err)?;
+    }
+    if let Some(mode) = mode.or(group.map(|_| 0o660)) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    }
+    Ok(())
 }
 
 /// A 0700 directory for the socket between the gate and the crate's handler.
@@ -190,22 +221,19 @@ impl Drop for Cleanup {
 /// `--user`/`--group`, the capability drop and the seccomp filter; only then threads start and
 /// frontends are served.
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
-    let stop = Arc::new(Stop::new().map_err(|source| DaemonError::Io {
-        what: "eventfd",
-        source,
-    })?);
+    log::debug!("{cfg:?}");
+    let stop = Arc::new(Stop::new().map_err(io_err("eventfd"))?);
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
     ])
     .map_err(DaemonError::Signals)?;
     // Guest memory files a frontend shrinks later must not end the daemon.
-    crate::memguard::install().map_err(|source| DaemonError::Io {
-        what: "SIGBUS handler",
-        source,
-    })?;
+    crate::memguard::install().map_err(io_err("SIGBUS handler"))?;
 
-    // 1. What needs privileges.
+    // 1. What needs privileges: the sockets first, the tap last, so that a start that fails
+    // leaves nothing behind (the files are removed, a tap the daemon created goes with it).
     let mut cleanup = Cleanup {
         paths: Vec::new(),
         dir: None,
@@ -214,12 +242,39 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         Listen::Path(p) => {
             let l = bind_socket(p)?;
             cleanup.paths.push(p.clone());
+            set_socket_access(p, cfg.socket_group, cfg.socket_mode)?;
             l
         }
         // SAFETY: the configuration checked that this descriptor is a listening Unix socket
         // handed to us by our parent; we take ownership of it.
         Listen::Fd(fd) => unsafe { UnixListener::from_raw_fd(*fd) },
     };
+    let control = match &cfg.control {
+        Some(p) => {
+            let l = crate::control::bind_control(p).map_err(|cause| DaemonError::Control {
+                path: p.clone(),
+                cause,
+            })?;
+            cleanup.paths.push(p.clone());
+            Some(l)
+        }
+        None => None,
+    };
+    let metrics = match cfg.metrics_listen {
+        Some(addr) => Some(
+            crate::control::bind_metrics(addr)
+                .map_err(|cause| DaemonError::Metrics { addr, cause })?,
+        ),
+        None => None,
+    };
+    // The process figures for the metrics, opened while opening files is still allowed.
+    let proc_self = metrics.as_ref().and_then(|_| {
+        crate::procstat::ProcSelf::open()
+            .map_err(|e| warn!("no process metrics: /proc/self: {e}"))
+            .ok()
+    });
+    let private = private_dir().map_err(io_err("creating a private directory"))?;
+    cleanup.dir = Some(private.clone());
     let tap = open_tap(&cfg)?;
     // The identity of the named namespace the tap lives in, watched while serving.
     let netns_watch = cfg
@@ -231,31 +286,6 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             let meta = std::fs::metadata(&path).ok()?;
             Some((n.to_string(), path, (meta.dev(), meta.ino())))
         });
-    let private = private_dir().map_err(|source| DaemonError::Io {
-        what: "creating a private directory",
-        source,
-    })?;
-    cleanup.dir = Some(private.clone());
-    let control = match &cfg.control {
-        Some(p) => {
-            let l = crate::control::bind_control(p).map_err(|source| DaemonError::Io {
-                what: "control socket",
-                source,
-            })?;
-            cleanup.paths.push(p.clone());
-            Some(l)
-        }
-        None => None,
-    };
-    let metrics = match &cfg.metrics_listen {
-        Some(a) => Some(
-            crate::control::bind_metrics(a).map_err(|source| DaemonError::Io {
-                what: "metrics listener",
-                source,
-            })?,
-        ),
-        None => None,
-    };
 
     // io_uring instances for batched tap writes, while io_uring_setup is still allowed.
     crate::datapath::preopen_tx_rings(cfg.queues);
@@ -271,23 +301,34 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
-                if let Some(sig) = signals.forever().next() {
+                for sig in signals.forever() {
+                    if sig == signal_hook::consts::SIGHUP {
+                        // The daemon writes its log to stderr (the journal, a pipe or a file
+                        // its caller opened): it has no file of its own to reopen.
+                        info!("SIGHUP: ignored (the log goes to stderr; nothing to reopen)");
+                        continue;
+                    }
                     info!("signal {sig}: stopping");
                     stop.request();
+                    break;
                 }
             })
-            .map_err(|source| DaemonError::Io {
-                what: "spawning the signal thread",
-                source,
-            })?;
+            .map_err(io_err("spawning the signal thread"))?;
     }
-    let stats = Arc::new(Stats::new(cfg.queues));
-    let io_err = |what: &'static str| move |source| DaemonError::Io { what, source };
+    let stats = Arc::new(Stats::new(
+        cfg.queues,
+        DeviceInfo {
+            mtu: cfg.mtu,
+            // As the backend offers it (`CardBackend::features`), so acked is a subset.
+            offered: cfg.features | 1 << crate::features::VHOST_USER_F_PROTOCOL_FEATURES,
+        },
+    ));
     if let Some(l) = control {
         crate::control::serve_control(l, stats.clone()).map_err(io_err("control socket"))?;
     }
     if let Some(l) = metrics {
-        crate::control::serve_metrics(l, stats.clone()).map_err(io_err("metrics listener"))?;
+        let exporter = crate::metrics::Exporter::new(stats.clone(), proc_self);
+        crate::control::serve_metrics(l, exporter).map_err(io_err("metrics listener"))?;
     }
     let backend = Arc::new(
         CardBackend::new(
@@ -356,6 +397,8 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 }
             });
     }
+    // Started: from now on a clean exit keeps the tap if asked to.
+    tap.keep_when_done(cfg.keep_tap);
     info!(
         "listening on {} (MTU {}, {} queue pair(s), features: {})",
         match &cfg.listen {
@@ -391,13 +434,18 @@ fn confine(cfg: &Config, owned: &[&Path]) -> Result<(), DaemonError> {
         sandbox::drop_bounding_set()?;
     }
     if let Some((uid, gid)) = cfg.identity {
+        let socket = match &cfg.listen {
+            Listen::Path(p) => Some(p.as_path()),
+            Listen::Fd(_) => None,
+        };
         for p in owned {
-            std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(|source| {
-                DaemonError::Io {
-                    what: "handing the daemon's files to --user",
-                    source,
-                }
-            })?;
+            // The vhost-user socket keeps its --socket-group.
+            let group = cfg
+                .socket_group
+                .filter(|_| socket == Some(*p))
+                .unwrap_or(gid);
+            std::os::unix::fs::chown(p, Some(uid), Some(group))
+                .map_err(io_err("handing the daemon's files to --user"))?;
         }
         sandbox::switch_identity(uid, gid)?;
         info!("running as uid {uid} gid {gid}");
@@ -422,7 +470,6 @@ fn open_tap(cfg: &Config) -> Result<Arc<Tap>, DaemonError> {
         mtu: tap_mtu,
         mac: cfg.mac,
         queues: cfg.queues,
-        keep: cfg.keep_tap,
     })?);
     let offered = Negotiated::from_word(cfg.features);
     for (on, name) in [
@@ -445,12 +492,7 @@ fn serve(
     gate_cfg: GateConfig,
     stop: &Stop,
 ) -> Result<(), DaemonError> {
-    listener
-        .set_nonblocking(true)
-        .map_err(|source| DaemonError::Io {
-            what: "listener",
-            source,
-        })?;
+    listener.set_nonblocking(true).map_err(io_err("listener"))?;
     while !stop.requested() {
         let mut fds = [
             libc::pollfd {
@@ -473,7 +515,7 @@ fn serve(
             }
             return Err(DaemonError::Io {
                 what: "poll",
-                source: e,
+                cause: e,
             });
         }
         if stop.requested() {
@@ -492,11 +534,13 @@ fn serve(
             continue;
         }
         info!("frontend connected");
+        backend.stats().set_connected(true);
         match serve_one(stream, backend, private, gate_cfg, stop) {
             Ok(()) => info!("frontend disconnected; listening again"),
             Err(e) => error!("frontend session ended with an error: {e}; listening again"),
         }
         backend.reset_connection();
+        backend.stats().set_connected(false);
         for line in backend.stats().report().lines() {
             info!("stats {line}");
         }
@@ -515,10 +559,7 @@ fn serve_one(
     let inner_path = private.join(HANDLER_SOCKET);
     let mut inner_listener = Listener::new(&inner_path, true)
         .map_err(|e| DaemonError::Vhost(format!("inner listener: {e}")))?;
-    let gate_side = UnixStream::connect(&inner_path).map_err(|source| DaemonError::Io {
-        what: "connecting the gate",
-        source,
-    })?;
+    let gate_side = UnixStream::connect(&inner_path).map_err(io_err("connecting the gate"))?;
     let mut daemon = VhostUserDaemon::new(
         "vhost-card".to_string(),
         backend.clone(),
@@ -529,10 +570,7 @@ fn serve_one(
         for (fd, ev, id) in backend.extra_listeners(i) {
             handler
                 .register_listener(fd, ev, id)
-                .map_err(|source| DaemonError::Io {
-                    what: "registering the tap with a worker",
-                    source,
-                })?;
+                .map_err(io_err("registering the tap with a worker"))?;
         }
     }
     daemon.start(&mut inner_listener).map_err(vhost)?;
@@ -544,10 +582,7 @@ fn serve_one(
         rarp: Box::new(move |mac| announce.send_rarp(mac)),
     };
     let gate =
-        Gate::start(frontend, gate_side, gate_cfg, hooks).map_err(|source| DaemonError::Io {
-            what: "starting the gate",
-            source,
-        })?;
+        Gate::start(frontend, gate_side, gate_cfg, hooks).map_err(io_err("starting the gate"))?;
     *stop.frontend.lock().unwrap_or_else(|p| p.into_inner()) = gate.frontend_handle().ok();
     if stop.requested() {
         gate.shutdown();
@@ -570,5 +605,62 @@ fn serve_one(
             Ok(())
         }
         Err(e) => Err(vhost(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every error that carries an OS error prints the OS's words once, also through anyhow's
+    /// `{:#}` (which follows `source()`), as `main` prints it.
+    #[test]
+    fn causes_are_printed_once() {
+        let os = || io::Error::from_raw_os_error(libc::ENOENT);
+        let errors: Vec<DaemonError> = vec![
+            DaemonError::Listen {
+                path: "/x/s.sock".into(),
+                cause: os(),
+            },
+            DaemonError::Io {
+                what: "poll",
+                cause: os(),
+            },
+            DaemonError::Control {
+                path: "/x/c".into(),
+                cause: os(),
+            },
+            DaemonError::Metrics {
+                addr: "127.0.0.1:1".parse().unwrap(),
+                cause: os(),
+            },
+            DaemonError::SocketAccess {
+                path: "/x/s.sock".into(),
+                cause: os(),
+            },
+            DaemonError::Tap(TapError::Io {
+                op: "TUNSETIFF",
+                name: "card0".into(),
+                cause: os(),
+            }),
+            DaemonError::Tap(TapError::Netns(crate::netns::NetnsError::Enter {
+                name: "card".into(),
+                cause: os(),
+            })),
+            DaemonError::Sandbox(SandboxError::Switch {
+                uid: 1,
+                gid: 1,
+                cause: os(),
+            }),
+        ];
+        for e in errors {
+            let text = format!("{:#}", anyhow::Error::from(e));
+            assert_eq!(
+                text.matches("No such file or directory (os error 2)")
+                    .count(),
+                1,
+                "{text}"
+            );
+        }
     }
 }

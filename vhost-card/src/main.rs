@@ -3,18 +3,35 @@ use vhost_card::config::{capabilities_json, Args, Command, Config};
 use vhost_card::{control, daemon, features};
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .init();
     let args = Args::parse();
+    // --log-level, else RUST_LOG, else info.
+    let mut log = match args.log_level {
+        Some(level) => {
+            let mut b = env_logger::Builder::new();
+            b.filter_level(level.into());
+            b
+        }
+        None => env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")),
+    };
+    log.format_timestamp_millis().init();
     match &args.command {
         Some(Command::Features) => {
             print!("{}", features::table());
             return;
         }
-        Some(Command::Stats { control }) => match control::query(control) {
-            Ok(json) => {
-                print!("{json}");
+        Some(Command::Stats { control, json }) => match control::query_snapshot(control) {
+            Ok(snap) => {
+                if *json {
+                    match serde_json::to_string_pretty(&snap) {
+                        Ok(text) => println!("{text}"),
+                        Err(e) => {
+                            eprintln!("vhost-card: error: {e}");
+                            std::process::exit(1);
+                        }
+                    }
+                } else {
+                    print!("{}", snap.table());
+                }
                 return;
             }
             Err(e) => {

@@ -19,8 +19,8 @@ pub enum NetnsError {
         "permission denied entering network namespace '{0}' (needs CAP_SYS_ADMIN, run as root)"
     )]
     Permission(String),
-    #[error("cannot enter network namespace '{name}': {source}")]
-    Enter { name: String, source: io::Error },
+    #[error("cannot enter network namespace '{name}': {cause}")]
+    Enter { name: String, cause: io::Error },
 }
 
 /// The file that names namespace `name`: `/run/netns/NAME` as made by `ip netns add`, or a path
@@ -46,7 +46,7 @@ pub fn run_in<T: Send, E: Send + From<NetnsError>>(
         io::ErrorKind::PermissionDenied => NetnsError::Permission(name.to_string()),
         _ => NetnsError::Enter {
             name: name.to_string(),
-            source: e,
+            cause: e,
         },
     })?;
     std::thread::scope(|s| {
@@ -60,7 +60,7 @@ pub fn run_in<T: Send, E: Send + From<NetnsError>>(
                     Some(libc::EPERM) => NetnsError::Permission(name.to_string()),
                     _ => NetnsError::Enter {
                         name: name.to_string(),
-                        source: e,
+                        cause: e,
                     },
                 }
                 .into());

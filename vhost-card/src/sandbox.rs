@@ -24,11 +24,11 @@ pub enum SandboxError {
     NoUser(String),
     #[error("unknown group '{0}'")]
     NoGroup(String),
-    #[error("cannot switch to uid {uid} gid {gid}: {source}")]
+    #[error("cannot switch to uid {uid} gid {gid}: {cause}")]
     Switch {
         uid: u32,
         gid: u32,
-        source: io::Error,
+        cause: io::Error,
     },
     #[error("cannot drop capabilities: {0}")]
     Caps(String),
@@ -70,7 +70,7 @@ pub fn lookup_group(name: &str) -> Result<u32, SandboxError> {
 /// Switches every thread to `uid`/`gid` with no supplementary groups. glibc applies set*id to
 /// all threads of the process.
 pub fn switch_identity(uid: u32, gid: u32) -> Result<(), SandboxError> {
-    let err = |source| SandboxError::Switch { uid, gid, source };
+    let err = |cause| SandboxError::Switch { uid, gid, cause };
     // SAFETY: plain system calls with scalar arguments or a valid one-element array.
     unsafe {
         if libc::setgroups(1, &gid) != 0 {
@@ -130,6 +130,10 @@ pub fn filter() -> Result<BpfProgram, SandboxError> {
         libc::SYS_sendmsg,
         libc::SYS_close,
         libc::SYS_shutdown,
+        // The process metrics: /proc/self/stat and /proc/self/fd, opened before the sandbox,
+        // read again at each scrape (procstat.rs).
+        libc::SYS_pread64,
+        libc::SYS_getdents64,
         libc::SYS_fcntl,
         libc::SYS_lseek,
         libc::SYS_poll,

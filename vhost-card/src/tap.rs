@@ -32,17 +32,61 @@ pub enum TapError {
     Netns(#[from] NetnsError),
     #[error("invalid tap name '{0}': 1 to 15 characters, no '/', ':' or whitespace")]
     BadName(String),
-    #[error("permission denied {0} (needs CAP_NET_ADMIN, run as root)")]
-    Permission(&'static str),
-    #[error("tap '{0}' is busy: another process holds it, or it exists with other flags (not a multi-queue vnet-header tap)")]
+    #[error(
+        "creating tap '{name}' needs CAP_NET_ADMIN: run as root, or have root create it once \
+         for this user: ip tuntap add {name} mode tap user {uid} vnet_hdr{mq}"
+    )]
+    CannotCreate {
+        name: String,
+        uid: u32,
+        mq: &'static str,
+    },
+    #[error(
+        "tap '{name}' belongs to another user (this process runs as uid {uid} without \
+         CAP_NET_ADMIN): run as its owner, or have root give it to this user: \
+         ip tuntap del {name} mode tap{mq}; ip tuntap add {name} mode tap user {uid} vnet_hdr{mq}"
+    )]
+    NotOwner {
+        name: String,
+        uid: u32,
+        mq: &'static str,
+    },
+    #[error("permission denied opening /dev/net/tun (its mode or a device cgroup forbids it)")]
+    TunPermission,
+    #[error(
+        "tap '{0}' is held by another process (a single-queue tap takes one reader: is another \
+         vhost-card or a QEMU using it?)"
+    )]
     Busy(String),
+    #[error(
+        "tap '{name}' is a multi-queue tap and --queues 1 opens a single-queue one: give \
+         --queues N (N >= 2), or delete it (ip link del {name}) so the daemon creates its own"
+    )]
+    MultiQueueTap { name: String },
+    #[error(
+        "tap '{name}' is a single-queue tap and --queues {queues} needs a multi-queue one: \
+         delete it (ip link del {name}) so the daemon creates its own, or create it with \
+         ip tuntap add {name} mode tap multi_queue vnet_hdr"
+    )]
+    SingleQueueTap { name: String, queues: usize },
+    #[error("'{0}' exists and is not a tap (a tun device or another kind of link): choose another --tap name")]
+    NotATap(String),
+    #[error(
+        "tap '{name}' is not as the card needs it and this process may not change it (no \
+         CAP_NET_ADMIN in its namespace): {differs}; fix it once as root: ip link set {name} {fix}"
+    )]
+    NotAsNeeded {
+        name: String,
+        differs: String,
+        fix: String,
+    },
     #[error("/dev/net/tun is missing (load the tun module: modprobe tun)")]
     NoTunDevice,
-    #[error("{op} on tap '{name}' failed: {source}")]
+    #[error("{op} on tap '{name}' failed: {cause}")]
     Io {
         op: &'static str,
         name: String,
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
@@ -54,8 +98,6 @@ pub struct TapConfig {
     pub mtu: u16,
     pub mac: Option<[u8; 6]>,
     pub queues: usize,
-    /// Keep a tap this daemon created when it exits cleanly.
-    pub keep: bool,
 }
 
 /// An open tap with one file descriptor per queue pair.
@@ -68,7 +110,9 @@ pub struct Tap {
     /// The vnet header length the tap reads and writes (`TUNSETVNETHDRSZ`).
     hdr_len: AtomicUsize,
     created: bool,
-    keep: bool,
+    /// Keep a tap this daemon created when it is dropped (set once the daemon serves: a start
+    /// that fails never leaves a tap behind).
+    keep: std::sync::atomic::AtomicBool,
 }
 
 fn ifreq_with_name(name: &str) -> libc::ifreq {
@@ -80,7 +124,8 @@ fn ifreq_with_name(name: &str) -> libc::ifreq {
     ifr
 }
 
-fn check_name(name: &str) -> Result<(), TapError> {
+/// Checks a tap name (`--tap`).
+pub fn check_name(name: &str) -> Result<(), TapError> {
     let ok = !name.is_empty()
         && name.len() < libc::IFNAMSIZ
         && !name
@@ -133,9 +178,184 @@ fn ifindex(ctl: RawFd, name: &str) -> Option<i32> {
     Some(unsafe { ifr.ifr_ifru.ifru_ifindex })
 }
 
+/// Maps a failed operation on tap `name` to [`TapError::Io`].
+fn io_err<'a>(op: &'static str, name: &'a str) -> impl FnOnce(io::Error) -> TapError + 'a {
+    move |cause| TapError::Io {
+        op,
+        name: name.to_string(),
+        cause,
+    }
+}
+
+/// Why a queue could not be attached.
+enum Attach {
+    Open(io::Error),
+    SetIff(io::Error),
+}
+
+/// Opens one queue of tap `name` (creating the tap if there is none): `/dev/net/tun` and
+/// `TUNSETIFF` with a vnet header, multi-queue or not.
+fn attach(name: &str, multi_queue: bool) -> Result<File, Attach> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/dev/net/tun")
+        .map_err(Attach::Open)?;
+    let mut ifr = ifreq_with_name(name);
+    let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+    if multi_queue {
+        flags |= libc::IFF_MULTI_QUEUE;
+    }
+    ifr.ifr_ifru.ifru_flags = flags as libc::c_short;
+    ifr_ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr).map_err(Attach::SetIff)?;
+    Ok(file)
+}
+
+/// The error for a `TUNSETIFF` that failed, with what to do about it. The kernel says EINVAL
+/// both for a link that is no tap and for a tap whose multi-queue flag differs: one attempt
+/// with the other flag (closed at once) tells which.
+fn why_not_attached(cfg: &TapConfig, existed: bool, e: io::Error) -> TapError {
+    let name = cfg.name.clone();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let mq = if cfg.queues > 1 { " multi_queue" } else { "" };
+    match e.raw_os_error() {
+        Some(libc::EBUSY) => TapError::Busy(name),
+        Some(libc::EPERM | libc::EACCES) if existed => TapError::NotOwner { name, uid, mq },
+        Some(libc::EPERM | libc::EACCES) => TapError::CannotCreate { name, uid, mq },
+        Some(libc::EINVAL) if existed => {
+            if !is_multi_queue_mismatch(&cfg.name, cfg.queues) {
+                TapError::NotATap(name)
+            } else if cfg.queues > 1 {
+                TapError::SingleQueueTap {
+                    name,
+                    queues: cfg.queues,
+                }
+            } else {
+                TapError::MultiQueueTap { name }
+            }
+        }
+        _ => TapError::Io {
+            op: "TUNSETIFF",
+            name,
+            cause: e,
+        },
+    }
+}
+
+/// Whether tap `name` takes the multi-queue flag opposite to what `queues` asks for: attaching
+/// with it works, or fails with something other than EINVAL (a single-queue tap another process
+/// holds says EBUSY).
+fn is_multi_queue_mismatch(name: &str, queues: usize) -> bool {
+    match attach(name, queues <= 1) {
+        Ok(_) => true,
+        Err(Attach::SetIff(e)) => e.raw_os_error() != Some(libc::EINVAL),
+        Err(Attach::Open(_)) => false,
+    }
+}
+
+/// The link's MTU, flags and MAC address.
+fn link_state(ctl: RawFd, name: &str) -> io::Result<(i32, libc::c_short, [u8; 6])> {
+    let mut ifr = ifreq_with_name(name);
+    ifr_ioctl(ctl, libc::SIOCGIFMTU, &mut ifr)?;
+    // SAFETY: SIOCGIFMTU filled the mtu member of the union.
+    let mtu = unsafe { ifr.ifr_ifru.ifru_mtu };
+    let mut ifr = ifreq_with_name(name);
+    ifr_ioctl(ctl, libc::SIOCGIFFLAGS, &mut ifr)?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member.
+    let flags = unsafe { ifr.ifr_ifru.ifru_flags };
+    let mut ifr = ifreq_with_name(name);
+    ifr_ioctl(ctl, libc::SIOCGIFHWADDR, &mut ifr)?;
+    let mut mac = [0u8; 6];
+    // SAFETY: SIOCGIFHWADDR filled the hwaddr member, plain data.
+    let data = unsafe { ifr.ifr_ifru.ifru_hwaddr.sa_data };
+    for (m, d) in mac.iter_mut().zip(data) {
+        *m = d.to_ne_bytes()[0];
+    }
+    Ok((mtu, flags, mac))
+}
+
+/// Gives the tap the MTU (and MAC) and brings it up, changing only what differs, so a tap made
+/// beforehand as needed works without CAP_NET_ADMIN. Returns what it changed; when a change is
+/// refused, the error says everything that differs and the command that fixes it.
+fn set_link(ctl: RawFd, cfg: &TapConfig) -> Result<Vec<String>, TapError> {
+    let name = &cfg.name;
+    let io_err = |op| io_err(op, name);
+    let (mtu, flags, mac) = link_state(ctl, name).map_err(io_err("reading the link state"))?;
+    let up = flags & libc::IFF_UP as libc::c_short != 0;
+    let want_mac = cfg.mac.filter(|m| *m != mac);
+    let mut differs = Vec::new();
+    let mut fix = Vec::new();
+    if mtu != i32::from(cfg.mtu) {
+        differs.push(format!("its MTU is {mtu}, the card needs {}", cfg.mtu));
+        fix.push(format!("mtu {}", cfg.mtu));
+    }
+    if let Some(m) = want_mac {
+        differs.push(format!(
+            "its MAC address is {}, --mac asks for {}",
+            mac_string(&mac),
+            mac_string(&m)
+        ));
+        fix.push(format!("address {}", mac_string(&m)));
+    }
+    if !up {
+        differs.push("it is down".to_string());
+        fix.push("up".to_string());
+    }
+    let refused = |e: &io::Error| matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES));
+    let not_as_needed = || TapError::NotAsNeeded {
+        name: name.clone(),
+        differs: differs.join("; "),
+        fix: fix.join(" "),
+    };
+    let mut changed = Vec::new();
+    if mtu != i32::from(cfg.mtu) {
+        let mut ifr = ifreq_with_name(name);
+        ifr.ifr_ifru.ifru_mtu = i32::from(cfg.mtu);
+        match ifr_ioctl(ctl, libc::SIOCSIFMTU, &mut ifr) {
+            Err(e) if refused(&e) => return Err(not_as_needed()),
+            r => r.map_err(io_err("setting the MTU"))?,
+        }
+        changed.push(format!("MTU {mtu} -> {}", cfg.mtu));
+    }
+    if let Some(m) = want_mac {
+        let mut ifr = ifreq_with_name(name);
+        // SAFETY: writing the hwaddr member of the ifreq union, plain data.
+        unsafe {
+            ifr.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+            for (d, s) in ifr.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(m) {
+                *d = libc::c_char::from_ne_bytes([s]);
+            }
+        }
+        match ifr_ioctl(ctl, libc::SIOCSIFHWADDR, &mut ifr) {
+            Err(e) if refused(&e) => return Err(not_as_needed()),
+            r => r.map_err(io_err("setting the MAC address"))?,
+        }
+        changed.push(format!("MAC {}", mac_string(&m)));
+    }
+    if !up {
+        let mut ifr = ifreq_with_name(name);
+        ifr.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+        match ifr_ioctl(ctl, libc::SIOCSIFFLAGS, &mut ifr) {
+            Err(e) if refused(&e) => return Err(not_as_needed()),
+            r => r.map_err(io_err("bringing the tap up"))?,
+        }
+        changed.push("up".to_string());
+    }
+    Ok(changed)
+}
+
+fn mac_string(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 impl Tap {
-    /// Creates the tap, or attaches to an existing one, in the configured namespace; sets the
-    /// MTU (and MAC) and brings it up.
+    /// Creates the tap, or attaches to an existing one, in the configured namespace; gives it
+    /// the MTU (and MAC) and brings it up where it is not so already.
     pub fn open(cfg: &TapConfig) -> Result<Tap, TapError> {
         check_name(&cfg.name)?;
         let cfg2 = cfg.clone();
@@ -143,47 +363,23 @@ impl Tap {
     }
 
     fn open_here(cfg: &TapConfig) -> Result<Tap, TapError> {
-        let name = cfg.name.clone();
-        let io_err = |op: &'static str| {
-            let name = name.clone();
-            move |source: io::Error| TapError::Io { op, name, source }
-        };
+        let io_err = |op| io_err(op, &cfg.name);
         let ctl = ctl_socket().map_err(io_err("socket"))?;
         let existed = ifindex(ctl.as_raw_fd(), &cfg.name).is_some();
+        let multi_queue = cfg.queues > 1;
         let mut queues = Vec::with_capacity(cfg.queues);
         for _ in 0..cfg.queues.max(1) {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-                .open("/dev/net/tun")
-                .map_err(|e| match e.kind() {
+            let file = attach(&cfg.name, multi_queue).map_err(|e| match e {
+                Attach::Open(e) => match e.kind() {
                     io::ErrorKind::NotFound => TapError::NoTunDevice,
-                    io::ErrorKind::PermissionDenied => TapError::Permission("opening /dev/net/tun"),
+                    io::ErrorKind::PermissionDenied => TapError::TunPermission,
                     _ => TapError::Io {
                         op: "open /dev/net/tun",
                         name: cfg.name.clone(),
-                        source: e,
+                        cause: e,
                     },
-                })?;
-            let mut ifr = ifreq_with_name(&cfg.name);
-            let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
-            if cfg.queues > 1 {
-                flags |= libc::IFF_MULTI_QUEUE;
-            }
-            ifr.ifr_ifru.ifru_flags = flags as libc::c_short;
-            ifr_ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr).map_err(|e| {
-                match e.raw_os_error() {
-                    Some(libc::EBUSY) | Some(libc::EINVAL) => TapError::Busy(cfg.name.clone()),
-                    Some(libc::EPERM) | Some(libc::EACCES) => {
-                        TapError::Permission("creating the tap")
-                    }
-                    _ => TapError::Io {
-                        op: "TUNSETIFF",
-                        name: cfg.name.clone(),
-                        source: e,
-                    },
-                }
+                },
+                Attach::SetIff(e) => why_not_attached(cfg, existed, e),
             })?;
             queues.push(file);
         }
@@ -193,7 +389,7 @@ impl Tap {
             hdr_len: AtomicUsize::new(0),
             queues,
             created: !existed,
-            keep: cfg.keep,
+            keep: false.into(),
         };
         // Persistent while we run: a crash leaves the tap (and the card's addresses on it) in
         // place for the restarted daemon to attach to.
@@ -202,38 +398,28 @@ impl Tap {
         tap.set_vnet_hdr_len(12)
             .map_err(io_err("TUNSETVNETHDRSZ"))?;
         tap.set_offload(0).map_err(io_err("TUNSETOFFLOAD"))?;
-
-        let mut ifr = ifreq_with_name(&cfg.name);
-        ifr.ifr_ifru.ifru_mtu = i32::from(cfg.mtu);
-        ifr_ioctl(ctl.as_raw_fd(), libc::SIOCSIFMTU, &mut ifr)
-            .map_err(io_err("setting the MTU"))?;
-        if let Some(mac) = cfg.mac {
-            let mut ifr = ifreq_with_name(&cfg.name);
-            // SAFETY: writing the hwaddr member of the ifreq union, plain data.
-            unsafe {
-                ifr.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
-                for (d, s) in ifr.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(mac) {
-                    *d = libc::c_char::from_ne_bytes([s]);
-                }
-            }
-            ifr_ioctl(ctl.as_raw_fd(), libc::SIOCSIFHWADDR, &mut ifr)
-                .map_err(io_err("setting the MAC address"))?;
-        }
-        let mut ifr = ifreq_with_name(&cfg.name);
-        ifr_ioctl(ctl.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr).map_err(io_err("SIOCGIFFLAGS"))?;
-        // SAFETY: SIOCGIFFLAGS filled the flags member; we set IFF_UP in it.
-        unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
-        ifr_ioctl(ctl.as_raw_fd(), libc::SIOCSIFFLAGS, &mut ifr)
-            .map_err(io_err("bringing the tap up"))?;
+        let changed = set_link(ctl.as_raw_fd(), cfg)?;
         info!(
-            "tap {} {} in {} with {} queue(s), MTU {}",
+            "tap {} {} in {} with {} queue(s), MTU {}{}",
             cfg.name,
             if existed { "attached" } else { "created" },
             cfg.netns.as_deref().unwrap_or("the daemon's namespace"),
             tap.queues.len(),
-            cfg.mtu
+            cfg.mtu,
+            if existed && changed.is_empty() {
+                " (already as needed: nothing changed)".to_string()
+            } else if existed {
+                format!(" (set: {})", changed.join(", "))
+            } else {
+                String::new()
+            }
         );
         Ok(tap)
+    }
+
+    /// Keeps the tap this daemon created when it exits (`--keep-tap`), from now on.
+    pub fn keep_when_done(&self, keep: bool) {
+        self.keep.store(keep, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn name(&self) -> &str {
@@ -354,7 +540,7 @@ impl Tap {
 
 impl Drop for Tap {
     fn drop(&mut self) {
-        if self.created && !self.keep {
+        if self.created && !self.keep.load(std::sync::atomic::Ordering::Relaxed) {
             match val_ioctl(self.queues[0].as_raw_fd(), libc::TUNSETPERSIST, 0) {
                 // EBADFD: the device is already gone.
                 Err(e) if e.raw_os_error() != Some(libc::EBADFD) => {

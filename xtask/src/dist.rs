@@ -221,9 +221,11 @@ fn write_man_pages(dir: &Path) -> Result<()> {
 
 /// Hand-written roff appended to vhost-card.1.
 const MAN_EXTRA: &str = r#".SH EXIT STATUS
-0 after SIGINT or SIGTERM; 1 with a one-line error on stderr (socket in use, namespace
-missing, tap busy, permission denied, invalid feature selection); 159 when the seccomp
-sandbox stopped a forbidden system call (named on stderr).
+0 after SIGINT or SIGTERM (SIGHUP is logged and ignored); 1 with a one-line error on stderr
+that names the cause once, in the system's words where the system refused (socket in use,
+namespace missing, tap busy or not as needed, permission denied, invalid feature selection);
+2 for a malformed command line; 159 when the seccomp sandbox stopped a forbidden system call
+(named on stderr).
 .SH FILES
 .TP
 \fI/usr/share/qemu/vhost\-user/50\-vhost\-card.json\fR
@@ -240,7 +242,7 @@ A libvirt domain with a vhostuser interface on \fI/run/vhost\-card/card.sock\fR.
 .nf
 ip netns add card
 vhost\-card \-\-socket /run/vhost\-card/card.sock \-\-netns card \-\-tap card0 \\
-    \-\-control /run/vhost\-card/card.control \-\-metrics\-listen 127.0.0.1:9101
+    \-\-control /run/vhost\-card/card.control \-\-metrics\-listen 127.0.0.1:10046
 vhost\-card stats \-\-control /run/vhost\-card/card.control
 systemd\-socket\-activate \-l /run/vhost\-card/card.sock vhost\-card \-\-fd 3 \-\-netns card
 systemctl enable \-\-now vhost\-card@card.socket

@@ -645,14 +645,14 @@ fn scenario(opts: &Options, log_dir: &Path, t0: Instant) -> Result<()> {
     );
     row(
         Some(
-            after.prom("vhost_card_rx_frames_total") >= during.json("rx_frames")
-                && after.prom("vhost_card_tx_frames_total") >= during.json("tx_frames"),
+            after.prom_frames("rx") >= during.json("rx_frames")
+                && after.prom_frames("tx") >= during.json("tx_frames"),
         ),
         "Prometheus endpoint",
         format!(
-            "http://{metrics}/metrics: rx_frames_total {}, tx_frames_total {}",
-            after.prom("vhost_card_rx_frames_total"),
-            after.prom("vhost_card_tx_frames_total")
+            "http://{metrics}/metrics: vhost_card_frames_total rx {}, tx {}",
+            after.prom_frames("rx"),
+            after.prom_frames("tx")
         ),
     );
     let exit_code = exit.split_whitespace().last().unwrap_or("?").to_string();
@@ -680,11 +680,24 @@ fn scenario(opts: &Options, log_dir: &Path, t0: Instant) -> Result<()> {
         "---- vhost-card stats --control {} (while pinging) ----",
         control.display()
     );
-    println!("{}", during.json_text.trim());
-    println!("---- GET http://{metrics}/metrics (after), frame and byte counters ----");
-    for line in after.prom_text.lines().filter(|l| {
-        !l.starts_with('#') && (l.contains("_frames_total") || l.contains("_bytes_total"))
-    }) {
+    print!("{}", during.stats.table());
+    println!("---- GET http://{metrics}/metrics (after): traffic, drops, state, process ----");
+    let shown = [
+        "vhost_card_frames_total",
+        "vhost_card_bytes_total",
+        "vhost_card_dropped_frames_total",
+        "vhost_card_rx_checksums_total",
+        "vhost_card_frontend_",
+        "vhost_card_queue_pairs",
+        "vhost_card_mtu_bytes",
+        "vhost_card_info",
+        "process_",
+    ];
+    for line in after
+        .prom_text
+        .lines()
+        .filter(|l| shown.iter().any(|p| l.starts_with(p)))
+    {
         println!("{line}");
     }
     println!("logs        {}", log_dir.display());
@@ -737,6 +750,9 @@ fn start_daemon(
         control.display().to_string(),
         "--metrics-listen".into(),
         "127.0.0.1:0".into(),
+        // libvirt's QEMU runs as libvirt-qemu in group kvm.
+        "--socket-group".into(),
+        SOCKET_GROUP.into(),
     ];
     println!("$ vhost-card {} &", args.join(" "));
     let mut cmd = Command::new(binary);
@@ -760,10 +776,6 @@ fn start_daemon(
             Ok((socket.exists() && control.exists() && ns.has_link(TAP)).then_some(()))
         },
     )?;
-    let sock = socket.display().to_string();
-    println!("$ chgrp {SOCKET_GROUP} {sock} && chmod 0660 {sock}");
-    crate::process::run(Command::new("chgrp").args([SOCKET_GROUP, &sock]))?;
-    crate::process::run(Command::new("chmod").args(["0660", &sock]))?;
     Ok(daemon)
 }
 
@@ -780,7 +792,7 @@ fn metrics_addr(log: &Path) -> Result<String> {
 
 /// The counters from both endpoints at one moment.
 struct Snapshot {
-    json_text: String,
+    stats: vhost_card::stats::Snapshot,
     prom_text: String,
 }
 
@@ -788,33 +800,28 @@ impl Snapshot {
     fn take(binary: &Path, control: &Path, metrics: &str) -> Result<Snapshot> {
         let json_text = crate::process::stdout(
             Command::new(binary)
-                .args(["stats", "--control"])
+                .args(["stats", "--json", "--control"])
                 .arg(control),
         )?;
         Ok(Snapshot {
-            json_text,
+            stats: vhost_card::stats::Snapshot::parse(&json_text)
+                .with_context(|| format!("`vhost-card stats --json` printed {json_text}"))?,
             prom_text: http_get(metrics, "/metrics")?,
         })
     }
 
-    /// Queue pair 0's counter `name` from the JSON (`"name":N`).
+    /// Queue pair 0's counter `name` from `vhost-card stats --json`.
     fn json(&self, name: &str) -> u64 {
-        let key = format!("\"{name}\":");
-        self.json_text
-            .find(&key)
-            .and_then(|at| {
-                let digits: String = self.json_text[at + key.len()..]
-                    .chars()
-                    .take_while(char::is_ascii_digit)
-                    .collect();
-                digits.parse().ok()
-            })
+        self.stats
+            .pairs
+            .first()
+            .and_then(|p| p.counters.get(name))
             .unwrap_or(0)
     }
 
-    /// Queue pair 0's sample of the Prometheus metric `name`.
-    fn prom(&self, name: &str) -> u64 {
-        let prefix = format!("{name}{{queue_pair=\"0\"}} ");
+    /// Queue pair 0's sample of `vhost_card_frames_total` in `direction`.
+    fn prom_frames(&self, direction: &str) -> u64 {
+        let prefix = format!("vhost_card_frames_total{{queue=\"0\",direction=\"{direction}\"}} ");
         self.prom_text
             .lines()
             .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())

@@ -488,19 +488,15 @@ impl Rig {
 
 /// The daemon's counters from its control socket, summed over queue pairs.
 fn daemon_counters(control: &Path) -> Result<BTreeMap<String, u64>> {
-    let text = vhost_card::control::query(control)
+    let snap = vhost_card::control::query_snapshot(control)
         .with_context(|| format!("querying {}", control.display()))?;
-    let json = Json::parse(text.trim())?;
-    let Some(Json::Arr(pairs)) = json.get("pairs") else {
-        bail!("no pairs in the daemon's counters: {text}");
-    };
+    if snap.pairs.is_empty() {
+        bail!("no pairs in the daemon's counters: {snap:?}");
+    }
     let mut sum = BTreeMap::new();
-    for p in pairs {
-        let Json::Obj(m) = p else { continue };
-        for (k, v) in m {
-            if let (Json::Num(n), true) = (v, k != "pair") {
-                *sum.entry(k.clone()).or_insert(0) += *n as u64;
-            }
+    for p in &snap.pairs {
+        for (k, v) in &p.counters.0 {
+            *sum.entry(k.clone()).or_insert(0) += *v;
         }
     }
     Ok(sum)

@@ -346,9 +346,9 @@ fn attach_tap(a: &Args) -> Result<Tap> {
         mtu: a.num("mtu", 65520u16)?,
         mac: None,
         queues: a.num("queues", 1)?,
-        keep: true,
     };
     let tap = Tap::open(&cfg)?;
+    tap.keep_when_done(true);
     tap.set_vnet_hdr_len(12)?;
     Ok(tap)
 }
