@@ -21,11 +21,11 @@ use card_tests::fds::{memfd, pipe};
 use card_tests::frontend::{wanted_protocol, Control, FLAG_NEED_REPLY};
 use card_tests::netdev::{Options, VirtioNet, F_LOG_ALL as LOG_ALL, RX, TX};
 use card_tests::packet::{pattern, udp_frame};
-use card_tests::vring::{GuestMem, GUEST_BASE};
+use card_tests::vring::{poll_in, GuestMem, GUEST_BASE};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::{VhostBackend, VhostUserDirtyLogRegion};
-use vm_memory::GuestAddress;
+use vm_memory::{Address, GuestAddress};
 
 const VRING_F_LOG: u32 = 1;
 const PAGE: u64 = 4096;
@@ -373,6 +373,28 @@ fn rings_stop_with_nothing_in_flight_and_restart_where_they_stopped() -> Result<
             .context("SET_VRING_ENABLE")?;
     }
     dev.rx.kick()?;
+    // The guest's used_event says a notification for what is in the used ring already went out
+    // (the previous backend sent it; it was lost on the way): a device that only follows
+    // EVENT_IDX would never signal again. After a restart the first used buffer is signalled.
+    let used = dev.rx.used_idx(&dev.mem)?;
+    let used_event = dev.rx.avail.unchecked_add(4 + 2 * u64::from(dev.rx.size));
+    dev.mem
+        .write(used_event, &used.wrapping_sub(1).to_le_bytes())?;
+    while dev.rx.call.read().is_ok() {}
+    let frame = udp_frame(
+        card.mac,
+        HOST_MAC,
+        SocketAddrV4::new(CARD_IP, 5555),
+        SocketAddrV4::new(HOST_IP, 6002),
+        &pattern(500, 99),
+    )?;
+    pkt.send(&frame)?;
+    ensure!(
+        poll_in(dev.rx.call.as_raw_fd(), Duration::from_secs(3))?,
+        "no notification for the first frame after the rings restarted (used_event {})",
+        used.wrapping_sub(1)
+    );
+    dev.recv_matching(Duration::from_secs(5), |f| f.frame == frame)?;
     // Traffic goes on from there, both ways.
     for seed in 10..=12 {
         one_each_way(&card, &mut dev, seed)?;

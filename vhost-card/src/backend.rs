@@ -144,6 +144,14 @@ impl CardBackend {
     pub fn pair_enabled(&self, pair: usize, enabled: bool) {
         self.stats.set_in_use(pair, enabled);
         self.tap.set_pair_enabled(pair, enabled);
+        if enabled {
+            if let Some(w) = self.workers.get(pair) {
+                w.pair
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .rings_started();
+            }
+        }
     }
 
     /// `VHOST_USER_SEND_RARP`: announces the guest's MAC to the card's network after a live

@@ -77,6 +77,11 @@ pub struct Pair {
     /// While the frontend logs: the logged view of guest memory this pass writes used rings
     /// through (see `dirtylog`).
     logged: Option<Arc<LoggedMem>>,
+    /// Signal the next used buffers of each queue (RX, TX) whatever EVENT_IDX says, as Linux's
+    /// vhost does after a ring (re)starts (`signalled_used_valid`): the guest may be waiting for
+    /// a notification a previous backend sent and that was lost on the way, e.g. across a
+    /// live migration, and EVENT_IDX would otherwise skip it for good.
+    signal_next: [bool; 2],
 }
 
 /// Whether the driver's available index is at most one ring ahead of what the device consumed
@@ -123,6 +128,7 @@ impl Pair {
             tx_ring_broken: false,
             rx_ring_broken: false,
             logged: None,
+            signal_next: [true; 2],
         }
         .with_tx_slots()
     }
@@ -151,9 +157,15 @@ impl Pair {
         self.rx_held = 0;
         self.tx_ring_broken = false;
         self.rx_ring_broken = false;
+        self.rings_started();
         for t in &mut self.tx {
             t.iovs.0.clear();
         }
+    }
+
+    /// The pair's rings (re)started: their next used buffers are signalled unconditionally.
+    pub fn rings_started(&mut self) {
+        self.signal_next = [true; 2];
     }
 
     /// Largest frame (header included) the tap may hand over, given what was negotiated.
@@ -218,7 +230,7 @@ impl Pair {
         };
         self.end_logging();
         if used {
-            notify(vring, stats);
+            notify(vring, stats, &mut self.signal_next[1]);
         }
         pass
     }
@@ -393,7 +405,7 @@ impl Pair {
         used |= self.rx.release(vring, mem, self.logged.as_deref());
         self.end_logging();
         if used {
-            notify(vring, stats);
+            notify(vring, stats, &mut self.signal_next[0]);
         }
         pass
     }
@@ -1005,9 +1017,11 @@ fn set_notification(
     }
 }
 
-fn notify(vring: &mut State, stats: &PairStats) {
+/// Signals used buffers to the guest when EVENT_IDX (or the used flags) ask for it, or when
+/// `unconditional` (cleared once a signal went out; see `Pair::signal_next`).
+fn notify(vring: &mut State, stats: &PairStats, unconditional: &mut bool) {
     LOG.notify();
-    if !vring.needs_notification().unwrap_or(true) {
+    if !vring.needs_notification().unwrap_or(true) && !*unconditional {
         return;
     }
     // The call descriptor is the frontend's and may be in blocking mode: a write to a full pipe
@@ -1024,6 +1038,7 @@ fn notify(vring: &mut State, stats: &PairStats) {
         add(&stats.notifications_blocked, 1);
         return;
     }
+    *unconditional = false;
     add(&stats.notifications, 1);
 }
 
