@@ -376,9 +376,27 @@ fn migrate(
     // Both are flowing: move the guest.
     let started = progress_at_least(&progress, (len / 16) as u64, Duration::from_secs(60));
     let mut qmp = Qmp::connect(&src.qmp)?;
+    // Auto-converge (as `virsh migrate --auto-converge`): a guest writing its received 64 MiB
+    // to memory under TCG can dirty pages faster than a loaded host sends them, and the
+    // switchover would wait for the transfers to end. Throttling its vCPU lets the migration
+    // finish while they run.
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(Json::obj([(
+            "capabilities",
+            Json::Arr(vec![Json::obj([
+                ("capability", Json::str("auto-converge")),
+                ("state", Json::Bool(true)),
+            ])]),
+        )])),
+    )?;
     qmp.execute(
         "migrate-set-parameters",
-        Some(Json::obj([("max-bandwidth", Json::Num(MAX_BANDWIDTH))])),
+        Some(Json::obj([
+            ("max-bandwidth", Json::Num(MAX_BANDWIDTH)),
+            ("cpu-throttle-initial", Json::Num(30.0)),
+            ("cpu-throttle-increment", Json::Num(20.0)),
+        ])),
     )?;
     let t0 = now_us();
     qmp.execute("migrate", Some(Json::obj([("uri", Json::str(&uri))])))?;
@@ -503,7 +521,55 @@ fn migrate(
         port.as_deref().unwrap_or("no port"),
         TAPS[to]
     );
+    let text = if ok {
+        text
+    } else {
+        format!("{text}\n           {}", evidence(&mut dst))
+    };
     Ok((dst, Hop { ok, text }))
+}
+
+/// What the destination's guest and QEMU say of the NIC's queues, for a FAIL line: the
+/// guest's virtio interrupt counts and each queue's indices as QEMU sees them.
+fn evidence(dst: &mut Vm) -> String {
+    let irqs = dst
+        .sh(
+            "for i in 1 2; do grep -i virtio /proc/interrupts | tr -s ' ' | tr '\n' ';'; \
+             [ $i = 1 ] && echo -n ' then 2 s later: ' && sleep 2; done",
+            Duration::from_secs(15),
+        )
+        .map(|r| r.out.trim().to_string())
+        .unwrap_or_else(|e| format!("{e:#}"));
+    let mut queues = Vec::new();
+    if let Ok(mut qmp) = Qmp::connect(&dst.qmp) {
+        let path = "/machine/peripheral-anon/device[0]/virtio-backend";
+        for queue in 0..2 {
+            let args = Json::obj([
+                ("path", Json::str(path)),
+                ("queue", Json::Num(f64::from(queue))),
+            ]);
+            match qmp.execute("x-query-virtio-queue-status", Some(args)) {
+                Ok(st) => {
+                    let n = |k: &str| match st.get(k) {
+                        Some(Json::Num(v)) => format!("{v}"),
+                        _ => "?".into(),
+                    };
+                    queues.push(format!(
+                        "queue {queue}: last-avail {} shadow-avail {} used {} inuse {}",
+                        n("last-avail-idx"),
+                        n("shadow-avail-idx"),
+                        n("used-idx"),
+                        n("inuse")
+                    ));
+                }
+                Err(e) => queues.push(format!("queue {queue}: {e:#}")),
+            }
+        }
+    }
+    format!(
+        "destination guest interrupts: {irqs}; QEMU: {}",
+        queues.join("; ")
+    )
 }
 
 fn describe(result: &Result<Transfer>, ok: bool, sha: &str) -> String {
