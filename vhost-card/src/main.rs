@@ -1,12 +1,11 @@
-use clap::Parser;
-use vhost_card::config::{capabilities_json, Args, Command, Config};
+use vhost_card::config::{capabilities_json, Command, Config};
 use vhost_card::{control, daemon, features};
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
-    let args = Args::parse();
+    let args = vhost_card::cardfile::parse_args();
     match &args.command {
         Some(Command::Features) => {
             print!("{}", features::table());

@@ -13,7 +13,6 @@ mod apt;
 mod assets;
 mod bench;
 mod card;
-mod cardos;
 mod cpio;
 mod demo;
 mod dist;
@@ -77,14 +76,12 @@ enum Task {
     /// Runs inside the test VM (the guest's helper binary).
     #[command(subcommand, hide = true)]
     Guest(guest::Helper),
-    /// The card's network node from card-os/card.toml: up, down, status, reload.
-    Card(cardos::Options),
     /// The card-os end-to-end scenarios (NAT, proxy, fragments, IPsec, firewall, reload, the
     /// networkd guest).
     CardosE2e(e2e::cardos::Options),
     /// Runs inside the test VM (the card-os scenarios' guest helper).
     #[command(subcommand, hide = true)]
-    CardGuest(cardos::guest::Helper),
+    CardGuest(e2e::card_guest::Helper),
     /// The host install in target/dist/ (release binary, man pages, shell completions,
     /// 50-vhost-card.json, systemd units, libvirt XML), checked; --install puts it in place.
     Dist(dist::Options),
@@ -113,9 +110,8 @@ fn main() {
         Task::Bench(opts) => bench::run(&opts),
         Task::Soak(opts) => soak::run(&opts),
         Task::Guest(cmd) => guest::helper(&cmd),
-        Task::Card(opts) => cardos::run_task(&opts),
         Task::CardosE2e(opts) => e2e::cardos::run(&opts),
-        Task::CardGuest(cmd) => cardos::guest::helper(&cmd),
+        Task::CardGuest(cmd) => e2e::card_guest::helper(&cmd),
         Task::Dist(opts) => dist::run(&opts),
         Task::Libvirt(opts) => libvirt::run(&opts),
         Task::Test(opts) => run_tests(&opts),

@@ -1,6 +1,6 @@
-//! `cargo xtask cardos-e2e`: the card-os network node (card-os/card.toml,
-//! brought up by the same code as `cargo xtask card up`) between the stock
-//! kernel VM and an emulated 1500-byte wire. One VM, one card; the guest
+//! `cargo xtask cardos-e2e`: the card-os network node (card-os/card.toml with IPsec and the
+//! wire's test web server turned on, brought up by the `card_os` library, the same code as the
+//! `card-os` command) between the stock kernel VM and an emulated 1500-byte wire. One VM, one card; the guest
 //! applies host-config/card-link.sh. One PASS/FAIL/SKIP line each:
 //!
 //! 1. nat: the guest fetches the payload over HTTP from the wire's nginx
@@ -27,6 +27,10 @@
 //! The namespaces are private to the run (`vhc-<pid>-<n>` for the card,
 //! `cosw-<pid>` for the wire); the rest comes from card-os/card.toml or the
 //! file --config names. Logs: target/vm/logs/cardos/.
+//!
+//! Scenario 9, `installed`, is the product alone: `cargo xtask dist --install --destdir` into a
+//! staging root, then the installed `card-os` and `vhost-card`, run from outside the checkout
+//! with nothing of it on PATH, against the same VM (see `installed.rs`).
 
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
@@ -39,8 +43,10 @@ use anyhow::{bail, Context, Result};
 use super::networkd::{self, Flavour};
 use super::{DEFAULT_MTU, MIB};
 use crate::accel::Accel;
+use card_os::cmd::in_ns;
+use card_os::{ipsec as cos_ipsec, node as cardos, status as cos_status, Config};
+
 use crate::card::{self, CardConfig};
-use crate::cardos::{self, Config};
 use crate::nsnet;
 use crate::payload::Hasher;
 use crate::process::{Guarded, TempDir};
@@ -54,7 +60,7 @@ pub struct Options {
     pub only: Vec<u32>,
     /// The card-os config to run with (its namespace names, run directory
     /// and daemon are replaced by the run's own).
-    #[arg(long, default_value_os_t = cardos::default_config())]
+    #[arg(long, default_value_os_t = default_config())]
     pub config: std::path::PathBuf,
     /// MiB of each HTTP transfer.
     #[arg(long, default_value_t = 64)]
@@ -115,7 +121,7 @@ pub fn run(opts: &Options) -> Result<()> {
     // them.
     let busybox = (1..=6).any(wanted);
     let t0 = Instant::now();
-    cardos::ensure_packages()?;
+    crate::apt::install(&card_os::prereq::all_packages())?;
     crate::apt::install(&["tcpdump"])?;
     let logs = crate::vm_dir().join("logs/cardos");
     let env = Env::prepare(
@@ -132,9 +138,11 @@ pub fn run(opts: &Options) -> Result<()> {
         opts.mib,
         env.payload.sha256
     );
-    let node_cfg = Config::load(&opts.config)?;
+    let node_text = std::fs::read_to_string(&opts.config)
+        .with_context(|| format!("reading {}", opts.config.display()))?;
+    let node_mtu = Config::parse(&node_text, &opts.config)?.daemon.mtu;
     let cfg = CardConfig {
-        mtu: node_cfg.daemon.mtu,
+        mtu: u32::from(node_mtu),
         disable: String::new(),
         queues: 1,
     };
@@ -149,7 +157,7 @@ pub fn run(opts: &Options) -> Result<()> {
         _ => Rig::boot(&env, "cardos", &cfg, Plug::Boot)?,
     };
     println!("cardos-e2e: VM up in {:.1} s", rig.boot.as_secs_f64());
-    let mut node = node_for(&rig, node_cfg)?;
+    let mut node = node_for(&rig, &node_text)?;
     if !busybox {
         node.booted = guests.first().map(|p| p.flavour);
     }
@@ -159,9 +167,9 @@ pub fn run(opts: &Options) -> Result<()> {
     println!(
         "cardos-e2e: card up in {:.1} s (namespaces {} and {}); ipsec: {}",
         t_up.elapsed().as_secs_f64(),
-        node.cfg.netns,
+        node.cfg.netns(),
         node.cfg.ports[0].wire_netns,
-        cardos::ipsec_status(&node.cfg)
+        cos_ipsec::status(&node.cfg)
     );
     // The wire's web server serves the payload.
     std::fs::copy(&env.payload.path, node.cfg.run_dir.join("wire/www/payload"))?;
@@ -231,24 +239,56 @@ pub fn run(opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// The card-os config, with the rig's namespace as the card (its daemon is
-/// the rig's), a private wire namespace and run directory.
-fn node_for(rig: &Rig, mut cfg: Config) -> Result<Node> {
+/// The shipped example: card-os/card.toml.
+pub fn default_config() -> std::path::PathBuf {
+    crate::workspace_root().join("card-os/card.toml")
+}
+
+/// The card-os config of the run: `text` (a card's file) with IPsec and the wire's test web
+/// server on, the rig's namespace as the card (the file is named after it; its daemon is the
+/// rig's, so card-os starts none), a private wire namespace, run and state directories, and
+/// the templates of this checkout.
+fn node_for(rig: &Rig, text: &str) -> Result<Node> {
     let run = TempDir::new("vhc-cardos-node")?;
-    cfg.netns = rig.card.ns.name().to_string();
-    cfg.run_dir = run.path().join("card");
-    cfg.daemon.start = false;
     let wire = format!("cosw-{}", std::process::id());
-    for port in &mut cfg.ports {
-        port.wire_netns = wire.clone();
+    let mut file: toml::Table = toml::from_str(text)?;
+    let table = |file: &mut toml::Table, name: &str| -> Result<toml::Table> {
+        Ok(file
+            .remove(name)
+            .unwrap_or(toml::Value::Table(Default::default()))
+            .try_into()?)
+    };
+    let mut daemon = table(&mut file, "daemon")?;
+    daemon.insert(
+        "socket".into(),
+        rig.card.socket.display().to_string().into(),
+    );
+    daemon.insert("tap".into(), card::TAP.into());
+    file.insert("daemon".into(), daemon.into());
+    let mut card = table(&mut file, "card")?;
+    card.insert("daemon".into(), "".into());
+    for (key, dir) in [
+        ("run_dir", run.path().join("card")),
+        ("state_dir", run.path().join("state")),
+        ("share_dir", crate::workspace_root().join("card-os")),
+    ] {
+        card.insert(key.into(), dir.display().to_string().into());
     }
-    if cfg.link.dev != card::TAP {
-        bail!(
-            "card.toml's link.dev is {}, the rig's tap {}",
-            cfg.link.dev,
-            card::TAP
-        );
+    file.insert("card".into(), card.into());
+    if let Some(toml::Value::Array(ports)) = file.get_mut("port") {
+        for port in ports.iter_mut().filter_map(toml::Value::as_table_mut) {
+            port.insert("wire_netns".into(), wire.clone().into());
+        }
     }
+    let mut ipsec = table(&mut file, "ipsec")?;
+    ipsec.insert("enable".into(), true.into());
+    file.insert("ipsec".into(), ipsec.into());
+    let mut services = table(&mut file, "services")?;
+    services.insert("wire_http_port".into(), 80.into());
+    file.insert("services".into(), services.into());
+    let path = run.path().join(format!("{}.toml", rig.card.ns.name()));
+    std::fs::write(&path, toml::to_string(&file)?)?;
+    let cfg = Config::load(&path)?;
     Ok(Node {
         cfg,
         guests: Vec::new(),
@@ -360,10 +400,10 @@ fn nat(
     let len = opts.mib * MIB;
     let mtu = rig.nic_info()?.get("mtu").cloned().unwrap_or_default();
     let wire_mtu = port_mtu(node);
-    let c0 = cardos::counters(&node.cfg)?;
+    let c0 = cos_status::counters(&node.cfg)?;
     let url = format!("http://{}/payload", wire_host(node, 0));
     let (sha, bytes, secs) = guest_fetch(rig, &url, len)?;
-    let c1 = cardos::counters(&node.cfg)?;
+    let c1 = cos_status::counters(&node.cfg)?;
     let log = std::fs::read_to_string(node.cfg.run_dir.join("wire/access.log")).unwrap_or_default();
     let seen_from = log
         .lines()
@@ -399,7 +439,7 @@ fn nat(
 fn port_mtu(node: &Node) -> String {
     let p = &node.cfg.ports[0];
     crate::process::stdout(
-        cardos::in_ns(wire(node), "cat").arg(format!("/sys/class/net/{}/mtu", p.wire_dev)),
+        in_ns(wire(node), "cat").arg(format!("/sys/class/net/{}/mtu", p.wire_dev)),
     )
     .unwrap_or_default()
 }
@@ -407,7 +447,7 @@ fn port_mtu(node: &Node) -> String {
 /// Fetches `url` from inside `ns` with busybox wget, hashing what arrives.
 fn ns_fetch(ns: &str, url: &str) -> Result<(String, u64, f64)> {
     let t0 = Instant::now();
-    let mut child = cardos::in_ns(ns, "busybox")
+    let mut child = in_ns(ns, "busybox")
         .args(["wget", "-q", "-O", "-", url])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -498,8 +538,7 @@ fn udp_send_fragmentable(ns: &str, to: SocketAddrV4, size: usize) -> Result<usiz
 }
 
 fn snmp(ns: &str, group: &str, field: &str) -> i64 {
-    let text =
-        crate::process::stdout(cardos::in_ns(ns, "cat").arg("/proc/net/snmp")).unwrap_or_default();
+    let text = crate::process::stdout(in_ns(ns, "cat").arg("/proc/net/snmp")).unwrap_or_default();
     let lines: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with(&format!("{group}:")))
@@ -523,7 +562,7 @@ fn fragments(
     node: &mut Node,
     _: &Options,
 ) -> Result<(Option<bool>, String)> {
-    let cns = node.cfg.netns.clone();
+    let cns = node.cfg.netns().to_string();
     let wns = wire(node).to_string();
     let port = node.cfg.ports[0].clone();
     let port4: Ipv4Addr = port.address4.addr.to_string().parse()?;
@@ -689,17 +728,17 @@ fn firewall(
          n=0; until netstat -ltn | grep -q ':7000 '; do n=$((n + 1)); [ $n -gt 100 ] && exit 1; sleep 0.1; done",
         Duration::from_secs(20),
     )?;
-    let c0 = cardos::counters(&node.cfg)?;
+    let c0 = cos_status::counters(&node.cfg)?;
     let to = SocketAddr::V4(SocketAddrV4::new(guest4, 7000));
     let from_wire = nsnet::join(nsnet::spawn_in(wire(node), "wire-connect", move || {
         Ok(TcpStream::connect_timeout(&to, Duration::from_secs(3)).map(|_| ()))
     })?)?;
-    let c1 = cardos::counters(&node.cfg)?;
+    let c1 = cos_status::counters(&node.cfg)?;
     let dropped =
         c1.get("new from the wire").unwrap_or(&0) - c0.get("new from the wire").unwrap_or(&0);
     // The listener is there: the card itself reaches it.
     let from_card = nsnet::join(nsnet::spawn_in(
-        &node.cfg.netns,
+        node.cfg.netns(),
         "card-connect",
         move || {
             let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
@@ -714,9 +753,8 @@ fn firewall(
         "http://{}:{}/",
         node.cfg.ports[0].address4.addr, node.cfg.services.http_port
     );
-    let page = crate::process::stdout(
-        cardos::in_ns(wire(node), "busybox").args(["wget", "-q", "-O", "-", &url]),
-    );
+    let page =
+        crate::process::stdout(in_ns(wire(node), "busybox").args(["wget", "-q", "-O", "-", &url]));
     let page_ok = page
         .as_ref()
         .is_ok_and(|p| p.contains("the card's own web server"));
@@ -770,7 +808,7 @@ fn reload(
     // Wait for the transfer to be under way.
     let wns = wire(node).to_string();
     let established = || -> Result<bool> {
-        let out = crate::process::stdout(cardos::in_ns(&wns, "ss").args([
+        let out = crate::process::stdout(in_ns(&wns, "ss").args([
             "-Htn",
             "state",
             "established",
@@ -783,12 +821,12 @@ fn reload(
     })?;
     std::thread::sleep(Duration::from_secs(2));
     // The changed config: one more TCP service on the card.
-    node.cfg.tcp_services.push(8443);
+    node.cfg.firewall.tcp_services.push(8443);
     let t = Instant::now();
     let report = cardos::reload(&node.cfg)?;
     let reload_ms = t.elapsed().as_millis();
     let during = established()?;
-    let applied = crate::process::stdout(cardos::in_ns(&node.cfg.netns, "nft").args([
+    let applied = crate::process::stdout(in_ns(node.cfg.netns(), "nft").args([
         "list",
         "set",
         "inet",
@@ -840,16 +878,16 @@ fn ipsec(
     opts: &Options,
 ) -> Result<(Option<bool>, String)> {
     let Some(s) = node.cfg.ipsec.clone() else {
-        return Ok((None, "[ipsec] is disabled in card.toml".into()));
+        return Ok((None, "[ipsec] is disabled".into()));
     };
-    let status = cardos::ipsec_status(&node.cfg);
-    let Some(backend) = cardos::ipsec::backend(&node.cfg) else {
+    let status = cos_ipsec::status(&node.cfg);
+    let Some(backend) = cos_ipsec::backend(&node.cfg) else {
         return Ok((Some(false), format!("the tunnel is not up: {status}")));
     };
-    let spis0 = cardos::ipsec::child_spis(&node.cfg).unwrap_or_default();
+    let spis0 = cos_ipsec::child_spis(&node.cfg).unwrap_or_default();
     let pcap = node.cfg.run_dir.join("esp.pcap");
     let dev = node.cfg.ports[0].wire_dev.clone();
-    let mut cmd = cardos::in_ns(wire(node), "tcpdump");
+    let mut cmd = in_ns(wire(node), "tcpdump");
     cmd.args(["-i", &dev, "-n", "-s", "0", "-U", "-w"])
         .arg(&pcap)
         .stdout(Stdio::null())
@@ -866,7 +904,7 @@ fn ipsec(
     );
     let reloader = std::thread::spawn(move || -> Result<(Duration, bool)> {
         let running = || -> Result<bool> {
-            let out = crate::process::stdout(cardos::in_ns(&wns, "ss").args([
+            let out = crate::process::stdout(in_ns(&wns, "ss").args([
                 "-Htn",
                 "state",
                 "established",
@@ -889,7 +927,7 @@ fn ipsec(
     std::thread::sleep(Duration::from_millis(500));
     dump.stop()?;
     let (sha, bytes, secs) = fetched?;
-    let spis1 = cardos::ipsec::child_spis(&node.cfg).unwrap_or_default();
+    let spis1 = cos_ipsec::child_spis(&node.cfg).unwrap_or_default();
 
     let wire = classify(&pcap, &s, &env.payload.data)?;
     let reload_ok = match &reloaded {
@@ -905,8 +943,8 @@ fn ipsec(
         && wire.esp as u64 > bytes / 1500
         && reload_ok;
     let mode = match backend {
-        cardos::ipsec::Backend::Kernel => "kernel ESP (ip xfrm)".to_string(),
-        cardos::ipsec::Backend::Strongswan => format!(
+        cos_ipsec::Backend::Kernel => "kernel ESP (ip xfrm)".to_string(),
+        cos_ipsec::Backend::Strongswan => format!(
             "userspace ESP-in-UDP/4500 (strongSwan kernel-libipsec; {})",
             if status.contains("no CONFIG_INET_ESP") {
                 "this kernel has no ESP"
@@ -977,7 +1015,7 @@ struct WireCapture {
 /// and bytes of the payload anywhere in the raw capture.
 fn classify(
     pcap: &std::path::Path,
-    s: &cardos::config::Ipsec,
+    s: &card_os::config::Ipsec,
     payload: &[u8],
 ) -> Result<WireCapture> {
     let out = Command::new("tcpdump")

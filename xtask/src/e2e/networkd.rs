@@ -23,12 +23,12 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::card;
-use crate::cardos::Config;
 use crate::cpio::Archive;
 use crate::process::{run, TempDir};
 use crate::report::Ping;
 use crate::rig::{Env, Image, Rig};
 use crate::rootfs::{self, Rootfs};
+use card_os::Config;
 
 /// Which network manager the guest runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -497,7 +497,7 @@ pub fn check(
     let mut problems = Vec::new();
     // The files against card-os/card.toml and the rig: a mismatch is a bug
     // in host-config.
-    if e.mtu != cfg.daemon.mtu {
+    if e.mtu != u32::from(cfg.daemon.mtu) {
         problems.push(format!(
             "{} sets MTU {} but the card's is {}",
             e.file, e.mtu, cfg.daemon.mtu
@@ -541,7 +541,7 @@ pub fn check(
     if offered_mtu {
         problems.push("the device offered VIRTIO_NET_F_MTU (host_mtu set?)".into());
     }
-    if mtu != cfg.daemon.mtu {
+    if mtu != u32::from(cfg.daemon.mtu) {
         problems.push(format!("MTU {mtu} in /sys, expected {}", cfg.daemon.mtu));
     }
     let (install, _) = flavour.install();

@@ -1,4 +1,4 @@
-//! The card's IPsec tunnel (`[ipsec]` in card.toml), both ends: the card and
+//! The card's IPsec tunnel (`[ipsec]` in the card's file), both ends: the card and
 //! the peer in the wire namespace. Two backends:
 //!
 //! - **kernel**: ESP in the kernel, `ip xfrm` states and policies with static
@@ -22,19 +22,10 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::config::{Ipsec, IpsecBackend};
-use super::{in_ns, ip, render, Config};
-use crate::process::{run, wait_for};
-
-/// Debian packages of the userspace backend (installed when it is used).
-pub const STRONGSWAN_PACKAGES: &[&str] = &[
-    "strongswan-charon",
-    "strongswan-swanctl",
-    "libcharon-extra-plugins",        // kernel-libipsec
-    "libstrongswan-standard-plugins", // openssl (AES-GCM, X25519)
-];
-
-const CHARON: &str = "/usr/lib/ipsec/charon";
+use crate::cmd::{has_link, in_ns, ip, netns_exists, run, stdout, tail, wait_for};
+use crate::config::{Config, Ipsec, IpsecBackend};
+use crate::prereq::{self, CHARON};
+use crate::render::template as render;
 
 /// The TUN device kernel-libipsec creates (the first in its namespace).
 pub const TUN: &str = "ipsec0";
@@ -116,7 +107,7 @@ fn ends<'a>(cfg: &'a Config, s: &Ipsec, wire: &'a str) -> [End<'a>; 2] {
         },
         End {
             name: "card",
-            ns: &cfg.netns,
+            ns: cfg.netns(),
             me: local,
             them: peer,
             mine: lnet,
@@ -134,31 +125,63 @@ fn wire_ns<'a>(cfg: &'a Config, s: &Ipsec) -> Result<&'a str> {
         .ok_or_else(|| anyhow!("ipsec.port {} is not a port", s.port))
 }
 
-/// Sets up (or keeps) the tunnel as `[ipsec]` says. A tunnel that cannot be
-/// set up is reported in `run_dir/ipsec.status` and by `status`, not fatal.
-pub fn apply(cfg: &Config) -> Result<()> {
+/// Checks what can be checked without changing anything: the templates render, and the
+/// algorithm has a strongSwan name where strongSwan is asked for.
+pub fn validate(cfg: &Config) -> Result<()> {
+    let Some(s) = &cfg.ipsec else {
+        return Ok(());
+    };
+    if s.backend == IpsecBackend::Strongswan {
+        proposals(s)?;
+    }
+    let mut vars = BTreeMap::new();
+    vars.insert("INSTALL_ROUTES", "no".to_string());
+    render(cfg, "strongswan.conf.in", &vars)?;
+    let mut vars = BTreeMap::new();
+    for k in [
+        "NAME",
+        "LOCAL",
+        "REMOTE",
+        "LOCAL_TS",
+        "REMOTE_TS",
+        "IKE_PROPOSAL",
+        "ESP_PROPOSAL",
+        "PSK",
+        "DPD_ACTION",
+        "CLOSE_ACTION",
+    ] {
+        vars.insert(k, "x".to_string());
+    }
+    render(cfg, "swanctl.conf.in", &vars)?;
+    Ok(())
+}
+
+/// Sets up (or keeps) the tunnel as `[ipsec]` says; returns its status line (also in
+/// `run_dir/ipsec.status`). A tunnel that cannot be set up is an error.
+pub fn apply(cfg: &Config) -> Result<String> {
     let Some(s) = &cfg.ipsec else {
         stop(cfg);
         fs::write(status_file(cfg), "disabled\n")?;
         fs::remove_file(backend_file(cfg)).ok();
-        return Ok(());
+        return Ok("disabled".into());
     };
     let wire = wire_ns(cfg, s)?;
     ip(
         wire,
         &["addr", "replace", &s.peer_inner.to_string(), "dev", "lo"],
     )?;
-    let probe = kernel_esp(&cfg.netns, s);
+    let probe = kernel_esp(cfg.netns(), s);
     let (backend, why) = match (s.backend, &probe) {
         (IpsecBackend::Kernel, _) => (Backend::Kernel, String::new()),
         (IpsecBackend::Auto, Ok(())) => (Backend::Kernel, String::new()),
         (IpsecBackend::Strongswan, _) => (
             Backend::Strongswan,
-            "backend = \"strongswan\" in card.toml".to_string(),
+            "backend = \"strongswan\" in the card's file".to_string(),
         ),
         (IpsecBackend::Auto, Err(err)) => (Backend::Strongswan, err.clone()),
     };
-    // A backend switch (changed card.toml) removes the other one first.
+    fs::write(backend_file(cfg), format!("{}\n", backend.name()))?;
+    // A backend switch (changed file) removes the other one first.
     let result = match backend {
         Backend::Kernel => {
             stop_strongswan(cfg, s);
@@ -170,7 +193,7 @@ pub fn apply(cfg: &Config) -> Result<()> {
             })
         }
         Backend::Strongswan => {
-            for ns in [cfg.netns.as_str(), wire] {
+            for ns in [cfg.netns(), wire] {
                 flush_xfrm(ns);
             }
             fs::remove_file(cfg.run_dir.join("ipsec.kernel")).ok();
@@ -183,17 +206,12 @@ pub fn apply(cfg: &Config) -> Result<()> {
             })
         }
     };
-    let line = match result {
-        Ok(line) => line,
-        Err(err) => {
-            let line = format!("unavailable ({} backend): {err:#}", backend.name());
-            eprintln!("card: IPsec {line}");
-            line
-        }
+    let line = match &result {
+        Ok(line) => line.clone(),
+        Err(err) => format!("unavailable ({} backend): {err:#}", backend.name()),
     };
     fs::write(status_file(cfg), format!("{line}\n"))?;
-    fs::write(backend_file(cfg), format!("{}\n", backend.name()))?;
-    Ok(())
+    result.with_context(|| format!("IPsec ({} backend)", backend.name()))
 }
 
 /// Takes the tunnel down in both namespaces (charons, xfrm states and
@@ -208,8 +226,8 @@ pub fn stop(cfg: &Config) {
     for dir in &dirs {
         stop_charon(dir);
     }
-    for ns in [Some(cfg.netns.as_str()), wire].into_iter().flatten() {
-        if super::netns_exists(ns) {
+    for ns in [Some(cfg.netns()), wire].into_iter().flatten() {
+        if netns_exists(ns) {
             // Charons in our namespaces whose pid file is gone.
             for pid in ns_charons(ns) {
                 kill_and_wait(pid);
@@ -217,7 +235,7 @@ pub fn stop(cfg: &Config) {
             flush_xfrm(ns);
         }
     }
-    if let Some(wire) = wire.filter(|w| super::netns_exists(w)) {
+    if let Some(wire) = wire.filter(|w| netns_exists(w)) {
         del_peer_rule(wire);
     }
 }
@@ -286,10 +304,10 @@ fn kernel_esp(ns: &str, s: &Ipsec) -> std::result::Result<(), String> {
     }
 }
 
-/// The static keys: generated once (at the first `up`), kept in the run
-/// directory so `reload` keeps the security associations as they are.
+/// The static keys: generated once (at the first `up`), kept in the state directory (they
+/// survive a reboot) so `reload` keeps the security associations as they are.
 fn kernel_keys(cfg: &Config, bits: u32) -> Result<(String, String)> {
-    let path = cfg.run_dir.join("ipsec.keys");
+    let path = cfg.state_dir.join("ipsec.keys");
     if let Ok(text) = fs::read_to_string(&path) {
         let keys: Vec<&str> = text.split_whitespace().collect();
         if let [a, b] = keys[..] {
@@ -418,10 +436,9 @@ fn proposals(s: &Ipsec) -> Result<(String, String)> {
     ))
 }
 
-/// The pre-shared key: generated at the first `up`, kept in the run
-/// directory (mode 0600).
+/// The pre-shared key: generated at the first `up`, kept in the state directory (mode 0600).
 fn psk(cfg: &Config) -> Result<String> {
-    let path = cfg.run_dir.join("ipsec.psk");
+    let path = cfg.state_dir.join("ipsec.psk");
     if let Ok(text) = fs::read_to_string(&path) {
         let text = text.trim();
         if text.len() == 66 && text.starts_with("0x") {
@@ -452,10 +469,7 @@ fn write_if_changed(path: &Path, text: &str, private: bool) -> Result<bool> {
 /// (a `reload` does not disturb a transfer); a changed config restarts
 /// them. Returns the ESP proposal.
 fn apply_strongswan(cfg: &Config, s: &Ipsec, wire: &str) -> Result<String> {
-    crate::apt::install(STRONGSWAN_PACKAGES)?;
-    if !Path::new(CHARON).exists() {
-        bail!("{CHARON} is missing (package strongswan-charon)");
-    }
+    prereq::check(&[prereq::STRONGSWAN])?;
     if !Path::new("/dev/net/tun").exists() {
         bail!("/dev/net/tun is missing: kernel-libipsec needs TUN devices");
     }
@@ -535,7 +549,7 @@ fn apply_strongswan(cfg: &Config, s: &Ipsec, wire: &str) -> Result<String> {
             if !sa_installed(&dir) {
                 bail!(
                     "no CHILD_SA installed after initiating:\n{}",
-                    crate::process::tail(&dir.join("charon.log"), 15)
+                    tail(&dir.join("charon.log"), 15)
                 );
             }
         }
@@ -646,8 +660,8 @@ fn start_charon(ns: &str, dir: &Path) -> Result<()> {
         if let Some(status) = child.try_wait()? {
             bail!(
                 "charon in {ns} exited ({status}):\n{}\n{}",
-                crate::process::tail(&out_path, 10),
-                crate::process::tail(&log, 10)
+                tail(&out_path, 10),
+                tail(&log, 10)
             );
         }
         Ok(socket.exists().then_some(()))
@@ -675,7 +689,7 @@ fn kill_and_wait(pid: i32) {
             return;
         }
     }
-    eprintln!("card: charon {pid} does not exit");
+    eprintln!("card-os: charon {pid} does not exit");
 }
 
 /// Stops the charon of `dir` (it removes its TUN device, routes and rule).
@@ -691,14 +705,13 @@ fn stop_charon(dir: &Path) {
 /// kernel mode, where the xfrm policy selects by source too.
 fn peer_route(ns: &str, end: &End) -> Result<()> {
     wait_for("the peer's ipsec0", Duration::from_secs(10), || {
-        Ok(super::has_link(ns, TUN).then_some(()))
+        Ok(has_link(ns, TUN).then_some(()))
     })?;
     ip(
         ns,
         &["route", "replace", &end.theirs, "dev", TUN, "table", TABLE],
     )?;
-    let rules =
-        crate::process::stdout(Command::new("ip").args(["-n", ns, "rule", "show", "pref", TABLE]))?;
+    let rules = stdout(Command::new("ip").args(["-n", ns, "rule", "show", "pref", TABLE]))?;
     let want = format!("from {} to {} lookup {TABLE}", end.mine, end.theirs);
     if !rules.contains(&want) {
         del_peer_rule(ns);
@@ -735,8 +748,11 @@ mod tests {
 
     #[test]
     fn strongswan_proposals() {
-        let path = crate::workspace_root().join("card-os/card.toml");
-        let mut s = Config::load(&path).unwrap().ipsec.unwrap();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("card.toml");
+        let text = fs::read_to_string(&path)
+            .unwrap()
+            .replace("enable = false", "enable = true");
+        let mut s = Config::parse(&text, &path).unwrap().ipsec.unwrap();
         assert_eq!(
             proposals(&s).unwrap(),
             (
