@@ -126,6 +126,8 @@ fn main() {
 /// cargo test suites, then the VM smoke test and the e2e suite.
 fn run_tests(opts: &smoke::Options) -> Result<()> {
     assets::ensure(&assets::Options { refresh: false })?;
+    // card-os's tests (in `cargo test --workspace`) run its programs: nft, nginx, strongSwan.
+    apt::install(&card_os::prereq::all_packages())?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = std::process::Command::new(cargo)
         .args(["test", "--workspace"])

@@ -195,6 +195,35 @@ impl Rig {
         Ok(())
     }
 
+    /// Powers the VM off and boots the e2e initramfs with its NIC on another backend's
+    /// vhost-user `socket` offering `mtu` (an installed daemon), eth0 up with the guest's
+    /// addresses; logs in `<log_dir>/<name>`.
+    pub fn replace_vm_on(&mut self, env: &Env, name: &str, socket: &Path, mtu: u32) -> Result<()> {
+        self.vm.shutdown()?;
+        let log_dir = self.log_dir.join(name);
+        std::fs::create_dir_all(&log_dir)?;
+        let mut vm = Vm::start(&VmConfig {
+            kernel: &env.kernel,
+            initrd: &env.initrd,
+            nic: Nic::VhostUser { socket },
+            mac: card::MAC,
+            mtu,
+            append: "",
+            log_dir: &log_dir,
+            run_dir: self._run.path(),
+            echo: env.echo,
+            accel: env.accel,
+            memory_mib: GUEST_MIB,
+            hotplug_port: false,
+            agent: true,
+            queues: 1,
+        })?;
+        self.boot = vm.wait_agent(Duration::from_secs(240))?;
+        vm.check("net_up", Duration::from_secs(30))?;
+        self.vm = vm;
+        Ok(())
+    }
+
     /// The guest's view of eth0 (mtu, driver, features, operstate, ...).
     pub fn nic_info(&mut self) -> Result<BTreeMap<String, String>> {
         Ok(key_values(

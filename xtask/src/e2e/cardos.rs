@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::installed;
 use super::networkd::{self, Flavour};
 use super::{DEFAULT_MTU, MIB};
 use crate::accel::Accel;
@@ -55,7 +56,7 @@ use crate::rig::{self, Env, Plug, Rig};
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Run only these scenarios (numbers 1-8, comma-separated).
+    /// Run only these scenarios (numbers 1-9, comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u32>,
     /// The card-os config to run with (its namespace names, run directory
@@ -91,18 +92,40 @@ impl Verdict {
 }
 
 /// The card-os config the run uses: card-os/card.toml with private names.
-struct Node {
-    cfg: Config,
+pub(super) struct Node {
+    pub(super) cfg: Config,
     /// The Debian guests' images, of the scenarios that run.
-    guests: Vec<networkd::Prepared>,
+    pub(super) guests: Vec<networkd::Prepared>,
     /// Which of them the rig's VM is, if any.
-    booted: Option<Flavour>,
-    _run: TempDir,
+    pub(super) booted: Option<Flavour>,
+    /// Who applies the config: this process's card_os library, or an installed `card-os`.
+    pub(super) driver: Driver,
+    pub(super) _run: Option<TempDir>,
+}
+
+/// How the scenarios reload and take down the node.
+pub(super) enum Driver {
+    Library,
+    Installed(installed::Command),
+}
+
+impl Node {
+    /// `reload` of the (possibly changed) config.
+    fn reload(&self, cfg: &Config) -> Result<String> {
+        match &self.driver {
+            Driver::Library => cardos::reload(cfg),
+            Driver::Installed(cmd) => cmd.reload(cfg),
+        }
+    }
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
-        if let Err(err) = cardos::down(&self.cfg) {
+        let result = match &self.driver {
+            Driver::Library => cardos::down(&self.cfg).map(drop),
+            Driver::Installed(cmd) => cmd.run(&["down"]).map(drop),
+        };
+        if let Err(err) = result {
             eprintln!("cardos-e2e: card down: {err:#}");
         }
     }
@@ -113,13 +136,13 @@ pub fn run(opts: &Options) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("cardos-e2e needs root (network namespaces, nftables)");
     }
-    if opts.only.iter().any(|n| !(1..=8).contains(n)) {
-        bail!("scenarios are numbered 1 to 8");
+    if opts.only.iter().any(|n| !(1..=9).contains(n)) {
+        bail!("scenarios are numbered 1 to 9");
     }
     let wanted = |n: u32| opts.only.is_empty() || opts.only.contains(&n);
     // Scenarios 1-6 share the busybox guest; 7 and 8 boot their own after
     // them.
-    let busybox = (1..=6).any(wanted);
+    let busybox = (1..=6).any(wanted) || wanted(9);
     let t0 = Instant::now();
     crate::apt::install(&card_os::prereq::all_packages())?;
     crate::apt::install(&["tcpdump"])?;
@@ -179,13 +202,15 @@ pub fn run(opts: &Options) -> Result<()> {
 
     let mut verdicts = Vec::new();
     type Scenario = fn(&mut Rig, &Env, &mut Node, &Options) -> Result<(Option<bool>, String)>;
-    let scenarios: [(u32, &str, Scenario); 8] = [
+    let scenarios: [(u32, &str, Scenario); 9] = [
         (1, "nat", nat),
         (5, "firewall", firewall),
         (3, "fragments", fragments),
         (2, "proxy", proxy),
         (6, "reload", reload),
         (4, "ipsec", ipsec),
+        // After the others on the busybox guest: it moves the VM to the installed card.
+        (9, "installed", installed::scenario),
         // Last: they replace the busybox guest.
         (7, "networkd", networkd_guest),
         (8, "networkmanager", networkmanager_guest),
@@ -293,7 +318,8 @@ fn node_for(rig: &Rig, text: &str) -> Result<Node> {
         cfg,
         guests: Vec::new(),
         booted: None,
-        _run: run,
+        driver: Driver::Library,
+        _run: Some(run),
     })
 }
 
@@ -341,7 +367,7 @@ fn networkmanager_guest(
 
 /// The guest applies host-config/card-link.sh (routes via the card) and
 /// starts busybox httpd for the proxy.
-fn guest_setup(rig: &mut Rig, cfg: &Config) -> Result<()> {
+pub(super) fn guest_setup(rig: &mut Rig, cfg: &Config) -> Result<()> {
     let script = std::fs::read_to_string(crate::workspace_root().join("host-config/card-link.sh"))?;
     let out = rig.vm.check(
         &format!("cat > /tmp/card-link.sh <<'CARD_LINK_EOF'\n{script}CARD_LINK_EOF\nsh /tmp/card-link.sh && ip route && ip -6 route"),
@@ -370,7 +396,7 @@ fn wire_host(node: &Node, n: usize) -> String {
 
 /// The guest fetches `url` with busybox wget into sha256sum; returns the
 /// digest, bytes and seconds.
-fn guest_fetch(rig: &mut Rig, url: &str, len: usize) -> Result<(String, u64, f64)> {
+pub(super) fn guest_fetch(rig: &mut Rig, url: &str, len: usize) -> Result<(String, u64, f64)> {
     let reply = rig.vm.sh(
         &format!("wget -q -O - {url} | sha256sum"),
         rig::transfer_timeout(len),
@@ -386,12 +412,12 @@ fn guest_fetch(rig: &mut Rig, url: &str, len: usize) -> Result<(String, u64, f64
     Ok((sha, len as u64, reply.elapsed.as_secs_f64()))
 }
 
-fn mbs(bytes: u64, secs: f64) -> f64 {
+pub(super) fn mbs(bytes: u64, secs: f64) -> f64 {
     bytes as f64 / 1e6 / secs.max(1e-6)
 }
 
 /// Scenario 1: guest → wire HTTP through the card's NAT.
-fn nat(
+pub(super) fn nat(
     rig: &mut Rig,
     env: &Env,
     node: &mut Node,
@@ -823,7 +849,7 @@ fn reload(
     // The changed config: one more TCP service on the card.
     node.cfg.firewall.tcp_services.push(8443);
     let t = Instant::now();
-    let report = cardos::reload(&node.cfg)?;
+    let report = node.reload(&node.cfg)?;
     let reload_ms = t.elapsed().as_millis();
     let during = established()?;
     let applied = crate::process::stdout(in_ns(node.cfg.netns(), "nft").args([
@@ -871,7 +897,7 @@ fn reload(
 
 /// Scenario 4: guest → IPsec peer; the wire sees only ESP (or IKE), and a
 /// `card reload` halfway through keeps the tunnel and its SAs.
-fn ipsec(
+pub(super) fn ipsec(
     rig: &mut Rig,
     env: &Env,
     node: &mut Node,
@@ -897,6 +923,10 @@ fn ipsec(
     // `card reload` as soon as the transfer runs, from another thread:
     // (seconds it took, whether the transfer still ran when it was done).
     let cfg = node.cfg.clone();
+    let reload = match &node.driver {
+        Driver::Library => None,
+        Driver::Installed(cmd) => Some(cmd.clone()),
+    };
     let wns = wire(node).to_string();
     let filter = format!(
         "( sport = :{} and dst {} )",
@@ -918,7 +948,10 @@ fn ipsec(
             || Ok(running()?.then_some(())),
         )?;
         let t = Instant::now();
-        cardos::reload(&cfg)?;
+        match reload {
+            None => cardos::reload(&cfg)?,
+            Some(cmd) => cmd.reload(&cfg)?,
+        };
         Ok((t.elapsed(), running()?))
     });
     let url = format!("http://{}/payload", s.peer_inner.addr);

@@ -25,6 +25,7 @@
 pub mod card_guest;
 pub mod cardos;
 mod hotplug;
+mod installed;
 mod multiqueue;
 mod networkd;
 mod shared_vm;
