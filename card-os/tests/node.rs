@@ -192,7 +192,7 @@ impl Drop for Run {
 fn run_puts_the_link_back_reloads_on_sighup_and_goes_down_on_sigterm() -> Result<()> {
     card_tests::require_root()?;
     let ns = Netns::new("co")?;
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("card-tests")?;
     let mut daemon = Daemon::start(ns.name(), &[])?;
     let routes = ("routes = []", "routes = [\"10.80.0.0/24\", \"fd80::/64\"]");
     let config = card_file(dir.path(), ns.name(), "", &[routes])?;
@@ -322,7 +322,7 @@ fn socket_activation_no_second_daemon_no_tap_needed() -> Result<()> {
         "systemd-socket-activate is missing (apt-get install systemd)"
     );
     let ns = Netns::new("sa")?;
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("card-tests")?;
     // card-os could start a daemon ([card] daemon = "vhost-card", on PATH): it must not.
     let bin = binary()?;
     let bin_dir = bin.parent().context("binary dir")?.to_path_buf();
@@ -449,7 +449,7 @@ fn traces(ns: &str, dir: &Path) -> Vec<String> {
 #[test]
 fn bad_input_leaves_the_system_as_it_was() -> Result<()> {
     card_tests::require_root()?;
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("card-tests")?;
     let name = card_tests::unique("cb");
 
     // An unknown key, a bad address: refused before anything exists.
@@ -565,7 +565,7 @@ fn units_follow_the_paths_table() -> Result<()> {
     ensure!(unit_value(&node, "Wants")?.contains("vhost-card@%i.socket"));
     // systemd-analyze verify, with the binaries of this build.
     if have("systemd-analyze") {
-        let dir = TempDir::new()?;
+        let dir = TempDir::new("card-tests")?;
         let vhost = binary()?;
         for (name, text) in [
             ("vhost-card@.socket", &socket),

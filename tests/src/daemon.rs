@@ -3,55 +3,19 @@
 //! logs every second (`--stats-interval 1`) and the `final stats pair 0: ...` line at exit.
 
 use std::collections::BTreeMap;
-use std::fs::File;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 
 use crate::TempDir;
 
-/// Path of the daemon binary: `$VHOST_CARD_BIN`, or `<target>/debug/vhost-card` built once with
-/// `$CARGO build -q -p vhost-card`.
+/// Path of the daemon binary: `$VHOST_CARD_BIN`, or `<target>/debug/vhost-card` built once
+/// (the rig's one `cargo build`).
 pub fn binary() -> Result<PathBuf> {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| find_or_build().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(|e| anyhow!(e))
-}
-
-fn find_or_build() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("VHOST_CARD_BIN") {
-        let p = PathBuf::from(p);
-        if !p.is_file() {
-            bail!("VHOST_CARD_BIN={} is not a file", p.display());
-        }
-        return Ok(p);
-    }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("tests/ has no parent directory")?
-        .to_path_buf();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(&cargo)
-        .args(["build", "-q", "-p", "vhost-card"])
-        .current_dir(&workspace)
-        .status()
-        .with_context(|| format!("running {} build", cargo.to_string_lossy()))?;
-    if !status.success() {
-        bail!("`cargo build -p vhost-card` failed: {status}");
-    }
-    let target = match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(t) => workspace.join(t),
-        None => workspace.join("target"),
-    };
-    let bin = target.join("debug").join("vhost-card");
-    if !bin.is_file() {
-        bail!("{} was not built", bin.display());
-    }
-    Ok(bin)
+    rig::daemon::test_binary()
 }
 
 /// Counters of queue pair 0 from one stats line. Counters the daemon leaves out are zero.
@@ -107,23 +71,22 @@ impl Daemon {
     /// Starts `vhost-card --socket <tmp>/s.sock --netns <ns> --tap card0 --stats-interval 1
     /// <extra>` and waits until it listens (its tap exists by then).
     pub fn start(netns: &str, extra: &[&str]) -> Result<Daemon> {
-        let dir = TempDir::new()?;
+        let dir = TempDir::new("card-tests")?;
         let socket = dir.path().join("s.sock");
         let log = dir.path().join("daemon.log");
-        let stderr = File::create(&log)?;
-        let child = Command::new(binary()?)
-            .arg("--socket")
-            .arg(&socket)
-            .args(["--netns", netns, "--tap", "card0", "--stats-interval", "1"])
-            .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("VHOST_CARD_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .env("RUNTIME_DIRECTORY", dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
+        let mut args: Vec<&OsStr> = vec![
+            "--socket".as_ref(),
+            socket.as_os_str(),
+            "--netns".as_ref(),
+            netns.as_ref(),
+        ];
+        for a in ["--tap", "card0", "--stats-interval", "1"]
+            .iter()
+            .chain(extra)
+        {
+            args.push(a.as_ref());
+        }
+        let child = rig::daemon::command(&binary()?, &args, &log, dir.path())?
             .spawn()
             .context("spawning vhost-card")?;
         let mut d = Daemon {
@@ -311,19 +274,9 @@ impl Drop for Daemon {
 /// Runs the daemon with `args` (no defaults added) and expects it to exit by itself within
 /// `timeout`; returns its status and stderr. A daemon still running is killed and reported.
 pub fn run_to_exit(args: &[&str], timeout: Duration) -> Result<(ExitStatus, String)> {
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("card-tests")?;
     let log = dir.path().join("stderr");
-    let mut child = Command::new(binary()?)
-        .args(args)
-        .env(
-            "RUST_LOG",
-            std::env::var("VHOST_CARD_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .env("RUNTIME_DIRECTORY", dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(File::create(&log)?)
-        .spawn()?;
+    let mut child = rig::daemon::command(&binary()?, args, &log, dir.path())?.spawn()?;
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait()? {

@@ -96,7 +96,7 @@ fn sample(control: &Path, metrics: &str) -> Result<Sample> {
 
 #[test]
 fn control_socket_and_prometheus_follow_the_traffic() -> Result<()> {
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("card-tests")?;
     let control: PathBuf = dir.path().join("card.control");
     let control_s = control.to_string_lossy().into_owned();
     let card = Card::start(&["--control", &control_s, "--metrics-listen", "127.0.0.1:0"])?;

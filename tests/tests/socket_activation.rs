@@ -192,7 +192,7 @@ fn units_are_valid_for_systemd() -> Result<()> {
     if !have("systemd-analyze") {
         bail!("systemd-analyze is missing (apt-get install systemd)");
     }
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("card-tests")?;
     let bin = binary()?;
     for unit in ["vhost-card@.service", "vhost-card@.socket"] {
         let text = unit_file(unit)?.replace("/usr/local/bin/vhost-card", &bin.to_string_lossy());
@@ -222,7 +222,7 @@ fn socket_activation_serves_the_inherited_socket() -> Result<()> {
     let ns = Netns::new("sa")?;
     ns.sysctl("net.ipv6.conf.all.disable_ipv6=1")?;
     ns.sysctl("net.ipv6.conf.default.disable_ipv6=1")?;
-    let run = TempDir::new()?;
+    let run = TempDir::new("card-tests")?;
     let act = from_units(ns.name(), run.path())?;
     let runtime = run.path().join("rt");
     std::fs::create_dir(&runtime)?;

@@ -22,7 +22,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use clap::CommandFactory;
 use clap_complete::Shell;
 
@@ -206,17 +206,7 @@ pub fn run(opts: &Options) -> Result<()> {
 }
 
 fn build_release() -> Result<()> {
-    println!("dist: cargo build --release -p vhost-card -p card-os");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "vhost-card", "-p", "card-os"])
-        .current_dir(crate::workspace_root())
-        .status()?;
-    crate::check_interrupted()?;
-    if !status.success() {
-        bail!("cargo build --release -p vhost-card -p card-os failed ({status})");
-    }
-    Ok(())
+    rig::paths::cargo_build(true, &["-p", "vhost-card", "-p", "card-os"]).map(drop)
 }
 
 /// The checked-in host configuration (host-config/).

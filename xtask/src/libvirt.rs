@@ -238,7 +238,7 @@ impl Libvirtd {
             Libvirtd::Systemd
         } else {
             // No systemd to start it: run the daemons directly, in a namespace of their own.
-            let ns = Netns::create("vhclibvirt")?;
+            let ns = Netns::new("vhclibvirt-")?;
             println!(
                 "libvirt: systemd is not PID 1; starting virtlogd and libvirtd in network \
                  namespace {}",
@@ -415,7 +415,7 @@ fn scenario(opts: &Options, log_dir: &Path, t0: Instant) -> Result<()> {
     let assets = crate::assets::ensure(&crate::assets::Options { refresh: false })?;
     crate::apt::install(&["libvirt-daemon-system", "libvirt-clients"])?;
     if !opts.no_build {
-        build_release()?;
+        rig::daemon::build(true)?;
     }
     let binary = crate::target_dir().join("release/vhost-card");
 
@@ -430,7 +430,7 @@ fn scenario(opts: &Options, log_dir: &Path, t0: Instant) -> Result<()> {
             dom.name
         );
     }
-    let ns = Netns::create("vhclv")?;
+    let ns = Netns::new("vhclv-")?;
     let mut created = Created::default();
     let run_dir = dom
         .socket
@@ -696,20 +696,6 @@ fn scenario(opts: &Options, log_dir: &Path, t0: Instant) -> Result<()> {
     Ok(())
 }
 
-fn build_release() -> Result<()> {
-    println!("libvirt: cargo build --release -p vhost-card");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "vhost-card"])
-        .current_dir(crate::workspace_root())
-        .status()?;
-    crate::check_interrupted()?;
-    if !status.success() {
-        bail!("cargo build --release -p vhost-card failed ({status})");
-    }
-    Ok(())
-}
-
 fn print_indented(text: &str) {
     for line in text.lines() {
         println!("  {line}");
@@ -725,7 +711,6 @@ fn start_daemon(
     private: &Path,
     log_dir: &Path,
 ) -> Result<Guarded> {
-    let log = File::create(log_dir.join("daemon.log"))?;
     let args = [
         "--socket".to_string(),
         socket.display().to_string(),
@@ -739,13 +724,7 @@ fn start_daemon(
         "127.0.0.1:0".into(),
     ];
     println!("$ vhost-card {} &", args.join(" "));
-    let mut cmd = Command::new(binary);
-    cmd.args(&args)
-        .env("RUNTIME_DIRECTORY", private)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
+    let mut cmd = rig::daemon::command(binary, &args, &log_dir.join("daemon.log"), private)?;
     let mut daemon = Guarded::spawn("the vhost-card daemon", &mut cmd, libc::SIGTERM)?;
     wait_for(
         "the daemon's socket and tap",

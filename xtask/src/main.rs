@@ -7,39 +7,29 @@
 //! toggles, large frames, hot-plug, card restart) and `demo` shows it all to
 //! a person. Everything they fetch or build is cached under `target/vm/`.
 
-mod accel;
-mod agent;
-mod apt;
-mod assets;
 mod bench;
-mod card;
-mod cpio;
 mod demo;
 mod dist;
 mod e2e;
-mod features;
 mod fuzz;
 mod guest;
-mod json;
 mod libvirt;
-mod netns;
-mod nsnet;
-mod payload;
-mod process;
-mod qemu;
-mod qmp;
-mod report;
-mod rig;
-mod rootfs;
 mod schema;
 mod smoke;
 mod soak;
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use anyhow::{bail, Result};
 use clap::{CommandFactory, Parser, Subcommand};
+// The shared test rig (rig/): daemon launch, namespaces, processes, VMs, QMP, the guest agent.
+// Imported at the root so the tasks name its modules as before (`crate::qemu::Vm`).
+#[allow(clippy::single_component_path_imports)]
+use ::rig;
+use rig::interrupt::{check_interrupted, install_signal_handlers};
+use rig::paths::{target_dir, vm_dir, workspace_root};
+use rig::{
+    accel, apt, assets, card, cpio, features, netns, nsnet, payload, process, qemu, qmp, report,
+    rootfs,
+}; // `crate::rig::{Env, Rig, ...}`
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Automation tasks for vhost-card")]
@@ -154,49 +144,4 @@ fn run_tests(opts: &smoke::Options) -> Result<()> {
         opts: e2e::cardos::Options,
     }
     e2e::cardos::run(&CardosDefaults::parse_from(["cardos-e2e"]).opts)
-}
-
-/// The workspace root (the parent of this crate).
-pub fn workspace_root() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
-}
-
-/// Cargo's target directory for the workspace.
-pub fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) => workspace_root().join(dir),
-        None => workspace_root().join("target"),
-    }
-}
-
-/// Where the VM assets and logs live.
-pub fn vm_dir() -> PathBuf {
-    target_dir().join("vm")
-}
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_signal: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// On Ctrl-C (or SIGTERM/SIGHUP) only raise a flag: the wait loops notice it
-/// and return an error, so every RAII guard runs and nothing is left behind.
-fn install_signal_handlers() {
-    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: `on_signal` is an `extern "C"` function that only stores to
-        // an atomic, which is async-signal-safe.
-        unsafe {
-            libc::signal(signal, on_signal as *const () as libc::sighandler_t);
-        }
-    }
-}
-
-/// Fails once the user asked us to stop.
-pub fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
 }

@@ -86,7 +86,7 @@ fn scenario(opts: &Options, log_dir: &Path) -> Result<()> {
     // Declaration order matters: guards drop in reverse, so the VM stops
     // first, then the daemon, then the namespace and the temporary files.
     let tmp = TempDir::new("vhost-card-xtask")?;
-    let ns = Netns::create("vhc")?;
+    let ns = Netns::new("vhc-")?;
     let socket = tmp.path().join("card.sock");
     let mut daemon = match opts.backend {
         Backend::VhostUser => Some(start_daemon(&ns, &socket, opts.mtu, log_dir)?),

@@ -1,16 +1,15 @@
-//! Processes and namespaces for one measurement: children whose output lines arrive on a
-//! channel (so a command can be sent and its answer awaited), stopped on drop; a network
-//! namespace deleted on drop; CPU time from /proc.
+//! Processes of one measurement: children whose output lines arrive on a channel (so a command
+//! can be sent and its answer awaited), stopped on drop; CPU time from /proc.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use rig::process::tail;
 
 /// A child process talking over stdin/stdout lines; stderr goes to a log file.
 pub struct Proc {
@@ -166,75 +165,6 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok((ut + st) / hz)
 }
 
-/// A network namespace that lives as long as this value.
-pub struct Ns {
-    pub name: String,
-}
-
-impl Ns {
-    pub fn new() -> Result<Ns> {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "bench{}n{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        sh("ip", &["netns", "add", &name])?;
-        let ns = Ns { name };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        for s in [
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ] {
-            sh("ip", &["netns", "exec", &ns.name, "sysctl", "-qw", s])?;
-        }
-        Ok(ns)
-    }
-
-    pub fn ip(&self, args: &[&str]) -> Result<String> {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend_from_slice(args);
-        sh("ip", &all)
-    }
-
-    pub fn read(&self, path: &str) -> Result<String> {
-        Ok(sh("ip", &["netns", "exec", &self.name, "cat", path])?
-            .trim()
-            .to_string())
-    }
-
-    /// A command run inside the namespace.
-    pub fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
-        c
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
-
-/// Runs a command; fails with its stderr.
-pub fn sh(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "`{program} {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Polls `f` every 50 ms until it is true.
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + timeout;
@@ -246,11 +176,4 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) ->
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
-}
-
-/// The last `n` lines of a file.
-pub fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }

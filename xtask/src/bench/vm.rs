@@ -167,7 +167,7 @@ fn one(env: &Env, b: Nicb, mtu: u32, len: usize, name: &str) -> Run {
             std::fs::create_dir_all(&log_dir)?;
             // Drop order: the VM, then the namespace, then the run directory.
             let run = TempDir::new(&format!("vhb-{name}"))?;
-            let ns = Netns::create("vhb")?;
+            let ns = Netns::new("vhb-")?;
             ns.ip(&["tuntap", "add", "dev", card::TAP, "mode", "tap", "vnet_hdr"])?;
             ns.ip(&[
                 "link",

@@ -7,6 +7,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use rig::nsnet::pmtu_discovery;
 
 #[derive(clap::Subcommand)]
 pub enum Helper {
@@ -32,7 +33,7 @@ pub fn helper(cmd: &Helper) -> Result<()> {
     } = cmd;
     let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
     sock.connect(SocketAddrV4::new(*addr, *port))?;
-    set_pmtudisc(
+    pmtu_discovery(
         &sock,
         if *df {
             libc::IP_PMTUDISC_DO
@@ -66,24 +67,6 @@ pub fn helper(cmd: &Helper) -> Result<()> {
     }
     if sent != *size {
         bail!("sent {sent} of {size} bytes");
-    }
-    Ok(())
-}
-
-fn set_pmtudisc(sock: &UdpSocket, value: libc::c_int) -> Result<()> {
-    // SAFETY: setsockopt on an open socket with a pointer to a c_int and
-    // its size, as IP_MTU_DISCOVER expects.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("IP_MTU_DISCOVER");
     }
     Ok(())
 }

@@ -34,7 +34,6 @@
 
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -544,21 +543,7 @@ fn proxy(
 fn udp_send_fragmentable(ns: &str, to: SocketAddrV4, size: usize) -> Result<usize> {
     nsnet::join(nsnet::spawn_in(ns, "wire-udp-tx", move || {
         let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
-        let value: libc::c_int = libc::IP_PMTUDISC_DONT;
-        // SAFETY: setsockopt on an open socket with a pointer to a c_int and
-        // its size, as IP_MTU_DISCOVER expects.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_MTU_DISCOVER,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("IP_MTU_DISCOVER");
-        }
+        nsnet::pmtu_discovery(&sock, libc::IP_PMTUDISC_DONT)?;
         Ok(sock.send_to(&crate::guest::pattern(size), to)?)
     })?)
 }

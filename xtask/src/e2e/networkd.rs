@@ -374,9 +374,9 @@ pub fn prepare(env: &Env, flavour: Flavour) -> Result<Prepared> {
     overlay.file(
         "usr/local/sbin/xtask-agent",
         0o755,
-        crate::guest::AGENT.as_bytes(),
+        rig::image::AGENT.as_bytes(),
     );
-    overlay.file("usr/lib/e2e.sh", 0o644, crate::guest::LIBRARY.as_bytes());
+    overlay.file("usr/lib/e2e.sh", 0o644, rig::image::LIBRARY.as_bytes());
     dir(&mut overlay, "etc/systemd/system/multi-user.target.wants");
     overlay.file(
         "etc/systemd/system/xtask-agent.service",

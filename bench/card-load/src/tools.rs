@@ -14,11 +14,96 @@ use vhost_card::netns::NetnsError;
 use vhost_card::tap::{Tap, TapConfig};
 
 use crate::driver::Counts;
-use crate::{run_threads, Args, HOST_MAC};
+use crate::{run_threads, HOST_MAC};
 
 pub const GSO_UDP_L4: u8 = 5;
 const SOL_UDP: libc::c_int = 17;
 const UDP_SEGMENT: libc::c_int = 103;
+
+/// `--gso`: how host-to-card frames are sent.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Gso {
+    None,
+    /// UDP segmentation offload (USO) with `--mss`-byte segments.
+    Udp,
+}
+
+/// The host-to-card frame's options.
+#[derive(clap::Args)]
+pub struct FrameOpts {
+    /// Frame size, Ethernet header included.
+    #[arg(long, default_value_t = 1500)]
+    pub size: usize,
+    #[arg(long, value_enum, default_value_t = Gso::None)]
+    pub gso: Gso,
+    /// USO segment payload.
+    #[arg(long, default_value_t = 1472)]
+    pub mss: usize,
+    #[arg(long, default_value_t = Ipv4Addr::new(10, 88, 0, 2))]
+    pub src_ip: Ipv4Addr,
+    #[arg(long, default_value_t = Ipv4Addr::new(10, 88, 0, 1))]
+    pub dst_ip: Ipv4Addr,
+    #[arg(long, default_value_t = 9000)]
+    pub port: u16,
+    /// The card's MAC address.
+    #[arg(long, value_parser = vhost_card::tap::parse_mac)]
+    pub dst_mac: [u8; 6],
+}
+
+/// `sink`'s options.
+#[derive(clap::Args)]
+pub struct SinkOpts {
+    #[arg(long)]
+    pub netns: String,
+    #[arg(long)]
+    pub addr: SocketAddrV4,
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+}
+
+/// `send`'s options.
+#[derive(clap::Args)]
+pub struct SendOpts {
+    #[arg(long)]
+    pub netns: String,
+    #[arg(long, default_value_t = Ipv4Addr::new(10, 88, 0, 1))]
+    pub src: Ipv4Addr,
+    #[arg(long)]
+    pub dst: SocketAddrV4,
+    #[arg(long, default_value_t = 1)]
+    pub flows: usize,
+    /// 64 KiB UDP GSO sends of this segment size (0: plain datagrams).
+    #[arg(long, default_value_t = 0)]
+    pub gso_seg: usize,
+    #[arg(long, default_value_t = 1500)]
+    pub size: usize,
+    #[arg(long, value_delimiter = ',')]
+    pub sizes: Vec<usize>,
+}
+
+/// The raw tap's options.
+#[derive(clap::Args)]
+pub struct TapOpts {
+    #[arg(long)]
+    pub netns: String,
+    #[arg(long)]
+    pub tap: String,
+    #[arg(long, default_value_t = 65520)]
+    pub mtu: u16,
+    #[arg(long, default_value_t = 1)]
+    pub queues: usize,
+}
+
+/// `memcpy`'s options.
+#[derive(clap::Args)]
+pub struct MemcpyOpts {
+    #[arg(long, default_value_t = 1500)]
+    pub size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    #[arg(long, default_value_t = 2.0)]
+    pub seconds: f64,
+}
 
 /// What a host-to-card frame looks like.
 #[derive(Clone)]
@@ -33,19 +118,17 @@ pub struct FrameSpec {
 }
 
 impl FrameSpec {
-    pub fn from_args(a: &Args) -> Result<Self> {
-        let gso = match a.opt("gso").unwrap_or("none") {
-            "none" => None,
-            "udp" => Some(a.num("mss", 1472usize)?),
-            g => bail!("--gso {g}: none or udp"),
-        };
+    pub fn from_opts(o: &FrameOpts) -> Result<Self> {
+        if o.gso == Gso::Udp && o.mss == 0 {
+            bail!("--mss 0");
+        }
         Ok(FrameSpec {
-            size: a.num("size", 1500)?,
-            gso,
-            src: a.ip("src-ip", Ipv4Addr::new(10, 88, 0, 2))?,
-            dst: a.ip("dst-ip", Ipv4Addr::new(10, 88, 0, 1))?,
-            port: a.num("port", 9000)?,
-            dst_mac: a.mac("dst-mac")?,
+            size: o.size,
+            gso: (o.gso == Gso::Udp).then_some(o.mss),
+            src: o.src_ip,
+            dst: o.dst_ip,
+            port: o.port,
+            dst_mac: o.dst_mac,
         })
     }
 
@@ -102,20 +185,14 @@ impl FrameSpec {
 }
 
 /// `--sizes N,N,...` (frame sizes, Ethernet header included), or `--size N` alone.
-pub fn sizes(a: &Args) -> Result<Vec<usize>> {
-    let Some(list) = a.opt("sizes") else {
-        return Ok(vec![a.num("size", 1500)?]);
+pub fn sizes(size: usize, sizes: &[usize]) -> Result<Vec<usize>> {
+    let sizes = if sizes.is_empty() {
+        vec![size]
+    } else {
+        sizes.to_vec()
     };
-    let sizes = list
-        .split(',')
-        .map(|v| {
-            v.trim()
-                .parse::<usize>()
-                .map_err(|e| anyhow!("--sizes {list}: {e}"))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    if sizes.is_empty() || sizes.iter().any(|&n| n < UDP_OVERHEAD) {
-        bail!("--sizes {list}: every frame needs at least {UDP_OVERHEAD} bytes");
+    if sizes.iter().any(|&n| n < UDP_OVERHEAD) {
+        bail!("{sizes:?}: every frame needs at least {UDP_OVERHEAD} bytes");
     }
     Ok(sizes)
 }
@@ -192,10 +269,10 @@ fn udp_in(ns: &str, addr: SocketAddrV4, reuse: bool) -> Result<UdpSocket> {
 /// UDP sink: `--threads` sockets sharing `--addr` (SO_REUSEPORT), recvmmsg with MSG_TRUNC (the
 /// payload is not copied out; only lengths are counted). Bytes count each datagram with its
 /// Ethernet, IPv4 and UDP headers, so a GSO frame split by the card counts as its segments.
-pub fn sink(a: &Args) -> Result<()> {
-    let ns = a.str("netns")?;
-    let addr = a.sock("addr")?;
-    let threads: usize = a.num("threads", 1)?;
+pub fn sink(o: &SinkOpts) -> Result<()> {
+    let ns = o.netns.as_str();
+    let addr = o.addr;
+    let threads = o.threads;
     let mut socks = Vec::new();
     for _ in 0..threads {
         let s = udp_in(ns, addr, true)?;
@@ -256,12 +333,9 @@ pub fn sink(a: &Args) -> Result<()> {
 /// 50000+i) sending to `--dst`, with sendmmsg batches of frames of `--size` bytes (or of every
 /// size of `--sizes` in turn within each batch), or with `--gso-seg G` 64 KiB UDP GSO sends of
 /// G-byte segments.
-pub fn send(a: &Args) -> Result<()> {
-    let ns = a.str("netns")?;
-    let src = a.ip("src", Ipv4Addr::new(10, 88, 0, 1))?;
-    let dst = a.sock("dst")?;
-    let flows: usize = a.num("flows", 1)?;
-    let gso: usize = a.num("gso-seg", 0)?;
+pub fn send(o: &SendOpts) -> Result<()> {
+    let ns = o.netns.as_str();
+    let (src, dst, flows, gso) = (o.src, o.dst, o.flows, o.gso_seg);
     let mut socks = Vec::new();
     for i in 0..flows {
         let s = udp_in(ns, SocketAddrV4::new(src, 50000 + u16::try_from(i)?), false)?;
@@ -290,7 +364,7 @@ pub fn send(a: &Args) -> Result<()> {
             segs as u64 * (gso + UDP_OVERHEAD) as u64,
         )]
     } else {
-        sizes(a)?
+        sizes(o.size, &o.sizes)?
             .into_iter()
             .map(|size| (size - UDP_OVERHEAD, 1, size as u64))
             .collect()
@@ -339,13 +413,13 @@ pub fn send(a: &Args) -> Result<()> {
     })
 }
 
-fn attach_tap(a: &Args) -> Result<Tap> {
+fn attach_tap(o: &TapOpts) -> Result<Tap> {
     let cfg = TapConfig {
-        name: a.str("tap")?.to_string(),
-        netns: Some(a.str("netns")?.to_string()),
-        mtu: a.num("mtu", 65520u16)?,
+        name: o.tap.clone(),
+        netns: Some(o.netns.clone()),
+        mtu: o.mtu,
         mac: None,
-        queues: a.num("queues", 1)?,
+        queues: o.queues,
         keep: true,
     };
     let tap = Tap::open(&cfg)?;
@@ -354,9 +428,9 @@ fn attach_tap(a: &Args) -> Result<Tap> {
 }
 
 /// Raw tap writer: one thread per tap queue writing the frame (vnet header + frame) in a loop.
-pub fn tap_write(a: &Args) -> Result<()> {
-    let tap = Arc::new(attach_tap(a)?);
-    let spec = FrameSpec::from_args(a)?;
+pub fn tap_write(o: &TapOpts, frame: &FrameOpts) -> Result<()> {
+    let tap = Arc::new(attach_tap(o)?);
+    let spec = FrameSpec::from_opts(frame)?;
     let wire = spec.wire_bytes() as u64;
     let queues = tap.num_queues();
     let frames: Vec<(Vec<u8>, usize)> = (0..queues)
@@ -389,9 +463,9 @@ pub fn tap_write(a: &Args) -> Result<()> {
 
 /// Raw tap reader: one thread per tap queue reading frames, with the offloads a guest that
 /// accepts everything would set (so GSO frames come up whole).
-pub fn tap_read(a: &Args) -> Result<()> {
+pub fn tap_read(o: &TapOpts) -> Result<()> {
     use vhost_card::tap::*;
-    let tap = Arc::new(attach_tap(a)?);
+    let tap = Arc::new(attach_tap(o)?);
     let all = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_USO4 | TUN_F_USO6;
     if tap.set_offload(all).is_err() {
         tap.set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)?;
@@ -432,10 +506,8 @@ pub fn tap_read(a: &Args) -> Result<()> {
 
 /// The physical reference: `--threads` threads each copying frames of `--size` bytes from one
 /// set of buffers into another (32 MiB of each at most) for `--seconds`; prints one JSON line.
-pub fn memcpy(a: &Args) -> Result<()> {
-    let size: usize = a.num("size", 1500)?;
-    let threads: usize = a.num("threads", 1)?;
-    let secs: f64 = a.num("seconds", 2.0)?;
+pub fn memcpy(o: &MemcpyOpts) -> Result<()> {
+    let (size, threads, secs) = (o.size, o.threads, o.seconds);
     let copies = ((32usize << 20) / size.max(1)).clamp(1, 1024);
     let start = Instant::now();
     let handles: Vec<_> = (0..threads)

@@ -18,7 +18,7 @@ const SEED: u64 = 0x7643_6172_6430_0001;
 
 /// `size` bytes, written to (or read back from) target/vm/payload-<size>.bin.
 pub fn ensure(size: usize) -> Result<Payload> {
-    let path = crate::vm_dir().join(format!("payload-{size}.bin"));
+    let path = crate::paths::vm_dir().join(format!("payload-{size}.bin"));
     let data = generate(size);
     let cached = std::fs::read(&path).is_ok_and(|old| old == data);
     if !cached {

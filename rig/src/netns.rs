@@ -1,28 +1,46 @@
-//! Network namespaces owned by a test: created with `ip netns add`, deleted on drop (also when
-//! the test panics), plus the few things the tests do inside them: `ip` commands, sysctls, and
-//! sockets created by a thread that entered the namespace (a socket stays in the namespace it
-//! was created in, whichever thread uses it later).
+//! Network namespaces that exist for as long as their guard does (deleted on drop, also when a
+//! test panics or the task is interrupted), the things done inside them (`ip` commands,
+//! sysctls, commands) and sockets created by a thread that entered the namespace (a socket
+//! stays in the namespace it was created in, whichever thread uses it later).
 
 use std::fs::File;
 use std::net::{SocketAddrV4, TcpListener, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::{require_root, run, unique};
+use crate::process::{require_root, sh, unique};
 
 /// A network namespace that lives as long as this value.
 pub struct Netns {
     name: String,
 }
 
+/// Moves the calling thread into the namespace of `file` (setns(2) changes only that thread).
+pub fn enter_thread(file: &File) -> Result<()> {
+    // SAFETY: setns(2) with an open namespace file descriptor; it changes only this thread's
+    // network namespace.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("setns");
+    }
+    Ok(())
+}
+
+/// The namespace file of `name` (from `ip netns add`).
+pub fn open(name: &str) -> Result<File> {
+    let path = format!("/run/netns/{name}");
+    File::open(&path).with_context(|| format!("opening {path}"))
+}
+
 impl Netns {
-    /// Creates `ct<pid>x<n><tag>` with its loopback up.
-    pub fn new(tag: &str) -> Result<Self> {
+    /// Creates a fresh namespace named `<prefix><pid>x<n>` with `lo` up.
+    pub fn new(prefix: &str) -> Result<Self> {
         require_root()?;
-        let name = format!("{}{tag}", unique("ct"));
-        run("ip", &["netns", "add", &name])?;
+        let name = unique(prefix);
+        sh("ip", &["netns", "add", &name])?;
         let ns = Netns { name };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
@@ -32,18 +50,30 @@ impl Netns {
         &self.name
     }
 
-    /// `ip -n NAME args...`
+    /// `ip -n NAME args...`; its output.
     pub fn ip(&self, args: &[&str]) -> Result<String> {
         let mut all = vec!["-n", self.name.as_str()];
         all.extend_from_slice(args);
-        run("ip", &all)
+        sh("ip", &all)
+    }
+
+    /// Whether `dev` exists in the namespace.
+    pub fn has_link(&self, dev: &str) -> bool {
+        self.ip(&["link", "show", "dev", dev]).is_ok()
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]);
+        cmd
     }
 
     /// `ip netns exec NAME program args...`
     pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
         let mut all = vec!["netns", "exec", self.name.as_str(), program];
         all.extend_from_slice(args);
-        run("ip", &all)
+        sh("ip", &all)
     }
 
     /// Sets a sysctl inside the namespace (`net.ipv4.ip_forward=1`).
@@ -72,17 +102,11 @@ impl Netns {
 
     /// Runs `f` on a thread that entered this namespace.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-        let path = format!("/run/netns/{}", self.name);
-        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+        let file = open(&self.name)?;
         let name = self.name.as_str();
         std::thread::scope(|s| {
             s.spawn(move || {
-                // SAFETY: setns(2) on a namespace file we hold open; it only changes the network
-                // namespace of this thread, which ends when `f` returns.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                if rc != 0 {
-                    bail!("setns({name}): {}", std::io::Error::last_os_error());
-                }
+                enter_thread(&file).with_context(|| format!("entering {name}"))?;
                 f()
             })
             .join()
@@ -113,8 +137,10 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        if let Err(e) = run("ip", &["netns", "del", &self.name]) {
-            eprintln!("warning: {e}");
+        // Not through anything that checks for Ctrl-C: this is exactly what must still happen
+        // then.
+        if let Err(e) = sh("ip", &["netns", "del", &self.name]) {
+            eprintln!("warning: {e:#}");
         }
     }
 }

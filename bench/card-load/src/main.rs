@@ -24,103 +24,130 @@ mod driver;
 mod ring;
 mod tools;
 
-use std::collections::HashMap;
 use std::io::BufRead;
-use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
+use clap::{Parser, Subcommand};
 
 use crate::driver::{Counts, Device};
 
-/// `--key value` options.
-pub struct Args(HashMap<String, String>);
+/// `card-load MODE --option value ...`
+#[derive(Parser)]
+#[command(
+    name = "card-load",
+    about = "The load generator behind `cargo xtask bench` and `soak` (long-running modes read \
+             `snap` and `quit` on stdin)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
 
-impl Args {
-    fn parse(list: &[String]) -> Result<Self> {
-        let mut map = HashMap::new();
-        let mut it = list.iter();
-        while let Some(k) = it.next() {
-            let key = k
-                .strip_prefix("--")
-                .ok_or_else(|| anyhow!("expected --option, got '{k}'"))?;
-            let v = it.next().ok_or_else(|| anyhow!("--{key} needs a value"))?;
-            map.insert(key.to_string(), v.clone());
-        }
-        Ok(Args(map))
-    }
+#[derive(Subcommand)]
+enum Mode {
+    /// Host-to-card frames from a vhost-user frontend that keeps the TX rings full.
+    H2c {
+        #[command(flatten)]
+        dev: DevOpts,
+        #[command(flatten)]
+        frame: tools::FrameOpts,
+        /// Distinct frame buffers per queue, up to this working set (KiB).
+        #[arg(long, default_value_t = 1024)]
+        ws_kib: usize,
+    },
+    /// Card-to-host frames into a vhost-user frontend that keeps the RX rings posted.
+    C2h {
+        #[command(flatten)]
+        dev: DevOpts,
+        #[command(flatten)]
+        rx: RxOpts,
+    },
+    /// Both at once on one device, frames of several sizes interleaved (the soak's frontend).
+    Bidi {
+        #[command(flatten)]
+        dev: DevOpts,
+        #[command(flatten)]
+        rx: RxOpts,
+        #[command(flatten)]
+        frame: tools::FrameOpts,
+        /// Frame sizes, Ethernet header included (default: --size alone).
+        #[arg(long, value_delimiter = ',')]
+        sizes: Vec<usize>,
+        #[arg(long, default_value_t = 1024)]
+        ws_kib: usize,
+    },
+    /// UDP sink inside the card's namespace.
+    Sink(tools::SinkOpts),
+    /// UDP sender inside the card's namespace.
+    Send(tools::SendOpts),
+    /// Raw tap writer (the reference without virtio).
+    Tapw {
+        #[command(flatten)]
+        tap: tools::TapOpts,
+        #[command(flatten)]
+        frame: tools::FrameOpts,
+    },
+    /// Raw tap reader.
+    Tapr(tools::TapOpts),
+    /// The memcpy reference.
+    Memcpy(tools::MemcpyOpts),
+}
 
-    pub fn str(&self, k: &str) -> Result<&str> {
-        self.0
-            .get(k)
-            .map(String::as_str)
-            .ok_or_else(|| anyhow!("--{k} is required"))
-    }
+/// The vhost-user device.
+#[derive(clap::Args)]
+struct DevOpts {
+    /// The backend's vhost-user socket.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Queue pairs.
+    #[arg(long, default_value_t = 1)]
+    queues: usize,
+    /// Ring size.
+    #[arg(long, default_value_t = 1024)]
+    ring: u16,
+    /// Guest memory (MiB); default 512 for h2c, 256 otherwise.
+    #[arg(long)]
+    mem_mib: Option<usize>,
+}
 
-    pub fn opt(&self, k: &str) -> Option<&str> {
-        self.0.get(k).map(String::as_str)
-    }
-
-    pub fn num<T: std::str::FromStr>(&self, k: &str, default: T) -> Result<T>
-    where
-        T::Err: std::fmt::Display,
-    {
-        match self.0.get(k) {
-            Some(v) => v.parse().map_err(|e| anyhow!("--{k} {v}: {e}")),
-            None => Ok(default),
-        }
-    }
-
-    pub fn sock(&self, k: &str) -> Result<SocketAddrV4> {
-        self.str(k)?.parse().with_context(|| format!("--{k}"))
-    }
-
-    pub fn ip(&self, k: &str, default: Ipv4Addr) -> Result<Ipv4Addr> {
-        match self.0.get(k) {
-            Some(v) => v.parse().with_context(|| format!("--{k}")),
-            None => Ok(default),
-        }
-    }
-
-    pub fn mac(&self, k: &str) -> Result<[u8; 6]> {
-        let s = self.str(k)?;
-        let parts: Vec<&str> = s.split(':').collect();
-        if parts.len() != 6 {
-            bail!("--{k} {s}: not a MAC address");
-        }
-        let mut m = [0u8; 6];
-        for (d, p) in m.iter_mut().zip(parts) {
-            *d = u8::from_str_radix(p, 16).with_context(|| format!("--{k} {s}"))?;
-        }
-        Ok(m)
-    }
+/// The RX side.
+#[derive(clap::Args)]
+struct RxOpts {
+    /// RX buffer size with MRG_RXBUF (without it, 65550).
+    #[arg(long, default_value_t = 4096)]
+    buf: u32,
+    /// How long an idle RX ring is polled before the thread sleeps on the call eventfd (us).
+    #[arg(long, default_value_t = 50)]
+    spin_us: u64,
 }
 
 /// The driver's MAC address (the "host").
 pub const HOST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xbe, 0x4c, 0x01];
 
 fn main() {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let Some((mode, rest)) = argv.split_first() else {
-        eprintln!("usage: card-load h2c|c2h|bidi|sink|send|tapw|tapr|memcpy --option value ...");
-        std::process::exit(2);
+    let cli = Cli::parse();
+    let r = match &cli.mode {
+        Mode::H2c { dev, frame, ws_kib } => h2c(dev, frame, *ws_kib),
+        Mode::C2h { dev, rx } => c2h(dev, rx),
+        Mode::Bidi {
+            dev,
+            rx,
+            frame,
+            sizes,
+            ws_kib,
+        } => bidi(dev, rx, frame, sizes, *ws_kib),
+        Mode::Sink(o) => tools::sink(o),
+        Mode::Send(o) => tools::send(o),
+        Mode::Tapw { tap, frame } => tools::tap_write(tap, frame),
+        Mode::Tapr(o) => tools::tap_read(o),
+        Mode::Memcpy(o) => tools::memcpy(o),
     };
-    let r = Args::parse(rest).and_then(|a| match mode.as_str() {
-        "h2c" => h2c(&a),
-        "c2h" => c2h(&a),
-        "bidi" => bidi(&a),
-        "sink" => tools::sink(&a),
-        "send" => tools::send(&a),
-        "tapw" => tools::tap_write(&a),
-        "tapr" => tools::tap_read(&a),
-        "memcpy" => tools::memcpy(&a),
-        m => bail!("unknown mode '{m}'"),
-    });
     if let Err(e) = r {
-        eprintln!("card-load {mode}: {e:#}");
+        eprintln!("card-load: {e:#}");
         std::process::exit(1);
     }
 }
@@ -199,16 +226,13 @@ fn run_threads_with<T: Send + 'static>(
     Ok(())
 }
 
-fn h2c(a: &Args) -> Result<()> {
-    let socket = PathBuf::from(a.str("socket")?);
-    let pairs: usize = a.num("queues", 1)?;
-    let ring: u16 = a.num("ring", 1024)?;
-    let mem_mib: usize = a.num("mem-mib", 512)?;
-    let mut dev = Device::start(&socket, pairs, ring, mem_mib)?;
-    let spec = tools::FrameSpec::from_args(a)?;
+fn h2c(d: &DevOpts, frame: &tools::FrameOpts, ws_kib: usize) -> Result<()> {
+    let pairs = d.queues;
+    let mut dev = Device::start(&d.socket, pairs, d.ring, d.mem_mib.unwrap_or(512))?;
+    let spec = tools::FrameSpec::from_opts(frame)?;
     let wire = spec.wire_bytes() as u64;
     // Distinct frame buffers per queue, up to this working set (1 MiB: about a core's L2).
-    let per_queue: usize = a.num("ws-kib", 1024usize)? << 10;
+    let per_queue = ws_kib << 10;
     let mut wires = Vec::new();
     for q in 0..pairs {
         let f = spec.build_with_hdr(dev.hdr_len(), u16::try_from(q)?)?;
@@ -235,17 +259,12 @@ fn h2c(a: &Args) -> Result<()> {
     Ok(())
 }
 
-fn c2h(a: &Args) -> Result<()> {
-    let socket = PathBuf::from(a.str("socket")?);
-    let pairs: usize = a.num("queues", 1)?;
-    let ring: u16 = a.num("ring", 1024)?;
-    let buf: u32 = a.num("buf", 4096)?;
-    // How long an idle RX ring is polled before the thread sleeps on the call eventfd.
-    let spin = std::time::Duration::from_micros(a.num("spin-us", 50)?);
-    let mem_mib: usize = a.num("mem-mib", 256)?;
-    let mut dev = Device::start(&socket, pairs, ring, mem_mib)?;
+fn c2h(d: &DevOpts, rx: &RxOpts) -> Result<()> {
+    let pairs = d.queues;
+    let spin = std::time::Duration::from_micros(rx.spin_us);
+    let mut dev = Device::start(&d.socket, pairs, d.ring, d.mem_mib.unwrap_or(256))?;
     let mrg = dev.features & card_tests::netdev::F_MRG_RXBUF != 0;
-    let buf = if mrg { buf } else { 65550 };
+    let buf = if mrg { rx.buf } else { 65550 };
     let hdr_len = dev.hdr_len();
     let mut ptrs = Vec::new();
     for q in 0..pairs {
@@ -278,19 +297,21 @@ enum Work {
 
 /// Both directions at once on one device: every queue pair's TX ring kept full of frames of
 /// `--sizes` (interleaved), its RX ring of `--buf`-byte buffers recycled as they are used.
-fn bidi(a: &Args) -> Result<()> {
-    let socket = PathBuf::from(a.str("socket")?);
-    let pairs: usize = a.num("queues", 1)?;
-    let ring: u16 = a.num("ring", 1024)?;
-    let buf: u32 = a.num("buf", 4096)?;
-    let spin = std::time::Duration::from_micros(a.num("spin-us", 50)?);
-    let mem_mib: usize = a.num("mem-mib", 256)?;
-    let per_queue: usize = a.num("ws-kib", 1024usize)? << 10;
-    let sizes = tools::sizes(a)?;
-    let spec = tools::FrameSpec::from_args(a)?;
-    let mut dev = Device::start(&socket, pairs, ring, mem_mib)?;
+fn bidi(
+    d: &DevOpts,
+    rx_opts: &RxOpts,
+    frame: &tools::FrameOpts,
+    sizes: &[usize],
+    ws_kib: usize,
+) -> Result<()> {
+    let pairs = d.queues;
+    let spin = std::time::Duration::from_micros(rx_opts.spin_us);
+    let per_queue = ws_kib << 10;
+    let sizes = tools::sizes(frame.size, sizes)?;
+    let spec = tools::FrameSpec::from_opts(frame)?;
+    let mut dev = Device::start(&d.socket, pairs, d.ring, d.mem_mib.unwrap_or(256))?;
     let mrg = dev.features & card_tests::netdev::F_MRG_RXBUF != 0;
-    let buf = if mrg { buf } else { 65550 };
+    let buf = if mrg { rx_opts.buf } else { 65550 };
     let hdr_len = dev.hdr_len();
     let mut tx = Vec::new();
     let mut rx = Vec::new();

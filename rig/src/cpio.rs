@@ -14,6 +14,12 @@ const FILE: u32 = 0o100_000;
 const SYMLINK: u32 = 0o120_000;
 const CHAR_DEV: u32 = 0o020_000;
 
+impl Default for Archive {
+    fn default() -> Self {
+        Archive::new()
+    }
+}
+
 impl Archive {
     pub fn new() -> Self {
         Archive {

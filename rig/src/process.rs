@@ -1,8 +1,9 @@
-//! Small helpers around `std::process`: checked commands, children that are
-//! stopped on Drop, and polling with a timeout.
+//! Small helpers around `std::process`: checked commands, children that are stopped on drop,
+//! temporary directories, unique names and polling with a timeout.
 
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,7 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd
         .output()
         .with_context(|| format!("cannot run {cmd:?}"))?;
-    crate::check_interrupted()?;
+    crate::interrupt::check_interrupted()?;
     if !out.status.success() {
         bail!(
             "{cmd:?} failed ({}):\n{}{}",
@@ -23,6 +24,43 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
         );
     }
     Ok(out)
+}
+
+/// Runs `program args...` to completion; its standard output, or an error with its stderr.
+pub fn sh(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "`{program} {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A name unique to this process and call: `<prefix><pid>x<counter>`.
+pub fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{}x{n}", std::process::id())
+}
+
+/// Fails with a clear message unless we run as root (namespaces, taps and veths need it).
+pub fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        bail!(
+            "this needs root (network namespaces, tap and veth devices); run it with sudo -E \
+             (euid is {euid})"
+        );
+    }
+    Ok(())
 }
 
 /// Runs `cmd` and returns its trimmed standard output.
@@ -43,7 +81,7 @@ pub fn wait_for<T>(
         if let Some(value) = check()? {
             return Ok(value);
         }
-        crate::check_interrupted()?;
+        crate::interrupt::check_interrupted()?;
         if Instant::now() > deadline {
             bail!("timed out after {} s waiting for {what}", timeout.as_secs());
         }
@@ -128,7 +166,7 @@ impl Guarded {
             }
             sleep(Duration::from_millis(50));
         }
-        eprintln!("xtask: {} ignored its stop signal, killing it", self.name);
+        eprintln!("rig: {} ignored its stop signal, killing it", self.name);
         self.child.kill().ok();
         let status = self.child.wait()?;
         self.status = Some(status);
@@ -154,17 +192,17 @@ impl Guarded {
 impl Drop for Guarded {
     fn drop(&mut self) {
         if let Err(err) = self.stop() {
-            eprintln!("xtask: cannot stop {}: {err:#}", self.name);
+            eprintln!("rig: cannot stop {}: {err:#}", self.name);
         }
     }
 }
 
-/// A directory removed (with its contents) on Drop.
+/// A directory removed (with its contents) on Drop: `<tmp>/<prefix>-<pid>x<n>`.
 pub struct TempDir(std::path::PathBuf);
 
 impl TempDir {
     pub fn new(prefix: &str) -> Result<Self> {
-        let path = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        let path = std::env::temp_dir().join(unique(&format!("{prefix}-")));
         if path.exists() {
             std::fs::remove_dir_all(&path).ok();
         }

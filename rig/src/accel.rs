@@ -13,31 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use crate::process::TempDir;
+pub use crate::qemu::Accel;
 use crate::qemu::{Nic, Vm, VmConfig};
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
-pub enum Accel {
-    Kvm,
-    Tcg,
-}
-
-impl Accel {
-    /// QEMU's `-machine accel=` value.
-    pub fn name(self) -> &'static str {
-        match self {
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        }
-    }
-
-    /// QEMU's `-cpu` value.
-    pub fn cpu(self) -> &'static str {
-        match self {
-            Accel::Kvm => "host",
-            Accel::Tcg => "max",
-        }
-    }
-}
 
 /// The verdict and why, cached for the rest of the run.
 static VERDICT: OnceLock<(Accel, String)> = OnceLock::new();
@@ -92,7 +69,7 @@ fn probe(kernel: &Path, initramfs: &Path, log_dir: &Path) -> Result<(Accel, Stri
             l.contains("SCENARIO-EXIT")
         })
     });
-    crate::check_interrupted()?;
+    crate::interrupt::check_interrupted()?;
     Ok(match outcome {
         Ok(_) => (
             Accel::Kvm,

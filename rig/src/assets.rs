@@ -151,7 +151,7 @@ struct Kernel {
 }
 
 fn ensure_kernel(refresh: bool) -> Result<Kernel> {
-    let dir = crate::vm_dir().join("kernel");
+    let dir = crate::paths::vm_dir().join("kernel");
     let package_file = dir.join("PACKAGE");
     let load_file = dir.join("modules.load");
     if !refresh && package_file.exists() && load_file.exists() && dir.join("vmlinuz").exists() {
@@ -371,8 +371,8 @@ fn ensure_initramfs(kernel: &Kernel) -> Result<PathBuf> {
     archive.file("init", 0o755, INIT.as_bytes());
     let bytes = archive.finish();
 
-    let plain = crate::vm_dir().join("initramfs.cpio");
-    let gz = crate::vm_dir().join("initramfs.cpio.gz");
+    let plain = crate::paths::vm_dir().join("initramfs.cpio");
+    let gz = crate::paths::vm_dir().join("initramfs.cpio.gz");
     if gz.exists() && fs::read(&plain).is_ok_and(|old| old == bytes) {
         return Ok(gz);
     }

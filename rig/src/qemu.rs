@@ -11,10 +11,34 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::accel::Accel;
 use crate::agent::{Channel, Reply};
 use crate::netns::Netns;
 use crate::process::{wait_for, Guarded};
+
+/// The accelerator QEMU runs the VM with (`accel.rs` probes which one works).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    /// QEMU's `-machine accel=` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+
+    /// QEMU's `-cpu` value.
+    pub fn cpu(self) -> &'static str {
+        match self {
+            Accel::Kvm => "host",
+            Accel::Tcg => "max",
+        }
+    }
+}
 
 /// Where the VM's NIC gets its packets from.
 pub enum Nic<'a> {

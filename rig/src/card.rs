@@ -3,9 +3,9 @@
 //! per-queue counters).
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -20,23 +20,14 @@ pub const CARD6: &str = "fd77::1";
 pub const GUEST6: &str = "fd77::2";
 pub const MAC: &str = "52:54:00:12:34:56";
 
-/// Path of the daemon binary (built by `cargo build --release`).
+/// Path of the daemon binary (built by [`build`]).
 pub fn binary() -> PathBuf {
-    crate::target_dir().join("release/vhost-card")
+    crate::daemon::release_binary()
 }
 
+/// Builds the release daemon.
 pub fn build() -> Result<()> {
-    println!("xtask: cargo build --release -p vhost-card");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "vhost-card"])
-        .current_dir(crate::workspace_root())
-        .status()?;
-    crate::check_interrupted()?;
-    if !status.success() {
-        bail!("cargo build --release -p vhost-card failed ({status})");
-    }
-    Ok(())
+    crate::daemon::build(true).map(drop)
 }
 
 /// The daemon's feature names and bit numbers, from `vhost-card features`.
@@ -86,7 +77,7 @@ impl Card {
     /// Creates the namespace, starts the daemon (logging to `log`), waits
     /// for its socket and tap, and gives the card its addresses.
     pub fn start(cfg: &CardConfig, run_dir: &Path, log: &Path) -> Result<Card> {
-        let ns = Netns::create("vhc")?;
+        let ns = Netns::new("vhc-")?;
         let mut card = Card {
             daemon: None,
             ns,
@@ -137,20 +128,9 @@ impl Card {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let log = OpenOptions::new().append(true).open(&self.log)?;
-        self.log_start = log.metadata()?.len();
-        let mut cmd = Command::new(binary());
-        cmd.args(self.args())
-            // The daemon's private directory goes with our run directory,
-            // also after a SIGKILL.
-            .env("RUNTIME_DIRECTORY", &self.run_dir)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+        self.log_start = std::fs::metadata(&self.log)?.len();
+        // The daemon's private directory goes with our run directory, also after a SIGKILL.
+        let mut cmd = crate::daemon::command(&binary(), &self.args(), &self.log, &self.run_dir)?;
         let mut daemon = Guarded::spawn("the vhost-card daemon", &mut cmd, libc::SIGTERM)?;
         let (socket, ns) = (&self.socket, &self.ns);
         let started = wait_for(
@@ -312,7 +292,7 @@ impl Card {
             .args(args)
             .output()
             .context("running ping in the namespace")?;
-        crate::check_interrupted()?;
+        crate::interrupt::check_interrupted()?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr);
         Ok(crate::report::Ping::parse(&text))

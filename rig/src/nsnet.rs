@@ -3,7 +3,6 @@
 //! thread), so the traffic never leaves the namespaces we created. Every
 //! blocking call has a deadline.
 
-use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -24,17 +23,11 @@ where
     T: Send + 'static,
     F: FnOnce() -> Result<T> + Send + 'static,
 {
-    let path = format!("/run/netns/{ns}");
-    let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+    let file = crate::netns::open(ns)?;
     std::thread::Builder::new()
         .name(what.to_string())
         .spawn(move || {
-            // SAFETY: setns(2) with an open namespace file descriptor; it
-            // changes only this thread's network namespace.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error()).context("setns");
-            }
+            crate::netns::enter_thread(&file)?;
             drop(file);
             f()
         })
@@ -121,7 +114,7 @@ pub fn tcp_receive(
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(e).context(format!("receiving after {bytes} bytes")),
             }
-            crate::check_interrupted()?;
+            crate::interrupt::check_interrupted()?;
             let now = Instant::now();
             if now > deadline {
                 bail!(
@@ -165,7 +158,7 @@ fn accept_within(listener: &TcpListener, timeout: Duration) -> Result<TcpStream>
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
             Err(e) => return Err(e).context("accept"),
         }
-        crate::check_interrupted()?;
+        crate::interrupt::check_interrupted()?;
         if Instant::now() > deadline {
             bail!("no connection within {} s", timeout.as_secs());
         }
@@ -192,7 +185,7 @@ pub fn tcp_send(
                     if !matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::TimedOut) {
                         bail!("connecting to {to}: {e}");
                     }
-                    crate::check_interrupted()?;
+                    crate::interrupt::check_interrupted()?;
                     sleep(Duration::from_millis(100));
                 }
                 Err(e) => return Err(e).context(format!("connecting to {to}")),
@@ -324,14 +317,14 @@ pub fn capture_udp(
                 match sock.recv_from(&mut buf) {
                     Ok((n, _)) => {
                         received = Some(n);
-                        intact = buf[..n] == crate::guest::pattern(n)[..];
+                        intact = buf[..n] == crate::image::pattern(n)[..];
                         done_at.get_or_insert(Instant::now());
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e).context("recvfrom on the card"),
                 }
             }
-            crate::check_interrupted()?;
+            crate::interrupt::check_interrupted()?;
             // Half a second more for stray fragments after the datagram.
             if done_at.is_some_and(|t| t.elapsed() > Duration::from_millis(500)) {
                 break;
@@ -472,9 +465,34 @@ fn frame_kind(data: &[u8]) -> String {
 pub fn udp_send(ns: &str, to: SocketAddrV4, size: usize) -> Result<usize> {
     join(spawn_in(ns, "card-udp-tx", move || {
         let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
-        crate::guest::forbid_fragments(&sock)?;
-        Ok(sock.send_to(&crate::guest::pattern(size), to)?)
+        forbid_fragments(&sock)?;
+        Ok(sock.send_to(&crate::image::pattern(size), to)?)
     })?)
+}
+
+/// IP_MTU_DISCOVER on a UDP socket: `IP_PMTUDISC_DO` (the kernel sets DF and refuses to
+/// fragment, EMSGSIZE instead) or `IP_PMTUDISC_DONT` (DF clear: routers may fragment).
+pub fn pmtu_discovery(sock: &UdpSocket, value: libc::c_int) -> Result<()> {
+    // SAFETY: setsockopt on an open socket with a pointer to a c_int and
+    // its size, as IP_MTU_DISCOVER expects.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("IP_MTU_DISCOVER");
+    }
+    Ok(())
+}
+
+/// [`pmtu_discovery`] with `IP_PMTUDISC_DO`: the datagram leaves as one frame or not at all.
+pub fn forbid_fragments(sock: &UdpSocket) -> Result<()> {
+    pmtu_discovery(sock, libc::IP_PMTUDISC_DO)
 }
 
 #[cfg(test)]

@@ -107,7 +107,7 @@ fn key(recipe: &Recipe) -> String {
 
 /// The cached rootfs, built first if it is missing or its key changed.
 pub fn ensure(recipe: &Recipe) -> Result<Rootfs> {
-    let base = crate::vm_dir().join("networkd");
+    let base = crate::paths::vm_dir().join("networkd");
     let dir = base.join(key(recipe));
     let cpio = dir.join("rootfs.cpio");
     let versions_file = dir.join("VERSIONS");
@@ -171,7 +171,7 @@ fn build(recipe: &Recipe, root: &Path, dir: &Path) -> Result<()> {
         .stderr(log)
         .status()
         .context("running debootstrap")?;
-    crate::check_interrupted()?;
+    crate::interrupt::check_interrupted()?;
     if !status.success() {
         bail!(
             "debootstrap failed ({status}):\n{}",

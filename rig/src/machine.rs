@@ -67,7 +67,7 @@ impl Env {
         let payload = crate::payload::ensure(payload_size)?;
         let work = TempDir::new("vhost-card-e2e-work")?;
         let initrd = work.path().join("initrd");
-        crate::guest::build_initrd(&assets.initramfs, Some(&payload.path), work.path(), &initrd)?;
+        crate::image::build_initrd(&assets.initramfs, Some(&payload.path), work.path(), &initrd)?;
         let table = card::feature_table()?;
         Ok(Env {
             kernel: assets.kernel,
@@ -441,7 +441,7 @@ fn start_vm(
 /// TCP `port` (busybox nc half-closes at the end of its input and exits when
 /// the card closes).
 pub fn guest_send_cmd(env: &Env, len: usize, port: u16) -> String {
-    let payload = crate::guest::PAYLOAD;
+    let payload = crate::image::PAYLOAD;
     let to = format!("{} {port}", card::CARD4);
     if len == env.payload.data.len() {
         format!("nc {to} < {payload}")

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::json::Json;
+use serde_json::{json, Value as Json};
 
 pub struct Qmp {
     reader: BufReader<UnixStream>,
@@ -37,9 +37,9 @@ impl Qmp {
 
     /// Runs `command` and returns its "return" value; fails on "error".
     pub fn execute(&mut self, command: &str, arguments: Option<Json>) -> Result<Json> {
-        let mut request = Json::obj([("execute", Json::str(command))]);
-        if let (Json::Obj(map), Some(args)) = (&mut request, arguments) {
-            map.insert("arguments".into(), args);
+        let mut request = json!({ "execute": command });
+        if let Some(args) = arguments {
+            request["arguments"] = args;
         }
         writeln!(self.writer, "{request}").context("writing to QMP")?;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -87,14 +87,14 @@ impl Qmp {
             match self.reader.read_line(&mut line) {
                 Ok(0) => bail!("QEMU closed the QMP socket"),
                 Ok(_) if line.ends_with('\n') => {
-                    return Json::parse(line.trim())
+                    return serde_json::from_str(line.trim())
                         .with_context(|| format!("bad QMP message {line:?}"));
                 }
                 Ok(_) => {}
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
                 Err(e) => return Err(e).context("reading from QMP"),
             }
-            crate::check_interrupted()?;
+            crate::interrupt::check_interrupted()?;
             if Instant::now() > deadline {
                 bail!("QMP: no answer in time");
             }

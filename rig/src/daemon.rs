@@ -1,0 +1,74 @@
+//! The vhost-card daemon as the tests run it: built once, started by [`command`] (the one place
+//! that knows its environment: log level, private directory, output to a log file).
+
+use std::ffi::OsStr;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// The release daemon that [`build`] makes.
+pub fn release_binary() -> PathBuf {
+    crate::paths::target_dir().join("release/vhost-card")
+}
+
+/// `cargo build [--release] -p vhost-card --bin vhost-card`; returns the binary.
+pub fn build(release: bool) -> Result<PathBuf> {
+    let dir =
+        crate::paths::cargo_build(release, &["-q", "-p", "vhost-card", "--bin", "vhost-card"])?;
+    Ok(dir.join("vhost-card"))
+}
+
+/// The daemon the in-process tests drive: `$VHOST_CARD_BIN`, or the debug build, made once per
+/// test process.
+pub fn test_binary() -> Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let found = match std::env::var_os("VHOST_CARD_BIN") {
+            Some(p) => {
+                let p = PathBuf::from(p);
+                if p.is_file() {
+                    Ok(p)
+                } else {
+                    Err(anyhow!("VHOST_CARD_BIN={} is not a file", p.display()))
+                }
+            }
+            None => build(false),
+        };
+        found.map_err(|e| format!("{e:#}"))
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
+/// The daemon `binary` with `args`, its output appended to `log`, `private` as its private
+/// directory (`RUNTIME_DIRECTORY`: the socket between its gate and the vhost crate) and the
+/// log level of `$VHOST_CARD_LOG` (else `$RUST_LOG`, else info).
+pub fn command<S: AsRef<OsStr>>(
+    binary: &Path,
+    args: &[S],
+    log: &Path,
+    private: &Path,
+) -> Result<Command> {
+    if !binary.is_file() {
+        bail!("{} does not exist (build it first)", binary.display());
+    }
+    let out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let level = std::env::var("VHOST_CARD_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".into());
+    let mut cmd = Command::new(binary);
+    cmd.args(args)
+        .env("RUST_LOG", level)
+        .env("RUNTIME_DIRECTORY", private)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    Ok(cmd)
+}
