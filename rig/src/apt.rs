@@ -1,4 +1,4 @@
-//! Installing Debian packages for the dist and libvirt tasks, without letting their
+//! Installing Debian packages for the rig and the tasks, without letting their
 //! maintainer scripts start services (libvirtd would otherwise start in the host's network
 //! namespace during the install).
 
@@ -17,7 +17,8 @@ pub fn installed(package: &str) -> bool {
         .is_ok_and(|out| out.stdout == b"installed")
 }
 
-fn apt_get() -> Command {
+/// `apt-get` without questions.
+pub fn apt_get() -> Command {
     let mut cmd = Command::new("apt-get");
     cmd.env("DEBIAN_FRONTEND", "noninteractive");
     cmd

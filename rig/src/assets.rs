@@ -82,7 +82,7 @@ pub struct Assets {
 
 /// Makes sure every asset exists, building only what is missing or stale.
 pub fn ensure(opts: &Options) -> Result<Assets> {
-    ensure_packages()?;
+    crate::apt::install(HOST_PACKAGES)?;
     let kernel = ensure_kernel(opts.refresh)?;
     let initramfs = ensure_initramfs(&kernel)?;
     let assets = Assets {
@@ -110,36 +110,6 @@ fn release_of(package: &str) -> Result<String> {
         .and_then(|(_, r)| r.strip_suffix(')'))
         .map(String::from)
         .ok_or_else(|| anyhow!("no kernel release in {package:?}"))
-}
-
-fn installed(package: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${db:Status-Status}", package])
-        .output()
-        .is_ok_and(|out| out.stdout == b"installed")
-}
-
-fn apt_get() -> Command {
-    let mut cmd = Command::new("apt-get");
-    cmd.env("DEBIAN_FRONTEND", "noninteractive");
-    cmd
-}
-
-fn ensure_packages() -> Result<()> {
-    let missing: Vec<&str> = HOST_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !installed(p))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    println!("vm-assets: installing {}", missing.join(" "));
-    run(apt_get().args(["update", "-q"]))?;
-    run(apt_get()
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing))?;
-    Ok(())
 }
 
 /// The cached kernel: `vmlinuz`, `modules/<name>.ko` (uncompressed) and
@@ -232,9 +202,14 @@ fn ensure_kernel(refresh: bool) -> Result<Kernel> {
 /// `apt-get download`s `package` into `dir` (updating the package lists once
 /// if apt does not know it) and returns the .deb.
 fn apt_download(package: &str, dir: &Path) -> Result<PathBuf> {
-    let download = || run(apt_get().arg("download").arg(package).current_dir(dir));
+    let download = || {
+        run(crate::apt::apt_get()
+            .arg("download")
+            .arg(package)
+            .current_dir(dir))
+    };
     if download().is_err() {
-        run(apt_get().args(["update", "-q"]))?;
+        run(crate::apt::apt_get().args(["update", "-q"]))?;
         download()?;
     }
     let prefix = format!("{package}_");

@@ -130,21 +130,13 @@ impl Card {
     fn spawn(&mut self) -> Result<()> {
         self.log_start = std::fs::metadata(&self.log)?.len();
         // The daemon's private directory goes with our run directory, also after a SIGKILL.
-        let mut cmd = crate::daemon::command(&binary(), &self.args(), &self.log, &self.run_dir)?;
-        let mut daemon = Guarded::spawn("the vhost-card daemon", &mut cmd, libc::SIGTERM)?;
         let (socket, ns) = (&self.socket, &self.ns);
-        let started = wait_for(
-            "the daemon's socket and tap",
-            Duration::from_secs(20),
-            || {
-                if let Some(status) = daemon.try_wait()? {
-                    bail!("the daemon exited early ({status})");
-                }
-                Ok((socket.exists() && ns.has_link(TAP)).then_some(()))
-            },
-        );
+        let daemon =
+            crate::daemon::spawn(&binary(), &self.args(), &self.log, &self.run_dir, || {
+                socket.exists() && ns.has_link(TAP)
+            })?;
         self.daemon = Some(daemon);
-        started.with_context(|| crate::process::tail(&self.log, 10))
+        Ok(())
     }
 
     /// SIGKILLs the daemon (a crash, or a firmware update that does not say

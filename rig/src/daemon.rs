@@ -6,8 +6,11 @@ use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+
+use crate::process::{tail, wait_for, Guarded};
 
 /// The release daemon that [`build`] makes.
 pub fn release_binary() -> PathBuf {
@@ -71,4 +74,28 @@ pub fn command<S: AsRef<OsStr>>(
         .stdout(out.try_clone()?)
         .stderr(out);
     Ok(cmd)
+}
+
+/// Starts the daemon ([`command`]) as a [`Guarded`] child and waits up to 20 s for `ready`
+/// (its socket, its tap); fails with the end of its log if it exits first.
+pub fn spawn<S: AsRef<OsStr>>(
+    binary: &Path,
+    args: &[S],
+    log: &Path,
+    private: &Path,
+    mut ready: impl FnMut() -> bool,
+) -> Result<Guarded> {
+    let mut cmd = command(binary, args, log, private)?;
+    let mut daemon = Guarded::spawn("the vhost-card daemon", &mut cmd, libc::SIGTERM)?;
+    wait_for(
+        "the daemon's socket and tap",
+        Duration::from_secs(20),
+        || {
+            if let Some(status) = daemon.try_wait()? {
+                bail!("the daemon exited early ({status}):\n{}", tail(log, 10));
+            }
+            Ok(ready().then_some(()))
+        },
+    )?;
+    Ok(daemon)
 }

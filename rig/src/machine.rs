@@ -275,92 +275,12 @@ impl Rig {
     /// As [`Rig::send_to_card`], the guest's sender run under `wrapper` (e.g. a `taskset`
     /// command line; empty for none).
     pub fn send_to_card_via(&mut self, env: &Env, len: usize, wrapper: &str) -> Result<Checked> {
-        let timeout = transfer_timeout(len);
-        let progress = Arc::new(Progress::default());
-        let rx = nsnet::tcp_receive(
-            self.card.ns.name(),
-            SocketAddrV4::new(card::CARD4.parse()?, 5001),
-            Duration::from_secs(60),
-            timeout,
-            progress,
-        )?;
-        let cmd = guest_send_cmd(env, len, 5001);
-        let cmd = if wrapper.is_empty() {
-            cmd
-        } else {
-            format!("{wrapper} sh -c '{cmd}'")
-        };
-        let reply = self.vm.sh(&cmd, timeout)?;
-        let got = nsnet::join(rx)?;
-        if reply.rc != 0 {
-            bail!("guest nc failed ({}): {}", reply.rc, reply.out.trim());
-        }
-        Ok(Checked {
-            ok: got.bytes == len as u64 && got.sha256 == env.sha_prefix(len)?,
-            expected_sha: env.sha_prefix(len)?,
-            transfer: got,
-        })
+        to_card(env, &mut self.vm, self.card.ns.name(), len, wrapper)
     }
 
     /// `len` bytes of the payload from the card to the guest over TCP.
     pub fn send_to_guest(&mut self, env: &Env, len: usize) -> Result<Checked> {
-        let timeout = transfer_timeout(len);
-        // Listen in the background, then come back to report.
-        self.vm.check(
-            "rm -f /tmp/rx /tmp/rx.rc
-             (nc -l -p 5002 > /tmp/rx; echo $? > /tmp/rx.rc) > /dev/null 2>&1 &
-             n=0
-             until netstat -ltn | grep -q ':5002 '; do
-                 n=$((n + 1)); [ $n -gt 100 ] && { echo 'nc is not listening'; exit 1; }
-                 sleep 0.1
-             done",
-            Duration::from_secs(20),
-        )?;
-        let data = self.prefix(env, len);
-        let tx = nsnet::tcp_send(
-            self.card.ns.name(),
-            SocketAddrV4::new(card::GUEST4.parse()?, 5002),
-            data,
-            Duration::from_secs(10),
-            timeout,
-        )?;
-        let sent = nsnet::join(tx);
-        let out = self.vm.check(
-            "n=0
-             while [ ! -e /tmp/rx.rc ]; do
-                 n=$((n + 1)); [ $n -gt 300 ] && { echo 'nc did not finish'; killall nc; exit 1; }
-                 sleep 0.1
-             done
-             echo rc=$(cat /tmp/rx.rc)
-             echo bytes=$(wc -c < /tmp/rx)
-             echo sha=$(sha256sum /tmp/rx | cut -d' ' -f1)
-             rm -f /tmp/rx",
-            Duration::from_secs(120),
-        )?;
-        let sent = sent?;
-        let kv = key_values(&out);
-        let bytes: u64 = kv.get("bytes").and_then(|b| b.parse().ok()).unwrap_or(0);
-        let sha = kv.get("sha").cloned().unwrap_or_default();
-        let expected_sha = env.sha_prefix(len)?;
-        Ok(Checked {
-            ok: bytes == len as u64
-                && sha == expected_sha
-                && kv.get("rc").map(String::as_str) == Some("0"),
-            expected_sha,
-            transfer: Transfer {
-                bytes,
-                sha256: sha,
-                elapsed: sent.elapsed,
-            },
-        })
-    }
-
-    fn prefix(&self, env: &Env, len: usize) -> Arc<Vec<u8>> {
-        if len == env.payload_arc.len() {
-            env.payload_arc.clone()
-        } else {
-            Arc::new(env.payload_arc[..len].to_vec())
-        }
+        to_guest(env, &mut self.vm, self.card.ns.name(), len)
     }
 
     /// Ends a scenario that has its own VM: a FAIL line gets the evidence, then the VM is
@@ -399,6 +319,93 @@ impl Rig {
             self.log_dir.display()
         )
     }
+}
+
+/// `len` bytes of the payload from the guest of `vm` to the card's namespace `ns` over TCP,
+/// the guest's sender run under `wrapper` (a `taskset` command line; empty for none).
+pub fn to_card(env: &Env, vm: &mut Vm, ns: &str, len: usize, wrapper: &str) -> Result<Checked> {
+    let timeout = transfer_timeout(len);
+    let progress = Arc::new(Progress::default());
+    let rx = nsnet::tcp_receive(
+        ns,
+        SocketAddrV4::new(card::CARD4.parse()?, 5001),
+        Duration::from_secs(60),
+        timeout,
+        progress,
+    )?;
+    let cmd = guest_send_cmd(env, len, 5001);
+    let cmd = if wrapper.is_empty() {
+        cmd
+    } else {
+        format!("{wrapper} sh -c '{cmd}'")
+    };
+    let reply = vm.sh(&cmd, timeout)?;
+    let got = nsnet::join(rx)?;
+    if reply.rc != 0 {
+        bail!("guest nc failed ({}): {}", reply.rc, reply.out.trim());
+    }
+    Ok(Checked {
+        ok: got.bytes == len as u64 && got.sha256 == env.sha_prefix(len)?,
+        expected_sha: env.sha_prefix(len)?,
+        transfer: got,
+    })
+}
+
+/// `len` bytes of the payload from the card's namespace `ns` to the guest of `vm` over TCP.
+pub fn to_guest(env: &Env, vm: &mut Vm, ns: &str, len: usize) -> Result<Checked> {
+    let timeout = transfer_timeout(len);
+    // Listen in the background, then come back to report.
+    vm.check(
+        "rm -f /tmp/rx /tmp/rx.rc
+         (nc -l -p 5002 > /tmp/rx; echo $? > /tmp/rx.rc) > /dev/null 2>&1 &
+         n=0
+         until netstat -ltn | grep -q ':5002 '; do
+             n=$((n + 1)); [ $n -gt 100 ] && { echo 'nc is not listening'; exit 1; }
+             sleep 0.1
+         done",
+        Duration::from_secs(20),
+    )?;
+    let data = if len == env.payload_arc.len() {
+        env.payload_arc.clone()
+    } else {
+        Arc::new(env.payload_arc[..len].to_vec())
+    };
+    let tx = nsnet::tcp_send(
+        ns,
+        SocketAddrV4::new(card::GUEST4.parse()?, 5002),
+        data,
+        Duration::from_secs(10),
+        timeout,
+    )?;
+    let sent = nsnet::join(tx);
+    let out = vm.check(
+        "n=0
+         while [ ! -e /tmp/rx.rc ]; do
+             n=$((n + 1)); [ $n -gt 300 ] && { echo 'nc did not finish'; killall nc; exit 1; }
+             sleep 0.1
+         done
+         echo rc=$(cat /tmp/rx.rc)
+         echo bytes=$(wc -c < /tmp/rx)
+         echo sha=$(sha256sum /tmp/rx | cut -d' ' -f1)
+         rm -f /tmp/rx",
+        Duration::from_secs(120),
+    )?;
+    let sent = sent?;
+    let kv = key_values(&out);
+    let bytes: u64 = kv.get("bytes").and_then(|b| b.parse().ok()).unwrap_or(0);
+    let sha = kv.get("sha").cloned().unwrap_or_default();
+    let expected_sha = env.sha_prefix(len)?;
+    Ok(Checked {
+        ok: bytes == len as u64
+            && sha == expected_sha
+            && kv.get("rc").map(String::as_str) == Some("0"),
+        expected_sha,
+        transfer: Transfer {
+            bytes,
+            sha256: sha,
+            elapsed: sent.elapsed,
+        },
+    })
 }
 
 /// Boots `image` with the card's NIC (or none, to hot-plug later) and waits

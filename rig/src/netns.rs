@@ -62,6 +62,24 @@ impl Netns {
         self.ip(&["link", "show", "dev", dev]).is_ok()
     }
 
+    /// The card's address `cidr` on `dev` and a permanent neighbour entry for the host (`host`
+    /// at `host_mac`), so no ARP is needed before the first frame.
+    pub fn card_address(&self, dev: &str, cidr: &str, host: &str, host_mac: &str) -> Result<()> {
+        self.ip(&["addr", "add", cidr, "dev", dev])?;
+        self.ip(&[
+            "neigh",
+            "replace",
+            host,
+            "lladdr",
+            host_mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ])?;
+        Ok(())
+    }
+
     /// A command that runs `program` inside the namespace.
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("ip");

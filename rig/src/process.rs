@@ -2,7 +2,7 @@
 //! temporary directories, unique names and polling with a timeout.
 
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, ExitStatus, Output};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -130,6 +130,11 @@ impl Guarded {
         self.child.id()
     }
 
+    /// The child's piped standard input and output, if it was spawned with them.
+    pub fn take_stdio(&mut self) -> (Option<ChildStdin>, Option<ChildStdout>) {
+        (self.child.stdin.take(), self.child.stdout.take())
+    }
+
     /// The exit status, if the process has exited.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
         if self.status.is_none() {
@@ -150,6 +155,11 @@ impl Guarded {
     /// Sends the stop signal, waits up to 5 s, then kills. Returns the exit
     /// status and whether the process had to be killed.
     pub fn stop(&mut self) -> Result<(ExitStatus, bool)> {
+        self.stop_within(Duration::from_secs(5))
+    }
+
+    /// [`Guarded::stop`] with a grace period of `grace`.
+    pub fn stop_within(&mut self, grace: Duration) -> Result<(ExitStatus, bool)> {
         if let Some(status) = self.try_wait()? {
             return Ok((status, false));
         }
@@ -159,7 +169,7 @@ impl Guarded {
         unsafe {
             libc::kill(pid, self.stop_signal);
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Some(status) = self.try_wait()? {
                 return Ok((status, false));

@@ -329,17 +329,20 @@ fn first_line(script: &str) -> &str {
     script.lines().next().unwrap_or(script)
 }
 
-/// Follows the serial log file QEMU writes, line by line.
-struct Console {
+/// Follows a serial log file (QEMU's, or virtlogd's for a libvirt domain), line by line,
+/// collecting the guest's `RESULT key=value` lines.
+pub struct Console {
     path: PathBuf,
     file: Option<File>,
     pending: Vec<u8>,
     echo: bool,
-    results: BTreeMap<String, String>,
+    /// The `RESULT key=value` lines seen so far.
+    pub results: BTreeMap<String, String>,
 }
 
 impl Console {
-    fn new(path: PathBuf, echo: bool) -> Self {
+    /// Follows `path` (it may not exist yet); `echo` prints each line as `guest| ...`.
+    pub fn new(path: PathBuf, echo: bool) -> Self {
         Console {
             path,
             file: None,
@@ -350,7 +353,7 @@ impl Console {
     }
 
     /// Complete lines written since the last call.
-    fn poll(&mut self) -> Result<Vec<String>> {
+    pub fn poll(&mut self) -> Result<Vec<String>> {
         if self.file.is_none() {
             match File::open(&self.path) {
                 Ok(file) => self.file = Some(file),

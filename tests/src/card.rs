@@ -53,18 +53,12 @@ impl Card {
         let ns = Netns::new("c")?;
         quiet_namespace(&ns)?;
         let daemon = Daemon::start(ns.name(), extra)?;
-        ns.ip(&["addr", "add", &format!("{CARD_IP}/24"), "dev", TAP])?;
-        ns.ip(&[
-            "neigh",
-            "replace",
-            &HOST_IP.to_string(),
-            "lladdr",
-            &mac_str(&HOST_MAC),
-            "dev",
+        ns.card_address(
             TAP,
-            "nud",
-            "permanent",
-        ])?;
+            &format!("{CARD_IP}/24"),
+            &HOST_IP.to_string(),
+            &mac_str(&HOST_MAC),
+        )?;
         let mac = ns.mac_of(TAP)?;
         Ok(Card {
             daemon,

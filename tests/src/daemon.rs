@@ -5,10 +5,12 @@
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
+
+use rig::process::Guarded;
 
 use crate::TempDir;
 
@@ -60,7 +62,7 @@ fn check_name(name: &str) -> Result<()> {
 
 /// A running daemon.
 pub struct Daemon {
-    child: Option<Child>,
+    child: Option<Guarded>,
     log: PathBuf,
     socket: PathBuf,
     // Last: removed after the child is gone.
@@ -86,9 +88,8 @@ impl Daemon {
         {
             args.push(a.as_ref());
         }
-        let child = rig::daemon::command(&binary()?, &args, &log, dir.path())?
-            .spawn()
-            .context("spawning vhost-card")?;
+        let mut cmd = rig::daemon::command(&binary()?, &args, &log, dir.path())?;
+        let child = Guarded::spawn("vhost-card", &mut cmd, libc::SIGTERM)?;
         let mut d = Daemon {
             child: Some(child),
             log,
@@ -105,7 +106,7 @@ impl Daemon {
 
     /// The daemon's process id.
     pub fn pid(&self) -> Result<u32> {
-        Ok(self.child.as_ref().context("daemon already stopped")?.id())
+        Ok(self.child.as_ref().context("daemon already stopped")?.pid())
     }
 
     /// CPU seconds (user + system) the daemon has used.
@@ -134,20 +135,13 @@ impl Daemon {
 
     /// Waits for the daemon to exit on its own; returns its status.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        let deadline = Instant::now() + timeout;
         let child = self.child.as_mut().context("daemon already stopped")?;
-        loop {
-            if let Some(s) = child.try_wait()? {
+        match child.wait_timeout(timeout) {
+            Ok(status) => {
                 self.child = None;
-                return Ok(s);
+                Ok(status)
             }
-            if Instant::now() >= deadline {
-                bail!(
-                    "vhost-card still running after {timeout:?}; log:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            Err(e) => bail!("{e:#}; log:\n{}", self.log()),
         }
     }
 
@@ -217,21 +211,10 @@ impl Daemon {
     /// SIGTERM, then waits for the exit; returns the status and the final counters.
     pub fn stop(&mut self) -> Result<(ExitStatus, Counters)> {
         let mut child = self.child.take().context("daemon already stopped")?;
-        let pid = libc::pid_t::try_from(child.id())?;
-        // SAFETY: kill(2) on our own child, which has not been reaped yet (so the pid is ours).
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Some(s) = child.try_wait()? {
-                break s;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("vhost-card ignored SIGTERM for 10 s; log:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let (status, killed) = child.stop_within(Duration::from_secs(10))?;
+        if killed {
+            bail!("vhost-card ignored SIGTERM for 10 s; log:\n{}", self.log());
+        }
         let log = self.log();
         let final_line = log
             .lines()
@@ -260,8 +243,7 @@ pub fn last_counters(log: &str) -> Result<Counters> {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            child.kill().ok();
         }
         // Shown by the test runner only when the test fails.
         eprintln!(
@@ -276,21 +258,17 @@ impl Drop for Daemon {
 pub fn run_to_exit(args: &[&str], timeout: Duration) -> Result<(ExitStatus, String)> {
     let dir = TempDir::new("card-tests")?;
     let log = dir.path().join("stderr");
-    let mut child = rig::daemon::command(&binary()?, args, &log, dir.path())?.spawn()?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok((status, std::fs::read_to_string(&log)?));
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+    let mut cmd = rig::daemon::command(&binary()?, args, &log, dir.path())?;
+    let mut child = Guarded::spawn("vhost-card", &mut cmd, libc::SIGTERM)?;
+    match child.wait_timeout(timeout) {
+        Ok(status) => Ok((status, std::fs::read_to_string(&log)?)),
+        Err(_) => {
+            child.kill().ok();
             bail!(
                 "vhost-card {} kept running for {timeout:?} instead of exiting; log:\n{}",
                 args.join(" "),
                 std::fs::read_to_string(&log).unwrap_or_default()
-            );
+            )
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -271,18 +271,12 @@ fn socket_activation_serves_the_inherited_socket() -> Result<()> {
     daemon.wait_log("frontend acked features", Duration::from_secs(5))?;
 
     // The card's address, and the host's MAC so no ARP is needed.
-    ns.ip(&["addr", "add", &format!("{CARD_IP}/24"), "dev", TAP])?;
-    ns.ip(&[
-        "neigh",
-        "replace",
-        &HOST_IP.to_string(),
-        "lladdr",
-        &mac_str(&HOST_MAC),
-        "dev",
+    ns.card_address(
         TAP,
-        "nud",
-        "permanent",
-    ])?;
+        &format!("{CARD_IP}/24"),
+        &HOST_IP.to_string(),
+        &mac_str(&HOST_MAC),
+    )?;
     let card_mac = ns.mac_of(TAP)?;
 
     // Host -> card: UDP datagrams reach a socket on the card.

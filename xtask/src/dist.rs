@@ -85,7 +85,7 @@ fn man_pages(cmd: &clap::Command) -> Vec<String> {
 
 /// card-os's templates and web pages, relative to card-os/ (templates/*.in, www/...).
 fn card_os_share() -> Result<Vec<String>> {
-    let root = crate::workspace_root().join("card-os");
+    let root = rig::paths::workspace_root().join("card-os");
     let mut files = Vec::new();
     for dir in ["templates", "www"] {
         for entry in fs::read_dir(root.join(dir))? {
@@ -178,7 +178,7 @@ pub fn run(opts: &Options) -> Result<()> {
     if !opts.no_build {
         build_release()?;
     }
-    let release = crate::target_dir().join("release");
+    let release = rig::paths::target_dir().join("release");
     for program in PROGRAMS {
         ensure!(
             release.join(program).is_file(),
@@ -186,7 +186,7 @@ pub fn run(opts: &Options) -> Result<()> {
             release.join(program).display()
         );
     }
-    let out = crate::target_dir().join("dist");
+    let out = rig::paths::target_dir().join("dist");
     build_dist(&release, &out, &opts.prefix)?;
     check_dist(&out, &opts.prefix)?;
     let layout = layout(&opts.prefix)?;
@@ -211,7 +211,7 @@ fn build_release() -> Result<()> {
 
 /// The checked-in host configuration (host-config/).
 fn host_config(rel: &str) -> PathBuf {
-    crate::workspace_root().join("host-config").join(rel)
+    rig::paths::workspace_root().join("host-config").join(rel)
 }
 
 /// Reads a checked-in file and points its binaries (`/usr/local/bin/...`) at `<prefix>/bin/`.
@@ -262,7 +262,7 @@ fn build_dist(release: &Path, out: &Path, prefix: &Path) -> Result<()> {
         };
         fs::write(out.join("systemd").join(unit), text)?;
     }
-    let card_os = crate::workspace_root().join("card-os");
+    let card_os = rig::paths::workspace_root().join("card-os");
     fs::copy(card_os.join("card.toml"), out.join("card.toml"))?;
     for file in card_os_share()? {
         let dest = out.join("share").join(&file);
@@ -339,8 +339,11 @@ vhost\-user backend discovery file (QEMU's docs/interop/vhost\-user.json).
 .TP
 \fI/etc/systemd/system/vhost\-card@.socket\fR, \fIvhost\-card@.service\fR
 Socket activation: instance \fIN\fR listens on \fI/run/vhost\-card/N.sock\fR and runs
-\fBvhost\-card \-\-fd 3 \-\-netns N \-\-tap card0 \-\-control /run/vhost\-card/N.control\fR
-on the first connection.
+\fBvhost\-card \-\-fd 3 \-\-config /etc/vhost\-card/N.toml\fR on the first connection.
+.TP
+\fI/etc/vhost\-card/<card>.toml\fR
+The card's file: \fB\-\-config\fR reads its [daemon] table (keys: the long options, without
+dashes); its name gives the namespace and \fI/run/vhost\-card/<card>.{sock,control}\fR.
 .TP
 \fI<prefix>/share/doc/vhost\-card/vhost\-card\-vm.xml\fR
 A libvirt domain with a vhostuser interface on \fI/run/vhost\-card/card.sock\fR.

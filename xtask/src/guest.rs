@@ -11,17 +11,25 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 pub use rig::image::{pattern, HELPER, PAYLOAD};
-use rig::nsnet::forbid_fragments;
+use rig::nsnet::pmtu_discovery;
 
 /// `xtask guest ...`: runs inside the VM.
 #[derive(clap::Subcommand)]
 pub enum Helper {
-    /// Send one UDP datagram of SIZE bytes to ADDR:PORT with fragmentation
-    /// forbidden (IP_PMTUDISC_DO), so it leaves as one frame or not at all.
+    /// Send one UDP datagram of SIZE bytes (the test pattern) to ADDR:PORT with fragmentation
+    /// forbidden (IP_PMTUDISC_DO), so it leaves as one frame or not at all; print the path MTU
+    /// the kernel had (`mtu_before`).
     UdpSend {
         addr: Ipv4Addr,
         port: u16,
         size: usize,
+        /// DF clear instead (IP_PMTUDISC_DONT): routers may fragment it.
+        #[arg(long, conflicts_with = "pmtu")]
+        fragment: bool,
+        /// After sending, wait for the path MTU to drop (an ICMP frag-needed came back), print
+        /// it (`mtu_after`) and send again (`resend`).
+        #[arg(long)]
+        pmtu: bool,
     },
     /// Receive one UDP datagram on PORT (creating READY once bound) and
     /// print its size; fail after SECS seconds.
@@ -77,18 +85,13 @@ fn ethtool_channels(dev: &str, ch: &mut EthtoolChannels) -> Result<()> {
 
 pub fn helper(cmd: &Helper) -> Result<()> {
     match cmd {
-        Helper::UdpSend { addr, port, size } => {
-            let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
-            forbid_fragments(&sock)?;
-            let data = pattern(*size);
-            let sent = sock
-                .send_to(&data, SocketAddrV4::new(*addr, *port))
-                .context("sendto")?;
-            println!("sent={sent}");
-            if sent != *size {
-                bail!("sent {sent} of {size} bytes");
-            }
-        }
+        Helper::UdpSend {
+            addr,
+            port,
+            size,
+            fragment,
+            pmtu,
+        } => udp_send(*addr, *port, *size, *fragment, *pmtu)?,
         Helper::UdpRecv { port, ready, secs } => {
             let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, *port))?;
             std::fs::write(ready, b"")?;
@@ -128,4 +131,65 @@ pub fn helper(cmd: &Helper) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `guest udp-send`.
+fn udp_send(addr: Ipv4Addr, port: u16, size: usize, fragment: bool, pmtu: bool) -> Result<()> {
+    let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+    sock.connect(SocketAddrV4::new(addr, port))?;
+    let mode = if fragment {
+        libc::IP_PMTUDISC_DONT
+    } else {
+        libc::IP_PMTUDISC_DO
+    };
+    pmtu_discovery(&sock, mode)?;
+    let data = pattern(size);
+    let before = ip_mtu(&sock)?;
+    let sent = sock.send(&data).context("send")?;
+    println!("sent={sent}");
+    println!("mtu_before={before}");
+    if pmtu {
+        // The card answers with frag-needed; the kernel lowers the route's MTU, which IP_MTU on
+        // the connected socket shows.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut mtu = before;
+        while mtu >= before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            mtu = ip_mtu(&sock)?;
+        }
+        println!("mtu_after={mtu}");
+        let again = sock.send(&data);
+        println!(
+            "resend={}",
+            match again {
+                Ok(n) => format!("sent {n}"),
+                Err(e) => format!("{e}"),
+            }
+        );
+    }
+    if sent != size {
+        bail!("sent {sent} of {size} bytes");
+    }
+    Ok(())
+}
+
+/// The path MTU the kernel has for a connected socket (IP_MTU).
+fn ip_mtu(sock: &UdpSocket) -> Result<i32> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt on an open socket into a c_int we own, with its
+    // size.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("IP_MTU");
+    }
+    Ok(value)
 }

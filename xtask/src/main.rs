@@ -6,6 +6,9 @@
 //! what the guest sees, `e2e` runs the end-to-end scenarios (traffic, feature
 //! toggles, large frames, hot-plug, card restart) and `demo` shows it all to
 //! a person. Everything they fetch or build is cached under `target/vm/`.
+//!
+//! What the tasks share with the integration tests (the VM, the daemon, namespaces, processes)
+//! is the `rig` crate; the card's node is the `card-os` crate. Nothing here is product code.
 
 mod bench;
 mod demo;
@@ -21,11 +24,13 @@ mod soak;
 use anyhow::{bail, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 // The shared test rig (rig/): daemon launch, namespaces, processes, VMs, QMP, the guest agent.
-// Imported at the root so the tasks name its modules as before (`crate::qemu::Vm`).
+// Its modules are re-exported at the root so the e2e scenarios name them as they always have
+// (`crate::qemu::Vm`, `crate::rig::Rig`, `crate::workspace_root()`).
 #[allow(clippy::single_component_path_imports)]
 use ::rig;
-use rig::interrupt::{check_interrupted, install_signal_handlers};
-use rig::paths::{target_dir, vm_dir, workspace_root};
+pub use rig::interrupt::check_interrupted;
+use rig::interrupt::install_signal_handlers;
+pub use rig::paths::{target_dir, vm_dir, workspace_root};
 use rig::{
     accel, apt, assets, card, cpio, features, netns, nsnet, payload, process, qemu, qmp, report,
     rootfs,
@@ -67,13 +72,11 @@ enum Task {
     #[command(subcommand, hide = true)]
     Guest(guest::Helper),
     /// The card-os end-to-end scenarios (NAT, proxy, fragments, IPsec, firewall, reload, the
-    /// networkd guest).
+    /// networkd and NetworkManager guests, the installed product alone).
     CardosE2e(e2e::cardos::Options),
-    /// Runs inside the test VM (the card-os scenarios' guest helper).
-    #[command(subcommand, hide = true)]
-    CardGuest(e2e::card_guest::Helper),
-    /// The host install in target/dist/ (release binary, man pages, shell completions,
-    /// 50-vhost-card.json, systemd units, libvirt XML), checked; --install puts it in place.
+    /// The host install in target/dist/ (vhost-card and card-os, man pages, shell
+    /// completions, 50-vhost-card.json, systemd units, the example card, card-os's templates,
+    /// libvirt XML), checked; --install puts it in place.
     Dist(dist::Options),
     /// The libvirt domain in host-config/libvirt/ under libvirt from apt: define, start,
     /// traffic both ways with the card's counters, undefine.
@@ -101,7 +104,6 @@ fn main() {
         Task::Soak(opts) => soak::run(&opts),
         Task::Guest(cmd) => guest::helper(&cmd),
         Task::CardosE2e(opts) => e2e::cardos::run(&opts),
-        Task::CardGuest(cmd) => e2e::card_guest::helper(&cmd),
         Task::Dist(opts) => dist::run(&opts),
         Task::Libvirt(opts) => libvirt::run(&opts),
         Task::Test(opts) => run_tests(&opts),

@@ -290,7 +290,7 @@ impl Plan {
 }
 
 /// The processes of one soak; dropped in reverse order of declaration (sources first).
-struct Rig {
+struct Soak {
     bin: PathBuf,
     logs: PathBuf,
     sock: PathBuf,
@@ -338,7 +338,7 @@ fn snap(p: &mut Proc) -> Result<String> {
     p.expect(Duration::from_secs(5), |l| l.starts_with('{'))
 }
 
-impl Rig {
+impl Soak {
     fn load(&self, args: &[&str]) -> Command {
         let mut c = Command::new(self.bin.join("card-load"));
         c.args(args);
@@ -725,7 +725,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let out = opts
         .out
         .clone()
-        .unwrap_or_else(|| crate::target_dir().join("soak"));
+        .unwrap_or_else(|| rig::paths::target_dir().join("soak"));
     let logs = out.join("logs");
     std::fs::create_dir_all(&logs)?;
     let bin = build()?;
@@ -763,34 +763,17 @@ pub fn run(opts: &Options) -> Result<()> {
             .split_whitespace()
             .map(String::from),
     );
-    let mut cmd = rig::daemon::command(&bin.join("vhost-card"), &args, &daemon_log, dir.path())?;
-    let mut daemon = Guarded::spawn("vhost-card", &mut cmd, libc::SIGTERM)?;
-    process::wait_for("the vhost-card sockets", Duration::from_secs(10), || {
-        if let Some(st) = daemon.try_wait()? {
-            bail!(
-                "vhost-card exited ({st}): {}",
-                process::tail(&daemon_log, 10)
-            );
-        }
-        Ok((sock.exists() && control.exists()).then_some(()))
-    })?;
-    process::wait_for("card0", Duration::from_secs(10), || {
-        Ok(ns.has_link("card0").then_some(()))
-    })?;
-    ns.ip(&["addr", "add", &format!("{CARD_IP}/24"), "dev", "card0"])?;
-    ns.ip(&[
-        "neigh",
-        "replace",
-        HOST_IP,
-        "lladdr",
-        HOST_MAC,
-        "dev",
-        "card0",
-        "nud",
-        "permanent",
-    ])?;
+    let daemon = rig::daemon::spawn(
+        &bin.join("vhost-card"),
+        &args,
+        &daemon_log,
+        dir.path(),
+        || sock.exists() && control.exists() && ns.has_link("card0"),
+    )?;
+
+    ns.card_address("card0", &format!("{CARD_IP}/24"), HOST_IP, HOST_MAC)?;
     let mac = process::stdout(ns.command("cat").arg("/sys/class/net/card0/address"))?;
-    let mut rig = Rig {
+    let mut rig = Soak {
         bin,
         logs: logs.clone(),
         sock: sock.clone(),
@@ -845,9 +828,9 @@ pub fn run(opts: &Options) -> Result<()> {
     let mut samples = vec![rig.sample(0.0)?];
     println!("{}", line(&samples[0], None));
     let mut died: Option<String> = None;
-    let wait_until = |rig: &mut Rig, at: f64| -> Result<bool> {
+    let wait_until = |rig: &mut Soak, at: f64| -> Result<bool> {
         loop {
-            crate::check_interrupted()?;
+            rig::interrupt::check_interrupted()?;
             if !rig.daemon_alive() {
                 return Ok(false);
             }

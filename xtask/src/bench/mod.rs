@@ -227,7 +227,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let out = opts
         .out
         .clone()
-        .unwrap_or_else(|| crate::target_dir().join("bench"));
+        .unwrap_or_else(|| rig::paths::target_dir().join("bench"));
     std::fs::create_dir_all(&out)?;
     if opts.vm {
         return vm::run(opts, &out);
@@ -310,7 +310,7 @@ pub fn run(opts: &Options) -> Result<()> {
                 if row.na.is_some() {
                     continue;
                 }
-                crate::check_interrupted()?;
+                rig::interrupt::check_interrupted()?;
                 let t = Instant::now();
                 match measure(&mut ctx, case, row.frontend, row.backend) {
                     Ok(s) => {
@@ -328,7 +328,7 @@ pub fn run(opts: &Options) -> Result<()> {
                         row.samples.push(s);
                     }
                     Err(e) => {
-                        crate::check_interrupted()?;
+                        rig::interrupt::check_interrupted()?;
                         println!(
                             "  {:<18} {:<9} {:<15} run {}: FAILED: {e:#}",
                             case.label(),
@@ -669,18 +669,7 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
         ns.ip(&["link", "show", "dev", "card0"]).is_ok()
     })?;
     ns.ip(&["link", "set", "card0", "mtu", &mtu, "up"])?;
-    ns.ip(&["addr", "add", &format!("{CARD_IP}/24"), "dev", "card0"])?;
-    ns.ip(&[
-        "neigh",
-        "replace",
-        HOST_IP,
-        "lladdr",
-        HOST_MAC,
-        "dev",
-        "card0",
-        "nud",
-        "permanent",
-    ])?;
+    ns.card_address("card0", &format!("{CARD_IP}/24"), HOST_IP, HOST_MAC)?;
     let mac = ns
         .exec("cat", &["/sys/class/net/card0/address"])?
         .trim()

@@ -61,7 +61,7 @@ pub fn prepare(dpdk: bool) -> Result<Env> {
     println!("bench: building vhost-card and card-load (release)");
     rig::paths::cargo_build(true, super::BINARIES)?;
     Ok(Env {
-        bin: crate::target_dir().join("release"),
+        bin: rig::paths::target_dir().join("release"),
         huge,
     })
 }

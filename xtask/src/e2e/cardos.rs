@@ -599,7 +599,7 @@ fn fragments(
         Duration::from_secs(30),
     )?;
     let sent = rig.vm.sh(
-        &format!("{helper} card-guest udp-send {server} 5005 {DATAGRAM}"),
+        &format!("{helper} guest udp-send {server} 5005 {DATAGRAM} --fragment"),
         Duration::from_secs(30),
     )?;
     let wire_cap = nsnet::join(on_wire)?;
@@ -631,7 +631,7 @@ fn fragments(
     // (b) DF set: the card answers frag-needed; the guest's path MTU drops.
     let icmp0 = snmp(&cns, "Icmp", "OutDestUnreachs");
     let out = rig.vm.sh(
-        &format!("{helper} card-guest udp-send {peer} 5007 {DATAGRAM} --df"),
+        &format!("{helper} guest udp-send {peer} 5007 {DATAGRAM} --pmtu"),
         Duration::from_secs(30),
     )?;
     let icmp1 = snmp(&cns, "Icmp", "OutDestUnreachs");

@@ -22,7 +22,6 @@
 //! Scenarios 1, 2, 4, 6 and 8 share one VM; 3 boots one per configuration, 5
 //! and 7 their own. Logs: target/vm/logs/e2e/<rig>/.
 
-pub mod card_guest;
 pub mod cardos;
 mod hotplug;
 mod installed;
