@@ -173,7 +173,8 @@ pub struct Port {
     pub mtu: u32,
     pub address4: Cidr,
     pub address6: Cidr,
-    #[serde(default = "Port::default_wire_netns")]
+    /// The outside network's namespace; default `<card>-wire`.
+    #[serde(default)]
     pub wire_netns: String,
     #[serde(default = "Port::default_wire_dev")]
     pub wire_dev: String,
@@ -185,9 +186,6 @@ pub struct Port {
 impl Port {
     fn default_mtu() -> u32 {
         1500
-    }
-    fn default_wire_netns() -> String {
-        "wire".into()
     }
     fn default_wire_dev() -> String {
         "eth0".into()
@@ -401,6 +399,10 @@ impl Config {
             false => None,
             true => Some(ipsec(&file.ipsec, &file.port, &key_err)?),
         };
+        let mut ports = file.port;
+        for p in ports.iter_mut().filter(|p| p.wire_netns.is_empty()) {
+            p.wire_netns = format!("{name}-wire");
+        }
         let paths = CardPaths::of(&name);
         let card = file.card;
         let share_dir = card.share_dir.clone().unwrap_or_else(default_share_dir);
@@ -413,7 +415,7 @@ impl Config {
             daemon,
             card,
             link: file.link,
-            ports: file.port,
+            ports,
             firewall: file.firewall,
             ipsec,
             services: file.services,
@@ -537,6 +539,7 @@ mod tests {
         assert_eq!(cfg.ports[0].mtu, 1500);
         assert_eq!(cfg.card.mode, Mode::Nat);
         assert_eq!(cfg.card.daemon, "vhost-card");
+        assert_eq!(cfg.ports[0].wire_netns, "card-wire");
     }
 
     fn error_of(edit: impl Fn(&str) -> String) -> String {

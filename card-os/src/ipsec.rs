@@ -666,7 +666,7 @@ fn start_charon(ns: &str, dir: &Path) -> Result<()> {
         }
         Ok(socket.exists().then_some(()))
     });
-    // Reap it whenever it ends (`card down`), while we live.
+    // Reap it whenever it ends (`card-os down`), while we live.
     std::thread::spawn(move || child.wait());
     ready?;
     wait_for("charon's pid file", Duration::from_secs(5), || {

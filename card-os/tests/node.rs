@@ -42,7 +42,6 @@ fn card_file(dir: &Path, ns: &str, daemon: &str, extra: &[(&str, &str)]) -> Resu
             ),
         ),
         ("daemon = \"vhost-card\"", format!("daemon = \"{daemon}\"")),
-        ("wire_netns = \"wire\"", format!("wire_netns = \"{ns}w\"")),
         (
             "queues = 1\n",
             format!(
@@ -269,7 +268,7 @@ fn run_puts_the_link_back_reloads_on_sighup_and_goes_down_on_sigterm() -> Result
         "ruleset left behind"
     );
     ensure!(
-        !netns_exists(&format!("{}w", ns.name())),
+        !netns_exists(&format!("{}-wire", ns.name())),
         "wire namespace left behind"
     );
     ensure!(
@@ -433,7 +432,7 @@ fn traces(ns: &str, dir: &Path) -> Vec<String> {
             t.push("ip_forward=1".into());
         }
     }
-    if netns_exists(&format!("{ns}w")) {
+    if netns_exists(&format!("{ns}-wire")) {
         t.push("wire namespace".into());
     }
     if dir.join("run").exists() {

@@ -12,11 +12,11 @@
 //!    the wire reaches the guest reassembled by the card (UDP relay);
 //! 4. ipsec: guest traffic to the peer is ESP on the wire (kernel ESP, or
 //!    ESP in UDP from strongSwan's userspace kernel-libipsec where the
-//!    kernel has none), nothing in clear, and a `card reload` halfway
+//!    kernel has none), nothing in clear, and a `card-os reload` halfway
 //!    through keeps the SAs;
 //! 5. firewall: a new connection from the wire to the guest is dropped; the
 //!    card's own HTTP server answers;
-//! 6. reload: `card reload` with a changed config during a transfer;
+//! 6. reload: `card-os reload` with a changed config during a transfer;
 //! 7. networkd: a second guest, Debian with systemd-networkd from
 //!    debootstrap, configured by host-config/networkd/ alone, gets the
 //!    card's MTU, addresses and routes and reaches the card and the wire
@@ -797,7 +797,7 @@ fn firewall(
     ))
 }
 
-/// Scenario 6: `card reload` with a changed config while the guest fetches
+/// Scenario 6: `card-os reload` with a changed config while the guest fetches
 /// from the wire; the transfer ends whole and the host link never drops.
 fn reload(
     rig: &mut Rig,
@@ -881,7 +881,7 @@ fn reload(
 }
 
 /// Scenario 4: guest → IPsec peer; the wire sees only ESP (or IKE), and a
-/// `card reload` halfway through keeps the tunnel and its SAs.
+/// `card-os reload` halfway through keeps the tunnel and its SAs.
 pub(super) fn ipsec(
     rig: &mut Rig,
     env: &Env,
@@ -905,7 +905,7 @@ pub(super) fn ipsec(
         .stderr(Stdio::null());
     let mut dump = Guarded::spawn("tcpdump", &mut cmd, libc::SIGINT)?;
     std::thread::sleep(Duration::from_secs(2));
-    // `card reload` as soon as the transfer runs, from another thread:
+    // `card-os reload` as soon as the transfer runs, from another thread:
     // (seconds it took, whether the transfer still ran when it was done).
     let cfg = node.cfg.clone();
     let reload = match &node.driver {

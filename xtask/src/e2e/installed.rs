@@ -1,13 +1,19 @@
 //! cardos-e2e scenario 9: the installed product alone. `cargo xtask dist --install --destdir`
 //! puts vhost-card and card-os, their templates, web pages, units and the example card into a
 //! staging root outside the checkout; then, from a directory in that staging root, with an
-//! environment holding nothing but `PATH=<root>/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin`,
-//! the installed `card-os` checks and brings up a card made from the installed example (IPsec
-//! and the wire's test web server turned on, a wire namespace of its own) and starts the
-//! installed `vhost-card --config` itself. The VM is booted again on that daemon's socket
-//! (`/run/vhost-card/<card>.sock`, the paths table's default) and the scenarios that matter
-//! run against it: NAT to the 1500-byte wire, the card's web server, IPsec (with the installed
-//! `card-os reload` mid-transfer). Then `card-os down`, and nothing of the card is left.
+//! environment holding nothing but `PATH=<root>/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin`:
+//!
+//! 1. the installed example, unedited, under the run's own card name (`vci<pid>.toml`: the
+//!    file's name is the card's name, so its namespaces are the run's), is checked and brought
+//!    up by the installed `card-os`, which starts the installed `vhost-card --config` itself;
+//!    the VM is booted again on that daemon's socket (`/run/vhost-card/<card>.sock`, the paths
+//!    table's default); 64 MiB from the guest to a host on the 1500-byte wire pass through the
+//!    card's NAT (sha256, the masquerade rule counting), and the card's web server answers;
+//! 2. the file edited as a user would (IPsec on, the wire's test web server on) and
+//!    `card-os reload`: 64 MiB through the IPsec tunnel, with the installed `card-os reload`
+//!    again mid-transfer;
+//! 3. `card-os down`, and nothing of the card is left.
+//!
 //! Every command and its output goes to `logs/cardos/installed.txt`.
 
 use std::fmt::Write as _;
@@ -88,20 +94,10 @@ pub fn scenario(
     let etc = root.join("etc/vhost-card");
     let pid = std::process::id();
     let name = format!("vci{pid}");
-    let wire = format!("cowi{pid}");
-    // The installed example, adapted as a user would.
-    let example = std::fs::read_to_string(etc.join("card.toml"))?;
-    let mut text = example.clone();
-    for (old, new) in [
-        ("enable = false", "enable = true".to_string()),
-        ("wire_http_port = 0", "wire_http_port = 80".to_string()),
-        ("wire_netns = \"wire\"", format!("wire_netns = \"{wire}\"")),
-    ] {
-        ensure!(text.contains(old), "the installed example has no {old:?}");
-        text = text.replacen(old, &new, 1);
-    }
+    // The installed example, unedited: only its name (the card's name) is the run's.
+    let example = etc.join("card.toml");
     let file = etc.join(format!("{name}.toml"));
-    std::fs::write(&file, text)?;
+    std::fs::copy(&example, &file)?;
     let cmd = Command {
         bin: bin.join("card-os"),
         file: file.clone(),
@@ -140,9 +136,8 @@ fn run(
     cmd.run(&["check"])?;
     cmd.run(&["up"])?;
     let (status, _) = cmd.run(&["status"])?;
-    let cfg = Config::load(file)?;
     let mut node = Node {
-        cfg,
+        cfg: Config::load(file)?,
         guests: Vec::new(),
         booted: None,
         driver: Driver::Installed(cmd.clone()),
@@ -168,36 +163,99 @@ fn run(
     );
     rig.replace_vm_on(env, "installed", &socket, u32::from(node.cfg.daemon.mtu))?;
     guest_setup(rig, &node.cfg)?;
-    std::fs::copy(&env.payload.path, node.cfg.run_dir.join("wire/www/payload"))?;
 
-    let (nat_ok, nat) = cardos::nat(rig, env, &mut node, opts)?;
+    // 1. The unedited example: NAT to a host on the wire, the card's web server.
+    let (nat_ok, nat) = nat_to_wire(rig, env, &node.cfg, opts)?;
     let page = rig.vm.sh(
         &format!("wget -q -O - http://{}/", node.cfg.link.address4.addr),
         Duration::from_secs(30),
     )?;
     let page_ok = page.rc == 0 && page.out.contains("the card's own web server");
+
+    // 2. Edited as a user would, and reloaded: IPsec.
+    let text = std::fs::read_to_string(file)?;
+    let mut edited = text.clone();
+    for (old, new) in [
+        ("enable = false", "enable = true"),
+        ("wire_http_port = 0", "wire_http_port = 80"),
+    ] {
+        ensure!(edited.contains(old), "the installed example has no {old:?}");
+        edited = edited.replacen(old, new, 1);
+    }
+    std::fs::write(file, edited)?;
+    cmd.run(&["reload"])?;
+    node.cfg = Config::load(file)?;
+    std::fs::copy(&env.payload.path, node.cfg.run_dir.join("wire/www/payload"))?;
     let (ipsec_ok, ipsec) = cardos::ipsec(rig, env, &mut node, opts)?;
     let (json_rc, json) = cmd.run(&["status", "--json"])?;
     let json: serde_json::Value = serde_json::from_str(json.trim())?;
     let up_ok =
         status == 0 && json_rc == 0 && json["up"] == true && json["link"]["present"] == true;
-    // Down through the installed command: nothing of the card stays.
+
+    // 3. Down through the installed command: nothing of the card stays.
     drop(node);
     let (after, _) = cmd.run(&["status"])?;
     let gone = after == 3
         && !Path::new("/run/netns").join(name).exists()
+        && !Path::new("/run/netns")
+            .join(format!("{name}-wire"))
+            .exists()
         && !socket.exists()
         && !Path::new("/run/vhost-card").join(name).exists();
-    let ok = nat_ok == Some(true) && page_ok && ipsec_ok == Some(true) && up_ok && gone;
+    let ok = nat_ok && page_ok && ipsec_ok == Some(true) && up_ok && gone;
     Ok((
         ok,
         format!(
-            "installed card-os up from {} with the installed example (ipsec on), daemon {daemon}, \
-             status {status}; NAT: {nat}; card web server from the guest: {}; IPsec: {ipsec}; \
-             card-os down: status {after}, namespace, socket and run directory {}",
+            "the installed example unedited ({}), card-os up started the {daemon}, status \
+             {status}; NAT: {nat}; card web server from the guest: {}; IPsec and the wire's web \
+             server turned on, card-os reload: {ipsec}; card-os down: status {after}, \
+             namespaces, socket and run directory {}",
             file.display(),
             if page_ok { "served" } else { "NOT served" },
             if gone { "gone" } else { "LEFT BEHIND" }
+        ),
+    ))
+}
+
+/// The payload from the guest to a host on the wire (the first of `wire_hosts`, TCP port
+/// 5010, a receiver in the wire's namespace) through the card's NAT.
+fn nat_to_wire(rig: &mut Rig, env: &Env, cfg: &Config, opts: &Options) -> Result<(bool, String)> {
+    let len = opts.mib * super::MIB;
+    let port = &cfg.ports[0];
+    let host = port.wire_hosts.first().context("no wire_hosts")?.addr;
+    let std::net::IpAddr::V4(host) = host else {
+        bail!("the first wire host {host} is not IPv4");
+    };
+    let before = card_os::status::counters(cfg)?;
+    let rx = crate::nsnet::tcp_receive(
+        &port.wire_netns,
+        std::net::SocketAddrV4::new(host, 5010),
+        Duration::from_secs(60),
+        crate::rig::transfer_timeout(len),
+        Default::default(),
+    )?;
+    let reply = rig.vm.sh(
+        &format!("head -c {len} {} | nc {host} 5010", crate::guest::PAYLOAD),
+        crate::rig::transfer_timeout(len),
+    )?;
+    let got = crate::nsnet::join(rx)?;
+    let after = card_os::status::counters(cfg)?;
+    let masq = after.get("host IPv4").unwrap_or(&0) - before.get("host IPv4").unwrap_or(&0);
+    let ok =
+        reply.rc == 0 && got.bytes == len as u64 && got.sha256 == env.sha_prefix(len)? && masq >= 1;
+    Ok((
+        ok,
+        format!(
+            "guest → {host}:5010 on the wire ({}): {} bytes at {:.1} MB/s, sha256 {}, \
+             masquerade rule +{masq}",
+            port.wire_netns,
+            got.bytes,
+            got.mb_per_s(),
+            if got.sha256 == env.sha_prefix(len)? {
+                "equal"
+            } else {
+                "DIFFERENT"
+            }
         ),
     ))
 }
