@@ -366,11 +366,23 @@ impl Config {
             });
         }
         for p in &file.port {
-            if p.name.is_empty() || p.name.len() > 15 || p.name.contains(['/', ' ']) {
+            for (key, dev) in [("name", &p.name), ("wire_dev", &p.wire_dev)] {
+                if !is_device_name(dev) {
+                    return Err(key_err(
+                        "port",
+                        key,
+                        format!("{dev:?} is not a device name (1 to 15 of a-z A-Z 0-9 - _ .)"),
+                    ));
+                }
+            }
+            if !p.wire_netns.is_empty() && !is_device_name(&p.wire_netns) {
                 return Err(key_err(
                     "port",
-                    "name",
-                    format!("{:?} is not a device name", p.name),
+                    "wire_netns",
+                    format!(
+                        "{:?} is not a namespace name (1 to 15 of a-z A-Z 0-9 - _ .)",
+                        p.wire_netns
+                    ),
                 ));
             }
             if !(68..=65535).contains(&p.mtu) {
@@ -394,6 +406,38 @@ impl Config {
                     format!("{addr} is not an IPv{}", if v4 { 4 } else { 6 }),
                 ));
             }
+        }
+        // Paths and values that go into generated configs (nginx): nothing that could end a
+        // directive there.
+        for (table, key, path) in [
+            ("card", "run_dir", file.card.run_dir.as_deref()),
+            ("card", "state_dir", file.card.state_dir.as_deref()),
+            ("card", "share_dir", file.card.share_dir.as_deref()),
+            ("services", "www", Some(file.services.www.as_path())),
+        ] {
+            if let Some(path) = path.filter(|p| !is_plain_path(p)) {
+                return Err(key_err(
+                    table,
+                    key,
+                    format!(
+                        "{} has characters a generated config cannot hold (whitespace or any of \
+                         ; {{ }} \" ' # $ \\)",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        let rate = &file.services.wire_slow_rate;
+        let digits = rate.trim_end_matches(['k', 'K', 'm', 'M', 'g', 'G']);
+        if digits.is_empty()
+            || !digits.chars().all(|c| c.is_ascii_digit())
+            || rate.len() - digits.len() > 1
+        {
+            return Err(key_err(
+                "services",
+                "wire_slow_rate",
+                format!("{rate:?} is not a rate (a number, then k, m or g: nginx's limit_rate)"),
+            ));
         }
         let ipsec = match file.ipsec.enable {
             false => None,
@@ -484,6 +528,27 @@ fn ipsec(
     Ok(s)
 }
 
+/// An interface or namespace name `ip` takes: 1 to 15 of `a-z A-Z 0-9 - _ .`.
+fn is_device_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// A path that can stand in nginx's configuration as it is.
+fn is_plain_path(path: &Path) -> bool {
+    path.to_str().is_some_and(|p| {
+        !p.is_empty()
+            && !p
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || ";{}\"'#$\\".contains(c))
+    })
+}
+
 /// The line of `key` in table `table` (`[table]` or `[[table]]`), or of the table, or 1.
 pub fn key_line(text: &str, table: &str, key: &str) -> usize {
     let mut in_table = false;
@@ -571,5 +636,11 @@ mod tests {
         );
         let e = error_of(|t| t.replace("[services]", "[servces]"));
         assert!(e.contains("servces") && e.contains("line"), "{e}");
+        let e = error_of(|t| t.replace("name = \"wan0\"", "name = \"wan0; reboot\""));
+        assert!(e.contains("card.toml:") && e.contains("port.name"), "{e}");
+        let e = error_of(|t| t.replace("www = \"www\"", "www = \"www; include /etc\""));
+        assert!(e.contains("services.www"), "{e}");
+        let e = error_of(|t| t.replace("wire_slow_rate = \"8m\"", "wire_slow_rate = \"8m; x\""));
+        assert!(e.contains("services.wire_slow_rate"), "{e}");
     }
 }
