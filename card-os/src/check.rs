@@ -6,7 +6,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Context, Result};
+use crate::fail;
 
 use crate::cmd::run;
 use crate::config::Config;
@@ -40,7 +41,7 @@ pub fn validate(cfg: &Config) -> Result<Vec<String>> {
 
     let www = cfg.shared(&cfg.services.www);
     if Server::Card.wanted(cfg) && cfg.services.http_port != 0 && !www.is_dir() {
-        bail!(
+        fail!(
             "services.www: {} is not a directory (the share directory is {})",
             www.display(),
             cfg.share_dir.display()

@@ -6,21 +6,24 @@ use std::process::{Command, Output};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Error, Result};
 
 /// Runs `cmd`, failing (with its output) unless it exits with status 0.
 pub fn run(cmd: &mut Command) -> Result<Output> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
+    let out = cmd.output().map_err(|cause| Error::Spawn {
+        command: describe(cmd),
+        cause,
+    })?;
     if !out.status.success() {
-        bail!(
-            "{} failed ({}): {}{}",
-            describe(cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr).trim_end()
-        );
+        return Err(Error::Command {
+            command: describe(cmd),
+            status: out.status,
+            output: format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr).trim_end()
+            ),
+        });
     }
     Ok(out)
 }
@@ -57,7 +60,10 @@ pub fn wait_for<T>(
             return Ok(value);
         }
         if Instant::now() > deadline {
-            bail!("timed out after {} s waiting for {what}", timeout.as_secs());
+            return Err(Error::Timeout {
+                what: what.to_string(),
+                secs: timeout.as_secs(),
+            });
         }
         sleep(Duration::from_millis(50));
     }

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Context, Error, Result};
+use crate::fail;
 
 use crate::cmd::{cmdline_has, has_link, tail, wait_for};
 use crate::config::Config;
@@ -106,12 +107,12 @@ pub fn start(cfg: &Config) -> Result<i32> {
     let mut child = cmd
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
-    let pid = i32::try_from(child.id())?;
+    let pid = i32::try_from(child.id()).map_err(|_| Error::Failed("pid out of range".into()))?;
     fs::write(pid_file(cfg), pid.to_string())?;
     let (ns, dev) = (cfg.netns().to_string(), cfg.tap().to_string());
     let started = wait_for("vhost-card's tap", Duration::from_secs(20), || {
         if let Some(status) = child.try_wait()? {
-            bail!(
+            fail!(
                 "{} --config {} exited ({status}):\n{}",
                 binary.display(),
                 cfg.source.display(),

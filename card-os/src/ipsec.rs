@@ -20,7 +20,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{Context, Error, Result};
+use crate::fail;
 
 use crate::cmd::{has_link, in_ns, ip, netns_exists, run, stdout, tail, wait_for};
 use crate::config::{Config, Ipsec, IpsecBackend};
@@ -122,7 +123,7 @@ fn wire_ns<'a>(cfg: &'a Config, s: &Ipsec) -> Result<&'a str> {
         .iter()
         .find(|p| p.name == s.port)
         .map(|p| p.wire_netns.as_str())
-        .ok_or_else(|| anyhow!("ipsec.port {} is not a port", s.port))
+        .ok_or_else(|| Error::Failed(format!("ipsec.port {} is not a port", s.port)))
 }
 
 /// Checks what can be checked without changing anything: the templates render, and the
@@ -355,7 +356,7 @@ fn apply_kernel(
     probe: std::result::Result<(), String>,
 ) -> Result<()> {
     if let Err(why) = probe {
-        bail!("{why}");
+        fail!("{why}");
     }
     let (out_key, in_key) = kernel_keys(cfg, s.key_bits)?;
     let tunnel = format!(
@@ -389,7 +390,7 @@ fn apply_kernel(
             if !added.status.success() {
                 let err = String::from_utf8_lossy(&added.stderr);
                 if !err.contains("File exists") {
-                    bail!("ip xfrm state add in {}: {}", end.ns, err.trim());
+                    fail!("ip xfrm state add in {}: {}", end.ns, err.trim());
                 }
                 run(&mut state("update"))?;
             }
@@ -419,7 +420,7 @@ fn apply_kernel(
 /// strongSwan's names for the configured AEAD: (IKE proposal, ESP proposal).
 fn proposals(s: &Ipsec) -> Result<(String, String)> {
     if s.aead != "rfc4106(gcm(aes))" {
-        bail!(
+        fail!(
             "ipsec.aead {:?} has no strongSwan equivalent here (only rfc4106(gcm(aes)))",
             s.aead
         );
@@ -428,7 +429,7 @@ fn proposals(s: &Ipsec) -> Result<(String, String)> {
         160 => 128,
         224 => 192,
         288 => 256,
-        n => bail!("ipsec.key_bits {n}: AES-GCM takes 160, 224 or 288 (key + 32-bit salt)"),
+        n => fail!("ipsec.key_bits {n}: AES-GCM takes 160, 224 or 288 (key + 32-bit salt)"),
     };
     Ok((
         format!("aes{aes}gcm16-prfsha256-x25519"),
@@ -471,7 +472,7 @@ fn write_if_changed(path: &Path, text: &str, private: bool) -> Result<bool> {
 fn apply_strongswan(cfg: &Config, s: &Ipsec, wire: &str) -> Result<String> {
     prereq::check(&[prereq::STRONGSWAN])?;
     if !Path::new("/dev/net/tun").exists() {
-        bail!("/dev/net/tun is missing: kernel-libipsec needs TUN devices");
+        fail!("/dev/net/tun is missing: kernel-libipsec needs TUN devices");
     }
     let (ike, esp) = proposals(s)?;
     let psk = psk(cfg)?;
@@ -481,7 +482,7 @@ fn apply_strongswan(cfg: &Config, s: &Ipsec, wire: &str) -> Result<String> {
         fs::create_dir_all(&dir)?;
         let socket = dir.join("charon.vici");
         if socket.as_os_str().len() > 100 {
-            bail!("{} is too long for a unix socket", socket.display());
+            fail!("{} is too long for a unix socket", socket.display());
         }
         let mut vars = BTreeMap::new();
         vars.insert(
@@ -547,7 +548,7 @@ fn apply_strongswan(cfg: &Config, s: &Ipsec, wire: &str) -> Result<String> {
             )
             .context("initiating the tunnel")?;
             if !sa_installed(&dir) {
-                bail!(
+                fail!(
                     "no CHILD_SA installed after initiating:\n{}",
                     tail(&dir.join("charon.log"), 15)
                 );
@@ -658,7 +659,7 @@ fn start_charon(ns: &str, dir: &Path) -> Result<()> {
     let log = dir.join("charon.log");
     let ready = wait_for("charon's vici socket", Duration::from_secs(20), || {
         if let Some(status) = child.try_wait()? {
-            bail!(
+            fail!(
                 "charon in {ns} exited ({status}):\n{}\n{}",
                 tail(&out_path, 10),
                 tail(&log, 10)

@@ -8,13 +8,15 @@
 //! * [`link`]: the host link (addresses, routes) over netlink; [`supervise`]: `card-os run`;
 //! * [`daemon`]: who serves the card's socket, and starting vhost-card when nobody does;
 //! * [`ipsec`]: the tunnel (kernel ESP or strongSwan); [`status`]; [`prereq`]: the programs
-//!   needed and their Debian packages; [`cmd`]: running them; [`cli`]: the command line.
+//!   needed and their Debian packages; [`cmd`]: running them; [`cli`]: the command line;
+//!   [`error`]: what failed, in words.
 
 pub mod check;
 pub mod cli;
 pub mod cmd;
 pub mod config;
 pub mod daemon;
+pub mod error;
 pub mod ipsec;
 pub mod link;
 pub mod node;
@@ -24,3 +26,4 @@ pub mod status;
 pub mod supervise;
 
 pub use config::Config;
+pub use error::{Error, Result};

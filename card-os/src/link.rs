@@ -7,7 +7,7 @@ use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Error, Result};
 use futures::channel::mpsc::UnboundedReceiver;
 use futures::TryStreamExt;
 use rtnetlink::packet_core::NetlinkMessage;
@@ -52,7 +52,7 @@ pub fn open(ns: &str, events: bool) -> Result<(Handle, Events)> {
             })
         })
         .join()
-        .map_err(|_| anyhow::anyhow!("the netlink thread panicked"))?
+        .map_err(|_| Error::Failed("the netlink thread panicked".into()))?
     })?;
     tokio::spawn(conn);
     Ok((handle, messages))

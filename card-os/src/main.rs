@@ -19,7 +19,7 @@ fn main() {
     }
     if let Command::Run = cli.command {
         if let Err(e) = supervise::run(&cli.config) {
-            fail(format!("{e:#}"), 1);
+            fail(format!("{e}"), 1);
         }
         return;
     }
@@ -62,6 +62,6 @@ fn main() {
         Command::Run => unreachable!(),
     };
     if let Err(e) = result {
-        fail(format!("{e:#}"), 1);
+        fail(format!("{e}"), 1);
     }
 }

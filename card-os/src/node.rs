@@ -15,7 +15,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Context, Result};
+use crate::fail;
 
 use crate::cmd::{has_link, in_ns, ip, netns_exists, quiet, run, stdout, sysctl, wait_for};
 use crate::config::{Config, Port};
@@ -199,7 +200,7 @@ fn apply_port(cfg: &Config, port: &Port) -> Result<()> {
     let mtu = port.mtu.to_string();
     if !has_link(ns, &port.name) {
         if has_link(wire, &port.wire_dev) {
-            bail!(
+            fail!(
                 "[[port]] {}: the wire namespace {wire} already has a {} (wire_dev)",
                 port.name,
                 port.wire_dev
@@ -311,7 +312,7 @@ fn stop_nginx(cfg: &Config, server: Server) {
 /// Returns what it did, in a few words.
 pub fn reload(cfg: &Config) -> Result<String> {
     if !is_up(cfg) {
-        bail!(
+        fail!(
             "card {} is not up (no {} or no namespace {}): use `card-os up`",
             cfg.name,
             state_file(cfg).display(),

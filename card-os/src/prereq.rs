@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use crate::error::Result;
+use crate::fail;
 
 use crate::config::Config;
 
@@ -86,7 +87,7 @@ pub fn check(needs: &[&[Need]]) -> Result<()> {
     }
     let mut packages: Vec<&str> = missing.iter().map(|n| n.package).collect();
     packages.dedup();
-    bail!(
+    fail!(
         "missing {}: install the Debian package{} with `apt-get install {}`",
         missing
             .iter()

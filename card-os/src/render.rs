@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Context, Result};
+use crate::fail;
 
 use crate::config::{Config, Mode};
 use crate::ipsec;
@@ -30,7 +31,7 @@ pub fn template(cfg: &Config, template: &str, vars: &BTreeMap<&str, String>) -> 
         if let Some(end) = rest.find('@') {
             let name = &rest[..end];
             if !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
-                bail!("{}: no value for @{name}@", path.display());
+                fail!("{}: no value for @{name}@", path.display());
             }
         }
     }

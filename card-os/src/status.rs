@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::Result;
+use crate::error::Result;
 use serde::Serialize;
 
 use crate::cmd::{has_link, in_ns, netns_exists, stdout};

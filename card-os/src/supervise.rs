@@ -9,7 +9,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Error, Result};
+use crate::fail;
 use futures::StreamExt;
 use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::link::LinkAttribute;
@@ -53,7 +54,7 @@ pub fn run(path: &Path) -> Result<()> {
     let cfg = match result {
         Ok(cfg) => cfg,
         Err(e) => {
-            log(&format!("{e:#}; taking the node down"));
+            log(&format!("{e}; taking the node down"));
             node::down(&cfg).ok();
             return Err(e);
         }
@@ -79,7 +80,7 @@ async fn follow(mut cfg: Config, path: &Path) -> Result<Config> {
         tokio::select! {
             event = events.next() => {
                 let Some((msg, _)) = event else {
-                    anyhow::bail!("the netlink event stream ended");
+                    fail!("the netlink event stream ended");
                 };
                 let NetlinkPayload::InnerMessage(msg) = msg.payload else { continue };
                 if let RouteNetlinkMessage::DelLink(l) = &msg {
@@ -108,13 +109,13 @@ async fn follow(mut cfg: Config, path: &Path) -> Result<Config> {
                         index = Some(i);
                     }
                     Ok(State::Absent) => index = None,
-                    Err(e) => log(&format!("setting up {}: {e:#}", cfg.tap())),
+                    Err(e) => log(&format!("setting up {}: {e}", cfg.tap())),
                 }
             }
             _ = hup.recv() => {
                 notify(&[sd_notify::NotifyState::Reloading]);
                 let result = Config::load(path)
-                    .map_err(anyhow::Error::from)
+                    .map_err(Error::from)
                     .and_then(|new| blocking(|| node::reload(&new)).map(|r| (new, r)));
                 match result {
                     Ok((new, report)) => {
@@ -124,7 +125,7 @@ async fn follow(mut cfg: Config, path: &Path) -> Result<Config> {
                             index = Some(i);
                         }
                     }
-                    Err(e) => log(&format!("SIGHUP: {e:#}; the node keeps its previous config")),
+                    Err(e) => log(&format!("SIGHUP: {e}; the node keeps its previous config")),
                 }
                 notify(&[sd_notify::NotifyState::Ready]);
             }

@@ -112,7 +112,7 @@ impl Node {
     /// `reload` of the (possibly changed) config.
     fn reload(&self, cfg: &Config) -> Result<String> {
         match &self.driver {
-            Driver::Library => cardos::reload(cfg),
+            Driver::Library => Ok(cardos::reload(cfg)?),
             Driver::Installed(cmd) => cmd.reload(cfg),
         }
     }
@@ -121,7 +121,7 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         let result = match &self.driver {
-            Driver::Library => cardos::down(&self.cfg).map(drop),
+            Driver::Library => cardos::down(&self.cfg).map(drop).map_err(Into::into),
             Driver::Installed(cmd) => cmd.run(&["down"]).map(drop),
         };
         if let Err(err) = result {
