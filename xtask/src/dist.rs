@@ -9,6 +9,7 @@
 //! target/dist/systemd/vhost-card@.{service,socket}, card-os@.service
 //! target/dist/card.toml                           the example card (/etc/vhost-card/card.toml, never overwritten)
 //! target/dist/share/templates/*.in, share/www/    card-os's templates and web pages (<prefix>/share/vhost-card/)
+//! target/dist/host-config/...                    the VM side's files (<prefix>/share/vhost-card/host-config/)
 //! target/dist/libvirt/vhost-card-vm.xml
 //! target/dist/USAGE.md, card-os.md
 //! ```
@@ -40,6 +41,14 @@ const UNITS: [&str; 3] = [
 ];
 /// The programs, built with `cargo build --release -p NAME`.
 const PROGRAMS: [&str; 2] = ["vhost-card", "card-os"];
+/// host-config's files for the VM side, installed in <prefix>/share/vhost-card/host-config/.
+const HOST_CONFIG: [(&str, u32); 5] = [
+    ("README.md", 0o644),
+    ("card-link.sh", 0o755),
+    ("networkd/10-vhost-card.link", 0o644),
+    ("networkd/10-vhost-card.network", 0o644),
+    ("networkmanager/vhost-card.nmconnection", 0o644),
+];
 /// The example card: installed once, never overwritten.
 const EXAMPLE: &str = "etc/vhost-card/card.toml";
 
@@ -48,7 +57,8 @@ pub struct Options {
     /// Also install: vhost-card and card-os, their man pages and completions under --prefix,
     /// card-os's templates and www/ in <prefix>/share/vhost-card, 50-vhost-card.json in
     /// /usr/share/qemu/vhost-user, the units in /etc/systemd/system, the example card
-    /// /etc/vhost-card/card.toml (never overwritten), the libvirt XML and the docs in
+    /// /etc/vhost-card/card.toml (never overwritten), host-config's files for the VM in
+    /// <prefix>/share/vhost-card/host-config, the libvirt XML and the docs in
     /// <prefix>/share/doc/vhost-card.
     #[arg(long)]
     pub install: bool,
@@ -157,6 +167,14 @@ fn layout(prefix: &Path) -> Result<Vec<Entry>> {
             &format!("share/{file}"),
             p(&format!("share/vhost-card/{file}")),
             0o644,
+        ));
+    }
+    // host-config: what the VM (the host of the card's link) needs, to copy into it.
+    for (file, mode) in HOST_CONFIG {
+        out.push(e(
+            &format!("host-config/{file}"),
+            p(&format!("share/vhost-card/host-config/{file}")),
+            mode,
         ));
     }
     out.push(e(
@@ -270,6 +288,11 @@ fn build_dist(release: &Path, out: &Path, prefix: &Path) -> Result<()> {
         fs::copy(card_os.join(&file), dest)?;
     }
     fs::copy(card_os.join("README.md"), out.join("card-os.md"))?;
+    for (file, _) in HOST_CONFIG {
+        let dest = out.join("host-config").join(file);
+        fs::create_dir_all(dest.parent().context("no parent")?)?;
+        fs::copy(host_config(file), dest)?;
+    }
     fs::copy(
         host_config("libvirt/vhost-card-vm.xml"),
         out.join("libvirt/vhost-card-vm.xml"),
