@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -334,6 +334,16 @@ fn random_hex(bytes: usize) -> Result<String> {
 /// Writes a file only root may read.
 fn write_private(path: &Path, text: &str) -> Result<()> {
     use std::io::Write;
+    if let Some(dir) = path.parent() {
+        // The state directory appears with the first key; only root may enter it.
+        if !dir.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
     let mut f = fs::OpenOptions::new()
         .create(true)
         .write(true)

@@ -110,9 +110,8 @@ pub fn up(cfg: &Config) -> Result<Report> {
 
 fn build(cfg: &Config) -> Result<Report> {
     let mut lines = Vec::new();
-    for dir in [&cfg.run_dir, &cfg.state_dir] {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
+    fs::create_dir_all(&cfg.run_dir)
+        .with_context(|| format!("creating {}", cfg.run_dir.display()))?;
     // The state file exists from here on: `down` after a failed `up` cleans up.
     add_state(cfg, "card", &cfg.name)?;
     ensure_netns(cfg, cfg.netns())?;

@@ -435,8 +435,10 @@ fn traces(ns: &str, dir: &Path) -> Vec<String> {
     if netns_exists(&format!("{ns}-wire")) {
         t.push("wire namespace".into());
     }
-    if dir.join("run").exists() {
-        t.push("run directory".into());
+    for d in ["run", "state"] {
+        if dir.join(d).exists() {
+            t.push(format!("{d} directory"));
+        }
     }
     let nginx = processes_with(&dir.join("run").display().to_string());
     if !nginx.is_empty() {
@@ -473,6 +475,28 @@ fn bad_input_leaves_the_system_as_it_was() -> Result<()> {
             traces(&name, dir.path())
         );
     }
+
+    // No daemon on PATH: one error naming it, and nothing made (the namespace was made before
+    // the daemon was looked for: it goes again).
+    let config = card_file(dir.path(), &name, "vhost-card", &[])?;
+    let out = Command::new(CARD_OS)
+        .arg("--config")
+        .arg(&config)
+        .arg("up")
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(1) && err.contains("\"vhost-card\" is not on PATH"),
+        "{err}"
+    );
+    ensure!(!netns_exists(&name), "namespace left behind");
+    ensure!(
+        traces(&name, dir.path()).is_empty(),
+        "{:?}",
+        traces(&name, dir.path())
+    );
 
     // A missing template: the share directory without templates.
     let empty = dir.path().join("empty-share");
