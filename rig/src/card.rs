@@ -241,20 +241,8 @@ impl Card {
 
     /// Queue pair `pair`'s counters from the current daemon's last stats line.
     pub fn pair_stats(&self, pair: usize) -> Result<BTreeMap<String, u64>> {
-        let lines = self.log_lines()?;
-        let mut counters = BTreeMap::new();
-        let tag = format!("stats pair {pair}:");
-        if let Some(line) = lines.iter().rev().find(|l| l.contains(&tag)) {
-            let rest = line.split_once(&tag).map_or("", |(_, r)| r);
-            for item in rest.split_whitespace() {
-                if let Some((k, v)) = item.split_once('=') {
-                    if let Ok(v) = v.parse() {
-                        counters.insert(k.to_string(), v);
-                    }
-                }
-            }
-        }
-        Ok(counters)
+        let log = self.log_lines()?.join("\n");
+        Ok(crate::daemon::last_stats(&log, pair)?.unwrap_or_default())
     }
 
     /// Waits for the next stats line, so counters include everything so far.

@@ -1,6 +1,7 @@
 //! The vhost-card daemon as the tests run it: built once, started by [`command`] (the one place
 //! that knows its environment: log level, private directory, output to a log file).
 
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -74,6 +75,31 @@ pub fn command<S: AsRef<OsStr>>(
         .stdout(out.try_clone()?)
         .stderr(out);
     Ok(cmd)
+}
+
+/// The counters of queue pair `pair` in the last `stats pair <pair>:` line of `log` (the
+/// periodic lines and the final one at exit keep that flat `name=value` form; `idle` stands for
+/// all zero). None before the first such line; an error on a word that is not `name=number`.
+pub fn last_stats(log: &str, pair: usize) -> Result<Option<BTreeMap<String, u64>>> {
+    let tag = format!("stats pair {pair}:");
+    let Some(rest) = log
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once(&tag).map(|(_, r)| r))
+    else {
+        return Ok(None);
+    };
+    let mut map = BTreeMap::new();
+    for word in rest.split_whitespace().filter(|w| *w != "idle") {
+        let (name, value) = word
+            .split_once('=')
+            .ok_or_else(|| anyhow!("bad counter '{word}' in `{rest}`"))?;
+        let value = value
+            .parse()
+            .with_context(|| format!("bad counter '{word}' in `{rest}`"))?;
+        map.insert(name.to_string(), value);
+    }
+    Ok(Some(map))
 }
 
 /// Starts the daemon ([`command`]) as a [`Guarded`] child and waits up to 20 s for `ready`

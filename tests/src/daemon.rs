@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use rig::process::Guarded;
 
@@ -26,17 +26,10 @@ pub struct Counters(pub BTreeMap<String, u64>);
 
 impl Counters {
     /// Parses the part after `pair 0:` (`tx_frames=3 tx_bytes=120` or `idle`).
-    pub fn parse(text: &str) -> Result<Self> {
-        let mut map = BTreeMap::new();
-        for word in text.split_whitespace() {
-            if word == "idle" {
-                continue;
-            }
-            let (name, value) = word
-                .split_once('=')
-                .ok_or_else(|| anyhow!("bad counter '{word}' in `{text}`"))?;
+    /// Checks the names of counters read from a stats line.
+    fn checked(map: BTreeMap<String, u64>) -> Result<Self> {
+        for name in map.keys() {
             check_name(name)?;
-            map.insert(name.to_string(), value.parse()?);
         }
         Ok(Counters(map))
     }
@@ -216,28 +209,16 @@ impl Daemon {
             bail!("vhost-card ignored SIGTERM for 10 s; log:\n{}", self.log());
         }
         let log = self.log();
-        let final_line = log
-            .lines()
-            .rev()
-            .find_map(|l| {
-                l.split_once("final stats pair 0:")
-                    .map(|(_, r)| r.to_string())
-            })
-            .ok_or_else(|| anyhow!("no final stats line; log:\n{log}"))?;
-        Ok((status, Counters::parse(&final_line)?))
+        if !log.contains("final stats pair 0:") {
+            bail!("no final stats line; log:\n{log}");
+        }
+        Ok((status, last_counters(&log)?))
     }
 }
 
 /// Counters of the last `stats pair 0:` line (periodic or final) in a log.
 pub fn last_counters(log: &str) -> Result<Counters> {
-    match log
-        .lines()
-        .rev()
-        .find_map(|l| l.split_once("stats pair 0:").map(|(_, r)| r))
-    {
-        Some(rest) => Counters::parse(rest),
-        None => Ok(Counters::default()),
-    }
+    Counters::checked(rig::daemon::last_stats(log, 0)?.unwrap_or_default())
 }
 
 impl Drop for Daemon {
