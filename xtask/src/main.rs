@@ -82,7 +82,8 @@ enum Task {
     /// traffic both ways with the card's counters, undefine.
     Libvirt(libvirt::Options),
     /// Every test, as CI runs them: `cargo test --workspace` (unit tests and the in-process
-    /// vhost-user frontend against the real daemon), then the VM smoke test and `e2e`.
+    /// vhost-user frontend against the real daemon, card-os against the real programs), then
+    /// the VM smoke test, `e2e` and `cardos-e2e`.
     Test(smoke::Options),
 }
 
