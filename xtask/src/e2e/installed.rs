@@ -68,6 +68,34 @@ impl Command {
         Ok((code, text))
     }
 
+    /// The installed `vhost-card ARGS`, in the same environment, into the transcript.
+    pub fn daemon(&self, args: &[&str]) -> Result<String> {
+        let bin = self.bin.with_file_name("vhost-card");
+        let out = std::process::Command::new(&bin)
+            .args(args)
+            .current_dir(&self.cwd)
+            .env_clear()
+            .env("PATH", &self.path_env)
+            .output()
+            .with_context(|| format!("running {}", bin.display()))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        let mut t = self.transcript.lock().unwrap_or_else(|p| p.into_inner());
+        writeln!(
+            t,
+            "$ vhost-card {}\n{}[exit status {}]\n",
+            args.join(" "),
+            text,
+            out.status.code().unwrap_or(-1)
+        )?;
+        ensure!(
+            out.status.success(),
+            "vhost-card {} failed:\n{text}",
+            args.join(" ")
+        );
+        Ok(text)
+    }
+
     /// The installed `card-os reload` (the file on disk is the config).
     pub fn reload(&self, _cfg: &Config) -> Result<String> {
         self.run(&["reload"])
@@ -171,6 +199,11 @@ fn run(
         Duration::from_secs(30),
     )?;
     let page_ok = page.rc == 0 && page.out.contains("the card's own web server");
+    // The daemon's counters, on the control socket the paths table gives the card.
+    let control = format!("/run/vhost-card/{name}.control");
+    let stats = cmd.daemon(&["stats", "--control", &control])?;
+    // (Its format is the daemon's business; that it answers on that path is what counts here.)
+    let stats_ok = stats.contains("tx_frames");
 
     // 2. Edited as a user would, and reloaded: IPsec.
     let text = std::fs::read_to_string(file)?;
@@ -202,16 +235,22 @@ fn run(
             .exists()
         && !socket.exists()
         && !Path::new("/run/vhost-card").join(name).exists();
-    let ok = nat_ok && page_ok && ipsec_ok == Some(true) && up_ok && gone;
+    let ok = nat_ok && page_ok && stats_ok && ipsec_ok == Some(true) && up_ok && gone;
     Ok((
         ok,
         format!(
             "the installed example unedited ({}), card-os up started the {daemon}, status \
-             {status}; NAT: {nat}; card web server from the guest: {}; IPsec and the wire's web \
+             {status}; NAT: {nat}; card web server from the guest: {}; vhost-card stats \
+             --control {control}: {}; IPsec and the wire's web \
              server turned on, card-os reload: {ipsec}; card-os down: status {after}, \
              namespaces, socket and run directory {}",
             file.display(),
             if page_ok { "served" } else { "NOT served" },
+            if stats_ok {
+                "the counters"
+            } else {
+                "NO COUNTERS"
+            },
             if gone { "gone" } else { "LEFT BEHIND" }
         ),
     ))
