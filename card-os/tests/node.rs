@@ -19,6 +19,7 @@ use anyhow::{bail, ensure, Context, Result};
 use card_tests::daemon::{binary, Daemon};
 use card_tests::netns::Netns;
 use card_tests::TempDir;
+use rig::process::have;
 use vhost_card::cardfile::CardPaths;
 
 const CARD_OS: &str = env!("CARGO_BIN_EXE_card-os");
@@ -285,14 +286,6 @@ fn run_puts_the_link_back_reloads_on_sighup_and_goes_down_on_sigterm() -> Result
     );
     drop(daemon2);
     Ok(())
-}
-
-fn have(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// Processes whose command line contains `needle`.
@@ -588,34 +581,27 @@ fn units_follow_the_paths_table() -> Result<()> {
     ensure!(unit_value(&node, "Wants")?.contains("vhost-card@%i.socket"));
     // systemd-analyze verify, with the binaries of this build.
     if have("systemd-analyze") {
-        let dir = TempDir::new("card-tests")?;
         let vhost = binary()?;
-        for (name, text) in [
+        let units: Vec<(&str, String)> = [
             ("vhost-card@.socket", &socket),
             ("vhost-card@.service", &daemon),
             ("card-os@.service", &node),
-        ] {
+        ]
+        .map(|(name, text)| {
             let text = text
                 .replace("/usr/local/bin/vhost-card", &vhost.to_string_lossy())
                 .replace("/usr/local/bin/card-os", CARD_OS);
-            std::fs::write(dir.path().join(name), text)?;
-        }
-        let out = Command::new("systemd-analyze")
-            .args(["verify", "--man=no"])
-            .args(
-                [
-                    "vhost-card@card.service",
-                    "vhost-card@card.socket",
-                    "card-os@card.service",
-                ]
-                .map(|u| dir.path().join(u)),
-            )
-            .output()?;
-        let msg = String::from_utf8_lossy(&out.stderr);
-        ensure!(
-            out.status.success() && msg.trim().is_empty(),
-            "systemd-analyze verify: {msg}"
-        );
+            (name, text)
+        })
+        .into();
+        rig::units::verify(
+            &units,
+            &[
+                "vhost-card@card.service",
+                "vhost-card@card.socket",
+                "card-os@card.service",
+            ],
+        )?;
     }
     Ok(())
 }

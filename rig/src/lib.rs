@@ -13,7 +13,8 @@
 //!   carries for it; [`assets`], [`apt`], [`cpio`], [`rootfs`]: kernel, initramfs, Debian
 //!   packages and root filesystems;
 //! * [`machine`]: a card plus a VM with its agent ([`Rig`], [`Env`]), and what scenarios do
-//!   with them; [`payload`], [`report`], [`features`]: test data, output parsing, feature bits.
+//!   with them; [`payload`], [`report`], [`features`]: test data, output parsing, feature bits;
+//!   [`units`]: systemd units through `systemd-analyze verify`.
 
 pub mod accel;
 pub mod agent;
@@ -35,6 +36,7 @@ pub mod qemu;
 pub mod qmp;
 pub mod report;
 pub mod rootfs;
+pub mod units;
 
 pub use machine::{
     guest_send_cmd, transfer_timeout, Checked, Env, FeatureCheck, Image, Pings, Plug, Rig,

@@ -21,6 +21,7 @@ use card_tests::netdev::{Options, TxLayout, VirtioNet, F_MTU};
 use card_tests::netns::Netns;
 use card_tests::packet::{pattern, udp_frame, VnetHdr};
 use card_tests::TempDir;
+use rig::process::have;
 
 fn unit_file(name: &str) -> Result<String> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -87,14 +88,6 @@ fn from_units(instance: &str, run: &Path) -> Result<Activation> {
         control,
         exec,
     })
-}
-
-fn have(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// The activator and the daemon it becomes (same process: it execs on the first connection).
@@ -192,25 +185,17 @@ fn units_are_valid_for_systemd() -> Result<()> {
     if !have("systemd-analyze") {
         bail!("systemd-analyze is missing (apt-get install systemd)");
     }
-    let dir = TempDir::new("card-tests")?;
     let bin = binary()?;
+    let mut units = Vec::new();
     for unit in ["vhost-card@.service", "vhost-card@.socket"] {
         let text = unit_file(unit)?.replace("/usr/local/bin/vhost-card", &bin.to_string_lossy());
         // card-os@.service is verified with card-os's own tests.
-        let text = text.replace(" card-os@%i.service", "");
-        std::fs::write(dir.path().join(unit), text)?;
+        units.push((unit, text.replace(" card-os@%i.service", "")));
     }
-    let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=no"])
-        .arg(dir.path().join("vhost-card@card.service"))
-        .arg(dir.path().join("vhost-card@card.socket"))
-        .output()?;
-    let msg = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        out.status.success() && msg.trim().is_empty(),
-        "systemd-analyze verify: {msg}"
-    );
-    Ok(())
+    rig::units::verify(
+        &units,
+        &["vhost-card@card.service", "vhost-card@card.socket"],
+    )
 }
 
 #[test]

@@ -21,7 +21,7 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 use clap::CommandFactory;
@@ -423,7 +423,7 @@ fn check_dist(out: &Path, prefix: &Path) -> Result<()> {
         let path = out.join("man").join(page);
         let text = fs::read_to_string(&path)?;
         ensure!(text.contains(".TH "), "{page} has no .TH header");
-        if which("groff") {
+        if process::have("groff") {
             let o = Command::new("groff")
                 .args(["-man", "-Tutf8", "-ww", "-z"])
                 .arg(&path)
@@ -462,7 +462,7 @@ fn check_dist(out: &Path, prefix: &Path) -> Result<()> {
                 text.contains(needle) && text.contains("config"),
                 "{file} lacks {program}'s flags"
             );
-            if which(shell) {
+            if process::have(shell) {
                 process::run(Command::new(shell).arg("-n").arg(&path))
                     .with_context(|| format!("{shell} -n {file}"))?;
             }
@@ -479,45 +479,27 @@ fn check_dist(out: &Path, prefix: &Path) -> Result<()> {
 
     // systemd units: `systemd-analyze verify` with ExecStart pointing at the dist binaries
     // (the prefix path need not exist yet).
-    if which("systemd-analyze") {
-        let tmp = process::TempDir::new("vhost-card-units")?;
+    if process::have("systemd-analyze") {
         let installed_bin = format!("{}/", prefix.join("bin").display());
         let dist_bin = format!("{}/", out.display());
+        let mut units = Vec::new();
         for unit in UNITS {
             let text = fs::read_to_string(out.join("systemd").join(unit))?
                 .replace(&installed_bin, &dist_bin);
-            fs::write(tmp.path().join(unit), text)?;
+            units.push((unit, text));
         }
         let instances = [
             "vhost-card@card.service",
             "vhost-card@card.socket",
             "card-os@card.service",
         ];
-        let o = Command::new("systemd-analyze")
-            .args(["verify", "--man=no"])
-            .args(instances.map(|i| tmp.path().join(i)))
-            .output()?;
-        let msg = String::from_utf8_lossy(&o.stderr);
-        ensure!(
-            o.status.success() && msg.trim().is_empty(),
-            "systemd-analyze verify {}:\n{msg}",
-            instances.join(" ")
-        );
+        rig::units::verify(&units, &instances)?;
         println!(
             "dist: systemd-analyze verify {}: the units are valid",
             instances.join(" ")
         );
     }
     Ok(())
-}
-
-fn which(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 fn install(out: &Path, destdir: &Path, prefix: &Path) -> Result<()> {
