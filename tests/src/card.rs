@@ -65,18 +65,12 @@ impl Card {
     /// The card around a daemon serving card0 in `ns`: card0's address and a permanent
     /// neighbour entry for the host, so no ARP is needed.
     pub fn around(ns: Netns, daemon: Daemon) -> Result<Card> {
-        ns.ip(&["addr", "add", &format!("{CARD_IP}/24"), "dev", TAP])?;
-        ns.ip(&[
-            "neigh",
-            "replace",
-            &HOST_IP.to_string(),
-            "lladdr",
-            &mac_str(&HOST_MAC),
-            "dev",
+        ns.card_address(
             TAP,
-            "nud",
-            "permanent",
-        ])?;
+            &format!("{CARD_IP}/24"),
+            &HOST_IP.to_string(),
+            &mac_str(&HOST_MAC),
+        )?;
         let mac = ns.mac_of(TAP)?;
         Ok(Card {
             daemon,

@@ -129,7 +129,7 @@ fn start(dir: &TempDir, extra: &[&str]) -> Result<(Card, PathBuf, String)> {
 
 #[test]
 fn every_series_is_exported_at_zero_before_a_frontend_connects() -> Result<()> {
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("card-tests")?;
     let (card, control, metrics) = start(&dir, &["--queues", "2"])?;
 
     let (status, headers, prom) = http_get(&metrics, "/metrics", None)?;
@@ -237,7 +237,7 @@ fn take_sample(control: &Path, metrics: &str) -> Result<Sample> {
 
 #[test]
 fn counters_and_state_follow_the_traffic() -> Result<()> {
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("card-tests")?;
     let (card, control, metrics) = start(&dir, &[])?;
     let control_s = control.to_string_lossy().into_owned();
     let (status, _, _) = http_get(&metrics, "/nothing-here", None)?;

@@ -97,7 +97,7 @@ fn attribute(xml: &str, after: &str, prefix: &str, attr: &str) -> Result<String>
 
 impl Domain {
     fn load() -> Result<Domain> {
-        let xml_path = crate::workspace_root().join("host-config/libvirt/vhost-card-vm.xml");
+        let xml_path = rig::paths::workspace_root().join("host-config/libvirt/vhost-card-vm.xml");
         let xml = fs::read_to_string(&xml_path)
             .with_context(|| format!("reading {}", xml_path.display()))?;
         // Comments may quote elements; only the markup counts.
@@ -195,7 +195,7 @@ fn virsh_quiet(args: &[&str]) -> Result<String> {
         .stdin(Stdio::null())
         .output()
         .context("running virsh")?;
-    crate::check_interrupted()?;
+    rig::interrupt::check_interrupted()?;
     if !out.status.success() {
         bail!(
             "virsh {} failed ({}): {}",
@@ -238,7 +238,7 @@ impl Libvirtd {
             Libvirtd::Systemd
         } else {
             // No systemd to start it: run the daemons directly, in a namespace of their own.
-            let ns = Netns::create("vhclibvirt")?;
+            let ns = Netns::new("vhclibvirt-")?;
             println!(
                 "libvirt: systemd is not PID 1; starting virtlogd and libvirtd in network \
                  namespace {}",
@@ -375,7 +375,7 @@ pub fn run(opts: &Options) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the libvirt test needs root (libvirt's system instance, namespaces, taps)");
     }
-    let log_dir = crate::vm_dir().join("logs/libvirt");
+    let log_dir = rig::paths::vm_dir().join("logs/libvirt");
     fs::create_dir_all(&log_dir)?;
     for old in [
         "daemon.log",
@@ -415,9 +415,9 @@ fn scenario(opts: &Options, log_dir: &Path, t0: Instant) -> Result<()> {
     let assets = crate::assets::ensure(&crate::assets::Options { refresh: false })?;
     crate::apt::install(&["libvirt-daemon-system", "libvirt-clients"])?;
     if !opts.no_build {
-        build_release()?;
+        rig::daemon::build(true)?;
     }
-    let binary = crate::target_dir().join("release/vhost-card");
+    let binary = rig::paths::target_dir().join("release/vhost-card");
 
     // Declaration order is teardown order reversed: the domain goes first, then the guest
     // files, the daemon, the card's namespace, and libvirt last.
@@ -430,7 +430,7 @@ fn scenario(opts: &Options, log_dir: &Path, t0: Instant) -> Result<()> {
             dom.name
         );
     }
-    let ns = Netns::create("vhclv")?;
+    let ns = Netns::new("vhclv-")?;
     let mut created = Created::default();
     let run_dir = dom
         .socket
@@ -566,7 +566,7 @@ fn scenario(opts: &Options, log_dir: &Path, t0: Instant) -> Result<()> {
     };
 
     // The report.
-    let results = &console.results;
+    let results = &console.console.results;
     let get = |k: &str| results.get(k).map_or("(missing)", String::as_str);
     let mut pass = true;
     let mut rows = Vec::new();
@@ -709,20 +709,6 @@ fn scenario(opts: &Options, log_dir: &Path, t0: Instant) -> Result<()> {
     Ok(())
 }
 
-fn build_release() -> Result<()> {
-    println!("libvirt: cargo build --release -p vhost-card");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "vhost-card"])
-        .current_dir(crate::workspace_root())
-        .status()?;
-    crate::check_interrupted()?;
-    if !status.success() {
-        bail!("cargo build --release -p vhost-card failed ({status})");
-    }
-    Ok(())
-}
-
 fn print_indented(text: &str) {
     for line in text.lines() {
         println!("  {line}");
@@ -738,7 +724,6 @@ fn start_daemon(
     private: &Path,
     log_dir: &Path,
 ) -> Result<Guarded> {
-    let log = File::create(log_dir.join("daemon.log"))?;
     let args = [
         "--socket".to_string(),
         socket.display().to_string(),
@@ -755,27 +740,9 @@ fn start_daemon(
         SOCKET_GROUP.into(),
     ];
     println!("$ vhost-card {} &", args.join(" "));
-    let mut cmd = Command::new(binary);
-    cmd.args(&args)
-        .env("RUNTIME_DIRECTORY", private)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    let mut daemon = Guarded::spawn("the vhost-card daemon", &mut cmd, libc::SIGTERM)?;
-    wait_for(
-        "the daemon's socket and tap",
-        Duration::from_secs(20),
-        || {
-            if let Some(status) = daemon.try_wait()? {
-                bail!(
-                    "the daemon exited early ({status}):\n{}",
-                    crate::process::tail(&log_dir.join("daemon.log"), 10)
-                );
-            }
-            Ok((socket.exists() && control.exists() && ns.has_link(TAP)).then_some(()))
-        },
-    )?;
+    let daemon = rig::daemon::spawn(binary, &args, &log_dir.join("daemon.log"), private, || {
+        socket.exists() && control.exists() && ns.has_link(TAP)
+    })?;
     Ok(daemon)
 }
 
@@ -898,50 +865,22 @@ impl Drop for SaveLogs {
     }
 }
 
-/// Follows the console file virtlogd writes for the domain's serial port.
+/// The console file virtlogd writes for the domain's serial port.
 struct Console {
-    path: PathBuf,
+    console: rig::qemu::Console,
     domain: String,
-    file: Option<File>,
-    pending: Vec<u8>,
-    echo: bool,
-    results: std::collections::BTreeMap<String, String>,
 }
 
 impl Console {
     fn new(path: &Path, domain: &str, echo: bool) -> Console {
         Console {
-            path: path.to_path_buf(),
+            console: rig::qemu::Console::new(path.to_path_buf(), echo),
             domain: domain.to_string(),
-            file: None,
-            pending: Vec::new(),
-            echo,
-            results: Default::default(),
         }
     }
 
     fn poll(&mut self) -> Result<Vec<String>> {
-        if self.file.is_none() {
-            self.file = File::open(&self.path).ok();
-        }
-        if let Some(f) = &mut self.file {
-            f.read_to_end(&mut self.pending)?;
-        }
-        let mut lines = Vec::new();
-        while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
-            let raw: Vec<u8> = self.pending.drain(..=end).collect();
-            let line = String::from_utf8_lossy(&raw).trim_end().to_string();
-            if self.echo {
-                println!("guest| {line}");
-            }
-            if let Some(at) = line.find("RESULT ") {
-                if let Some((k, v)) = line[at + 7..].split_once('=') {
-                    self.results.insert(k.trim().into(), v.trim().into());
-                }
-            }
-            lines.push(line);
-        }
-        Ok(lines)
+        self.console.poll()
     }
 
     /// Waits for a console line matching `pred`; fails if the daemon dies or the domain

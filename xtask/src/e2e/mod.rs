@@ -24,6 +24,7 @@
 
 pub mod cardos;
 mod hotplug;
+mod installed;
 mod multiqueue;
 mod networkd;
 mod shared_vm;
