@@ -77,14 +77,13 @@ impl Daemon {
         let dir = TempDir::new("card-tests")?;
         let socket = dir.path().join("s.sock");
         let log = dir.path().join("daemon.log");
-        let mut bin = binary()?;
-        if !wrapper.is_empty() {
+        let bin = if wrapper.is_empty() {
+            binary()?
+        } else {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))?;
-            let copy = dir.path().join("vhost-card");
-            std::fs::copy(&bin, &copy)?;
-            bin = copy;
-        }
+            binary_in(dir.path())?
+        };
         let mut args: Vec<&OsStr> = vec!["--socket".as_ref(), socket.as_os_str()];
         if let Some(ns) = netns {
             args.extend::<[&OsStr; 2]>(["--netns".as_ref(), ns.as_ref()]);
@@ -246,6 +245,21 @@ impl Drop for Daemon {
             self.log()
         );
     }
+}
+
+/// A copy of the daemon binary in `dir` (once), for a daemon run as another user who may not
+/// reach the build directory.
+pub fn binary_in(dir: &Path) -> Result<PathBuf> {
+    let copy = dir.join("vhost-card");
+    if !copy.exists() {
+        // By cp, not by this process: a writable descriptor of ours would be inherited by the
+        // children other test threads fork meanwhile, and exec would fail with ETXTBSY.
+        rig::process::sh(
+            "cp",
+            &[&binary()?.to_string_lossy(), &copy.to_string_lossy()],
+        )?;
+    }
+    Ok(copy)
 }
 
 /// `vhost-card stats --control PATH <extra>`: what it prints.

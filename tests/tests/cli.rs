@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use card_tests::card::{Card, TAP};
-use card_tests::daemon::{binary, run_to_exit, Daemon};
+use card_tests::daemon::{binary, binary_in, run_to_exit, Daemon};
 use card_tests::netns::Netns;
 use card_tests::TempDir;
 
@@ -240,10 +240,7 @@ fn as_nobody<'a>(node: &'a str, ns: &'a str) -> Vec<&'a str> {
 
 /// Runs the daemon through `wrapper` (as another user) to its exit: (status code, stderr).
 fn run_wrapped(wrapper: &[&str], dir: &Path, args: &[&str]) -> Result<(Option<i32>, String)> {
-    let bin = dir.join("vhost-card");
-    if !bin.exists() {
-        std::fs::copy(binary()?, &bin)?;
-    }
+    let bin = binary_in(dir)?;
     let out = Command::new(wrapper[0])
         .args(&wrapper[1..])
         .arg(&bin)
