@@ -4,12 +4,14 @@
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 
 use crate::process::{tail, wait_for, Guarded};
 
@@ -156,4 +158,39 @@ pub fn spawn<S: AsRef<OsStr>>(
         },
     )?;
     Ok(daemon)
+}
+
+/// The address the daemon's metrics endpoint bound (`--metrics-listen 127.0.0.1:0` lets the
+/// kernel choose the port), from its log.
+pub fn metrics_addr(log: &str) -> Result<String> {
+    log.lines()
+        .find_map(|l| l.split_once("metrics on http://")?.1.split('/').next())
+        .map(String::from)
+        .ok_or_else(|| anyhow!("the daemon logged no metrics address:\n{log}"))
+}
+
+/// GET `path` from `addr` over HTTP/1.0, with an Accept header if given: the status line, the
+/// headers (lower case) and the body.
+pub fn http_get(addr: &str, path: &str, accept: Option<&str>) -> Result<(String, String, String)> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{accept}\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no header/body separator in the answer of {addr}: {text:?}"))?;
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    Ok((status.to_string(), headers.to_lowercase(), body.to_string()))
+}
+
+/// `GET /metrics` from the daemon's endpoint at `addr`: the body of a 200 answer.
+pub fn scrape(addr: &str) -> Result<String> {
+    let (status, _, body) = http_get(addr, "/metrics", None)?;
+    ensure!(
+        status.contains(" 200"),
+        "GET http://{addr}/metrics: {status}"
+    );
+    Ok(body)
 }

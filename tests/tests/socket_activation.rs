@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use card_tests::card::{mac_str, CARD_IP, HOST_IP, HOST_MAC, TAP};
+use card_tests::card::{CARD_IP, HOST_IP, HOST_MAC, TAP};
 use card_tests::daemon::{binary, stats_cmd};
 use card_tests::frontend::{Control, F_PROTOCOL_FEATURES};
 use card_tests::netdev::{Options, TxLayout, VirtioNet, F_MTU};
@@ -243,13 +243,7 @@ fn socket_activation_serves_the_inherited_socket() -> Result<()> {
     daemon.wait_log("frontend acked features", Duration::from_secs(5))?;
 
     // The card's address, and the host's MAC so no ARP is needed.
-    ns.card_address(
-        TAP,
-        &format!("{CARD_IP}/24"),
-        &HOST_IP.to_string(),
-        &mac_str(&HOST_MAC),
-    )?;
-    let card_mac = ns.mac_of(TAP)?;
+    let card_mac = card_tests::card::address(&ns)?;
 
     // Host -> card: UDP datagrams reach a socket on the card.
     let port = 7300;

@@ -13,8 +13,7 @@
 //! the end. Every command that the USAGE file shows is printed as it runs (`$ ...`).
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -507,7 +506,7 @@ fn scenario(opts: &Options, log_dir: &Path, t0: Instant) -> Result<()> {
     })?;
 
     // The card pings the guest; the counters are read while those pings flow.
-    let metrics = metrics_addr(&log_dir.join("daemon.log"))?;
+    let metrics = rig::daemon::metrics_addr(&fs::read_to_string(log_dir.join("daemon.log"))?)?;
     let before = Snapshot::take(&binary, &control, &metrics)?;
     let mut pinger = ns.command("busybox");
     pinger
@@ -746,17 +745,6 @@ fn start_daemon(
     Ok(daemon)
 }
 
-/// The address the daemon's metrics endpoint bound (`--metrics-listen 127.0.0.1:0`).
-fn metrics_addr(log: &Path) -> Result<String> {
-    let text = fs::read_to_string(log)?;
-    text.lines()
-        .find_map(|l| {
-            let rest = l.split_once("metrics on http://")?.1;
-            Some(rest.split('/').next()?.to_string())
-        })
-        .ok_or_else(|| anyhow!("the daemon logged no metrics address"))
-}
-
 /// The counters from both endpoints at one moment.
 struct Snapshot {
     stats: vhost_card::stats::Snapshot,
@@ -773,7 +761,7 @@ impl Snapshot {
         Ok(Snapshot {
             stats: vhost_card::stats::Snapshot::parse(&json_text)
                 .with_context(|| format!("`vhost-card stats --json` printed {json_text}"))?,
-            prom_text: http_get(metrics, "/metrics")?,
+            prom_text: rig::daemon::scrape(metrics)?,
         })
     }
 
@@ -794,24 +782,6 @@ impl Snapshot {
             .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
             .unwrap_or(0)
     }
-}
-
-/// A plain HTTP/1.0 GET; returns the body of a 200 response.
-fn http_get(addr: &str, path: &str) -> Result<String> {
-    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("no HTTP header in the answer of {addr}"))?;
-    ensure!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "GET {path}: {}",
-        head.lines().next().unwrap_or("")
-    );
-    Ok(body.to_string())
 }
 
 /// Packet loss in percent from a busybox ping summary.
