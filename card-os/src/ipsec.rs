@@ -335,10 +335,14 @@ fn random_hex(bytes: usize) -> Result<String> {
 fn write_private(path: &Path, text: &str) -> Result<()> {
     use std::io::Write;
     if let Some(dir) = path.parent() {
-        // The state directory appears with the first key; only root may enter it.
+        // The state directory appears with the first key; only root may enter it. Its
+        // parents (/var/lib/vhost-card, which other cards and the libvirt example's guest files
+        // share) are made as any directory: 0700 there would lock QEMU's user out.
         if !dir.exists() {
+            if let Some(up) = dir.parent() {
+                fs::create_dir_all(up).with_context(|| format!("creating {}", up.display()))?;
+            }
             fs::DirBuilder::new()
-                .recursive(true)
                 .mode(0o700)
                 .create(dir)
                 .with_context(|| format!("creating {}", dir.display()))?;
@@ -777,5 +781,19 @@ mod tests {
         assert!(proposals(&s).is_err());
         s.aead = "rfc7539esp(chacha20,poly1305)".into();
         assert!(proposals(&s).is_err());
+    }
+
+    #[test]
+    fn only_the_state_directory_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = std::env::temp_dir().join(format!("card-os-private-{}", std::process::id()));
+        let key = base.join("lib/card/ipsec.keys");
+        write_private(&key, "k").unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&key), 0o600);
+        assert_eq!(mode(&base.join("lib/card")), 0o700);
+        // The shared parent stays open to others (QEMU's user reads guest files below it).
+        assert_eq!(mode(&base.join("lib")) & 0o001, 0o001);
+        fs::remove_dir_all(&base).unwrap();
     }
 }

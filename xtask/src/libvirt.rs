@@ -341,6 +341,19 @@ impl Created {
             missing.push(p.to_path_buf());
             d = p.parent();
         }
+        // QEMU runs as libvirt-qemu: every existing parent must let others through.
+        for p in d.into_iter().flat_map(Path::ancestors) {
+            let mode = fs::metadata(p)?.permissions().mode();
+            ensure!(
+                mode & 0o001 != 0,
+                "{} has mode {:o}: libvirt's QEMU (another user) cannot reach {} through it \
+                 (chmod o+x {})",
+                p.display(),
+                mode & 0o7777,
+                dir.display(),
+                p.display()
+            );
+        }
         for p in missing.into_iter().rev() {
             fs::create_dir(&p).with_context(|| format!("creating {}", p.display()))?;
             fs::set_permissions(&p, fs::Permissions::from_mode(0o755))?;
