@@ -41,7 +41,6 @@ use anyhow::{bail, Context, Result};
 
 use super::{Options, DEFAULT_MTU, MIB};
 use crate::card::{self, CardConfig};
-use crate::json::Json;
 use crate::netns::Netns;
 use crate::nsnet::{self, Progress, Transfer};
 use crate::process::{Guarded, TempDir};
@@ -49,6 +48,7 @@ use crate::qemu::{Nic, Vm, VmConfig};
 use crate::qmp::Qmp;
 use crate::report::key_values;
 use crate::rig::Env;
+use serde_json::{json, Value as Json};
 
 const BRIDGE: &str = "br0";
 const TAPS: [&str; 2] = ["mig0", "mig1"];
@@ -56,7 +56,7 @@ const SIDES: [&str; 2] = ["A", "B"];
 /// Guest RAM, as the other scenarios' VMs have.
 const GUEST_MIB: u32 = 1024;
 /// Migration bandwidth (bytes/s): a local socket takes much more than QEMU's 32 MiB/s default.
-const MAX_BANDWIDTH: f64 = 4e9;
+const MAX_BANDWIDTH: u64 = 4_000_000_000;
 
 pub fn run(env: &Env, opts: &Options) -> Result<(bool, String)> {
     let mut pass = true;
@@ -174,7 +174,7 @@ impl Site {
         }
         std::fs::create_dir_all(&log_dir)?;
         let run = TempDir::new("vhc-mig")?;
-        let ns = Netns::create("vhm")?;
+        let ns = Netns::new("vhm")?;
         ns.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
         let mut site = Site {
             daemons: Vec::new(),
@@ -208,16 +208,13 @@ impl Site {
     fn spawn_daemon(&mut self, side: usize, tap: &str) -> Result<()> {
         let socket = self.run.path().join(format!("card-{side}.sock"));
         let log = self.log_dir.join(format!("daemon-{}.log", SIDES[side]));
+        File::create(&log)?;
         let args = card::daemon_args(&self.cfg, &socket, self.ns.name(), tap);
-        let daemon = card::spawn_daemon(
-            &args,
-            self.run.path(),
-            File::create(&log)?,
-            &socket,
-            &self.ns,
-            tap,
-        )
-        .with_context(|| format!("daemon {}: {}", SIDES[side], crate::process::tail(&log, 10)))?;
+        let ns = &self.ns;
+        let daemon = rig::daemon::spawn(&card::binary(), &args, &log, self.run.path(), || {
+            socket.exists() && ns.has_link(tap)
+        })
+        .with_context(|| format!("daemon {}", SIDES[side]))?;
         self.daemons.push(daemon);
         self.sockets.push(socket);
         self.logs.push(log);
@@ -295,8 +292,18 @@ impl Site {
     /// A daemon's last logged counters of a `stats <what>:` line (`pair N`, `device`).
     fn counters(&self, side: usize, what: &str) -> std::collections::BTreeMap<String, u64> {
         let text = std::fs::read_to_string(&self.logs[side]).unwrap_or_default();
-        let lines: Vec<String> = text.lines().map(String::from).collect();
-        card::last_stats(&lines, what)
+        let tag = format!("stats {what}:");
+        let line = text
+            .lines()
+            .rev()
+            .find_map(|l| l.split_once(&tag).map(|(_, r)| r));
+        line.unwrap_or("")
+            .split_whitespace()
+            .filter_map(|w| {
+                let (k, v) = w.split_once('=')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
     }
 }
 
@@ -382,24 +389,20 @@ fn migrate(
     // finish while they run.
     qmp.execute(
         "migrate-set-capabilities",
-        Some(Json::obj([(
-            "capabilities",
-            Json::Arr(vec![Json::obj([
-                ("capability", Json::str("auto-converge")),
-                ("state", Json::Bool(true)),
-            ])]),
-        )])),
+        Some(json!({
+            "capabilities": [{ "capability": "auto-converge", "state": true }]
+        })),
     )?;
     qmp.execute(
         "migrate-set-parameters",
-        Some(Json::obj([
-            ("max-bandwidth", Json::Num(MAX_BANDWIDTH)),
-            ("cpu-throttle-initial", Json::Num(30.0)),
-            ("cpu-throttle-increment", Json::Num(20.0)),
-        ])),
+        Some(json!({
+            "max-bandwidth": MAX_BANDWIDTH,
+            "cpu-throttle-initial": 30,
+            "cpu-throttle-increment": 20,
+        })),
     )?;
     let t0 = now_us();
-    qmp.execute("migrate", Some(Json::obj([("uri", Json::str(&uri))])))?;
+    qmp.execute("migrate", Some(json!({ "uri": uri })))?;
     let stats = wait_migrated(&mut qmp, Duration::from_secs(300))?;
     let t_done = now_us();
     let up_at_switch = progress.bytes.load(Ordering::Relaxed);
@@ -544,16 +547,10 @@ fn evidence(dst: &mut Vm) -> String {
     if let Ok(mut qmp) = Qmp::connect(&dst.qmp) {
         let path = "/machine/peripheral-anon/device[0]/virtio-backend";
         for queue in 0..2 {
-            let args = Json::obj([
-                ("path", Json::str(path)),
-                ("queue", Json::Num(f64::from(queue))),
-            ]);
+            let args = json!({ "path": path, "queue": queue });
             match qmp.execute("x-query-virtio-queue-status", Some(args)) {
                 Ok(st) => {
-                    let n = |k: &str| match st.get(k) {
-                        Some(Json::Num(v)) => format!("{v}"),
-                        _ => "?".into(),
-                    };
+                    let n = |k: &str| st.get(k).map_or("?".into(), |v| v.to_string());
                     queues.push(format!(
                         "queue {queue}: last-avail {} shadow-avail {} used {} inuse {}",
                         n("last-avail-idx"),
@@ -621,10 +618,7 @@ fn wait_migrated(qmp: &mut Qmp, timeout: Duration) -> Result<Migrated> {
             .and_then(Json::as_str)
             .unwrap_or("?")
             .to_string();
-        let num = |k: &str| match info.get(k) {
-            Some(Json::Num(n)) => *n as u64,
-            _ => 0,
-        };
+        let num = |k: &str| info.get(k).and_then(Json::as_u64).unwrap_or(0);
         // A QEMU that arrived by migration reports its incoming migration ("completed", no
         // times) until its outgoing one shows up.
         let outgoing = info.get("total-time").is_some() || status != "completed";

@@ -28,6 +28,7 @@
 
 pub mod cardos;
 mod hotplug;
+mod installed;
 mod migration;
 mod multiqueue;
 mod networkd;
