@@ -145,6 +145,9 @@ impl Round {
             vm = next;
             pass &= hop.ok;
             lines.push(hop.text);
+            if !hop.ok {
+                break;
+            }
         }
         vm.shutdown().ok();
         if !pass {
@@ -352,11 +355,16 @@ fn migrate(
         timeout,
         progress.clone(),
     )?;
-    // Card → guest: the guest listens in the background, the card sends.
+    // Card → guest: the guest listens in the background and hashes what arrives as it arrives
+    // (wc counts it): the guest's memory is not where the 64 MiB go, so the migration copies
+    // the guest while it receives instead of chasing 64 MiB of freshly written pages.
     src.check(
         &format!(
-            "rm -f /tmp/rx /tmp/rx.rc /tmp/up.rc
-             (nc -l -p {down_port} > /tmp/rx; echo $? > /tmp/rx.rc) > /dev/null 2>&1 &
+            "rm -f /tmp/rx.* /tmp/up.rc
+             mkfifo /tmp/rx.fifo
+             (wc -c < /tmp/rx.fifo > /tmp/rx.len) > /dev/null 2>&1 &
+             ({{ nc -l -p {down_port}; echo $? > /tmp/rx.nc; }} | tee /tmp/rx.fifo |
+                 sha256sum > /tmp/rx.sha; echo 0 > /tmp/rx.rc) > /dev/null 2>&1 &
              n=0
              until netstat -ltn | grep -q ':{down_port} '; do
                  n=$((n + 1)); [ $n -gt 100 ] && {{ echo 'nc is not listening'; exit 1; }}
@@ -415,17 +423,16 @@ fn migrate(
     dst.adopt_agent()?;
     let guest = key_values(&dst.check(
         "n=0
-         while [ ! -e /tmp/up.rc ] || [ ! -e /tmp/rx.rc ]; do
+         while [ ! -e /tmp/up.rc ] || [ ! -e /tmp/rx.rc ] || [ ! -s /tmp/rx.len ]; do
              n=$((n + 1)); [ $n -gt 600 ] && break
              sleep 0.1
          done
          echo up_rc=$(cat /tmp/up.rc 2>/dev/null)
-         echo rx_rc=$(cat /tmp/rx.rc 2>/dev/null)
-         echo bytes=$(wc -c < /tmp/rx)
-         echo sha=$(sha256sum /tmp/rx | cut -d' ' -f1)
+         echo rx_rc=$(cat /tmp/rx.nc 2>/dev/null)
+         echo bytes=$(cat /tmp/rx.len)
+         echo sha=$(cut -d' ' -f1 /tmp/rx.sha)
          echo carrier_changes=$(cat /sys/class/net/eth0/carrier_changes)
-         echo operstate=$(cat /sys/class/net/eth0/operstate)
-         rm -f /tmp/rx",
+         echo operstate=$(cat /sys/class/net/eth0/operstate)",
         Duration::from_secs(120),
     )?);
     // A transfer the guest side did not finish may hang on for minutes (TCP timeouts): its
