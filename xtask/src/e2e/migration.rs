@@ -376,15 +376,10 @@ fn migrate(
         ),
         Duration::from_secs(20),
     )?;
-    let data = if len == env.payload_arc.len() {
-        env.payload_arc.clone()
-    } else {
-        Arc::new(env.payload_arc[..len].to_vec())
-    };
     let down = nsnet::tcp_send(
         site.ns.name(),
         SocketAddrV4::new(card::GUEST4.parse()?, down_port),
-        data,
+        env.prefix(len),
         Duration::from_secs(10),
         timeout,
     )?;
