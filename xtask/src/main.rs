@@ -55,8 +55,8 @@ enum Task {
     /// exits non-zero on FAIL.
     Smoke(smoke::Options),
     /// The end-to-end scenarios (binding, traffic, feature toggles, large
-    /// frames, hot-plug, card restart); one PASS/FAIL line each, exits
-    /// non-zero if any fails.
+    /// frames, hot-plug, card restart, multiqueue, device reset, fewer pairs,
+    /// live migration); one PASS/FAIL line each, exits non-zero if any fails.
     E2e(e2e::Options),
     /// Runs the cargo-fuzz targets in fuzz/ for a time budget (--smoke: 20 s each).
     Fuzz(fuzz::Options),

@@ -1,4 +1,4 @@
-//! Scenario 10: live migration of a VM that uses the card.
+//! Scenario 12: live migration of a VM that uses the card.
 //!
 //! Two QEMU processes on this machine, the source and the destination (`-incoming`), each with
 //! its own vhost-card daemon in the same card namespace. Each daemon has its own tap, and both
