@@ -84,9 +84,23 @@ pub struct Vm {
     child: Guarded,
     console: Console,
     agent: Option<Channel>,
+    /// QEMU's stderr, for the error when it goes away.
+    qemu_log: PathBuf,
     /// QMP socket (server, no wait) for tests that want to poke the VM.
     pub qmp: PathBuf,
     pub started: Instant,
+}
+
+/// `err` from the agent's socket, with QEMU's exit status and the end of its stderr when it
+/// went away (it closes the socket as it exits: give it a moment).
+fn gone(child: &mut Guarded, qemu_log: &Path, err: anyhow::Error) -> anyhow::Error {
+    match child.wait_timeout(Duration::from_secs(2)) {
+        Ok(status) => err.context(format!(
+            "QEMU exited ({status}):\n{}",
+            crate::process::tail(qemu_log, 10)
+        )),
+        Err(_) => err,
+    }
 }
 
 /// Kernel command line. `mitigations=off` only spares the emulated CPU the
@@ -211,6 +225,7 @@ impl Vm {
             child,
             console: Console::new(serial_log, cfg.echo),
             agent,
+            qemu_log: cfg.log_dir.join("qemu.log"),
             qmp,
             started,
         })
@@ -245,13 +260,14 @@ impl Vm {
             child,
             console,
             agent,
+            qemu_log,
             ..
         } = self;
         let agent = agent.as_mut().context("this VM has no agent port")?;
         wait_for("the guest agent", timeout, || {
             let exited = child.try_wait()?;
             console.poll()?;
-            if agent.ready()? {
+            if agent.ready().map_err(|e| gone(child, qemu_log, e))? {
                 return Ok(Some(()));
             }
             match exited {
@@ -280,16 +296,19 @@ impl Vm {
             child,
             console,
             agent,
+            qemu_log,
             ..
         } = self;
         let agent = agent.as_mut().context("this VM has no agent port")?;
-        let id = agent.send(script, timeout)?;
+        let id = agent
+            .send(script, timeout)
+            .map_err(|e| gone(child, qemu_log, e))?;
         // TCG can be slow to even start the command: allow a margin.
         let what = format!("the guest to run `{}`", first_line(script));
         wait_for(&what, timeout + Duration::from_secs(30), || {
             let exited = child.try_wait()?;
             console.poll()?;
-            if let Some(reply) = agent.reply(id)? {
+            if let Some(reply) = agent.reply(id).map_err(|e| gone(child, qemu_log, e))? {
                 return Ok(Some(reply));
             }
             match exited {

@@ -81,9 +81,11 @@ pub fn run(env: &Env, opts: &Options) -> Result<(bool, String)> {
             hops: &[(0, 1)],
         },
     ] {
-        let (ok, line) = round
-            .run(env, opts)
-            .unwrap_or_else(|err| (false, format!("{}: {err:#}", round.name)));
+        let (ok, line) = round.run(env, opts).unwrap_or_else(|err| {
+            let logs = env.logs.join(round.name);
+            let text = format!("{}: {err:#} (logs in {})", round.name, logs.display());
+            (false, text)
+        });
         pass &= ok;
         text.push(line);
         crate::check_interrupted()?;
