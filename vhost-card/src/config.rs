@@ -7,6 +7,8 @@ use thiserror::Error;
 
 use crate::features::{self, FeatureError};
 use crate::tap::parse_mac;
+use crate::vduse::vdpa::Bind;
+use crate::vduse::VduseConfig;
 
 /// Highest MTU a Linux tap accepts (65535 minus the Ethernet header).
 pub const TAP_MAX_MTU: u16 = 65521;
@@ -32,7 +34,7 @@ pub struct Args {
 
     /// Path of the vhost-user socket to listen on (the VMM connects as client).
     #[arg(long, visible_alias = "socket-path", value_name = "PATH",
-          required_unless_present_any = ["fd", "print_capabilities"])]
+          required_unless_present_any = ["fd", "vduse", "print_capabilities"])]
     pub socket: Option<PathBuf>,
 
     /// Serve on an already listening Unix socket inherited as file descriptor N (socket
@@ -40,6 +42,24 @@ pub struct Args {
     /// --socket.
     #[arg(long, value_name = "N", conflicts_with = "socket")]
     pub fd: Option<i32>,
+
+    /// Be a device of this machine's own kernel instead of serving a VMM: create the VDUSE device
+    /// /dev/vduse/NAME (needs Linux with CONFIG_VDPA_USER: modprobe vduse) and, with
+    /// --vduse-bind, the vdpa device NAME on it, so the kernel's virtio_net drives the card.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["socket", "fd"])]
+    pub vduse: Option<String>,
+
+    /// With --vduse: the vdpa bus driver to bind. `virtio` (virtio_vdpa) gives this host a
+    /// network interface, `vhost` (vhost_vdpa) a /dev/vhost-vdpa-N for QEMU's -netdev
+    /// vhost-vdpa, `none` adds no vdpa device (run `vdpa dev add name NAME mgmtdev vduse`).
+    /// Default: virtio.
+    #[arg(long, value_enum, value_name = "DRIVER", requires = "vduse")]
+    pub vduse_bind: Option<Bind>,
+
+    /// With --vduse: the MAC address of the host's interface (VIRTIO_NET_F_MAC). Default: a
+    /// locally administered address derived from the device name.
+    #[arg(long, value_name = "MAC", value_parser = parse_mac, requires = "vduse")]
+    pub host_mac: Option<[u8; 6]>,
 
     /// Print the vhost-user backend capabilities as JSON (QEMU's docs/interop/vhost-user.json)
     /// and exit.
@@ -158,8 +178,10 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
 pub enum ConfigError {
     #[error(transparent)]
     Identity(#[from] crate::sandbox::SandboxError),
-    #[error("--socket or --fd is required")]
+    #[error("--socket, --fd or --vduse is required")]
     NoSocket,
+    #[error("{0} applies only with --vduse")]
+    VduseOnly(&'static str),
     #[error("--fd {0} is not a listening Unix stream socket")]
     BadFd(i32),
     #[error(transparent)]
@@ -173,6 +195,8 @@ pub enum Listen {
     Path(PathBuf),
     /// An inherited listening socket.
     Fd(i32),
+    /// No socket: a VDUSE device of the kernel the daemon runs on.
+    Vduse(VduseConfig),
 }
 
 /// A checked configuration for the daemon.
@@ -200,10 +224,23 @@ impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(a: Args) -> Result<Self, ConfigError> {
-        let listen = match (a.socket, a.fd) {
-            (Some(p), None) => Listen::Path(p),
-            (None, Some(fd)) if is_listening_unix_socket(fd) => Listen::Fd(fd),
-            (None, Some(fd)) => return Err(ConfigError::BadFd(fd)),
+        if a.vduse.is_none() {
+            if a.vduse_bind.is_some() {
+                return Err(ConfigError::VduseOnly("--vduse-bind"));
+            }
+            if a.host_mac.is_some() {
+                return Err(ConfigError::VduseOnly("--host-mac"));
+            }
+        }
+        let listen = match (a.socket, a.fd, a.vduse) {
+            (Some(p), None, None) => Listen::Path(p),
+            (None, Some(fd), None) if is_listening_unix_socket(fd) => Listen::Fd(fd),
+            (None, Some(fd), None) => return Err(ConfigError::BadFd(fd)),
+            (None, None, Some(name)) => Listen::Vduse(VduseConfig {
+                name,
+                bind: a.vduse_bind.unwrap_or(Bind::Virtio),
+                host_mac: a.host_mac,
+            }),
             _ => return Err(ConfigError::NoSocket),
         };
         Ok(Config {
@@ -320,6 +357,28 @@ mod tests {
         let c = Config::try_from(parse(&["--fd", &fd]).unwrap()).unwrap();
         assert_eq!(c.listen, Listen::Fd(l.as_raw_fd()));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn vduse_mode() {
+        let c = Config::try_from(parse(&["--vduse", "card"]).unwrap()).unwrap();
+        assert_eq!(
+            c.listen,
+            Listen::Vduse(VduseConfig {
+                name: "card".into(),
+                bind: Bind::Virtio,
+                host_mac: None
+            })
+        );
+        let a = parse(&["--vduse", "c", "--vduse-bind", "none", "--host-mac", "02:00:00:00:00:01"]);
+        let c = Config::try_from(a.unwrap()).unwrap();
+        assert!(matches!(c.listen, Listen::Vduse(VduseConfig { bind: Bind::None, host_mac: Some(_), .. })));
+        assert!(parse(&["--vduse", "c", "--socket", "s"]).is_err());
+        for extra in [["--vduse-bind", "vhost"], ["--host-mac", "02:00:00:00:00:01"]] {
+            let a = parse(&["--socket", "s", extra[0], extra[1]]).unwrap();
+            let e = Config::try_from(a).unwrap_err().to_string();
+            assert!(e.contains("only with --vduse"), "{e}");
+        }
     }
 
     #[test]

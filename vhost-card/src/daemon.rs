@@ -54,6 +54,8 @@ pub enum DaemonError {
     Fatal(String),
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Vduse(#[from] crate::vduse::VduseError),
 }
 
 /// How often the daemon checks that its network namespace still has its name.
@@ -110,7 +112,7 @@ impl Stop {
     }
 
     /// Sleeps up to `d`; returns true if a stop was requested.
-    fn wait(&self, d: Duration) -> bool {
+    pub(crate) fn wait(&self, d: Duration) -> bool {
         let g = self.cv.0.lock().unwrap_or_else(|p| p.into_inner());
         if self.requested() {
             return true;
@@ -190,6 +192,12 @@ impl Drop for Cleanup {
 /// `--user`/`--group`, the capability drop and the seccomp filter; only then threads start and
 /// frontends are served.
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
+    // VDUSE: the process that keeps the right to add and delete the vdpa device is forked before
+    // anything else is open (it must hold none of the daemon's descriptors).
+    let vduse_manager = match &cfg.listen {
+        Listen::Vduse(_) => Some(crate::vduse::spawn_manager()?),
+        _ => None,
+    };
     let stop = Arc::new(Stop::new().map_err(|source| DaemonError::Io {
         what: "eventfd",
         source,
@@ -214,13 +222,21 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         Listen::Path(p) => {
             let l = bind_socket(p)?;
             cleanup.paths.push(p.clone());
-            l
+            Some(l)
         }
         // SAFETY: the configuration checked that this descriptor is a listening Unix socket
         // handed to us by our parent; we take ownership of it.
-        Listen::Fd(fd) => unsafe { UnixListener::from_raw_fd(*fd) },
+        Listen::Fd(fd) => Some(unsafe { UnixListener::from_raw_fd(*fd) }),
+        Listen::Vduse(_) => None,
     };
     let tap = open_tap(&cfg)?;
+    let vduse = match (&cfg.listen, vduse_manager) {
+        (Listen::Vduse(v), Some(manager)) => {
+            let spec = crate::vduse::spec(v, cfg.features, cfg.mtu, cfg.queues, cfg.queue_size);
+            Some(crate::vduse::prepare(v, spec, manager)?)
+        }
+        _ => None,
+    };
     // The identity of the named namespace the tap lives in, watched while serving.
     let netns_watch = cfg
         .netns
@@ -361,6 +377,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         match &cfg.listen {
             Listen::Path(p) => p.display().to_string(),
             Listen::Fd(fd) => format!("inherited fd {fd}"),
+            Listen::Vduse(v) => format!("VDUSE device /dev/vduse/{}", v.name),
         },
         cfg.mtu,
         cfg.queues,
@@ -371,7 +388,14 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         mtu: cfg.mtu,
         num_queues: (cfg.queues * 2) as u32,
     };
-    let result = serve(&listener, &backend, &private, gate_cfg, &stop);
+    let result = match (vduse, &listener) {
+        (Some(prepared), _) => {
+            crate::vduse::serve(prepared, backend.clone(), cfg.queues, &|d| stop.wait(d))
+                .map_err(DaemonError::from)
+        }
+        (None, Some(listener)) => serve(listener, &backend, &private, gate_cfg, &stop),
+        (None, None) => Ok(()),
+    };
     drop(cleanup);
     for line in stats.report().lines() {
         info!("final stats {line}");
@@ -403,7 +427,11 @@ fn confine(cfg: &Config, owned: &[&Path]) -> Result<(), DaemonError> {
     }
     if seccomp {
         sandbox::drop_capabilities()?;
-        sandbox::install_seccomp()?;
+        let extra = match &cfg.listen {
+            Listen::Vduse(_) => crate::vduse::uapi::serving_ioctls().to_vec(),
+            _ => Vec::new(),
+        };
+        sandbox::install_seccomp_with(&extra)?;
         info!("sandbox: capabilities cleared, seccomp allow-list installed");
     }
     Ok(())

@@ -60,6 +60,28 @@ echo "SCENARIO-EXIT $rc"
 poweroff -f
 "#;
 
+/// Where a guest kernel comes from: an apt meta package whose `linux-image-*` dependency is
+/// downloaded, the modules the guest loads (with their dependencies), the cache directory under
+/// target/vm/, and apt options (a private sources list for another suite).
+pub struct KernelSource {
+    /// Cache directory under target/vm/; its initramfs is `<dir>`'s `initramfs.cpio.gz` for
+    /// "kernel" (the default guest), `initramfs-<dir>.cpio.gz` otherwise.
+    pub dir: &'static str,
+    pub meta: &'static str,
+    pub modules: &'static [&'static str],
+    pub apt_options: Vec<String>,
+}
+
+/// The default guest: Debian 12's cloud kernel from the machine's own apt sources.
+fn debian12() -> KernelSource {
+    KernelSource {
+        dir: "kernel",
+        meta: KERNEL_META,
+        modules: GUEST_MODULES,
+        apt_options: Vec::new(),
+    }
+}
+
 #[derive(clap::Args)]
 pub struct Options {
     /// Download and extract the kernel again even if one is cached.
@@ -82,9 +104,14 @@ pub struct Assets {
 
 /// Makes sure every asset exists, building only what is missing or stale.
 pub fn ensure(opts: &Options) -> Result<Assets> {
+    ensure_source(&debian12(), opts.refresh)
+}
+
+/// As [`ensure`], for the guest kernel `src`.
+pub fn ensure_source(src: &KernelSource, refresh: bool) -> Result<Assets> {
     ensure_packages()?;
-    let kernel = ensure_kernel(opts.refresh)?;
-    let initramfs = ensure_initramfs(&kernel)?;
+    let kernel = ensure_kernel(src, refresh)?;
+    let initramfs = ensure_initramfs(src, &kernel)?;
     let assets = Assets {
         kernel: kernel.dir.join("vmlinuz"),
         initramfs,
@@ -125,6 +152,13 @@ fn apt_get() -> Command {
     cmd
 }
 
+/// `apt-get` with the options of `src` (its private sources list, if any).
+fn apt_get_for(src: &KernelSource) -> Command {
+    let mut cmd = apt_get();
+    cmd.args(&src.apt_options);
+    cmd
+}
+
 fn ensure_packages() -> Result<()> {
     let missing: Vec<&str> = HOST_PACKAGES
         .iter()
@@ -150,8 +184,8 @@ struct Kernel {
     modules: Vec<String>,
 }
 
-fn ensure_kernel(refresh: bool) -> Result<Kernel> {
-    let dir = crate::vm_dir().join("kernel");
+fn ensure_kernel(src: &KernelSource, refresh: bool) -> Result<Kernel> {
+    let dir = crate::vm_dir().join(src.dir);
     let package_file = dir.join("PACKAGE");
     let load_file = dir.join("modules.load");
     if !refresh && package_file.exists() && load_file.exists() && dir.join("vmlinuz").exists() {
@@ -170,17 +204,17 @@ fn ensure_kernel(refresh: bool) -> Result<Kernel> {
     let work = dir.join("download");
     fs::create_dir_all(&work)?;
 
-    let meta = apt_download(KERNEL_META, &work)?;
+    let meta = apt_download(src, src.meta, &work)?;
     let depends = stdout(Command::new("dpkg-deb").arg("-f").arg(&meta).arg("Depends"))?;
     let image = depends
         .split([',', '|'])
         .filter_map(|dep| dep.split_whitespace().next())
         .find(|name| name.starts_with("linux-image-"))
-        .ok_or_else(|| anyhow!("no linux-image-* in {KERNEL_META}'s Depends: {depends}"))?
+        .ok_or_else(|| anyhow!("no linux-image-* in {}'s Depends: {depends}", src.meta))?
         .to_string();
     // Either the signed image the meta package names or its unsigned twin.
-    let deb = apt_download(&image, &work)
-        .or_else(|_| apt_download(&format!("{image}-unsigned"), &work))?;
+    let deb = apt_download(src, &image, &work)
+        .or_else(|_| apt_download(src, &format!("{image}-unsigned"), &work))?;
     let version = stdout(Command::new("dpkg-deb").arg("-f").arg(&deb).arg("Version"))?;
     let root = work.join("root");
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
@@ -207,7 +241,7 @@ fn ensure_kernel(refresh: bool) -> Result<Kernel> {
         let base = base.ok_or_else(|| anyhow!("odd module path {}", mod_root.display()))?;
         run(Command::new("depmod").arg("-b").arg(base).arg(&release))?;
     }
-    let order = module_load_order(&mod_root, GUEST_MODULES)?;
+    let order = module_load_order(&mod_root, src.modules)?;
     let out_dir = dir.join("modules");
     fs::create_dir_all(&out_dir)?;
     let mut names = Vec::new();
@@ -231,10 +265,10 @@ fn ensure_kernel(refresh: bool) -> Result<Kernel> {
 
 /// `apt-get download`s `package` into `dir` (updating the package lists once
 /// if apt does not know it) and returns the .deb.
-fn apt_download(package: &str, dir: &Path) -> Result<PathBuf> {
-    let download = || run(apt_get().arg("download").arg(package).current_dir(dir));
+fn apt_download(src: &KernelSource, package: &str, dir: &Path) -> Result<PathBuf> {
+    let download = || run(apt_get_for(src).arg("download").arg(package).current_dir(dir));
     if download().is_err() {
-        run(apt_get().args(["update", "-q"]))?;
+        run(apt_get_for(src).args(["update", "-q"]))?;
         download()?;
     }
     let prefix = format!("{package}_");
@@ -332,7 +366,7 @@ fn decompress(path: &Path) -> Result<Vec<u8>> {
 
 /// Builds target/vm/initramfs.cpio.gz unless the cached one has the same
 /// contents (the uncompressed archive is kept next to it for that check).
-fn ensure_initramfs(kernel: &Kernel) -> Result<PathBuf> {
+fn ensure_initramfs(src: &KernelSource, kernel: &Kernel) -> Result<PathBuf> {
     let busybox_path = "/bin/busybox";
     let mut archive = Archive::new();
     let applets = stdout(Command::new(busybox_path).arg("--list-full"))?;
@@ -371,8 +405,12 @@ fn ensure_initramfs(kernel: &Kernel) -> Result<PathBuf> {
     archive.file("init", 0o755, INIT.as_bytes());
     let bytes = archive.finish();
 
-    let plain = crate::vm_dir().join("initramfs.cpio");
-    let gz = crate::vm_dir().join("initramfs.cpio.gz");
+    let stem = match src.dir {
+        "kernel" => "initramfs".to_string(),
+        other => format!("initramfs-{other}"),
+    };
+    let plain = crate::vm_dir().join(format!("{stem}.cpio"));
+    let gz = crate::vm_dir().join(format!("{stem}.cpio.gz"));
     if gz.exists() && fs::read(&plain).is_ok_and(|old| old == bytes) {
         return Ok(gz);
     }

@@ -28,6 +28,7 @@ mod multiqueue;
 mod networkd;
 mod shared_vm;
 mod toggles;
+pub mod vduse;
 
 use std::time::Instant;
 
@@ -62,6 +63,11 @@ pub struct Options {
     /// Echo the guest consoles (they are in target/vm/logs/e2e/ anyway).
     #[arg(long)]
     pub verbose: bool,
+    /// Instead: the card as a VDUSE device of a bare-metal host's own kernel (a TCG VM with
+    /// Debian 13's stock kernel; see e2e/vduse.rs): binding, pings, TCP, checksum honesty,
+    /// toggles, stop/restart.
+    #[arg(long)]
+    pub vduse: bool,
 }
 
 pub fn matrix_mib(opts: &Options) -> usize {
@@ -86,6 +92,9 @@ pub fn run(opts: &Options) -> Result<()> {
     // SAFETY: geteuid(2) has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         bail!("e2e needs root (network namespaces, tap devices)");
+    }
+    if opts.vduse {
+        return vduse::run(opts);
     }
     if opts.only.iter().any(|n| !(1..=9).contains(n)) {
         bail!("scenarios are numbered 1 to 9");
