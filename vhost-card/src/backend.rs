@@ -20,8 +20,8 @@ use vmm_sys_util::event::{
 };
 
 use crate::datapath::{tap_offload, Pair, Pass};
-use crate::interrupt::Interrupt;
 use crate::features::{self, Negotiated, VHOST_USER_F_PROTOCOL_FEATURES};
+use crate::interrupt::Interrupt;
 use crate::stats::{add, Stats};
 use crate::tap::Tap;
 

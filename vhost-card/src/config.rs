@@ -370,11 +370,28 @@ mod tests {
                 host_mac: None
             })
         );
-        let a = parse(&["--vduse", "c", "--vduse-bind", "none", "--host-mac", "02:00:00:00:00:01"]);
+        let a = parse(&[
+            "--vduse",
+            "c",
+            "--vduse-bind",
+            "none",
+            "--host-mac",
+            "02:00:00:00:00:01",
+        ]);
         let c = Config::try_from(a.unwrap()).unwrap();
-        assert!(matches!(c.listen, Listen::Vduse(VduseConfig { bind: Bind::None, host_mac: Some(_), .. })));
+        assert!(matches!(
+            c.listen,
+            Listen::Vduse(VduseConfig {
+                bind: Bind::None,
+                host_mac: Some(_),
+                ..
+            })
+        ));
         assert!(parse(&["--vduse", "c", "--socket", "s"]).is_err());
-        for extra in [["--vduse-bind", "vhost"], ["--host-mac", "02:00:00:00:00:01"]] {
+        for extra in [
+            ["--vduse-bind", "vhost"],
+            ["--host-mac", "02:00:00:00:00:01"],
+        ] {
             let a = parse(&["--socket", "s", extra[0], extra[1]]).unwrap();
             let e = Config::try_from(a).unwrap_err().to_string();
             assert!(e.contains("only with --vduse"), "{e}");

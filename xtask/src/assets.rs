@@ -266,7 +266,12 @@ fn ensure_kernel(src: &KernelSource, refresh: bool) -> Result<Kernel> {
 /// `apt-get download`s `package` into `dir` (updating the package lists once
 /// if apt does not know it) and returns the .deb.
 fn apt_download(src: &KernelSource, package: &str, dir: &Path) -> Result<PathBuf> {
-    let download = || run(apt_get_for(src).arg("download").arg(package).current_dir(dir));
+    let download = || {
+        run(apt_get_for(src)
+            .arg("download")
+            .arg(package)
+            .current_dir(dir))
+    };
     if download().is_err() {
         run(apt_get_for(src).args(["update", "-q"]))?;
         download()?;

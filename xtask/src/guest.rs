@@ -129,6 +129,9 @@ pub enum Helper {
         ready: PathBuf,
         secs: u64,
     },
+    /// Accept one TCP connection on PORT (creating READY once listening) and copy what it
+    /// carries to standard output until the sender closes.
+    TcpSink { port: u16, ready: PathBuf },
     /// Count UDP datagrams arriving on PORT (creating READY once bound) until SECS seconds
     /// pass without one; print `received=N`.
     UdpCount {
@@ -227,6 +230,7 @@ pub fn helper(cmd: &Helper) -> Result<()> {
             println!("from={from}");
             println!("intact={}", buf[..n] == pattern(n)[..]);
         }
+        Helper::TcpSink { port, ready } => crate::e2e::vduse::tcp_sink(*port, ready)?,
         Helper::UdpCount { port, ready, secs } => {
             crate::e2e::vduse::udp_count(*port, ready, Duration::from_secs(*secs))?
         }

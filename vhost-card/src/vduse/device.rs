@@ -80,7 +80,9 @@ fn check_name(name: &str) -> Result<(), DeviceError> {
         && name.len() < uapi::NAME_MAX
         && name != "."
         && name != ".."
-        && !name.chars().any(|c| c == '/' || c.is_whitespace() || c == '\0');
+        && !name
+            .chars()
+            .any(|c| c == '/' || c.is_whitespace() || c == '\0');
     if ok {
         Ok(())
     } else {
@@ -101,7 +103,8 @@ pub fn open_control() -> Result<File, DeviceError> {
         })?;
     let version = uapi::get_api_version(&control).map_err(DeviceError::Control)?;
     // Every kernel with VDUSE speaks version 0; a newer one must agree to speak it.
-    uapi::set_api_version(&control, uapi::API_VERSION).map_err(|_| DeviceError::ApiVersion(version))?;
+    uapi::set_api_version(&control, uapi::API_VERSION)
+        .map_err(|_| DeviceError::ApiVersion(version))?;
     log::debug!("VDUSE API version {version} (using {})", uapi::API_VERSION);
     Ok(control)
 }
@@ -173,7 +176,8 @@ impl Device {
                     Origin::TakenBack
                 } else {
                     drop(held);
-                    uapi::destroy_dev(&control, &spec.name).map_err(io_err("destroying the stale"))?;
+                    uapi::destroy_dev(&control, &spec.name)
+                        .map_err(io_err("destroying the stale"))?;
                     create(&control, spec).map_err(io_err("creating"))?;
                     Origin::Recreated("no vdpa device used it".into())
                 }
@@ -189,7 +193,8 @@ impl Device {
         };
         let file = open_node(&spec.name)?;
         for q in 0..spec.queues {
-            uapi::vq_setup(&file, q, spec.queue_size).map_err(io_err("setting up the queues of"))?;
+            uapi::vq_setup(&file, q, spec.queue_size)
+                .map_err(io_err("setting up the queues of"))?;
         }
         info!(
             "VDUSE device /dev/vduse/{}: {}",
@@ -197,7 +202,8 @@ impl Device {
             match &origin {
                 Origin::Created => "created".to_string(),
                 Origin::TakenBack => "left by an earlier daemon, taken back as it is".to_string(),
-                Origin::Recreated(why) => format!("left by an earlier daemon, destroyed and created again ({why})"),
+                Origin::Recreated(why) =>
+                    format!("left by an earlier daemon, destroyed and created again ({why})"),
             }
         );
         Ok((
@@ -213,7 +219,11 @@ impl Device {
     /// Closes the device file and destroys the device, retrying for up to `wait` while the
     /// kernel still holds it (EBUSY: the vdpa device is going away).
     pub fn destroy(self, wait: Duration) -> io::Result<()> {
-        let Device { name, control, file } = self;
+        let Device {
+            name,
+            control,
+            file,
+        } = self;
         drop(file);
         let deadline = Instant::now() + wait;
         loop {
@@ -236,11 +246,13 @@ impl Device {
             move |source| DeviceError::Io { what, name, source }
         };
         let control = open_control()?;
-        self.destroy(Duration::from_secs(5)).map_err(io_err("destroying"))?;
+        self.destroy(Duration::from_secs(5))
+            .map_err(io_err("destroying"))?;
         create(&control, spec).map_err(io_err("creating"))?;
         let file = open_node(&spec.name)?;
         for q in 0..spec.queues {
-            uapi::vq_setup(&file, q, spec.queue_size).map_err(io_err("setting up the queues of"))?;
+            uapi::vq_setup(&file, q, spec.queue_size)
+                .map_err(io_err("setting up the queues of"))?;
         }
         Ok(Device {
             name,

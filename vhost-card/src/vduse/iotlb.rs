@@ -262,7 +262,10 @@ mod tests {
         assert!(check_entry(&entry(0, 0xfff, 0, 0), 0).is_err());
         assert!(check_entry(&entry(0, 0xfff, u64::MAX - 0xfff, ACCESS_RO), 0).is_err());
         assert_eq!(
-            check_entry(&entry(0x4000_0000, 0x4000_ffff, 0x4000_0000, ACCESS_RO), 0x1000),
+            check_entry(
+                &entry(0x4000_0000, 0x4000_ffff, 0x4000_0000, ACCESS_RO),
+                0x1000
+            ),
             Ok(0x10000)
         );
     }

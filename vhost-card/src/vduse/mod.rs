@@ -113,7 +113,10 @@ fn write_record(spec: &Spec) {
         let _ = std::fs::create_dir_all(dir);
     }
     if let Err(e) = std::fs::write(&path, record_of(spec).to_string()) {
-        warn!("cannot record the device's configuration in {}: {e}", path.display());
+        warn!(
+            "cannot record the device's configuration in {}: {e}",
+            path.display()
+        );
     }
 }
 
@@ -193,10 +196,12 @@ fn detach(device: &Device, manager: &mut Manager) -> Result<(), VduseError> {
         let (file, exit) = (file.clone(), exit.try_clone().map_err(io_err("eventfd"))?);
         std::thread::spawn(move || session::answer_all(&file, &exit))
     };
-    let result = manager.del(&device.name).map_err(|source| VduseError::Vdpa {
-        name: device.name.clone(),
-        source,
-    });
+    let result = manager
+        .del(&device.name)
+        .map_err(|source| VduseError::Vdpa {
+            name: device.name.clone(),
+            source,
+        });
     let _ = exit.write(1);
     let _ = responder.join();
     result
@@ -237,11 +242,7 @@ pub fn serve(
                 .unwrap_or(false)
         });
         if running {
-            if let Err(why) = session
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .resume()
-            {
+            if let Err(why) = session.lock().unwrap_or_else(|p| p.into_inner()).resume() {
                 warn!("cannot resume the running driver: {why}");
             }
         }

@@ -54,7 +54,10 @@ impl Request {
                 id,
                 index: u32_at(b, BODY),
             },
-            SET_STATUS => Request::SetStatus { id, status: b[BODY] },
+            SET_STATUS => Request::SetStatus {
+                id,
+                status: b[BODY],
+            },
             UPDATE_IOTLB => Request::UpdateIotlb {
                 id,
                 start: u64_at(b, BODY),
@@ -132,7 +135,10 @@ mod tests {
     fn parses_each_kind() {
         assert_eq!(
             Request::parse(&req(1, 7, &[0x0f])),
-            Some(Request::SetStatus { id: 7, status: 0x0f })
+            Some(Request::SetStatus {
+                id: 7,
+                status: 0x0f
+            })
         );
         assert_eq!(
             Request::parse(&req(0, 8, &3u32.to_ne_bytes())),
@@ -169,6 +175,9 @@ mod tests {
     #[test]
     fn status_names() {
         assert_eq!(status::describe(0), "reset");
-        assert_eq!(status::describe(0x0f), "ACKNOWLEDGE|DRIVER|FEATURES_OK|DRIVER_OK");
+        assert_eq!(
+            status::describe(0x0f),
+            "ACKNOWLEDGE|DRIVER|FEATURES_OK|DRIVER_OK"
+        );
     }
 }

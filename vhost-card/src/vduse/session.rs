@@ -143,7 +143,15 @@ impl Session {
                 if let Err(why) = &result {
                     warn!("status {} refused: {why}", status::describe(s));
                 }
-                msg::response(id, if result.is_ok() { RESULT_OK } else { RESULT_FAILED }, None)
+                msg::response(
+                    id,
+                    if result.is_ok() {
+                        RESULT_OK
+                    } else {
+                        RESULT_FAILED
+                    },
+                    None,
+                )
             }
             Request::GetVqState { index, .. } => match self.vq_state(index) {
                 Some(avail) => msg::response(id, RESULT_OK, Some((index, avail))),
@@ -450,7 +458,9 @@ impl WorkerCtx {
 /// file (non-blocking, polled) and writes the answer.
 pub fn message_loop(session: &Mutex<Session>, dev: &File, exit: &EventFd) -> io::Result<()> {
     let lock = || session.lock().unwrap_or_else(|p| p.into_inner());
-    pump(dev, exit, &mut |req| lock().handle(req), &mut || lock().after_reply())
+    pump(dev, exit, &mut |req| lock().handle(req), &mut || {
+        lock().after_reply()
+    })
 }
 
 /// Reads requests from `dev` until `exit` is written, answering each with `answer`.
@@ -500,7 +510,10 @@ fn pump(
             }
             return Err(e);
         }
-        let Some(req) = usize::try_from(n).ok().and_then(|n| Request::parse(&buf[..n])) else {
+        let Some(req) = usize::try_from(n)
+            .ok()
+            .and_then(|n| Request::parse(&buf[..n]))
+        else {
             warn!("short VDUSE request ({n} bytes): ignored");
             continue;
         };
@@ -518,7 +531,6 @@ fn pump(
         after();
     }
 }
-
 
 /// Answers every request of a device nobody serves (no rings): statuses and IOTLB updates are
 /// acknowledged, queue states read from the kernel. Used while a device is taken apart.

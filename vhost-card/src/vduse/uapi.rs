@@ -128,7 +128,11 @@ pub fn set_api_version(control: &impl AsRawFd, v: u64) -> io::Result<()> {
 
 /// `VDUSE_CREATE_DEV`: `config` followed by `config_space` in one buffer, as the kernel reads
 /// `config_size` bytes after the structure.
-pub fn create_dev(control: &impl AsRawFd, config: &DevConfig, config_space: &[u8]) -> io::Result<()> {
+pub fn create_dev(
+    control: &impl AsRawFd,
+    config: &DevConfig,
+    config_space: &[u8],
+) -> io::Result<()> {
     let head = std::mem::size_of::<DevConfig>();
     // u64 storage keeps the structure's alignment.
     let mut buf = vec![0u64; (head + config_space.len()).div_ceil(8)];
@@ -141,13 +145,20 @@ pub fn create_dev(control: &impl AsRawFd, config: &DevConfig, config_space: &[u8
         std::ptr::copy_nonoverlapping(config_space.as_ptr(), p.add(head), config_space.len());
     }
     let mut cfg = *config;
-    cfg.config_size = u32::try_from(config_space.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    cfg.config_size = u32::try_from(config_space.len())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: as above, with the size field set.
     unsafe { std::ptr::write(buf.as_mut_ptr().cast::<DevConfig>(), cfg) };
     // SAFETY: the kernel reads a `DevConfig` and then `config_size` bytes from the pointer; the
     // buffer holds both and outlives the call.
-    check(unsafe { ioctl_with_ptr(control, VDUSE_CREATE_DEV(), buf.as_ptr().cast::<DevConfig>()) })
-        .map(|_| ())
+    check(unsafe {
+        ioctl_with_ptr(
+            control,
+            VDUSE_CREATE_DEV(),
+            buf.as_ptr().cast::<DevConfig>(),
+        )
+    })
+    .map(|_| ())
 }
 
 /// A device name as the kernel's fixed-size, NUL-terminated array.
@@ -213,7 +224,11 @@ pub fn dev_get_features(dev: &impl AsRawFd) -> io::Result<u64> {
 
 /// `VDUSE_IOTLB_GET_FD`: the first IOTLB entry overlapping `[start, last]` and a descriptor of
 /// the file that backs it (mmap it at `entry.offset`).
-pub fn iotlb_get_fd(dev: &impl AsRawFd, start: u64, last: u64) -> io::Result<(IotlbEntry, OwnedFd)> {
+pub fn iotlb_get_fd(
+    dev: &impl AsRawFd,
+    start: u64,
+    last: u64,
+) -> io::Result<(IotlbEntry, OwnedFd)> {
     let mut e = IotlbEntry {
         start,
         last,

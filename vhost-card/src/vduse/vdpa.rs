@@ -157,7 +157,9 @@ impl Vdpa {
                     }
                     NetlinkPayload::Error(e) => {
                         return match e.code {
-                            None => family.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT)),
+                            None => {
+                                family.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
+                            }
                             Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
                         };
                     }
@@ -349,16 +351,22 @@ fn manager_main(stream: UnixStream) -> ! {
         let words: Vec<&str> = line.split_whitespace().collect();
         let reply = match words.as_slice() {
             ["add", name, driver] => netlink(&mut vdpa).and_then(|v| {
-                v.dev_add(name)
-                    .map_err(|e| describe_add_error(name, e))?;
+                v.dev_add(name).map_err(|e| describe_add_error(name, e))?;
                 if *driver != "-" {
                     bind_driver(name, driver)?;
                 }
                 Ok(bound_driver(name).unwrap_or_else(|| "none".into()))
             }),
             ["del", name] if !sysfs_dev(name).exists() => Ok(String::new()),
-            ["del", name] => netlink(&mut vdpa).and_then(|v| v.dev_del(name).map(|_| String::new())),
-            ["exists", name] => Ok(if sysfs_dev(name).exists() { "yes" } else { "no" }.into()),
+            ["del", name] => {
+                netlink(&mut vdpa).and_then(|v| v.dev_del(name).map(|_| String::new()))
+            }
+            ["exists", name] => Ok(if sysfs_dev(name).exists() {
+                "yes"
+            } else {
+                "no"
+            }
+            .into()),
             _ => Err(io::Error::other(format!("bad request '{line}'"))),
         };
         let text = match reply {
@@ -376,14 +384,19 @@ fn netlink(v: &mut Option<Vdpa>) -> io::Result<&Vdpa> {
     if v.is_none() {
         *v = Some(Vdpa::open()?);
     }
-    v.as_ref().ok_or_else(|| io::Error::other("no netlink socket"))
+    v.as_ref()
+        .ok_or_else(|| io::Error::other("no netlink socket"))
 }
 
 fn describe_add_error(name: &str, e: io::Error) -> io::Error {
     match e.raw_os_error() {
         Some(libc::EEXIST) => io::Error::other(format!("a vdpa device {name} exists already")),
-        Some(libc::EPERM) => io::Error::other("adding a vdpa device needs CAP_NET_ADMIN (run as root)"),
-        Some(libc::ENODEV) => io::Error::other("the kernel has no 'vduse' vdpa management device (modprobe vduse)"),
+        Some(libc::EPERM) => {
+            io::Error::other("adding a vdpa device needs CAP_NET_ADMIN (run as root)")
+        }
+        Some(libc::ENODEV) => {
+            io::Error::other("the kernel has no 'vduse' vdpa management device (modprobe vduse)")
+        }
         _ => io::Error::other(format!("vdpa dev add {name}: {e}")),
     }
 }
@@ -415,7 +428,10 @@ mod tests {
         let mut buf = vec![0u8; m.buffer_len()];
         m.serialize(&mut buf);
         // nlmsghdr: length, type = family id, flags; genlmsghdr: cmd 3, version 1.
-        assert_eq!(u32::from_ne_bytes(buf[0..4].try_into().unwrap()) as usize, buf.len());
+        assert_eq!(
+            u32::from_ne_bytes(buf[0..4].try_into().unwrap()) as usize,
+            buf.len()
+        );
         assert_eq!(u16::from_ne_bytes(buf[4..6].try_into().unwrap()), 0x1d);
         assert_eq!(buf[16], VDPA_CMD_DEV_NEW);
         assert_eq!(buf[17], 1);
