@@ -61,6 +61,12 @@ pub struct Args {
     #[arg(long, value_name = "MAC", value_parser = parse_mac, requires = "vduse")]
     pub host_mac: Option<[u8; 6]>,
 
+    /// With --vduse: the size of the kernel's bounce buffer in MiB (1 to 1024), through which
+    /// the host's driver passes every buffer it gives the card. Default: 64 (the kernel's) with
+    /// mrg-rxbuf; with it disabled, 64 plus room for a full RX ring of 64 KiB buffers.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub vduse_bounce_mib: Option<u32>,
+
     /// Print the vhost-user backend capabilities as JSON (QEMU's docs/interop/vhost-user.json)
     /// and exit.
     #[arg(long)]
@@ -231,6 +237,9 @@ impl TryFrom<Args> for Config {
             if a.host_mac.is_some() {
                 return Err(ConfigError::VduseOnly("--host-mac"));
             }
+            if a.vduse_bounce_mib.is_some() {
+                return Err(ConfigError::VduseOnly("--vduse-bounce-mib"));
+            }
         }
         let listen = match (a.socket, a.fd, a.vduse) {
             (Some(p), None, None) => Listen::Path(p),
@@ -240,6 +249,7 @@ impl TryFrom<Args> for Config {
                 name,
                 bind: a.vduse_bind.unwrap_or(Bind::Virtio),
                 host_mac: a.host_mac,
+                bounce_mib: a.vduse_bounce_mib,
             }),
             _ => return Err(ConfigError::NoSocket),
         };
@@ -367,7 +377,8 @@ mod tests {
             Listen::Vduse(VduseConfig {
                 name: "card".into(),
                 bind: Bind::Virtio,
-                host_mac: None
+                host_mac: None,
+                bounce_mib: None,
             })
         );
         let a = parse(&[

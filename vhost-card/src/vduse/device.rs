@@ -54,6 +54,8 @@ pub struct Spec {
     pub config: Vec<u8>,
     pub queues: u32,
     pub queue_size: u16,
+    /// The kernel's bounce buffer, MiB (set before a vdpa device exists).
+    pub bounce_mib: u32,
 }
 
 /// How the daemon came by its device.
@@ -152,7 +154,38 @@ fn create(control: &File, spec: &Spec) -> io::Result<()> {
         reserved: [0; 13],
         config_size: 0,
     };
-    uapi::create_dev(control, &cfg, &spec.config)
+    uapi::create_dev(control, &cfg, &spec.config)?;
+    set_bounce(spec);
+    Ok(())
+}
+
+/// Sets the bounce buffer through sysfs (the attribute exists from Linux 6.7 on and takes a
+/// size until the vdpa device is added).
+fn set_bounce(spec: &Spec) {
+    let path = Path::new("/sys/class/vduse")
+        .join(&spec.name)
+        .join("bounce_size");
+    let bytes = u64::from(spec.bounce_mib) << 20;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match std::fs::write(&path, bytes.to_string()) {
+            Ok(()) => {
+                info!("VDUSE bounce buffer: {} MiB", spec.bounce_mib);
+                return;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => {
+                log::warn!(
+                    "cannot set the bounce buffer to {} MiB ({}: {e}); the kernel's default applies",
+                    spec.bounce_mib,
+                    path.display()
+                );
+                return;
+            }
+        }
+    }
 }
 
 impl Device {

@@ -45,6 +45,28 @@ pub struct VduseConfig {
     pub bind: Bind,
     /// MAC of the host's interface (VIRTIO_NET_F_MAC); default derived from the name.
     pub host_mac: Option<[u8; 6]>,
+    /// The kernel's bounce buffer in MiB; default from the features (see [`bounce_mib`]).
+    pub bounce_mib: Option<u32>,
+}
+
+/// The kernel's default bounce buffer (VDUSE_BOUNCE_SIZE).
+pub const DEFAULT_BOUNCE_MIB: u32 = 64;
+
+/// The bounce buffer a device needs. The driver maps every buffer it posts through it and a
+/// mapping that does not fit fails (the frame is dropped: `tx_fifo_errors` on the host). With
+/// MRG_RXBUF, RX buffers are a page or two and the kernel's 64 MiB serve a 1024-entry ring;
+/// without it, every RX chain is a 64 KiB+ "big packet" (18 pages), so a full RX ring alone
+/// takes `queue_size` x 72 KiB: 72 MiB at 1024, more than the default.
+pub fn bounce_mib(features: u64, queue_size: usize) -> u32 {
+    let mrg = features & 1u64 << virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF != 0;
+    if mrg {
+        DEFAULT_BOUNCE_MIB
+    } else {
+        let ring = (queue_size as u64 * 72 * 1024).div_ceil(1 << 20);
+        u32::try_from(u64::from(DEFAULT_BOUNCE_MIB) + ring)
+            .unwrap_or(1024)
+            .min(1024)
+    }
 }
 
 #[derive(Debug, Error)]
@@ -74,6 +96,9 @@ pub fn offer(card_features: u64) -> u64 {
 
 /// The device's specification from the daemon's configuration.
 pub fn spec(v: &VduseConfig, features: u64, mtu: u16, pairs: usize, queue_size: usize) -> Spec {
+    let bounce = v
+        .bounce_mib
+        .unwrap_or_else(|| bounce_mib(features, queue_size));
     let config = NetConfig {
         mac: v.host_mac.unwrap_or_else(|| netcfg::mac_for(&v.name)),
         status: netcfg::STATUS_LINK_UP,
@@ -86,6 +111,7 @@ pub fn spec(v: &VduseConfig, features: u64, mtu: u16, pairs: usize, queue_size: 
         config: config.encode().to_vec(),
         queues: u32::try_from(2 * pairs).unwrap_or(2),
         queue_size: u16::try_from(queue_size).unwrap_or(1024),
+        bounce_mib: bounce,
     }
 }
 
@@ -104,6 +130,7 @@ fn record_of(spec: &Spec) -> serde_json::Value {
         "config": spec.config,
         "queues": spec.queues,
         "queue_size": spec.queue_size,
+        "bounce_mib": spec.bounce_mib,
     })
 }
 
@@ -332,11 +359,22 @@ mod tests {
     }
 
     #[test]
+    fn bounce_buffer_fits_the_rx_ring() {
+        let f = crate::features::default_features();
+        assert_eq!(bounce_mib(f, 1024), 64);
+        let no_mrg = f & !(1u64 << virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF);
+        assert_eq!(bounce_mib(no_mrg, 1024), 136);
+        assert_eq!(bounce_mib(no_mrg, 256), 82);
+        assert_eq!(bounce_mib(no_mrg, 32768), 1024);
+    }
+
+    #[test]
     fn spec_holds_the_config_space() {
         let v = VduseConfig {
             name: "card".into(),
             bind: Bind::Virtio,
             host_mac: Some([2, 0, 0, 0, 0, 9]),
+            bounce_mib: None,
         };
         let s = spec(&v, crate::features::default_features(), 1500, 1, 256);
         assert_eq!(s.queues, 2);
