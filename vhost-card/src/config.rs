@@ -188,6 +188,8 @@ pub enum ConfigError {
     NoSocket,
     #[error("{0} applies only with --vduse")]
     VduseOnly(&'static str),
+    #[error("--vduse serves one queue pair: Linux's VDUSE refuses net devices with a control virtqueue (VIRTIO_NET_F_CTRL_VQ), and virtio_net refuses a device that offers several pairs without one")]
+    VduseQueues,
     #[error("--fd {0} is not a listening Unix stream socket")]
     BadFd(i32),
     #[error(transparent)]
@@ -240,6 +242,9 @@ impl TryFrom<Args> for Config {
             if a.vduse_bounce_mib.is_some() {
                 return Err(ConfigError::VduseOnly("--vduse-bounce-mib"));
             }
+        }
+        if a.vduse.is_some() && a.queues > 1 {
+            return Err(ConfigError::VduseQueues);
         }
         let listen = match (a.socket, a.fd, a.vduse) {
             (Some(p), None, None) => Listen::Path(p),
@@ -399,6 +404,9 @@ mod tests {
             })
         ));
         assert!(parse(&["--vduse", "c", "--socket", "s"]).is_err());
+        let a = parse(&["--vduse", "c", "--queues", "2"]).unwrap();
+        let e = Config::try_from(a).unwrap_err().to_string();
+        assert!(e.contains("CTRL_VQ"), "{e}");
         for extra in [
             ["--vduse-bind", "vhost"],
             ["--host-mac", "02:00:00:00:00:01"],

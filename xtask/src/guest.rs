@@ -132,6 +132,10 @@ pub enum Helper {
     /// Accept one TCP connection on PORT (creating READY once listening) and copy what it
     /// carries to standard output until the sender closes.
     TcpSink { port: u16, ready: PathBuf },
+    /// Ask the kernel's VDUSE which virtio-net feature bits it takes on top of the card's
+    /// default offer (creating and destroying a device per bit); print `refused=` and
+    /// `required=` bit lists.
+    VduseProbe,
     /// Count UDP datagrams arriving on PORT (creating READY once bound) until SECS seconds
     /// pass without one; print `received=N`.
     UdpCount {
@@ -230,6 +234,7 @@ pub fn helper(cmd: &Helper) -> Result<()> {
             println!("from={from}");
             println!("intact={}", buf[..n] == pattern(n)[..]);
         }
+        Helper::VduseProbe => crate::e2e::vduse::probe_features()?,
         Helper::TcpSink { port, ready } => crate::e2e::vduse::tcp_sink(*port, ready)?,
         Helper::UdpCount { port, ready, secs } => {
             crate::e2e::vduse::udp_count(*port, ready, Duration::from_secs(*secs))?

@@ -13,7 +13,10 @@
 //! 6. toggles: `--disable mrg-rxbuf`, then `--mtu 1500`: bits and MTU follow, traffic passes;
 //! 7. lifecycle: a second daemon on the same name is refused; SIGTERM removes the host interface
 //!    and the device, a new daemon brings them back; after SIGKILL the restarted daemon takes the
-//!    device back and the same interface carries traffic again.
+//!    device back and the same interface carries traffic again;
+//! 8. kernel limits, measured: the feature bits VDUSE refuses on top of the offer (CTRL_VQ) and
+//!    those it requires, `--queues 2` refused by the daemon with the reason, MTU 65535 with
+//!    65000-byte pings both ways.
 //!
 //! Logs: target/vm/logs/e2e-vduse/.
 
@@ -556,6 +559,9 @@ pub fn run(opts: &super::Options) -> Result<()> {
         if wanted(7) {
             record(line(7, "lifecycle", lifecycle(&mut host)));
         }
+        if wanted(8) {
+            record(line(8, "kernel limits", limits(&mut host)));
+        }
     }
     let _ = host.sh("[ -e /run/vhc.rc ] || card_stop TERM", 60);
     if let Ok(r) = host.sh("cat /run/vhc.log", 60) {
@@ -750,6 +756,100 @@ fn lifecycle(host: &mut Host) -> Result<(bool, String)> {
             down.describe()
         ),
     ))
+}
+
+/// What this kernel's VDUSE and virtio_net take: feature bits, several queue pairs, the largest
+/// MTU.
+fn limits(host: &mut Host) -> Result<(bool, String)> {
+    let probe = host.check(&format!("{} guest vduse-probe", crate::guest::HELPER), 60)?;
+    let kv = key_values(&probe);
+    let refused = kv.get("refused").cloned().unwrap_or_default();
+    let required = kv.get("required").cloned().unwrap_or_default();
+    let mq = host.check(
+        "vhost-card --vduse mq0 --netns $NS --tap mq0 --queues 2 > /tmp/mq.log 2>&1; echo rc=$?
+         tail -n 1 /tmp/mq.log | sed 's/^/message=/'",
+        30,
+    )?;
+    let mq = key_values(&mq);
+    let mq_refused = mq.get("rc").map(String::as_str) == Some("1")
+        && mq.get("message").is_some_and(|m| m.contains("CTRL_VQ"));
+    host.stop_card("TERM")?;
+    host.check("wait_eth0_gone 20", 30)?;
+    host.start_card("--mtu 65535")?;
+    let b = host.binding()?;
+    let big = host.sh(
+        "ping -c 2 -W 5 -s 65000 $CARD4 && incard ping -c 2 -W 5 -s 65000 $GUEST4",
+        60,
+    )?;
+    host.stop_card("TERM")?;
+    host.check("wait_eth0_gone 20", 30)?;
+    host.start_card("")?;
+    let ok = refused == "17:CTRL_VQ"
+        && required.contains("ACCESS_PLATFORM")
+        && mq_refused
+        && b.mtu == Some(65535)
+        && big.rc == 0;
+    Ok((
+        ok,
+        format!(
+            "VDUSE refuses {refused} on top of the offer and requires {required}; --queues 2 {}; \
+             MTU 65535: host reads {}, 65000-byte pings both ways {}",
+            if mq_refused {
+                "refused (needs CTRL_VQ)"
+            } else {
+                "NOT refused"
+            },
+            b.mtu.map_or("?".into(), |m| m.to_string()),
+            if big.rc == 0 { "pass" } else { "FAIL" }
+        ),
+    ))
+}
+
+/// Guest helper: which feature bits the kernel's VDUSE refuses on top of the card's default
+/// offer, and which of the offer it requires (each tried with VDUSE_CREATE_DEV).
+pub fn probe_features() -> Result<()> {
+    use vhost_card::vduse::{device, netcfg, uapi};
+    let control = device::open_control()?;
+    let base = vhost_card::vduse::offer(vhost_card::features::default_features());
+    let config = netcfg::NetConfig {
+        mac: [2, 0, 0, 0, 0, 1],
+        status: netcfg::STATUS_LINK_UP,
+        max_virtqueue_pairs: 1,
+        mtu: 1500,
+    }
+    .encode();
+    let try_create = |features: u64| -> bool {
+        let name = format!("probe{}", std::process::id());
+        let cfg = uapi::DevConfig {
+            name: uapi::name_bytes(&name),
+            vendor_id: 0,
+            device_id: 1,
+            features,
+            vq_num: 2,
+            vq_align: 4096,
+            reserved: [0; 13],
+            config_size: 0,
+        };
+        let ok = uapi::create_dev(&control, &cfg, &config).is_ok();
+        if ok {
+            let _ = uapi::destroy_dev(&control, &name);
+        }
+        ok
+    };
+    if !try_create(base) {
+        bail!("the kernel refuses the card's own offer {base:#x}");
+    }
+    let refused: Vec<String> = (0..64)
+        .filter(|b| base & 1u64 << b == 0 && !try_create(base | 1u64 << b))
+        .map(|b| format!("{b}:{}", crate::features::name(b)))
+        .collect();
+    let required: Vec<String> = (0..64)
+        .filter(|b| base & 1u64 << b != 0 && !try_create(base & !(1u64 << b)))
+        .map(|b| format!("{b}:{}", crate::features::name(b)))
+        .collect();
+    println!("refused={}", refused.join(","));
+    println!("required={}", required.join(","));
+    Ok(())
 }
 
 /// Guest helper: one TCP connection on `port`, copied to standard output.
