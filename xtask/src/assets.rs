@@ -188,7 +188,17 @@ fn ensure_kernel(src: &KernelSource, refresh: bool) -> Result<Kernel> {
     let dir = crate::vm_dir().join(src.dir);
     let package_file = dir.join("PACKAGE");
     let load_file = dir.join("modules.load");
-    if !refresh && package_file.exists() && load_file.exists() && dir.join("vmlinuz").exists() {
+    // The modules asked for: another list builds the cache again.
+    let wanted_file = dir.join("modules.wanted");
+    let wanted = src.modules.join(" ") + "\n";
+    let same_modules = fs::read_to_string(&wanted_file).is_ok_and(|w| w == wanted)
+        || (src.dir == "kernel" && !wanted_file.exists());
+    if !refresh
+        && same_modules
+        && package_file.exists()
+        && load_file.exists()
+        && dir.join("vmlinuz").exists()
+    {
         return Ok(Kernel {
             package: fs::read_to_string(&package_file)?.trim().to_string(),
             modules: fs::read_to_string(&load_file)?
@@ -255,6 +265,7 @@ fn ensure_kernel(src: &KernelSource, refresh: bool) -> Result<Kernel> {
     let package = format!("{image} {version} ({release})");
     fs::write(&load_file, names.join("\n") + "\n")?;
     fs::write(&package_file, &package)?;
+    fs::write(&wanted_file, &wanted)?;
     fs::remove_dir_all(&work)?;
     Ok(Kernel {
         dir,

@@ -75,13 +75,13 @@ pub enum VduseError {
     Device(#[from] DeviceError),
     #[error("the vdpa manager process: {0}")]
     Manager(io::Error),
-    #[error("vdpa device {name}: {source}")]
-    Vdpa { name: String, source: io::Error },
-    #[error("VDUSE device {name}: {what}: {source}")]
+    #[error("vdpa device {name}: {error}")]
+    Vdpa { name: String, error: io::Error },
+    #[error("VDUSE device {name}: {what}: {error}")]
     Io {
         name: String,
         what: &'static str,
-        source: io::Error,
+        error: io::Error,
     },
     #[error("serving VDUSE device {0} stopped: {1}")]
     Serve(String, String),
@@ -214,7 +214,7 @@ pub fn prepare(v: &VduseConfig, spec: Spec, mut manager: Manager) -> Result<Prep
 fn detach(device: &Device, manager: &mut Manager) -> Result<(), VduseError> {
     let io_err = |what| {
         let name = device.name.clone();
-        move |source| VduseError::Io { name, what, source }
+        move |error| VduseError::Io { name, what, error }
     };
     let file = Arc::new(device.file.try_clone().map_err(io_err("duplicating"))?);
     // A bare session: no rings are set up, every status is acknowledged.
@@ -223,12 +223,10 @@ fn detach(device: &Device, manager: &mut Manager) -> Result<(), VduseError> {
         let (file, exit) = (file.clone(), exit.try_clone().map_err(io_err("eventfd"))?);
         std::thread::spawn(move || session::answer_all(&file, &exit))
     };
-    let result = manager
-        .del(&device.name)
-        .map_err(|source| VduseError::Vdpa {
-            name: device.name.clone(),
-            source,
-        });
+    let result = manager.del(&device.name).map_err(|error| VduseError::Vdpa {
+        name: device.name.clone(),
+        error,
+    });
     let _ = exit.write(1);
     let _ = responder.join();
     result
@@ -252,7 +250,7 @@ pub fn serve(
     let name = device.name.clone();
     let io_err = |what| {
         let name = name.clone();
-        move |source| VduseError::Io { name, what, source }
+        move |error| VduseError::Io { name, what, error }
     };
     let dev: Arc<File> = Arc::new(device.file.try_clone().map_err(io_err("duplicating"))?);
     let session = Arc::new(Mutex::new(session::Session::new(
@@ -283,9 +281,9 @@ pub fn serve(
             .spawn(move || session::message_loop(&session, &dev, &exit))
             .map_err(io_err("spawning the message thread"))?
     };
-    let vdpa_err = |source| VduseError::Vdpa {
+    let vdpa_err = |error| VduseError::Vdpa {
         name: name.clone(),
-        source,
+        error,
     };
     let mut result = Ok(());
     if bind != Bind::None {

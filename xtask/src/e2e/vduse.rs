@@ -16,7 +16,10 @@
 //!    device back and the same interface carries traffic again;
 //! 8. kernel limits, measured: the feature bits VDUSE refuses on top of the offer (CTRL_VQ) and
 //!    those it requires, `--queues 2` refused by the daemon with the reason, MTU 65535 with
-//!    65000-byte pings both ways.
+//!    65000-byte pings both ways;
+//! 9. vdpa binding: with `--vduse-bind none` the user's own `vdpa dev add` gives the same host
+//!    interface; with `--vduse-bind vhost` the device goes to `vhost_vdpa` (/dev/vhost-vdpa-N, for
+//!    a VM) instead.
 //!
 //! Logs: target/vm/logs/e2e-vduse/.
 
@@ -40,7 +43,14 @@ use super::{Line, MIB};
 /// vdpa bus and its virtio driver, and virtio_net.
 const SUITE: &str = "trixie";
 const MIRROR: &str = "http://deb.debian.org/debian";
-const MODULES: &[&str] = &["tun", "veth", "vduse", "virtio_vdpa", "virtio_net"];
+const MODULES: &[&str] = &[
+    "tun",
+    "veth",
+    "vduse",
+    "virtio_vdpa",
+    "virtio_net",
+    "vhost_vdpa",
+];
 
 /// Guest RAM: the payload in the initramfs and a received copy in /tmp, with room to spare.
 const GUEST_MIB: u32 = 1536;
@@ -562,6 +572,9 @@ pub fn run(opts: &super::Options) -> Result<()> {
         if wanted(8) {
             record(line(8, "kernel limits", limits(&mut host)));
         }
+        if wanted(9) {
+            record(line(9, "vdpa binding", vdpa_binding(&mut host)));
+        }
     }
     let _ = host.sh("[ -e /run/vhc.rc ] || card_stop TERM", 60);
     if let Ok(r) = host.sh("cat /run/vhc.log", 60) {
@@ -801,6 +814,66 @@ fn limits(host: &mut Host) -> Result<(bool, String)> {
             },
             b.mtu.map_or("?".into(), |m| m.to_string()),
             if big.rc == 0 { "pass" } else { "FAIL" }
+        ),
+    ))
+}
+
+/// The vdpa device made by the user (`--vduse-bind none`), and bound to vhost_vdpa.
+fn vdpa_binding(host: &mut Host) -> Result<(bool, String)> {
+    host.stop_card("TERM")?;
+    host.check("wait_eth0_gone 20", 30)?;
+    host.check(
+        "card_start --vduse-bind none
+         until [ -e /dev/vduse/$CARD ]; do sleep 0.1; done; sleep 1",
+        30,
+    )?;
+    let before = host.check(
+        "[ -e /sys/class/net/eth0 ] && echo eth0=yes || echo eth0=no",
+        10,
+    )?;
+    let t = Instant::now();
+    host.check("vdpa dev add name $CARD mgmtdev vduse && wait_host 30", 60)?;
+    let added = t.elapsed();
+    let user_ok = before.contains("eth0=no") && host.binding()?.ok(super::DEFAULT_MTU);
+    let pinged = host.pings(2)?.iter().all(|(_, p)| p.ok());
+    let rc = host.stop_card("TERM")?;
+    let gone = host.check(
+        "wait_eth0_gone 20; [ -e /dev/vduse/$CARD ] && echo dev=present || echo dev=gone",
+        30,
+    )?;
+    let user_cleaned = rc == 0 && gone.contains("dev=gone");
+    let vhost = host.check(
+        "card_start --vduse-bind vhost
+         n=0; until [ -e /sys/bus/vdpa/devices/$CARD/driver ]; do n=$((n + 1)); [ $n -gt 300 ] && break; sleep 0.1; done
+         sleep 1
+         echo driver=$(basename $(readlink /sys/bus/vdpa/devices/$CARD/driver))
+         echo chardev=$(ls /sys/bus/vdpa/devices/$CARD/ | grep vhost-vdpa)
+         [ -e /sys/class/net/eth0 ] && echo eth0=yes || echo eth0=no",
+        60,
+    )?;
+    let kv = key_values(&vhost);
+    let chardev = kv.get("chardev").cloned().unwrap_or_default();
+    let vhost_ok = kv.get("driver").map(String::as_str) == Some("vhost_vdpa")
+        && chardev.starts_with("vhost-vdpa-")
+        && kv.get("eth0").map(String::as_str) == Some("no");
+    let rc2 = host.stop_card("TERM")?;
+    host.check("[ ! -e /dev/vduse/$CARD ]", 10)?;
+    host.start_card("")?;
+    let ok = user_ok && pinged && user_cleaned && vhost_ok && rc2 == 0;
+    Ok((
+        ok,
+        format!(
+            "--vduse-bind none: no interface until `vdpa dev add name {CARD} mgmtdev vduse`, then \
+             eth0 in {:.1} s, virtio_net, pings {}, SIGTERM {}; --vduse-bind vhost: driver {}, \
+             /dev/{chardev}, no host interface",
+            added.as_secs_f64(),
+            if pinged { "pass" } else { "FAIL" },
+            if user_cleaned {
+                "removed it all"
+            } else {
+                "did NOT clean up"
+            },
+            kv.get("driver").cloned().unwrap_or_default(),
         ),
     ))
 }
