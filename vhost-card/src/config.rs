@@ -17,14 +17,18 @@ pub const TAP_MAX_MTU: u16 = 65521;
 #[command(
     name = "vhost-card",
     version,
-    about = "The TOE card's PCI function: a vhost-user virtio-net backend whose far end is a tap \
-             in the card's network namespace",
+    about = "The TOE card's PCI function: a virtio-net device (vhost-user backend, or VDUSE device \
+             of this host's kernel) whose far end is a tap in the card's network namespace",
     long_about = "vhost-card serves one vhost-user socket. A VMM (QEMU, cloud-hypervisor) turns it \
                   into a virtio-net PCI device that the host's stock virtio_net driver drives. \
                   Frames go to and from a tap device (with virtio-net headers) in the card's \
                   network namespace, where the card's Linux stack owns its own addresses.\n\n\
                   The daemon listens again after the VMM disconnects and keeps the tap. \
-                  SIGINT/SIGTERM stop it and remove the socket.",
+                  SIGINT/SIGTERM stop it and remove the socket.\n\n\
+                  With --vduse NAME it is instead a VDUSE device of the kernel it runs on \
+                  (/dev/vduse/NAME, and the vdpa device NAME on it), driven by that kernel's own \
+                  virtio_net: a network interface of this host. SIGINT/SIGTERM then remove the \
+                  vdpa device and destroy the VDUSE device.",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]

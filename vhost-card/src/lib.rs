@@ -1,4 +1,5 @@
-//! vhost-card: the "ultimate TOE card" PCI function as a vhost-user virtio-net backend.
+//! vhost-card: the "ultimate TOE card" PCI function as a virtio-net device, served over
+//! vhost-user to a VMM or over VDUSE to the kernel the daemon runs on.
 //!
 //! Layout:
 //! * pure logic: [`features`] (feature bits and the spec's dependency rules), [`vnet`] (the
@@ -8,6 +9,8 @@
 //!   card's end of the link), [`datapath`] (TX/RX per queue pair);
 //! * vhost-user: [`backend`] (the `VhostUserBackend`), [`gate`] (answers QEMU's early requests
 //!   in front of the `vhost` crate's handler), [`daemon`] (listen, serve, reconnect, stop);
+//! * VDUSE: [`vduse`] (the same backend as a device of this host's kernel) and [`interrupt`]
+//!   (how a queue notifies the driver without a call eventfd);
 //! * [`config`] (the command line), [`stats`] (counters) and [`control`] (counters over a
 //!   control socket as JSON and over HTTP for Prometheus).
 

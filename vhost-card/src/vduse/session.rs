@@ -129,11 +129,6 @@ impl Session {
         }
     }
 
-    /// Whether the rings of a driver are up.
-    pub fn running(&self) -> bool {
-        self.running.is_some()
-    }
-
     /// Answers one request; returns the response bytes.
     pub fn handle(&mut self, req: Request) -> [u8; MSG_SIZE] {
         let id = req.id();

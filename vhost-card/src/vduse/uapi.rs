@@ -133,22 +133,19 @@ pub fn create_dev(
     config: &DevConfig,
     config_space: &[u8],
 ) -> io::Result<()> {
-    let head = std::mem::size_of::<DevConfig>();
+    let mut head = *config;
+    head.config_size = u32::try_from(config_space.len())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let size = std::mem::size_of::<DevConfig>();
     // u64 storage keeps the structure's alignment.
-    let mut buf = vec![0u64; (head + config_space.len()).div_ceil(8)];
-    // SAFETY: `buf` holds at least `head + config_space.len()` bytes and is 8-byte aligned;
-    // `DevConfig` is plain old data, written unaligned-safe into the start of it, and the
-    // config bytes after it.
+    let mut buf = vec![0u64; (size + config_space.len()).div_ceil(8)];
+    // SAFETY: `buf` is 8-byte aligned and holds `size + config_space.len()` bytes: the plain-old-
+    // data header goes at its start and the configuration bytes right after it.
     unsafe {
         let p = buf.as_mut_ptr().cast::<u8>();
-        std::ptr::write(p.cast::<DevConfig>(), *config);
-        std::ptr::copy_nonoverlapping(config_space.as_ptr(), p.add(head), config_space.len());
+        std::ptr::write(p.cast::<DevConfig>(), head);
+        std::ptr::copy_nonoverlapping(config_space.as_ptr(), p.add(size), config_space.len());
     }
-    let mut cfg = *config;
-    cfg.config_size = u32::try_from(config_space.len())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: as above, with the size field set.
-    unsafe { std::ptr::write(buf.as_mut_ptr().cast::<DevConfig>(), cfg) };
     // SAFETY: the kernel reads a `DevConfig` and then `config_size` bytes from the pointer; the
     // buffer holds both and outlives the call.
     check(unsafe {
