@@ -128,38 +128,36 @@ impl Vdpa {
         Ok(v)
     }
 
-    fn resolve(&self) -> io::Result<u16> {
-        let mut g = GenlMessage::from_payload(GenlCtrl {
-            cmd: GenlCtrlCmd::GetFamily,
-            nlas: vec![GenlCtrlAttrs::FamilyName(VDPA_GENL_NAME.into())],
-        });
-        g.finalize();
+    /// Sends one request with NLM_F_ACK.
+    fn send<F>(&self, g: GenlMessage<F>) -> io::Result<()>
+    where
+        F: GenlFamily + Emitable + std::fmt::Debug,
+    {
         let mut m = NetlinkMessage::from(g);
         m.header.flags = NLM_F_REQUEST | NLM_F_ACK;
         m.finalize();
         let mut buf = vec![0u8; m.buffer_len()];
         m.serialize(&mut buf);
-        self.socket.send(&buf, 0)?;
-        let mut family = None;
+        self.socket.send(&buf, 0).map(|_| ())
+    }
+
+    /// Reads replies until the acknowledgement, handing every other message to `each`.
+    fn until_ack<F>(&self, mut each: impl FnMut(F)) -> io::Result<()>
+    where
+        F: GenlFamily + ParseableParametrized<[u8], GenlHeader> + Emitable + std::fmt::Debug,
+    {
         loop {
             let (data, _) = self.socket.recv_from_full()?;
             let mut at = 0;
             while at < data.len() {
-                let msg = NetlinkMessage::<GenlMessage<GenlCtrl>>::deserialize(&data[at..])
+                let msg = NetlinkMessage::<GenlMessage<F>>::deserialize(&data[at..])
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
                 let len = msg.header.length as usize;
                 match msg.payload {
-                    NetlinkPayload::InnerMessage(g) => {
-                        family = family.or(g.payload.nlas.iter().find_map(|a| match a {
-                            GenlCtrlAttrs::FamilyId(id) => Some(*id),
-                            _ => None,
-                        }));
-                    }
+                    NetlinkPayload::InnerMessage(g) => each(g.payload),
                     NetlinkPayload::Error(e) => {
                         return match e.code {
-                            None => {
-                                family.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
-                            }
+                            None => Ok(()),
                             Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
                         };
                     }
@@ -173,28 +171,30 @@ impl Vdpa {
         }
     }
 
+    fn resolve(&self) -> io::Result<u16> {
+        let mut g = GenlMessage::from_payload(GenlCtrl {
+            cmd: GenlCtrlCmd::GetFamily,
+            nlas: vec![GenlCtrlAttrs::FamilyName(VDPA_GENL_NAME.into())],
+        });
+        g.finalize();
+        self.send(g)?;
+        let mut family = None;
+        self.until_ack(|c: GenlCtrl| {
+            family = family.or(c.nlas.iter().find_map(|a| match a {
+                GenlCtrlAttrs::FamilyId(id) => Some(*id),
+                _ => None,
+            }));
+        })?;
+        family.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
+    }
+
     /// Sends one request and waits for its acknowledgement.
     fn request(&self, cmd: u8, nlas: Vec<DefaultNla>) -> io::Result<()> {
         let mut g = GenlMessage::from_payload(VdpaMsg { cmd, nlas });
         g.set_resolved_family_id(self.family);
         g.finalize();
-        let mut m = NetlinkMessage::from(g);
-        m.header.flags = NLM_F_REQUEST | NLM_F_ACK;
-        m.finalize();
-        let mut buf = vec![0u8; m.buffer_len()];
-        m.serialize(&mut buf);
-        self.socket.send(&buf, 0)?;
-        loop {
-            let (data, _) = self.socket.recv_from_full()?;
-            let msg = NetlinkMessage::<GenlMessage<VdpaMsg>>::deserialize(&data)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-            if let NetlinkPayload::Error(e) = msg.payload {
-                return match e.code {
-                    None => Ok(()),
-                    Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
-                };
-            }
-        }
+        self.send(g)?;
+        self.until_ack(|_: VdpaMsg| {})
     }
 
     /// `vdpa dev add name NAME mgmtdev vduse`.

@@ -149,21 +149,30 @@ pub fn run(opts: &Options) -> Result<()> {
         ));
     }
 
+    summary(
+        &format!(
+            "cargo xtask e2e: {} under {}, {:.0} s",
+            env.kernel_package,
+            env.accel.name(),
+            t0.elapsed().as_secs_f64()
+        ),
+        &mut lines,
+        "e2e scenario(s)",
+    )
+}
+
+/// The closing block: the lines in order under `title`, the count, an error if any failed.
+pub fn summary(title: &str, lines: &mut [Line], what: &str) -> Result<()> {
     lines.sort_by_key(|l| l.number);
     println!();
-    println!(
-        "==== cargo xtask e2e: {} under {}, {:.0} s ====",
-        env.kernel_package,
-        env.accel.name(),
-        t0.elapsed().as_secs_f64()
-    );
-    for line in &lines {
+    println!("==== {title} ====");
+    for line in lines.iter() {
         line.print();
     }
     let failed = lines.iter().filter(|l| !l.pass).count();
     println!("{} passed, {failed} failed", lines.len() - failed);
     if failed > 0 {
-        bail!("{failed} e2e scenario(s) failed");
+        bail!("{failed} {what} failed");
     }
     Ok(())
 }

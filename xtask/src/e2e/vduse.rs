@@ -584,23 +584,16 @@ pub fn run(opts: &super::Options) -> Result<()> {
         println!("daemon log (last lines):\n{}", host.daemon_log(40));
     }
     host.vm.shutdown().ok();
-    lines.sort_by_key(|l| l.number);
-    println!();
-    println!(
-        "==== cargo xtask e2e --vduse: {} under {}, {:.0} s ====",
-        host.kernel_package,
-        host.accel.name(),
-        t0.elapsed().as_secs_f64()
-    );
-    for l in &lines {
-        l.print();
-    }
-    let failed = lines.iter().filter(|l| !l.pass).count();
-    println!("{} passed, {failed} failed", lines.len() - failed);
-    if failed > 0 {
-        bail!("{failed} VDUSE check(s) failed");
-    }
-    Ok(())
+    super::summary(
+        &format!(
+            "cargo xtask e2e --vduse: {} under {}, {:.0} s",
+            host.kernel_package,
+            host.accel.name(),
+            t0.elapsed().as_secs_f64()
+        ),
+        &mut lines,
+        "VDUSE check(s)",
+    )
 }
 
 /// Without the vduse module the daemon says which module is missing and exits 1.
