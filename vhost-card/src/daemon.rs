@@ -195,7 +195,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     // VDUSE: the process that keeps the right to add and delete the vdpa device is forked before
     // anything else is open (it must hold none of the daemon's descriptors).
     let vduse_manager = match &cfg.listen {
-        Listen::Vduse(_) => Some(crate::vduse::spawn_manager()?),
+        Listen::Vduse(v) => Some(crate::vduse::spawn_manager(v)?),
         _ => None,
     };
     let stop = Arc::new(Stop::new().map_err(|source| DaemonError::Io {

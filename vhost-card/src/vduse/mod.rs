@@ -167,8 +167,8 @@ impl Prepared {
 }
 
 /// Forks the process that adds and deletes the vdpa device. Call first, single-threaded.
-pub fn spawn_manager() -> Result<Manager, VduseError> {
-    Manager::spawn().map_err(VduseError::Manager)
+pub fn spawn_manager(v: &VduseConfig) -> Result<Manager, VduseError> {
+    Manager::spawn(&v.name, v.bind).map_err(VduseError::Manager)
 }
 
 /// Before the sandbox: creates the device, or takes back one a crashed daemon left if it was
@@ -180,8 +180,14 @@ pub fn prepare(v: &VduseConfig, spec: Spec, mut manager: Manager) -> Result<Prep
     let (mut device, mut origin) = Device::open(&spec, attached)?;
     if origin == Origin::TakenBack {
         let same = read_record(&name).is_some_and(|r| r == record_of(&spec));
-        if !same {
-            let why = if read_record(&name).is_none() {
+        // A request that timed out while no daemon answered (30 s) left the device broken:
+        // every ioctl on it fails with EPERM from then on.
+        let broken = uapi::dev_get_features(&device.file)
+            .is_err_and(|e| e.raw_os_error() == Some(libc::EPERM));
+        if !same || broken {
+            let why = if broken {
+                "the kernel marked it broken: a request timed out while no daemon answered"
+            } else if read_record(&name).is_none() {
                 "no record of what it was created with"
             } else {
                 "it was created with another offer or configuration"
@@ -223,7 +229,7 @@ fn detach(device: &Device, manager: &mut Manager) -> Result<(), VduseError> {
         let (file, exit) = (file.clone(), exit.try_clone().map_err(io_err("eventfd"))?);
         std::thread::spawn(move || session::answer_all(&file, &exit))
     };
-    let result = manager.del(&device.name).map_err(|error| VduseError::Vdpa {
+    let result = manager.del().map_err(|error| VduseError::Vdpa {
         name: device.name.clone(),
         error,
     });
@@ -287,9 +293,9 @@ pub fn serve(
     };
     let mut result = Ok(());
     if bind != Bind::None {
-        match manager.exists(&name) {
+        match manager.exists() {
             Ok(true) => info!("vdpa device {name} exists; kept"),
-            Ok(false) => match manager.add(&name, bind) {
+            Ok(false) => match manager.add() {
                 Ok(driver) => info!("vdpa device {name} added, bound to {driver}"),
                 Err(e) => result = Err(vdpa_err(e)),
             },
@@ -307,8 +313,8 @@ pub fn serve(
     }
     // The kernel cannot destroy a VDUSE device a vdpa device still uses, and the driver's
     // removal resets the device: the message thread keeps answering meanwhile.
-    match manager.exists(&name) {
-        Ok(true) => match manager.del(&name) {
+    match manager.exists() {
+        Ok(true) => match manager.del() {
             Ok(()) => info!("vdpa device {name} deleted"),
             Err(e) => {
                 warn!("cannot delete vdpa device {name}: {e}");

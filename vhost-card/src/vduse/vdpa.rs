@@ -256,9 +256,12 @@ pub struct Manager {
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Manager {
-    /// Forks the manager. Call while the process is single-threaded, before the device, the tap
-    /// or any other descriptor the manager must not hold is open.
-    pub fn spawn() -> io::Result<Manager> {
+    /// Forks the manager for vdpa device `name` and `bind`'s driver, both fixed here: the
+    /// sandboxed daemon can only ask it to add, delete or look at that one device, so a daemon
+    /// taken over cannot steer its privileges anywhere else. Call while the process is
+    /// single-threaded, before the device, the tap or any other descriptor the manager must not
+    /// hold is open.
+    pub fn spawn(name: &str, bind: Bind) -> io::Result<Manager> {
         let (ours, theirs) = UnixStream::pair()?;
         // SAFETY: the process is single-threaded here (the caller's contract), so the child may
         // run ordinary code; it only ever runs `manager_main`, which never returns.
@@ -268,7 +271,7 @@ impl Manager {
         }
         if pid == 0 {
             drop(ours);
-            manager_main(theirs);
+            manager_main(theirs, name, bind);
         }
         drop(theirs);
         ours.set_read_timeout(Some(REQUEST_TIMEOUT))?;
@@ -296,20 +299,19 @@ impl Manager {
         }
     }
 
-    /// Adds the vdpa device `name` and binds `bind`'s driver; returns the bound driver.
-    pub fn add(&mut self, name: &str, bind: Bind) -> io::Result<String> {
-        let driver = bind.driver().unwrap_or("-");
-        self.ask(&format!("add {name} {driver}"))
+    /// Adds the vdpa device and binds the driver; returns the driver bound.
+    pub fn add(&mut self) -> io::Result<String> {
+        self.ask("add")
     }
 
-    /// Deletes the vdpa device `name` (nothing when there is none).
-    pub fn del(&mut self, name: &str) -> io::Result<()> {
-        self.ask(&format!("del {name}")).map(|_| ())
+    /// Deletes the vdpa device (nothing when there is none).
+    pub fn del(&mut self) -> io::Result<()> {
+        self.ask("del").map(|_| ())
     }
 
-    /// Whether a vdpa device `name` exists, as the manager sees sysfs.
-    pub fn exists(&mut self, name: &str) -> io::Result<bool> {
-        self.ask(&format!("exists {name}")).map(|r| r == "yes")
+    /// Whether the vdpa device exists, as the manager sees sysfs.
+    pub fn exists(&mut self) -> io::Result<bool> {
+        self.ask("exists").map(|r| r == "yes")
     }
 }
 
@@ -321,9 +323,9 @@ impl Drop for Manager {
     }
 }
 
-/// The manager process: answers `add NAME DRIVER`, `del NAME` and `exists NAME` until the
+/// The manager process: answers `add`, `del` and `exists` for its one device until the
 /// daemon's end closes, then exits.
-fn manager_main(stream: UnixStream) -> ! {
+fn manager_main(stream: UnixStream, name: &str, bind: Bind) -> ! {
     // SAFETY: dup2 onto descriptor 3 and closing everything above it, in the child, which owns
     // nothing else it needs; then ignoring the stop signals (the daemon decides) and naming
     // the process.
@@ -348,26 +350,23 @@ fn manager_main(stream: UnixStream) -> ! {
     let mut vdpa: Option<Vdpa> = None;
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { break };
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let reply = match words.as_slice() {
-            ["add", name, driver] => netlink(&mut vdpa).and_then(|v| {
+        let reply = match line.trim() {
+            "add" => netlink(&mut vdpa).and_then(|v| {
                 v.dev_add(name).map_err(|e| describe_add_error(name, e))?;
-                if *driver != "-" {
+                if let Some(driver) = bind.driver() {
                     bind_driver(name, driver)?;
                 }
                 Ok(bound_driver(name).unwrap_or_else(|| "none".into()))
             }),
-            ["del", name] if !sysfs_dev(name).exists() => Ok(String::new()),
-            ["del", name] => {
-                netlink(&mut vdpa).and_then(|v| v.dev_del(name).map(|_| String::new()))
-            }
-            ["exists", name] => Ok(if sysfs_dev(name).exists() {
+            "del" if !sysfs_dev(name).exists() => Ok(String::new()),
+            "del" => netlink(&mut vdpa).and_then(|v| v.dev_del(name).map(|_| String::new())),
+            "exists" => Ok(if sysfs_dev(name).exists() {
                 "yes"
             } else {
                 "no"
             }
             .into()),
-            _ => Err(io::Error::other(format!("bad request '{line}'"))),
+            _ => Err(io::Error::other("bad request")),
         };
         let text = match reply {
             Ok(r) => format!("ok {r}\n"),

@@ -727,6 +727,30 @@ fn lifecycle(host: &mut Host) -> Result<(bool, String)> {
     let pinged = p.iter().all(|(_, p)| p.ok());
     let up = host.transfer(4, true)?;
     let down = host.transfer(4, false)?;
+    // Crash again, and restart with another MTU: the device left is not the one this daemon
+    // would create, so it is taken apart and created again, and the host sees the new MTU.
+    let killed_again = host.stop_card("KILL")?;
+    host.check("sleep 1; [ -e /sys/class/net/eth0 ]", 10)?;
+    host.check(
+        "old=$(cat /sys/class/net/eth0/ifindex)
+         card_start --mtu 9000
+         n=0
+         while [ \"$(cat /sys/class/net/eth0/ifindex 2>/dev/null)\" = \"$old\" ]; do
+             n=$((n + 1)); [ $n -gt 300 ] && { echo 'eth0 was not replaced'; exit 1; }
+             sleep 0.1
+         done
+         wait_host 30",
+        90,
+    )?;
+    let recreated = host
+        .daemon_log(30)
+        .contains("created again (it was created with another");
+    let mtu_after = host.binding()?.mtu;
+    let p2 = host.pings(2)?.iter().all(|(_, p)| p.ok());
+    host.stop_card("TERM")?;
+    host.check("wait_eth0_gone 20", 30)?;
+    host.start_card("")?;
+    let recreate_ok = killed_again == 137 && recreated && mtu_after == Some(9000) && p2;
     let ok = removed
         && refused
         && killed == 137
@@ -734,12 +758,14 @@ fn lifecycle(host: &mut Host) -> Result<(bool, String)> {
         && ifindex.trim() == ifindex_after.trim()
         && pinged
         && up.ok
-        && down.ok;
+        && down.ok
+        && recreate_ok;
     Ok((
         ok,
         format!(
             "SIGTERM: exit {rc}, eth0 and /dev/vduse/{CARD} {}; restart: eth0 back in {:.1} s; \
-             second daemon: {}; SIGKILL then restart: {}, eth0 {}, ping {}, 4 MiB up {} down {}",
+             second daemon: {}; SIGKILL then restart: {}, eth0 {}, ping {}, 4 MiB up {} down {}; \
+             SIGKILL then restart with --mtu 9000: {}",
             if removed { "removed" } else { "NOT removed" },
             t.as_secs_f64(),
             if refused {
@@ -759,7 +785,12 @@ fn lifecycle(host: &mut Host) -> Result<(bool, String)> {
             },
             if pinged { "ok" } else { "FAILED" },
             up.describe(),
-            down.describe()
+            down.describe(),
+            if recreate_ok {
+                "device destroyed and created again, eth0 back at MTU 9000, ping ok".to_string()
+            } else {
+                format!("FAILED (recreated: {recreated}, MTU {mtu_after:?}, ping {p2})")
+            }
         ),
     ))
 }
