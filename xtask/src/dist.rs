@@ -6,7 +6,7 @@
 //! target/dist/man/vhost-card.1, vhost-card-*.1    man pages (clap_mangen, from the daemon's clap Args)
 //! target/dist/completions/vhost-card.bash, _vhost-card, vhost-card.fish   (clap_complete)
 //! target/dist/50-vhost-card.json                  vhost-user backend discovery file
-//! target/dist/systemd/vhost-card@.{service,socket}
+//! target/dist/systemd/vhost-card@.{service,socket}, vhost-card-vduse@.service
 //! target/dist/libvirt/vhost-card-vm.xml
 //! target/dist/USAGE.md
 //! ```
@@ -31,7 +31,11 @@ use crate::schema;
 const DEFAULT_BINARY: &str = "/usr/local/bin/vhost-card";
 /// Where QEMU's vhost-user.json says packaged backends put their discovery files.
 pub const VHOST_USER_DIR: &str = "usr/share/qemu/vhost-user";
-const UNITS: [&str; 2] = ["vhost-card@.service", "vhost-card@.socket"];
+const UNITS: [&str; 3] = [
+    "vhost-card@.service",
+    "vhost-card@.socket",
+    "vhost-card-vduse@.service",
+];
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -97,6 +101,11 @@ fn layout(prefix: &Path) -> Vec<(&'static str, PathBuf, u32)> {
         (
             "systemd/vhost-card@.socket",
             PathBuf::from("etc/systemd/system/vhost-card@.socket"),
+            0o644,
+        ),
+        (
+            "systemd/vhost-card-vduse@.service",
+            PathBuf::from("etc/systemd/system/vhost-card-vduse@.service"),
             0o644,
         ),
         ("libvirt/vhost-card-vm.xml", doc("vhost-card-vm.xml"), 0o644),
@@ -347,11 +356,13 @@ fn check_dist(out: &Path, prefix: &Path) -> Result<()> {
             .args(["verify", "--man=no"])
             .arg(tmp.path().join("vhost-card@card.service"))
             .arg(tmp.path().join("vhost-card@card.socket"))
+            .arg(tmp.path().join("vhost-card-vduse@card.service"))
             .output()?;
         let msg = String::from_utf8_lossy(&o.stderr);
         ensure!(
             o.status.success() && msg.trim().is_empty(),
-            "systemd-analyze verify vhost-card@card.service vhost-card@card.socket:\n{msg}"
+            "systemd-analyze verify vhost-card@card.service vhost-card@card.socket \
+             vhost-card-vduse@card.service:\n{msg}"
         );
         println!("dist: systemd-analyze verify: the units are valid");
     }
@@ -389,5 +400,6 @@ fn install(out: &Path, destdir: &Path, prefix: &Path) -> Result<()> {
         println!("dist: systemctl daemon-reload done");
     }
     println!("dist: enable a card with: systemctl enable --now vhost-card@card.socket");
+    println!("dist: or, as a device of this host (VDUSE): systemctl enable --now vhost-card-vduse@card");
     Ok(())
 }
