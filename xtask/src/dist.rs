@@ -400,6 +400,8 @@ fn install(out: &Path, destdir: &Path, prefix: &Path) -> Result<()> {
         println!("dist: systemctl daemon-reload done");
     }
     println!("dist: enable a card with: systemctl enable --now vhost-card@card.socket");
-    println!("dist: or, as a device of this host (VDUSE): systemctl enable --now vhost-card-vduse@card");
+    println!(
+        "dist: or, as a device of this host (VDUSE): systemctl enable --now vhost-card-vduse@card"
+    );
     Ok(())
 }

@@ -403,6 +403,16 @@ impl WorkerCtx {
         }
     }
 
+    /// Until the driver's first DMA mapping the streaming range is not in the IOTLB; buffers
+    /// posted (a kick, or a worker starting after the driver did) mean it may be there now.
+    fn refresh_iotlb(&self) {
+        if !self.iotlb.complete() {
+            if let Err(e) = self.iotlb.sync(&*self.dev) {
+                warn!("IOTLB: {e}");
+            }
+        }
+    }
+
     fn serve(&self) -> io::Result<()> {
         let epoll = Epoll::new()?;
         let add = |fd: i32, ev: EventSet, id: u64| {
@@ -417,6 +427,7 @@ impl WorkerCtx {
         let rings = &self.vrings[2 * self.pair..2 * self.pair + 2];
         // One pass first: the driver may have posted buffers and the card sent frames before the
         // worker existed.
+        self.refresh_iotlb();
         self.backend
             .handle_event(self.backend.wake_event(), EventSet::IN, rings, self.pair)?;
         let mut events = vec![EpollEvent::default(); 8];
@@ -433,13 +444,7 @@ impl WorkerCtx {
                 }
                 if id < 2 {
                     let _ = self.kicks[id as usize].read();
-                    // Until the driver's first DMA mapping the streaming range is not in the
-                    // IOTLB; a kick means buffers were posted, so look again.
-                    if !self.iotlb.complete() {
-                        if let Err(e) = self.iotlb.sync(&*self.dev) {
-                            warn!("IOTLB: {e}");
-                        }
-                    }
+                    self.refresh_iotlb();
                 }
                 let evset = EventSet::from_bits_truncate(ev.events);
                 let Ok(id) = u16::try_from(id) else { continue };
