@@ -7,18 +7,20 @@
 //! * [`device`]: /dev/vduse/control, creating, taking back and destroying /dev/vduse/NAME;
 //! * [`netcfg`] and [`msg`]: the configuration space and the device's messages, pure;
 //! * [`iotlb`]: the IOVA space mapped into the data path's guest-memory type;
-//! * [`session`]: answers to the kernel's messages, rings from `VDUSE_VQ_GET_INFO`, one epoll
-//!   worker per queue pair driving `CardBackend::handle_event`, interrupts by
-//!   `VDUSE_VQ_INJECT_IRQ`;
+//! * [`session`]: answers to the kernel's messages, rings from `VDUSE_VQ_GET_INFO`, interrupts
+//!   by `VDUSE_VQ_INJECT_IRQ`; [`messages`]: the device's request channel; [`worker`]: one
+//!   epoll worker per queue pair driving `CardBackend::handle_event`;
 //! * [`vdpa`]: the vdpa device on top (generic netlink), through a small privileged process.
 
 pub mod device;
 pub mod iotlb;
+pub mod messages;
 pub mod msg;
 pub mod netcfg;
 pub mod session;
 pub mod uapi;
 pub mod vdpa;
+pub mod worker;
 
 use std::fs::File;
 use std::io;
@@ -227,7 +229,7 @@ fn detach(device: &Device, manager: &mut Manager) -> Result<(), VduseError> {
     let exit = EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?;
     let responder = {
         let (file, exit) = (file.clone(), exit.try_clone().map_err(io_err("eventfd"))?);
-        std::thread::spawn(move || session::answer_all(&file, &exit))
+        std::thread::spawn(move || messages::answer_all(&file, &exit))
     };
     let result = manager.del().map_err(|error| VduseError::Vdpa {
         name: device.name.clone(),
@@ -284,7 +286,7 @@ pub fn serve(
         let exit = exit.try_clone().map_err(io_err("eventfd"))?;
         std::thread::Builder::new()
             .name("vduse-messages".into())
-            .spawn(move || session::message_loop(&session, &dev, &exit))
+            .spawn(move || messages::message_loop(&session, &dev, &exit))
             .map_err(io_err("spawning the message thread"))?
     };
     let vdpa_err = |error| VduseError::Vdpa {

@@ -1,12 +1,12 @@
 //! One VDUSE device being served: the answers to the kernel's messages (status, queue state,
 //! IOTLB changes), the rings set up from `VDUSE_VQ_GET_INFO` when the driver is ready, and one
-//! epoll worker thread per queue pair that drives the same `CardBackend::handle_event` as the
-//! vhost-user workers.
+//! epoll worker thread per queue pair (`worker.rs`) that drives the same
+//! `CardBackend::handle_event` as the vhost-user workers.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use log::{debug, error, info, warn};
@@ -15,12 +15,12 @@ use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::iotlb::Iotlb;
 use super::msg::{self, status, Request, RESULT_FAILED, RESULT_OK};
 use super::uapi::{self, MSG_SIZE};
+use super::worker::WorkerCtx;
 use crate::backend::CardBackend;
 use crate::interrupt::Interrupt;
 
@@ -35,9 +35,6 @@ impl Interrupt for VduseIrq {
         uapi::vq_inject_irq(&*self.dev, self.index)
     }
 }
-
-/// Epoll id of a worker's exit event (the others are the backend's event ids).
-const EXIT_ID: u64 = u64::MAX;
 
 struct Worker {
     exit: EventFd,
@@ -382,177 +379,6 @@ struct Pending {
 impl Drop for Session {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-/// What one pair's worker thread owns.
-struct WorkerCtx {
-    pair: usize,
-    backend: Arc<CardBackend>,
-    vrings: Arc<Vec<VringRwLock>>,
-    iotlb: Arc<Iotlb>,
-    dev: Arc<File>,
-    kicks: [EventFd; 2],
-    exit: EventFd,
-}
-
-impl WorkerCtx {
-    fn run(self) {
-        if let Err(e) = self.serve() {
-            error!("VDUSE worker of pair {}: {e}", self.pair);
-        }
-    }
-
-    /// Until the driver's first DMA mapping the streaming range is not in the IOTLB; buffers
-    /// posted (a kick, or a worker starting after the driver did) mean it may be there now.
-    fn refresh_iotlb(&self) {
-        if !self.iotlb.complete() {
-            if let Err(e) = self.iotlb.sync(&*self.dev) {
-                warn!("IOTLB: {e}");
-            }
-        }
-    }
-
-    fn serve(&self) -> io::Result<()> {
-        let epoll = Epoll::new()?;
-        let add = |fd: i32, ev: EventSet, id: u64| {
-            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(ev, id))
-        };
-        add(self.kicks[0].as_raw_fd(), EventSet::IN, 0)?;
-        add(self.kicks[1].as_raw_fd(), EventSet::IN, 1)?;
-        for (fd, ev, id) in self.backend.extra_listeners(self.pair) {
-            add(fd, ev, id)?;
-        }
-        add(self.exit.as_raw_fd(), EventSet::IN, EXIT_ID)?;
-        let rings = &self.vrings[2 * self.pair..2 * self.pair + 2];
-        // One pass first: the driver may have posted buffers and the card sent frames before the
-        // worker existed.
-        self.refresh_iotlb();
-        self.backend
-            .handle_event(self.backend.wake_event(), EventSet::IN, rings, self.pair)?;
-        let mut events = vec![EpollEvent::default(); 8];
-        loop {
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            for ev in &events[..n] {
-                let id = ev.data();
-                if id == EXIT_ID {
-                    return Ok(());
-                }
-                if id < 2 {
-                    let _ = self.kicks[id as usize].read();
-                    self.refresh_iotlb();
-                }
-                let evset = EventSet::from_bits_truncate(ev.events);
-                let Ok(id) = u16::try_from(id) else { continue };
-                self.backend.handle_event(id, evset, rings, self.pair)?;
-            }
-        }
-    }
-}
-
-/// Serves the device's messages until `exit` is written: reads each request from the device
-/// file (non-blocking, polled) and writes the answer.
-pub fn message_loop(session: &Mutex<Session>, dev: &File, exit: &EventFd) -> io::Result<()> {
-    let lock = || session.lock().unwrap_or_else(|p| p.into_inner());
-    pump(dev, exit, &mut |req| lock().handle(req), &mut || {
-        lock().after_reply()
-    })
-}
-
-/// Reads requests from `dev` until `exit` is written, answering each with `answer`.
-fn pump(
-    dev: &File,
-    exit: &EventFd,
-    answer: &mut dyn FnMut(Request) -> [u8; MSG_SIZE],
-    after: &mut dyn FnMut(),
-) -> io::Result<()> {
-    let mut buf = [0u8; MSG_SIZE];
-    loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: dev.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: exit.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if fds[1].revents != 0 {
-            return Ok(());
-        }
-        if fds[0].revents & libc::POLLERR != 0 {
-            return Err(io::Error::other(
-                "the kernel marked the VDUSE device broken (a request timed out)",
-            ));
-        }
-        // SAFETY: reads at most MSG_SIZE bytes into `buf`, which outlives the call.
-        let n = unsafe { libc::read(dev.as_raw_fd(), buf.as_mut_ptr().cast(), MSG_SIZE) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) {
-                continue;
-            }
-            return Err(e);
-        }
-        let Some(req) = usize::try_from(n)
-            .ok()
-            .and_then(|n| Request::parse(&buf[..n]))
-        else {
-            warn!("short VDUSE request ({n} bytes): ignored");
-            continue;
-        };
-        debug!("request {req:?}");
-        let resp = answer(req);
-        // SAFETY: writes MSG_SIZE bytes from `resp`, which outlives the call.
-        let w = unsafe { libc::write(dev.as_raw_fd(), resp.as_ptr().cast(), MSG_SIZE) };
-        if w < 0 {
-            warn!(
-                "answering VDUSE request {}: {}",
-                req.id(),
-                io::Error::last_os_error()
-            );
-        }
-        after();
-    }
-}
-
-/// Answers every request of a device nobody serves (no rings): statuses and IOTLB updates are
-/// acknowledged, queue states read from the kernel. Used while a device is taken apart.
-pub fn answer_all(dev: &File, exit: &EventFd) -> io::Result<()> {
-    let mut nobody = Bare { dev };
-    pump(dev, exit, &mut |req| nobody.handle(req), &mut || {})
-}
-
-struct Bare<'a> {
-    dev: &'a File,
-}
-
-impl Bare<'_> {
-    fn handle(&mut self, req: Request) -> [u8; MSG_SIZE] {
-        match req {
-            Request::GetVqState { id, index } => match uapi::vq_get_info(self.dev, index) {
-                Ok(i) => msg::response(id, RESULT_OK, Some((index, i.avail_index))),
-                Err(_) => msg::response(id, RESULT_FAILED, None),
-            },
-            Request::Unknown { id, .. } => msg::response(id, RESULT_FAILED, None),
-            r => msg::response(r.id(), RESULT_OK, None),
-        }
     }
 }
 
