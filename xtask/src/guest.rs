@@ -129,6 +129,13 @@ pub enum Helper {
         ready: PathBuf,
         secs: u64,
     },
+    /// Play a vhost-vdpa frontend on DEV (a VMM's part): one UDP datagram to CARD_MAC, one
+    /// received after running SEND_CMD (MAC in it is replaced by the frontend's), ring bases.
+    VdpaFrontend {
+        dev: String,
+        card_mac: String,
+        send_cmd: String,
+    },
     /// Accept one TCP connection on PORT (creating READY once listening) and copy what it
     /// carries to standard output until the sender closes.
     TcpSink { port: u16, ready: PathBuf },
@@ -235,6 +242,11 @@ pub fn helper(cmd: &Helper) -> Result<()> {
             println!("intact={}", buf[..n] == pattern(n)[..]);
         }
         Helper::VduseProbe => crate::e2e::vduse::probe_features()?,
+        Helper::VdpaFrontend {
+            dev,
+            card_mac,
+            send_cmd,
+        } => crate::e2e::vduse::vdpa_frontend(dev, card_mac, send_cmd)?,
         Helper::TcpSink { port, ready } => crate::e2e::vduse::tcp_sink(*port, ready)?,
         Helper::UdpCount { port, ready, secs } => {
             crate::e2e::vduse::udp_count(*port, ready, Duration::from_secs(*secs))?

@@ -91,6 +91,9 @@ pub fn check_entry(e: &IotlbEntry, from: u64) -> Result<u64, &'static str> {
 pub struct Iotlb {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     complete: AtomicBool,
+    /// The kernel has sent `VDUSE_UPDATE_IOTLB` (a vhost-vdpa frontend maps the IOVA space): it
+    /// announces every change from then on.
+    announced: AtomicBool,
     sync_lock: Mutex<()>,
 }
 
@@ -105,6 +108,7 @@ impl Iotlb {
         Iotlb {
             mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             complete: AtomicBool::new(false),
+            announced: AtomicBool::new(false),
             sync_lock: Mutex::new(()),
         }
     }
@@ -114,10 +118,17 @@ impl Iotlb {
         self.mem.clone()
     }
 
-    /// Whether the map holds the streaming range at IOVA 0 (after that, only
-    /// `VDUSE_UPDATE_IOTLB` and resets change the IOVA space of a bounce domain).
+    /// Whether the map needs no more reading on kicks: it holds the streaming range at IOVA 0
+    /// (after that, only resets change a bounce domain), or the kernel announces every change
+    /// with `VDUSE_UPDATE_IOTLB`.
     pub fn complete(&self) -> bool {
-        self.complete.load(Ordering::Acquire)
+        self.complete.load(Ordering::Acquire) || self.announced.load(Ordering::Acquire)
+    }
+
+    /// Reads the map again after `VDUSE_UPDATE_IOTLB`.
+    pub fn update(&self, dev: &impl AsRawFd) -> Result<Summary, IotlbError> {
+        self.announced.store(true, Ordering::Release);
+        self.sync(dev)
     }
 
     /// Forgets every mapping (device reset). Workers still holding the old map keep it until

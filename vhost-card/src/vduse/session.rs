@@ -154,7 +154,7 @@ impl Session {
             },
             Request::UpdateIotlb { start, last, .. } => {
                 debug!("IOTLB update [{start:#x}, {last:#x}]");
-                match self.iotlb.sync(&*self.dev) {
+                match self.iotlb.update(&*self.dev) {
                     Ok(_) => msg::response(id, RESULT_OK, None),
                     Err(e) => {
                         warn!("IOTLB update refused: {e}");

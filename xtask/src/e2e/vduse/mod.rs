@@ -37,7 +37,7 @@ use anyhow::Result;
 use crate::report::key_values;
 
 pub use demo::{demo, DemoOptions};
-pub use guest::{probe_features, tcp_sink, udp_count, udp_frames};
+pub use guest::{probe_features, tcp_sink, udp_count, udp_frames, vdpa_frontend};
 use host::{Host, CARD};
 
 use super::Line;
@@ -425,16 +425,42 @@ fn vdpa_binding(host: &mut Host) -> Result<(bool, String)> {
     let vhost_ok = kv.get("driver").map(String::as_str) == Some("vhost_vdpa")
         && chardev.starts_with("vhost-vdpa-")
         && kv.get("eth0").map(String::as_str) == Some("no");
+    // A VMM's part, played by the helper: memory through the IOTLB, one datagram each way, the
+    // ring bases read back through the daemon.
+    let frontend = host.sh(
+        &format!(
+            "ip -n $NS addr add $CARD4/24 dev $CARD 2>/dev/null; ip -n $NS link set $CARD up
+             rm -f /tmp/v.ready /tmp/v.out
+             incard {helper} guest udp-count 7000 /tmp/v.ready 3 > /tmp/v.out 2>&1 &
+             until [ -e /tmp/v.ready ]; do sleep 0.05; done
+             {helper} guest vdpa-frontend /dev/{chardev} $(incard cat /sys/class/net/$CARD/address) \
+                 \"/usr/local/sbin/ip netns exec $NS {helper} guest udp-frames $CARD MAC $CARD4 10.77.0.9 7001 1 good\"
+             echo frontend_rc=$?
+             wait
+             sed 's/received=/card_received=/' /tmp/v.out",
+            helper = crate::guest::HELPER
+        ),
+        60,
+    )?;
+    let fk = key_values(&frontend.out);
+    let fget = |k: &str| fk.get(k).cloned().unwrap_or_default();
+    let frontend_ok = fget("frontend_rc") == "0"
+        && fget("tx_used") == "1"
+        && fget("card_received") == "1"
+        && fget("rx_payload_ok") == "1"
+        && fget("base_tx") == "1"
+        && fget("base_rx") == fget("rx_used");
     let rc2 = host.stop_card("TERM")?;
     host.check("[ ! -e /dev/vduse/$CARD ]", 10)?;
     host.start_card("")?;
-    let ok = user_ok && pinged && user_cleaned && vhost_ok && rc2 == 0;
+    let ok = user_ok && pinged && user_cleaned && vhost_ok && frontend_ok && rc2 == 0;
     Ok((
         ok,
         format!(
             "--vduse-bind none: no interface until `vdpa dev add name {CARD} mgmtdev vduse`, then \
              eth0 in {:.1} s, virtio_net, pings {}, SIGTERM {}; --vduse-bind vhost: driver {}, \
-             /dev/{chardev}, no host interface",
+             /dev/{chardev}, no host interface; a vhost-vdpa frontend on it (memory through the \
+             IOTLB): {}",
             added.as_secs_f64(),
             if pinged { "pass" } else { "FAIL" },
             if user_cleaned {
@@ -443,6 +469,21 @@ fn vdpa_binding(host: &mut Host) -> Result<(bool, String)> {
                 "did NOT clean up"
             },
             kv.get("driver").cloned().unwrap_or_default(),
+            if frontend_ok {
+                format!(
+                    "1 datagram each way (RX {} bytes, after {} other frame(s) from the \
+                     card's stack), ring bases read back TX {} RX {}",
+                    fget("rx_len"),
+                    fget("rx_used")
+                        .parse::<u32>()
+                        .unwrap_or(1)
+                        .saturating_sub(1),
+                    fget("base_tx"),
+                    fget("base_rx")
+                )
+            } else {
+                format!("FAILED: {}", frontend.out.trim().replace('\n', "; "))
+            }
         ),
     ))
 }
