@@ -43,7 +43,7 @@ pub const DEFAULT_MTU: u32 = 65520;
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Run only these scenarios (numbers 1-9, comma-separated).
+    /// Run only these scenarios (numbers 1-9, comma-separated; with --vduse its checks 1-10).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u32>,
     /// MiB sent each way in scenarios 2 and 6.

@@ -327,13 +327,14 @@ impl Host {
         } else {
             ("", "incard", "$GUEST4", 5002)
         };
-        let len = mib * MIB;
+        // At most the payload (a short run's --mib may be smaller than a check's transfer).
+        let len = (mib * MIB).min(self.payload.data.len());
         // busybox nc sends a file; the receiver is the helper (busybox nc as a listener ends
         // its connection when its own input ends, and with an endless input, not at all).
         let source = if len == self.payload.data.len() {
             crate::guest::PAYLOAD.to_string()
         } else {
-            format!("/tmp/tx-{mib}")
+            format!("/tmp/tx-{len}")
         };
         let prepare = if len == self.payload.data.len() {
             String::new()

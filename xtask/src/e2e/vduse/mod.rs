@@ -19,7 +19,10 @@
 //!    65000-byte pings both ways;
 //! 9. vdpa binding: with `--vduse-bind none` the user's own `vdpa dev add` gives the same host
 //!    interface; with `--vduse-bind vhost` the device goes to `vhost_vdpa` (/dev/vhost-vdpa-N, for
-//!    a VM) instead.
+//!    a VM) instead, and a vhost-vdpa frontend played by the test moves a datagram each way;
+//! 10. driver reset: the host's virtio_net unbound and bound again, twice (a driver reload
+//!     resets the device: the rings and the bounce mappings go and come back); traffic after
+//!     each.
 //!
 //! Logs: target/vm/logs/e2e-vduse/.
 //!
@@ -119,6 +122,9 @@ pub fn run(opts: &super::Options) -> Result<()> {
         }
         if wanted(9) {
             record(line(9, "vdpa binding", vdpa_binding(&mut host)));
+        }
+        if wanted(10) {
+            record(line(10, "driver reset", driver_reset(&mut host)));
         }
     }
     let _ = host.sh("[ -e /run/vhc.rc ] || card_stop TERM", 60);
@@ -385,6 +391,39 @@ fn limits(host: &mut Host) -> Result<(bool, String)> {
             if big.rc == 0 { "pass" } else { "FAIL" }
         ),
     ))
+}
+
+/// The host's driver unbound and bound again (a reset of the device), twice; traffic after each.
+fn driver_reset(host: &mut Host) -> Result<(bool, String)> {
+    let mut ok = true;
+    let mut parts = Vec::new();
+    for round in 1..=2 {
+        let t = Instant::now();
+        host.check(
+            "dev=$(basename $(readlink /sys/class/net/eth0/device))
+             echo $dev > /sys/bus/virtio/drivers/virtio_net/unbind
+             wait_eth0_gone 20
+             echo $dev > /sys/bus/virtio/drivers/virtio_net/bind
+             wait_host 30",
+            90,
+        )?;
+        let back = t.elapsed();
+        let b = host.binding()?;
+        let p = host.pings(2)?.iter().all(|(_, p)| p.ok());
+        let up = host.transfer(4, true)?;
+        let down = host.transfer(4, false)?;
+        let this = b.ok(super::DEFAULT_MTU) && p && up.ok && down.ok;
+        ok &= this;
+        parts.push(format!(
+            "reset {round}: eth0 back in {:.1} s, MTU {}, ping {}, 4 MiB up {} down {}",
+            back.as_secs_f64(),
+            b.mtu.map_or("?".into(), |m| m.to_string()),
+            if p { "ok" } else { "FAILED" },
+            up.describe(),
+            down.describe()
+        ));
+    }
+    Ok((ok, parts.join("; ")))
 }
 
 /// The vdpa device made by the user (`--vduse-bind none`), and bound to vhost_vdpa.
