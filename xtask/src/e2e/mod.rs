@@ -29,6 +29,7 @@ mod multiqueue;
 mod networkd;
 mod shared_vm;
 mod toggles;
+pub mod vduse;
 
 use std::time::Instant;
 
@@ -43,7 +44,7 @@ pub const DEFAULT_MTU: u32 = 65520;
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Run only these scenarios (numbers 1-9, comma-separated).
+    /// Run only these scenarios (numbers 1-9, comma-separated; with --vduse its checks 1-10).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u32>,
     /// MiB sent each way in scenarios 2 and 6.
@@ -63,6 +64,11 @@ pub struct Options {
     /// Echo the guest consoles (they are in target/vm/logs/e2e/ anyway).
     #[arg(long)]
     pub verbose: bool,
+    /// Instead: the card as a VDUSE device of a bare-metal host's own kernel (a TCG VM with
+    /// Debian 13's stock kernel; see e2e/vduse.rs): binding, pings, TCP, checksum honesty,
+    /// toggles, stop/restart.
+    #[arg(long)]
+    pub vduse: bool,
 }
 
 pub fn matrix_mib(opts: &Options) -> usize {
@@ -87,6 +93,9 @@ pub fn run(opts: &Options) -> Result<()> {
     // SAFETY: geteuid(2) has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         bail!("e2e needs root (network namespaces, tap devices)");
+    }
+    if opts.vduse {
+        return vduse::run(opts);
     }
     if opts.only.iter().any(|n| !(1..=9).contains(n)) {
         bail!("scenarios are numbered 1 to 9");
@@ -141,21 +150,30 @@ pub fn run(opts: &Options) -> Result<()> {
         ));
     }
 
+    summary(
+        &format!(
+            "cargo xtask e2e: {} under {}, {:.0} s",
+            env.kernel_package,
+            env.accel.name(),
+            t0.elapsed().as_secs_f64()
+        ),
+        &mut lines,
+        "e2e scenario(s)",
+    )
+}
+
+/// The closing block: the lines in order under `title`, the count, an error if any failed.
+pub fn summary(title: &str, lines: &mut [Line], what: &str) -> Result<()> {
     lines.sort_by_key(|l| l.number);
     println!();
-    println!(
-        "==== cargo xtask e2e: {} under {}, {:.0} s ====",
-        env.kernel_package,
-        env.accel.name(),
-        t0.elapsed().as_secs_f64()
-    );
-    for line in &lines {
+    println!("==== {title} ====");
+    for line in lines.iter() {
         line.print();
     }
     let failed = lines.iter().filter(|l| !l.pass).count();
     println!("{} passed, {failed} failed", lines.len() - failed);
     if failed > 0 {
-        bail!("{failed} e2e scenario(s) failed");
+        bail!("{failed} {what} failed");
     }
     Ok(())
 }
