@@ -9,12 +9,14 @@
 //! through the flag's own parser, so the file accepts exactly what the command line does, and
 //! a bad value is reported with the file, the line and the key. Flags given on the command
 //! line win over the file, and keys that conflict with them are left out (under `--fd 3` the
-//! socket is systemd's: the file's `socket`, `socket-group` and `socket-mode` do not apply).
+//! socket is systemd's: the file's `socket`, `socket-group` and `socket-mode` do not apply;
+//! nor under `--vduse NAME`, where the card is a VDUSE device and has no socket).
 //!
 //! The card's name is the file's name without `.toml`. It names everything else, so that the
 //! systemd units (instance = card name), `card-os` and the daemon agree on one table of paths
 //! ([`CardPaths`]): the network namespace is the card's name, and unless the file says
-//! otherwise the vhost-user socket is `/run/vhost-card/<card>.sock` and the control socket
+//! otherwise the vhost-user socket is `/run/vhost-card/<card>.sock` (none for a VDUSE card:
+//! `vduse = NAME` in the file or `--vduse NAME`) and the control socket
 //! `/run/vhost-card/<card>.control`.
 
 use std::collections::BTreeMap;

@@ -46,8 +46,9 @@ pub struct Args {
     /// The card's file (/etc/vhost-card/<card>.toml): its [daemon] table sets any of these
     /// flags (key = the long flag without dashes); the card's name (the file name) gives the
     /// namespace, and unless set /run/vhost-card/<card>.sock and <card>.control. Flags given
-    /// here win over the file; with --fd the file's socket, socket-group and socket-mode do not
-    /// apply. `metrics-listen = true` is the flag alone.
+    /// here win over the file; with --fd or --vduse the file's socket, socket-group and
+    /// socket-mode do not apply (a VDUSE card has no socket). `metrics-listen = true` is the
+    /// flag alone.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 

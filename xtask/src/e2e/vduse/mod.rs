@@ -4,13 +4,15 @@
 //! `virtio_vdpa` and `virtio_net` make the host interface eth0 of it, while the card's end (the
 //! tap) sits in the VM's network namespace `card`. One PASS/FAIL line per check:
 //!
-//! 1. errors: without the vduse module the daemon names it and exits 1;
-//! 2. binding: driver virtio_net, MTU 65520, the guest's feature bits equal the offer;
+//! 1. errors: without the vduse module the daemon names it and exits 1, having created nothing;
+//! 2. binding: driver virtio_net, MTU 65520, the guest's feature bits equal the offer; the
+//!    stats and metrics show the driver as the connected frontend, its acked word the host's;
 //! 3. ping both ways over IPv4 and IPv6;
 //! 4. 64 MiB of TCP each way, sha256 equal;
 //! 5. checksum honesty: UDP datagrams with a wrong checksum sent from the card are dropped by the
 //!    host's stack (Udp InCsumErrors), right ones delivered;
-//! 6. toggles: `--disable mrg-rxbuf`, then `--mtu 1500`: bits and MTU follow, traffic passes;
+//! 6. toggles: `--disable mrg-rxbuf`, then a card file with `vduse` and `mtu = 1500`: bits and
+//!    MTU follow, traffic passes;
 //! 7. lifecycle: a second daemon on the same name is refused; SIGTERM removes the host interface
 //!    and the device, a new daemon brings them back; after SIGKILL the restarted daemon takes the
 //!    device back and the same interface carries traffic again;
@@ -21,8 +23,8 @@
 //!    interface; with `--vduse-bind vhost` the device goes to `vhost_vdpa` (/dev/vhost-vdpa-N, for
 //!    a VM) instead, and a vhost-vdpa frontend played by the test moves a datagram each way;
 //! 10. driver reset: the host's virtio_net unbound and bound again, twice (a driver reload
-//!     resets the device: the rings and the bounce mappings go and come back); traffic after
-//!     each.
+//!     resets the device: the rings and the bounce mappings go and come back); the stats follow
+//!     the driver; traffic after each.
 //!
 //! Logs: target/vm/logs/e2e-vduse/.
 //!
