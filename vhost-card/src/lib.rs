@@ -20,6 +20,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod features;
 pub mod gate;
+pub mod generator;
 pub mod iov;
 pub mod memguard;
 pub mod metrics;

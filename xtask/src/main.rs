@@ -11,6 +11,7 @@
 //! is the `rig` crate; the card's node is the `card-os` crate. Nothing here is product code.
 
 mod bench;
+mod cards;
 mod demo;
 mod dist;
 mod e2e;
@@ -78,6 +79,10 @@ enum Task {
     /// completions, 50-vhost-card.json, systemd units, the example card, card-os's templates,
     /// libvirt XML), checked; --install puts it in place.
     Dist(dist::Options),
+    /// Four cards from the installed template units under systemd as PID 1 (a debootstrapped
+    /// Debian 12 booted by systemd-nspawn): one file per card, four frontends, four metrics
+    /// endpoints, each with its own settings and values.
+    Cards(cards::Options),
     /// The libvirt domain in host-config/libvirt/ under libvirt from apt: define, start,
     /// traffic both ways with the card's counters, undefine.
     Libvirt(libvirt::Options),
@@ -107,6 +112,7 @@ fn main() {
         Task::CardosE2e(opts) => e2e::cardos::run(&opts),
         Task::Dist(opts) => dist::run(&opts),
         Task::Libvirt(opts) => libvirt::run(&opts),
+        Task::Cards(opts) => cards::run(&opts),
         Task::Test(opts) => run_tests(&opts),
     };
     if let Err(err) = result {
