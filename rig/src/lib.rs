@@ -15,6 +15,7 @@
 //!   systemd as PID 1;
 //! * [`machine`]: a card plus a VM with its agent ([`Rig`], [`Env`]), and what scenarios do
 //!   with them; [`payload`], [`report`], [`features`]: test data, output parsing, feature bits;
+//!   [`progress`]: the progress bar (or plain step lines) of the long tasks;
 //!   [`units`]: systemd units through `systemd-analyze verify`; [`monitoring`]: host-config's
 //!   alert rules and dashboard against a real scrape.
 
@@ -36,6 +37,7 @@ pub mod nsnet;
 pub mod paths;
 pub mod payload;
 pub mod process;
+pub mod progress;
 pub mod qemu;
 pub mod qmp;
 pub mod report;

@@ -88,7 +88,7 @@ enum Task {
     Libvirt(libvirt::Options),
     /// Every test, as CI runs them: `cargo test --workspace` (unit tests and the in-process
     /// vhost-user frontend against the real daemon, card-os against the real programs), then
-    /// the VM smoke test, `e2e` and `cardos-e2e`.
+    /// the VM smoke test, `e2e`, `cardos-e2e` and `cards`.
     Test(smoke::Options),
 }
 
@@ -122,7 +122,7 @@ fn main() {
 }
 
 /// `cargo xtask test`: host packages first (the tests use ip, ethtool and QEMU), then the
-/// cargo test suites, then the VM smoke test and the e2e suite.
+/// cargo test suites, then the VM smoke test, the e2e suites and the four cards under systemd.
 fn run_tests(opts: &smoke::Options) -> Result<()> {
     assets::ensure(&assets::Options { refresh: false })?;
     // card-os's tests (in `cargo test --workspace`) run its programs: nft, nginx, strongSwan.
@@ -152,5 +152,8 @@ fn run_tests(opts: &smoke::Options) -> Result<()> {
         #[command(flatten)]
         opts: e2e::cardos::Options,
     }
-    e2e::cardos::run(&CardosDefaults::parse_from(["cardos-e2e"]).opts)
+    e2e::cardos::run(&CardosDefaults::parse_from(["cardos-e2e"]).opts)?;
+    check_interrupted()?;
+    // Four cards from the installed units under systemd as PID 1.
+    cards::run(&cards::Options { no_build: false })
 }
