@@ -37,10 +37,15 @@ impl Steps {
             (t.elapsed().as_secs_f64()).min(w as f64 * 0.95)
         });
         let done = self.done as f64 + running;
-        if done <= 0.0 || self.total == 0 {
+        if self.total == 0 || (self.done == 0 && self.current.is_none()) {
             return None;
         }
-        let pace = if elapsed > 0.0 { elapsed / done } else { 1.0 };
+        // Until a step has finished, the weights alone; then this run's pace.
+        let pace = if self.done > 0 && done > 0.0 {
+            elapsed / done
+        } else {
+            1.0
+        };
         let left = (self.total as f64 - done).max(0.0) * pace;
         Some(Duration::from_secs_f64(left))
     }

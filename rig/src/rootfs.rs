@@ -108,13 +108,35 @@ fn key(recipe: &Recipe) -> String {
 
 /// The cached rootfs, built first if it is missing or its key changed.
 pub fn ensure(recipe: &Recipe) -> Result<Rootfs> {
-    let base = crate::paths::vm_dir().join("networkd");
+    ensure_as(recipe, Form::Cpio)
+}
+
+/// The cached tree of `recipe` (a directory to boot with `systemd-nspawn`; never written to:
+/// boot it with `--volatile=overlay`), made first if it is missing or its key changed.
+pub fn ensure_tree(recipe: &Recipe) -> Result<Rootfs> {
+    ensure_as(recipe, Form::Tree)
+}
+
+/// What is kept of a debootstrap.
+#[derive(Clone, Copy, PartialEq)]
+enum Form {
+    /// An initramfs: target/vm/networkd/<key>/rootfs.cpio.
+    Cpio,
+    /// The directory: target/vm/nspawn/<key>/root/.
+    Tree,
+}
+
+fn ensure_as(recipe: &Recipe, form: Form) -> Result<Rootfs> {
+    let (base, product) = match form {
+        Form::Cpio => (crate::paths::vm_dir().join("networkd"), "rootfs.cpio"),
+        Form::Tree => (crate::paths::vm_dir().join("nspawn"), "root"),
+    };
     let dir = base.join(key(recipe));
-    let cpio = dir.join("rootfs.cpio");
+    let path = dir.join(product);
     let versions_file = dir.join("VERSIONS");
-    if cpio.exists() && versions_file.exists() {
+    if path.exists() && versions_file.exists() {
         return Ok(Rootfs {
-            path: cpio,
+            path,
             versions: fs::read_to_string(&versions_file)?,
             built_in: None,
         });
@@ -130,14 +152,40 @@ pub fn ensure(recipe: &Recipe) -> Result<Rootfs> {
             }
         }
     }
-    crate::apt::install(&["debootstrap"])?;
+    remove(&dir);
+    crate::apt::install(match form {
+        Form::Cpio => &["debootstrap"][..],
+        Form::Tree => &["debootstrap", "systemd-container"],
+    })?;
     let build_dir = base.join(format!("build-{}-{}", recipe.name, std::process::id()));
     let root = build_dir.join("root");
-    let result = build(recipe, &root, &dir);
+    let result = bootstrap(recipe, &root, &dir).and_then(|versions| {
+        fs::create_dir_all(&dir)?;
+        match form {
+            Form::Cpio => {
+                let bytes = pack(&root)?;
+                let tmp = dir.join("rootfs.cpio.tmp");
+                fs::write(&tmp, &bytes)?;
+                fs::rename(&tmp, &path)?;
+                println!(
+                    "{}: rootfs {} MB in {}",
+                    recipe.name,
+                    bytes.len() / 1_000_000,
+                    dir.display()
+                );
+            }
+            Form::Tree => {
+                fs::rename(&root, &path)?;
+                println!("{}: tree in {}", recipe.name, path.display());
+            }
+        }
+        fs::write(&versions_file, versions + "\n")?;
+        Ok(())
+    });
     remove(&build_dir);
     result?;
     Ok(Rootfs {
-        path: cpio,
+        path,
         versions: fs::read_to_string(&versions_file)?,
         built_in: Some(t0.elapsed()),
     })
@@ -149,71 +197,6 @@ fn remove(path: &Path) {
     } else {
         fs::remove_file(path).ok();
     }
-}
-
-/// The cached tree of `recipe` (a directory to boot with `systemd-nspawn`; never written to:
-/// boot it with `--volatile=overlay`), made first if it is missing or its key changed.
-pub fn ensure_tree(recipe: &Recipe) -> Result<Rootfs> {
-    let base = crate::paths::vm_dir().join("nspawn");
-    let dir = base.join(key(recipe));
-    let root = dir.join("root");
-    let versions_file = dir.join("VERSIONS");
-    if root.is_dir() && versions_file.exists() {
-        return Ok(Rootfs {
-            path: root,
-            versions: fs::read_to_string(&versions_file)?,
-            built_in: None,
-        });
-    }
-    let t0 = Instant::now();
-    if base.exists() {
-        for entry in fs::read_dir(&base)? {
-            let entry = entry?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&format!("{}-", recipe.name)) {
-                remove(&entry.path());
-            }
-        }
-    }
-    crate::apt::install(&["debootstrap", "systemd-container"])?;
-    let build_dir = base.join(format!("build-{}-{}", recipe.name, std::process::id()));
-    let tmp_root = build_dir.join("root");
-    let result = bootstrap(recipe, &tmp_root, &dir).and_then(|versions| {
-        fs::create_dir_all(&dir)?;
-        fs::rename(&tmp_root, &root)?;
-        fs::write(&versions_file, versions + "\n")?;
-        Ok(())
-    });
-    remove(&build_dir);
-    result?;
-    println!(
-        "{}: tree in {} ({:.0} s)",
-        recipe.name,
-        root.display(),
-        t0.elapsed().as_secs_f64()
-    );
-    Ok(Rootfs {
-        path: root,
-        versions: fs::read_to_string(&versions_file)?,
-        built_in: Some(t0.elapsed()),
-    })
-}
-
-fn build(recipe: &Recipe, root: &Path, dir: &Path) -> Result<()> {
-    let versions = bootstrap(recipe, root, dir)?;
-    let bytes = pack(root)?;
-    fs::create_dir_all(dir)?;
-    let tmp = dir.join("rootfs.cpio.tmp");
-    fs::write(&tmp, &bytes)?;
-    fs::rename(&tmp, dir.join("rootfs.cpio"))?;
-    fs::write(dir.join("VERSIONS"), versions + "\n")?;
-    println!(
-        "{}: rootfs {} MB in {}",
-        recipe.name,
-        bytes.len() / 1_000_000,
-        dir.display()
-    );
-    Ok(())
 }
 
 /// debootstrap of `recipe` into `root`, its unit enabled, trimmed; the installed versions.
