@@ -319,8 +319,8 @@ fn lifecycle(host: &mut Host) -> Result<(bool, String)> {
     let (rc, gone) = host.stop_card_and_wait_gone()?;
     let removed = rc == 0 && gone;
     let t = host.start_card("")?;
-    let (rc, message) = host.refusal("--vduse $CARD --netns $NS --tap other0")?;
-    let refused = rc == "1" && message.contains("in use");
+    let (second_rc, message) = host.refusal("--vduse $CARD --netns $NS --tap other0")?;
+    let refused = second_rc == "1" && message.contains("in use");
     let ifindex = host.check("cat /sys/class/net/eth0/ifindex", 10)?;
     // Crash: the device and the interface stay; the restarted daemon takes the device back.
     let killed = host.stop_card("KILL")?;
@@ -408,8 +408,8 @@ fn limits(host: &mut Host) -> Result<(bool, String)> {
     let kv = key_values(&probe);
     let refused = kv.get("refused").cloned().unwrap_or_default();
     let required = kv.get("required").cloned().unwrap_or_default();
-    let (rc, message) = host.refusal("--vduse mq0 --netns $NS --tap mq0 --queues 2")?;
-    let mq_refused = rc == "1" && message.contains("CTRL_VQ");
+    let (mq_rc, message) = host.refusal("--vduse mq0 --netns $NS --tap mq0 --queues 2")?;
+    let mq_refused = mq_rc == "1" && message.contains("CTRL_VQ");
     host.stop_card("TERM")?;
     host.check("wait_eth0_gone 20", 30)?;
     host.start_card("--mtu 65535")?;
