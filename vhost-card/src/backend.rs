@@ -22,6 +22,7 @@ use vmm_sys_util::event::{
 use crate::datapath::{tap_offload, Pair, Pass};
 use crate::dirtylog;
 use crate::features::{self, Negotiated, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES};
+use crate::interrupt::Interrupt;
 use crate::stats::{add, Stats};
 use crate::tap::Tap;
 
@@ -162,6 +163,14 @@ impl CardBackend {
         self.tap.inject(&crate::announce::rarp_frame(mac))?;
         add(&self.stats.pairs[0].rarp_sent, 1);
         Ok(())
+    }
+
+    /// Gives queue pair `pair` its own way to signal the driver (RX, TX), for a transport without
+    /// call eventfds (VDUSE).
+    pub fn set_interrupts(&self, pair: usize, irq: [Option<Arc<dyn Interrupt>>; 2]) {
+        if let Some(w) = self.workers.get(pair) {
+            w.pair.lock().unwrap_or_else(|p| p.into_inner()).irq = irq;
+        }
     }
 
     /// Reports a vanished tap once per event; the daemon then stops with that message.

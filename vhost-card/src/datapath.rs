@@ -26,6 +26,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use crate::csum::{self, Verdict};
 use crate::dirtylog::{LoggedMem, LOG};
 use crate::features::Negotiated;
+use crate::interrupt::Interrupt;
 use crate::iov::{self, ChainError, IovBuf, IOV_MAX};
 use crate::stats::{add, PairStats};
 use crate::vnet::{self, RxAction, TxDrop, VnetHdr, ETH_HLEN, GSO_MAX_FRAME, HDR_MAX, VLAN_HLEN};
@@ -60,6 +61,8 @@ pub struct Pair {
     pub tx_blocked: bool,
     /// The tap device was deleted under us (its queue reads and writes fail with EBADFD).
     pub tap_gone: bool,
+    /// How the RX and TX queues signal the driver when the transport has no call eventfd.
+    pub irq: [Option<Arc<dyn Interrupt>>; 2],
     /// One slot per frame of a TX batch (only slot 0 without an io_uring).
     tx: Vec<TxSlot>,
     uring: Option<txring::TxRing>,
@@ -119,6 +122,7 @@ impl Pair {
             rx_pending: true,
             tx_blocked: false,
             tap_gone: false,
+            irq: [None, None],
             tx: Vec::new(),
             uring: txring::take(),
             rx: RxStash::new(queue_size),
@@ -230,7 +234,12 @@ impl Pair {
         };
         self.end_logging();
         if used {
-            notify(vring, stats, &mut self.signal_next[1]);
+            notify(
+                vring,
+                self.irq[1].as_deref(),
+                stats,
+                &mut self.signal_next[1],
+            );
         }
         pass
     }
@@ -405,7 +414,12 @@ impl Pair {
         used |= self.rx.release(vring, mem, self.logged.as_deref());
         self.end_logging();
         if used {
-            notify(vring, stats, &mut self.signal_next[0]);
+            notify(
+                vring,
+                self.irq[0].as_deref(),
+                stats,
+                &mut self.signal_next[0],
+            );
         }
         pass
     }
@@ -1019,9 +1033,27 @@ fn set_notification(
 
 /// Signals used buffers to the guest when EVENT_IDX (or the used flags) ask for it, or when
 /// `unconditional` (cleared once a signal went out; see `Pair::signal_next`).
-fn notify(vring: &mut State, stats: &PairStats, unconditional: &mut bool) {
+fn notify(
+    vring: &mut State,
+    irq: Option<&dyn Interrupt>,
+    stats: &PairStats,
+    unconditional: &mut bool,
+) {
     LOG.notify();
     if !vring.needs_notification().unwrap_or(true) && !*unconditional {
+        return;
+    }
+    if let Some(irq) = irq {
+        match irq.raise() {
+            Ok(()) => {
+                *unconditional = false;
+                add(&stats.notifications, 1);
+            }
+            Err(e) => {
+                debug!("cannot notify the driver: {e}");
+                add(&stats.notifications_blocked, 1);
+            }
+        }
         return;
     }
     // The call descriptor is the frontend's and may be in blocking mode: a write to a full pipe

@@ -34,6 +34,7 @@ mod multiqueue;
 mod networkd;
 mod shared_vm;
 mod toggles;
+pub mod vduse;
 
 use std::time::Instant;
 
@@ -45,12 +46,11 @@ use crate::rig::{Env, Plug, Rig};
 
 pub const MIB: usize = 1 << 20;
 pub const DEFAULT_MTU: u32 = 65520;
-/// The scenarios' numbers, as `--only` takes them.
-const NUMBERS: [u32; 10] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 12];
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Run only these scenarios (numbers 1-9 and 12, comma-separated).
+    /// Run only these scenarios (numbers 1-9 and 12, comma-separated; with --vduse its checks
+    /// 1-10).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u32>,
     /// MiB sent each way in scenarios 2, 6 and 12.
@@ -70,6 +70,11 @@ pub struct Options {
     /// Echo the guest consoles (they are in target/vm/logs/e2e/ anyway).
     #[arg(long)]
     pub verbose: bool,
+    /// Instead: the card as a VDUSE device of a bare-metal host's own kernel (a TCG VM with
+    /// Debian 13's stock kernel; see e2e/vduse.rs): binding, pings, TCP, checksum honesty,
+    /// toggles, stop/restart.
+    #[arg(long)]
+    pub vduse: bool,
 }
 
 pub fn matrix_mib(opts: &Options) -> usize {
@@ -84,19 +89,80 @@ pub struct Line {
 }
 
 impl Line {
-    fn print(&self) {
+    pub fn render(&self) -> String {
         let tag = if self.pass { "PASS" } else { "FAIL" };
-        println!("{tag} {} {}", self.number, self.text);
+        format!("{tag} {} {}", self.number, self.text)
     }
 }
+
+/// The scenarios' progress (a bar on a terminal, a line per scenario otherwise) and their
+/// verdict lines.
+pub struct Runner {
+    progress: rig::progress::Progress,
+    lines: Vec<Line>,
+}
+
+impl Runner {
+    /// Step `name` starts; it usually takes `seconds` under TCG.
+    pub fn start(&mut self, name: &str, seconds: u64) {
+        self.progress.start(name, seconds);
+    }
+
+    /// Scenario `number` starts (its name and weight from [`SCENARIOS`]).
+    pub fn scenario(&mut self, number: u32) {
+        let (name, seconds) = SCENARIOS
+            .iter()
+            .find(|(n, _, _)| *n == number)
+            .map_or(("", 60), |(_, name, s)| (*name, *s));
+        self.start(&format!("scenario {number} {name}"), seconds);
+    }
+
+    /// A scenario's verdict, printed as it comes.
+    pub fn record(&mut self, line: Line) {
+        self.progress.println(line.render());
+        self.lines.push(line);
+    }
+
+    /// A line of the run's own (above the bar on a terminal).
+    pub fn say(&self, text: impl AsRef<str>) {
+        self.progress.println(text);
+    }
+}
+
+/// Seconds the main VM usually takes to boot under TCG.
+const MAIN_BOOT: u64 = 8;
+
+/// Scenario numbers, names and the seconds each usually takes under TCG (the progress
+/// estimate, from a run on the 2-core CI machine; scenarios 1, 2, 4, 6 and 8 share the main
+/// VM, whose boot is a step of its own).
+const SCENARIOS: [(u32, &str, u64); 10] = [
+    (1, "binding", 2),
+    (2, "traffic", 25),
+    (3, "toggles", 240),
+    (4, "large frames", 5),
+    (5, "hotplug", 25),
+    (6, "restart", 10),
+    (7, "multiqueue", 30),
+    (8, "device reset", 30),
+    (9, "fewer pairs", 60),
+    (12, "migration", 130),
+];
 
 pub fn run(opts: &Options) -> Result<()> {
     // SAFETY: geteuid(2) has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         bail!("e2e needs root (network namespaces, tap devices)");
     }
-    if let Some(n) = opts.only.iter().find(|n| !NUMBERS.contains(n)) {
-        bail!("no scenario {n}: scenarios are numbered {NUMBERS:?}");
+    if opts.vduse {
+        return vduse::run(opts);
+    }
+    if let Some(n) = opts
+        .only
+        .iter()
+        .find(|n| !SCENARIOS.iter().any(|(s, _, _)| s == *n))
+    {
+        let numbers: Vec<u32> = SCENARIOS.iter().map(|(s, _, _)| *s).collect();
+        bail!("no scenario {n}: scenarios are numbered {numbers:?}");
     }
     let wanted = |n: u32| opts.only.is_empty() || opts.only.contains(&n);
     let t0 = Instant::now();
@@ -118,30 +184,40 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     println!("e2e: logs in {}", logs.display());
 
-    let mut lines = Vec::new();
-    let mut record = |line: Line| {
-        line.print();
-        lines.push(line);
+    let planned: Vec<_> = SCENARIOS.iter().filter(|(n, _, _)| wanted(*n)).collect();
+    let main_vm = [1, 2, 4, 6, 8].into_iter().any(wanted);
+    let mut runner = Runner {
+        progress: rig::progress::Progress::new(
+            "e2e",
+            planned.len() + usize::from(main_vm),
+            planned.iter().map(|(_, _, s)| s).sum::<u64>() + if main_vm { MAIN_BOOT } else { 0 },
+        ),
+        lines: Vec::new(),
     };
 
-    if [1, 2, 4, 6, 8].into_iter().any(wanted) {
-        main_rig(&env, opts, &wanted, &mut record);
+    if main_vm {
+        main_rig(&env, opts, &wanted, &mut runner);
     }
     crate::check_interrupted()?;
     if wanted(3) {
-        record(toggles::run(&env, opts));
+        runner.scenario(3);
+        let line = toggles::run(&env, opts);
+        runner.record(line);
     }
     crate::check_interrupted()?;
     if wanted(5) {
-        record(verdict(5, "hotplug", hotplug::run(&env, opts)));
+        runner.scenario(5);
+        runner.record(verdict(5, "hotplug", hotplug::run(&env, opts)));
     }
     crate::check_interrupted()?;
     if wanted(7) {
-        record(verdict(7, "multiqueue", multiqueue::run(&env, opts)));
+        runner.scenario(7);
+        runner.record(verdict(7, "multiqueue", multiqueue::run(&env, opts)));
     }
     crate::check_interrupted()?;
     if wanted(9) {
-        record(verdict(
+        runner.scenario(9);
+        runner.record(verdict(
             9,
             "fewer pairs",
             multiqueue::fewer_pairs(&env, opts),
@@ -149,24 +225,35 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     crate::check_interrupted()?;
     if wanted(12) {
-        record(verdict(12, "migration", migration::run(&env, opts)));
+        runner.scenario(12);
+        runner.record(verdict(12, "migration", migration::run(&env, opts)));
     }
 
+    runner.progress.finish();
+    summary(
+        &format!(
+            "cargo xtask e2e: {} under {}, {:.0} s",
+            env.kernel_package,
+            env.accel.name(),
+            t0.elapsed().as_secs_f64()
+        ),
+        &mut runner.lines,
+        "e2e scenario(s)",
+    )
+}
+
+/// The closing block: the lines in order under `title`, the count, an error if any failed.
+pub fn summary(title: &str, lines: &mut [Line], what: &str) -> Result<()> {
     lines.sort_by_key(|l| l.number);
     println!();
-    println!(
-        "==== cargo xtask e2e: {} under {}, {:.0} s ====",
-        env.kernel_package,
-        env.accel.name(),
-        t0.elapsed().as_secs_f64()
-    );
-    for line in &lines {
-        line.print();
+    println!("==== {title} ====");
+    for line in lines.iter() {
+        println!("{}", line.render());
     }
     let failed = lines.iter().filter(|l| !l.pass).count();
     println!("{} passed, {failed} failed", lines.len() - failed);
     if failed > 0 {
-        bail!("{failed} e2e scenario(s) failed");
+        bail!("{failed} {what} failed");
     }
     Ok(())
 }
@@ -191,12 +278,13 @@ pub fn verdict(number: u32, name: &str, result: Result<(bool, String)>) -> Line 
 type Scenario = fn(&mut Rig, &Env, &Options) -> Result<(bool, String)>;
 
 /// Scenarios 1, 2, 4, 6 and 8 on one VM with the default card.
-fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, record: &mut dyn FnMut(Line)) {
+fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, runner: &mut Runner) {
     let cfg = CardConfig {
         mtu: DEFAULT_MTU,
         disable: String::new(),
         queues: 1,
     };
+    runner.start("main VM boot", MAIN_BOOT);
     let mut rig = match Rig::boot(env, "main", &cfg, Plug::Boot) {
         Ok(rig) => rig,
         Err(err) => {
@@ -212,7 +300,7 @@ fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, record: &mu
                 (8, "device reset"),
             ] {
                 if wanted(number) {
-                    record(Line {
+                    runner.record(Line {
                         number,
                         pass: false,
                         text: format!("{name}: {text}"),
@@ -222,7 +310,10 @@ fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, record: &mu
             return;
         }
     };
-    println!("e2e: main VM up in {:.1} s", rig.boot.as_secs_f64());
+    runner.say(format!(
+        "e2e: main VM up in {:.1} s",
+        rig.boot.as_secs_f64()
+    ));
     let mut last = 1;
     let scenarios: [(u32, &str, Scenario); 5] = [
         (1, "binding", shared_vm::binding),
@@ -235,12 +326,13 @@ fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, record: &mu
         if !wanted(number) {
             continue;
         }
+        runner.scenario(number);
         let result = scenario(&mut rig, env, opts);
         let mut line = verdict(number, name, result);
         if !line.pass {
             line.text = format!("{}\n       {}", line.text, rig.evidence());
         }
-        record(line);
+        runner.record(line);
         last = number;
         if crate::check_interrupted().is_err() {
             break;
@@ -254,7 +346,7 @@ fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, record: &mu
         .stop()
         .unwrap_or_else(|e| (format!("{e:#}"), false));
     if !ok {
-        record(Line {
+        runner.record(Line {
             number: last,
             pass: false,
             text: format!(
