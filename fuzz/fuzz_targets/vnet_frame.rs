@@ -38,7 +38,8 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let mut rx = hdr;
-    let action = vnet::rx_action(&mut rx, &neg, word & 1 == 0);
+    let mode = [vnet::RxCsum::Verify, vnet::RxCsum::Complete, vnet::RxCsum::Passthrough][(word % 3) as usize];
+    let action = vnet::rx_action(&mut rx, &neg, mode);
     if !neg.guest_csum && action != vnet::RxAction::DropGso {
         // A host without GUEST_CSUM only ever sees empty flags.
         assert_eq!(rx.flags, 0);

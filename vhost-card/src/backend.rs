@@ -32,8 +32,8 @@ pub struct BackendConfig {
     pub mtu: u16,
     /// The virtio feature word offered (without the vhost-user protocol bit).
     pub features: u64,
-    /// Verify checksums of unflagged RX frames and mark them DATA_VALID.
-    pub rx_verify: bool,
+    /// What the card does about checksums of frames going up (`--rx-csum`).
+    pub rx_csum: crate::vnet::RxCsum,
 }
 
 /// The protocol features this daemon handles: MQ (several queue pairs), REPLY_ACK (answered by
@@ -78,7 +78,7 @@ impl CardBackend {
                 pair: Mutex::new(Pair::new(
                     tap.queue_fd(i),
                     usize::from(cfg.mtu),
-                    cfg.rx_verify,
+                    cfg.rx_csum,
                     cfg.queue_size,
                 )),
                 wake: new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?,
@@ -185,7 +185,7 @@ impl VhostUserBackend for CardBackend {
         if let Err(e) = self.tap.set_vnet_hdr_len(hdr_len) {
             warn!("cannot set the tap's vnet header length to {hdr_len}: {e}");
         }
-        let offload = tap_offload(&neg);
+        let offload = tap_offload(&neg, self.cfg.rx_csum);
         if let Err(e) = self.tap.set_offload(offload) {
             warn!("cannot set tap offloads {offload:#x}: {e}; the card's kernel will segment and checksum instead");
             let _ = self.tap.set_offload(0);

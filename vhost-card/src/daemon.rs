@@ -337,7 +337,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 queue_size: cfg.queue_size,
                 mtu: cfg.mtu,
                 features: cfg.features,
-                rx_verify: cfg.rx_verify,
+                rx_csum: cfg.rx_csum,
             },
             tap.clone(),
             stats.clone(),

@@ -25,8 +25,11 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use crate::csum::{self, Verdict};
 use crate::features::Negotiated;
 use crate::iov::{self, ChainError, IovBuf, IOV_MAX};
+use crate::rxmark::{Mark, Unmarked};
 use crate::stats::{add, PairStats};
-use crate::vnet::{self, RxAction, TxDrop, VnetHdr, ETH_HLEN, GSO_MAX_FRAME, HDR_MAX, VLAN_HLEN};
+use crate::vnet::{
+    self, RxAction, RxCsum, TxDrop, VnetHdr, ETH_HLEN, GSO_MAX_FRAME, HDR_MAX, VLAN_HLEN,
+};
 
 type Mem = GuestMemoryMmap;
 type State = VringState<GuestMemoryAtomic<Mem>>;
@@ -51,7 +54,7 @@ pub struct Pair {
     pub tap_fd: RawFd,
     pub neg: Negotiated,
     pub mtu: usize,
-    pub rx_verify: bool,
+    pub rx_csum: RxCsum,
     /// The tap may have frames to read (edge seen, EAGAIN not yet).
     pub rx_pending: bool,
     /// TX is waiting for EPOLLOUT on the tap.
@@ -100,12 +103,12 @@ fn ring_ok(broken: &mut bool, vring: &State, mem: &Mem, counter: &AtomicU64, wha
 }
 
 impl Pair {
-    pub fn new(tap_fd: RawFd, mtu: usize, rx_verify: bool, queue_size: usize) -> Self {
+    pub fn new(tap_fd: RawFd, mtu: usize, rx_csum: RxCsum, queue_size: usize) -> Self {
         Pair {
             tap_fd,
             neg: Negotiated::default(),
             mtu,
-            rx_verify,
+            rx_csum,
             rx_pending: true,
             tx_blocked: false,
             tap_gone: false,
@@ -541,8 +544,17 @@ impl Pair {
         // SAFETY: see the readv above.
         unsafe { iov::read_iovs(iovs, 0, &mut raw[..hdr_len]) };
         let mut hdr = VnetHdr::decode(&raw);
-        match vnet::rx_action(&mut hdr, &self.neg, self.rx_verify) {
-            RxAction::Deliver => {}
+        let mut why = if self.neg.guest_csum {
+            Unmarked::Passthrough
+        } else {
+            Unmarked::NoGuestCsum
+        };
+        match vnet::rx_action(&mut hdr, &self.neg, self.rx_csum) {
+            RxAction::Deliver => {
+                if hdr.gso_type != vnet::GSO_NONE {
+                    why = Unmarked::Malformed;
+                }
+            }
             RxAction::DropGso => {
                 add(&stats.rx_drop_gso, 1);
                 return Rx::Retry;
@@ -555,21 +567,23 @@ impl Pair {
                         hdr.flags = vnet::F_DATA_VALID;
                         add(&stats.rx_csum_verified, 1);
                     }
-                    Verdict::Invalid => add(&stats.rx_csum_bad, 1),
-                    Verdict::NotApplicable => {}
+                    Verdict::Invalid => {
+                        add(&stats.rx_csum_bad, 1);
+                        why = Unmarked::BadCsum;
+                    }
+                    Verdict::NotApplicable(u) => why = u.into(),
                 }
             }
-            RxAction::Complete => {
+            RxAction::Complete | RxAction::CompleteAndMark => {
+                let mark = hdr.flags & vnet::F_NEEDS_CSUM != 0;
                 // SAFETY: see the readv above.
-                unsafe { iov::read_iovs(iovs, hdr_len, &mut self.scratch[..frame_len]) };
-                let start = usize::from(hdr.csum_start);
-                let offset = usize::from(hdr.csum_offset);
-                if let Ok((at, value)) =
-                    csum::partial_checksum(&self.scratch[..frame_len], start, offset)
-                {
-                    // SAFETY: see the readv above.
-                    unsafe { iov::write_iovs(iovs, hdr_len + at, &value) };
+                let done = unsafe { complete_in_place(iovs, hdr_len, frame_len, &hdr) };
+                if done {
                     add(&stats.rx_csum_completed, 1);
+                }
+                hdr.flags = if done && mark { vnet::F_DATA_VALID } else { 0 };
+                if !done {
+                    why = Unmarked::Malformed;
                 }
             }
         }
@@ -582,9 +596,7 @@ impl Pair {
             k += 1;
         }
         hdr.num_buffers = u16::try_from(k).unwrap_or(u16::MAX);
-        if hdr.flags & vnet::F_DATA_VALID != 0 {
-            add(&stats.rx_data_valid, 1);
-        }
+        let mark = Mark::of(hdr.flags, why);
         // SAFETY: see the readv above.
         unsafe { iov::write_iovs(iovs, 0, &hdr.encode()[..hdr_len]) };
         let mut left = n;
@@ -604,10 +616,37 @@ impl Pair {
         );
         self.rx.consume_front(k);
         add(&stats.rx_frames, 1);
+        add(mark.counter(stats), 1);
         add(&stats.rx_bytes, frame_len as u64);
         add(&stats.rx_buffers, k as u64);
         Rx::Frame
     }
+}
+
+/// Completes the partial checksum of the frame that follows a `hdr_len`-byte header in `iovs`,
+/// where it lies: one pass over the bytes from `csum_start` on, no copy. False when the header's
+/// range does not fit the frame.
+///
+/// # Safety
+/// Every iovec must describe memory that is mapped, readable and writable for the call.
+unsafe fn complete_in_place(
+    iovs: &[libc::iovec],
+    hdr_len: usize,
+    frame_len: usize,
+    hdr: &VnetHdr,
+) -> bool {
+    let start = usize::from(hdr.csum_start);
+    let field = start + usize::from(hdr.csum_offset);
+    if field + 2 > frame_len {
+        return false;
+    }
+    // SAFETY: the caller's guarantee, passed on.
+    let Some(sum) = (unsafe { iov::sum_iovs(iovs, hdr_len + start, frame_len - start) }) else {
+        return false;
+    };
+    // SAFETY: as above; the field lies inside the frame.
+    unsafe { iov::write_iovs(iovs, hdr_len + field, &csum::finish(sum)) };
+    true
 }
 
 /// One RX chain held for frames to come.
@@ -964,13 +1003,18 @@ fn writable_now(fd: RawFd) -> bool {
         && pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) == 0
 }
 
-/// The `TUNSETOFFLOAD` bits for what the host accepts on its RX queue.
-pub fn tap_offload(neg: &Negotiated) -> u32 {
+/// The `TUNSETOFFLOAD` bits for what the host accepts on its RX queue. With `--rx-csum complete`
+/// only partial checksums (which the card completes): no GSO frame, since the spec wants
+/// NEEDS_CSUM on each.
+pub fn tap_offload(neg: &Negotiated, mode: RxCsum) -> u32 {
     use crate::tap::*;
     if !neg.guest_csum {
         return 0;
     }
     let mut f = TUN_F_CSUM;
+    if mode == RxCsum::Complete {
+        return f;
+    }
     if neg.guest_tso4 {
         f |= TUN_F_TSO4;
     }
@@ -1000,14 +1044,18 @@ mod tests {
     #[test]
     fn offload_bits_follow_guest_features() {
         let n = Negotiated::from_word(default_features());
-        assert_eq!(tap_offload(&n), TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6);
+        assert_eq!(
+            tap_offload(&n, RxCsum::Verify),
+            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+        );
+        assert_eq!(tap_offload(&n, RxCsum::Complete), TUN_F_CSUM);
         let mut n2 = n;
         n2.guest_csum = false;
-        assert_eq!(tap_offload(&n2), 0);
+        assert_eq!(tap_offload(&n2, RxCsum::Verify), 0);
         n2 = n;
         n2.guest_tso4 = false;
         n2.guest_tso6 = false;
         n2.guest_ecn = true;
-        assert_eq!(tap_offload(&n2), TUN_F_CSUM);
+        assert_eq!(tap_offload(&n2, RxCsum::Verify), TUN_F_CSUM);
     }
 }

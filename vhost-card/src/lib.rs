@@ -24,6 +24,7 @@ pub mod memguard;
 pub mod metrics;
 pub mod netns;
 pub mod procstat;
+pub mod rxmark;
 pub mod sandbox;
 pub mod stats;
 pub mod tap;

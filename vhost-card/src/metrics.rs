@@ -55,6 +55,12 @@ pub const FAMILIES: &[(&str, &str)] = &[
          unmarked), completed (partial checksum filled in for a host without GUEST_CSUM).",
     ),
     (
+        "rx_unmarked_frames",
+        "RX frames handed up with neither DATA_VALID nor NEEDS_CSUM, by reason: fragment, not_ip, \
+         no_l4_csum (ESP, GRE, ...), malformed, bad_csum, passthrough (--rx-csum passthrough), \
+         no_guest_csum (the host did not negotiate GUEST_CSUM).",
+    ),
+    (
         "kicks",
         "Kicks from the guest: on the TX queue (frames to send), on the RX queue (buffers posted).",
     ),

@@ -103,8 +103,29 @@ counters! {
     rx_csum_bad => rx_checksums[result = "bad"],
     /// RX frames with a partial checksum the card completed for a host without GUEST_CSUM.
     rx_csum_completed => rx_checksums[result = "completed"],
-    /// RX frames handed up marked DATA_VALID (verified here or by the card's kernel).
+    /// RX frames handed up marked DATA_VALID (verified or completed here, or vouched for by the
+    /// card's kernel). Every frame handed up counts once in exactly one of `rx_data_valid`,
+    /// `rx_needs_csum` and the `rx_unmarked_*` counters, which add up to `rx_frames`.
     rx_data_valid => rx_data_valid_frames[],
+    /// RX frames handed up with NEEDS_CSUM: a partial checksum left for the host (every GSO
+    /// frame; with `--rx-csum verify` also the card's kernel's partial checksums).
+    rx_needs_csum => rx_needs_csum_frames[],
+    /// RX frames handed up unmarked because they are IP fragments (not reassembled).
+    rx_unmarked_fragment => rx_unmarked_frames[reason = "fragment"],
+    /// RX frames handed up unmarked because they are not IP (ARP, other EtherTypes).
+    rx_unmarked_not_ip => rx_unmarked_frames[reason = "not_ip"],
+    /// RX frames handed up unmarked because their L4 protocol has no checksum the card knows
+    /// (ESP, GRE, SCTP, ...).
+    rx_unmarked_no_l4_csum => rx_unmarked_frames[reason = "no_l4_csum"],
+    /// RX frames handed up unmarked because their IP or L4 header does not parse.
+    rx_unmarked_malformed => rx_unmarked_frames[reason = "malformed"],
+    /// RX frames handed up unmarked because a checksum is wrong (the host drops them).
+    rx_unmarked_bad_csum => rx_unmarked_frames[reason = "bad_csum"],
+    /// RX frames handed up unmarked, unchecked, because of `--rx-csum passthrough`.
+    rx_unmarked_passthrough => rx_unmarked_frames[reason = "passthrough"],
+    /// RX frames handed up unmarked because the host did not negotiate GUEST_CSUM (the spec
+    /// then forbids every flag; partial checksums were completed by the card).
+    rx_unmarked_no_guest_csum => rx_unmarked_frames[reason = "no_guest_csum"],
     /// Kicks from the guest on the RX queue (buffers posted).
     rx_kicks => kicks[direction = "rx"],
     /// Kicks from the guest on the TX queue (frames to send).

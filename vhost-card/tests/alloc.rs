@@ -15,6 +15,7 @@ use etherparse::PacketBuilder;
 use vhost_card::datapath::{preopen_tx_rings, Pair};
 use vhost_card::features::{default_features, Negotiated};
 use vhost_card::stats::PairStats;
+use vhost_card::vnet::RxCsum;
 use vhost_user_backend::{VringRwLock, VringT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -192,7 +193,7 @@ fn steady_state(uring: bool) {
     if uring {
         preopen_tx_rings(1);
     }
-    let mut pair = Pair::new(dp.as_raw_fd(), 1500, true, usize::from(QSIZE));
+    let mut pair = Pair::new(dp.as_raw_fd(), 1500, RxCsum::Verify, usize::from(QSIZE));
     pair.neg = Negotiated::from_word(default_features());
     let stats = PairStats::default();
 
@@ -311,7 +312,7 @@ fn backpressure(uring: bool) {
     if uring {
         preopen_tx_rings(1);
     }
-    let mut pair = Pair::new(dp.as_raw_fd(), 1500, true, usize::from(QSIZE));
+    let mut pair = Pair::new(dp.as_raw_fd(), 1500, RxCsum::Verify, usize::from(QSIZE));
     pair.neg = Negotiated::from_word(default_features());
     let stats = PairStats::default();
     // 100 frames, each numbered in its first payload byte.
