@@ -19,7 +19,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::datapath::{tap_offload, Pair, Pass};
+use crate::datapath::{tap_offload, Pair, PairConfig, Pass};
 use crate::features::{self, Negotiated, VHOST_USER_F_PROTOCOL_FEATURES};
 use crate::stats::{add, Stats};
 use crate::tap::Tap;
@@ -34,6 +34,8 @@ pub struct BackendConfig {
     pub features: u64,
     /// What the card does about checksums of frames going up (`--rx-csum`).
     pub rx_csum: crate::vnet::RxCsum,
+    /// The IP-only link's state (`--link ip`), shared by the queue pairs; `None` on Ethernet.
+    pub link: Option<Arc<crate::link::IpLink>>,
 }
 
 /// The protocol features this daemon handles: MQ (several queue pairs), REPLY_ACK (answered by
@@ -77,9 +79,12 @@ impl CardBackend {
             workers.push(Worker {
                 pair: Mutex::new(Pair::new(
                     tap.queue_fd(i),
-                    usize::from(cfg.mtu),
-                    cfg.rx_csum,
-                    cfg.queue_size,
+                    &PairConfig {
+                        mtu: usize::from(cfg.mtu),
+                        rx_csum: cfg.rx_csum,
+                        queue_size: cfg.queue_size,
+                        link: cfg.link.clone(),
+                    },
                 )),
                 wake: new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?,
                 exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?,

@@ -143,6 +143,12 @@ pub fn finish(sum: u64) -> [u8; 2] {
     sum16::ones_complement_with_no_zero(sum).to_ne_bytes()
 }
 
+/// The one's complement of `sum` as wire bytes: a checksum field's value (0 over data whose
+/// checksum is right).
+pub fn complement(sum: u64) -> [u8; 2] {
+    sum16::ones_complement(sum).to_ne_bytes()
+}
+
 /// Adds a 16-bit partial sum of bytes that start at an odd position of the summed range:
 /// one's complement sums commute with byte swaps (RFC 1071), so it goes in swapped.
 pub fn add_part(sum: u64, part: u64, odd: bool) -> u64 {

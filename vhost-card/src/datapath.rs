@@ -16,6 +16,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 use log::{debug, warn};
 use vhost_user_backend::VringState;
@@ -25,6 +26,8 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use crate::csum::{self, Verdict};
 use crate::features::Negotiated;
 use crate::iov::{self, ChainError, IovBuf, IOV_MAX};
+use crate::link::{self, Ignored, IpLink, Proto, TxClass};
+use crate::localq::LocalFrames;
 use crate::rxmark::{Mark, Unmarked};
 use crate::stats::{add, PairStats};
 use crate::vnet::{
@@ -33,6 +36,9 @@ use crate::vnet::{
 
 type Mem = GuestMemoryMmap;
 type State = VringState<GuestMemoryAtomic<Mem>>;
+
+/// Bytes of an IP packet from the card's kernel read to choose its Ethernet header.
+const IP_PEEK: usize = 40;
 
 /// Frames handled per queue per wake-up before yielding to the other events of the worker.
 pub const BUDGET: usize = 256;
@@ -48,6 +54,22 @@ pub enum Pass {
     /// The budget ran out with work left: the caller re-arms itself.
     More,
 }
+
+/// What a queue pair's worker is configured with, fixed for the daemon's life.
+#[derive(Debug, Clone)]
+pub struct PairConfig {
+    pub mtu: usize,
+    pub rx_csum: RxCsum,
+    pub queue_size: usize,
+    /// The IP-only link (`--link ip`): Ethernet headers added and stripped here, ARP and ND
+    /// answered here; `None` for an Ethernet tap.
+    pub link: Option<Arc<IpLink>>,
+}
+
+/// Bytes of frames the card makes for the host that may wait for RX buffers (replies and
+/// reassembled datagrams: room for two of 64 KiB).
+const LOCAL_BYTES: usize = 2 * (GSO_MAX_FRAME + HDR_MAX) + 16384;
+const LOCAL_FRAMES: usize = 64;
 
 /// State of one queue pair, owned by its worker thread.
 pub struct Pair {
@@ -71,6 +93,13 @@ pub struct Pair {
     bounce: Vec<u8>,
     /// Length of a frame waiting in `bounce` for the guest to post enough buffers (0: none).
     rx_held: usize,
+    /// The frame in `bounce` was made by the card (from `local`), not read from the tap.
+    rx_local: bool,
+    /// Frames the card made for the host, waiting for the bounce buffer.
+    local: LocalFrames,
+    link: Option<Arc<IpLink>>,
+    /// The RX iovecs minus the room for the Ethernet header (IP-only link).
+    gap: IovBuf,
     /// The ring's available index ran more than a ring ahead of us: the queue is ignored until
     /// the driver puts it right (virtio 1.2, 2.7.13.1: the device needs a reset).
     tx_ring_broken: bool,
@@ -103,12 +132,13 @@ fn ring_ok(broken: &mut bool, vring: &State, mem: &Mem, counter: &AtomicU64, wha
 }
 
 impl Pair {
-    pub fn new(tap_fd: RawFd, mtu: usize, rx_csum: RxCsum, queue_size: usize) -> Self {
+    pub fn new(tap_fd: RawFd, cfg: &PairConfig) -> Self {
+        let (mtu, queue_size) = (cfg.mtu, cfg.queue_size);
         Pair {
             tap_fd,
             neg: Negotiated::default(),
             mtu,
-            rx_csum,
+            rx_csum: cfg.rx_csum,
             rx_pending: true,
             tx_blocked: false,
             tap_gone: false,
@@ -118,6 +148,10 @@ impl Pair {
             scratch: vec![0; GSO_MAX_FRAME.max(mtu + ETH_HLEN + VLAN_HLEN)],
             bounce: vec![0; HDR_MAX + GSO_MAX_FRAME.max(mtu + ETH_HLEN + VLAN_HLEN)],
             rx_held: 0,
+            rx_local: false,
+            local: LocalFrames::new(LOCAL_BYTES, LOCAL_FRAMES),
+            link: cfg.link.clone(),
+            gap: IovBuf::with_capacity(IOV_MAX),
             tx_ring_broken: false,
             rx_ring_broken: false,
         }
@@ -146,6 +180,8 @@ impl Pair {
         self.tx_blocked = false;
         self.rx.clear();
         self.rx_held = 0;
+        self.rx_local = false;
+        self.local.clear();
         self.tx_ring_broken = false;
         self.rx_ring_broken = false;
         for t in &mut self.tx {
@@ -256,8 +292,26 @@ impl Pair {
                 });
             }
         };
+        let mut hdr = hdr;
+        let mut strip = 0;
+        if let Some(link) = &self.link {
+            let mut peek = [0u8; link::PEEK];
+            let n = frame_len.min(link::PEEK);
+            // SAFETY: as above.
+            unsafe { iov::read_iovs(&iovs[1..], hdr_len, &mut peek[..n]) };
+            match link.classify_tx(&peek[..n], frame_len, &mut slot.reply) {
+                TxClass::Ip => {
+                    strip = ETH_HLEN;
+                    hdr = hdr.without_ethernet();
+                }
+                TxClass::Reply(proto, len) => return TxVerdict::Reply(proto, len),
+                TxClass::Ignored(why) => return TxVerdict::Drop(TxDropKind::Ignored(why)),
+                TxClass::NotIp => return TxVerdict::Drop(TxDropKind::NotIp),
+                TxClass::Malformed => return TxVerdict::Drop(TxDropKind::Malformed),
+            }
+        }
         slot.hdr = hdr.encode();
-        let first = iov::advance(iovs, 1, hdr_len);
+        let first = iov::advance(iovs, 1, hdr_len + strip);
         // `first >= 2` whenever the header filled whole iovecs; otherwise entry 0 is free.
         let hdr_at = first - 1;
         iovs[hdr_at] = libc::iovec {
@@ -318,6 +372,20 @@ impl Pair {
         for t in &self.tx[..end] {
             match t.verdict {
                 TxVerdict::Drop(kind) => add(kind.counter(stats), 1),
+                TxVerdict::Reply(proto, len) => {
+                    let reply = &t.reply[..len];
+                    if self.local.push_with(len, |b| b.copy_from_slice(reply)) {
+                        add(
+                            match proto {
+                                Proto::Arp => &stats.arp_replies,
+                                Proto::Nd => &stats.nd_replies,
+                            },
+                            1,
+                        );
+                    } else {
+                        add(&stats.rx_drop_local_full, 1);
+                    }
+                }
                 TxVerdict::Frame(len) if t.result >= 0 => {
                     add(&stats.tx_frames, 1);
                     add(&stats.tx_bytes, len as u64);
@@ -359,7 +427,7 @@ impl Pair {
         let _ = vring.disable_notification();
         self.rx.clear();
         let pass = loop {
-            if !self.rx_pending {
+            if !self.rx_pending && self.local.is_empty() {
                 break Pass::Idle;
             }
             if frames == BUDGET {
@@ -470,8 +538,22 @@ impl Pair {
         // frame that does not fit is dropped.
         let queue_size = usize::from(vring.get_queue().size());
         let can_wait = self.neg.mrg_rxbuf && !iov_full && self.rx.live().len() < queue_size;
+        // A frame the card made goes up like a held one once the bounce buffer is free.
+        if self.rx_held == 0 {
+            if let Some(f) = self.local.front() {
+                let n = hdr_len + f.len();
+                if n <= self.bounce.len() {
+                    self.bounce[..hdr_len].fill(0);
+                    self.bounce[hdr_len..n].copy_from_slice(f);
+                    self.rx_held = n;
+                    self.rx_local = true;
+                }
+                self.local.pop();
+            }
+        }
         if self.rx_held > self.rx.cap && !can_wait {
             self.rx_held = 0;
+            self.rx_local = false;
             add(&stats.rx_drop_truncated, 1);
             return Rx::Retry;
         }
@@ -493,18 +575,51 @@ impl Pair {
         let (n, bounced) = if self.rx_held > 0 {
             (std::mem::take(&mut self.rx_held), true)
         } else if cap < need && can_wait {
-            // SAFETY: reads into our own bounce buffer, valid for its whole length.
-            let n = unsafe {
-                libc::read(
-                    self.tap_fd,
-                    self.bounce.as_mut_ptr().cast(),
-                    self.bounce.len(),
-                )
+            let n = match &self.link {
+                None => {
+                    // SAFETY: reads into our own bounce buffer, valid for its whole length.
+                    unsafe {
+                        libc::read(
+                            self.tap_fd,
+                            self.bounce.as_mut_ptr().cast(),
+                            self.bounce.len(),
+                        )
+                    }
+                }
+                Some(_) => {
+                    // The IP packet goes after room for the Ethernet header.
+                    let (head, rest) = self.bounce.split_at_mut(hdr_len);
+                    let segs = [
+                        libc::iovec {
+                            iov_base: head.as_mut_ptr().cast(),
+                            iov_len: hdr_len,
+                        },
+                        libc::iovec {
+                            iov_base: rest[ETH_HLEN..].as_mut_ptr().cast(),
+                            iov_len: rest.len() - ETH_HLEN,
+                        },
+                    ];
+                    // SAFETY: both iovecs lie in our own bounce buffer.
+                    unsafe { libc::readv(self.tap_fd, segs.as_ptr(), 2) }
+                }
             };
             if n < 0 {
                 return self.tap_read_error(io::Error::last_os_error(), stats);
             }
-            let n = n.unsigned_abs();
+            let mut n = n.unsigned_abs();
+            if let Some(link) = &self.link {
+                if n <= hdr_len {
+                    add(&stats.rx_drop_runt, 1);
+                    return Rx::Retry;
+                }
+                let ip = &self.bounce[hdr_len + ETH_HLEN..(n + ETH_HLEN).min(self.bounce.len())];
+                let Some(eth) = link.eth_header(&ip[..ip.len().min(IP_PEEK)]) else {
+                    add(&stats.rx_drop_not_ip, 1);
+                    return Rx::Retry;
+                };
+                self.bounce[hdr_len..hdr_len + ETH_HLEN].copy_from_slice(&eth);
+                n += ETH_HLEN;
+            }
             if n > self.bounce.len() {
                 add(&stats.rx_drop_truncated, 1);
                 return Rx::Retry;
@@ -516,18 +631,47 @@ impl Pair {
             }
             (n, true)
         } else {
-            // SAFETY: the iovecs point into guest memory held by `mem` for this call, all
-            // device-writable buffers of chains we popped and own until they are used or
-            // released.
-            let n = unsafe { libc::readv(self.tap_fd, iovs.as_ptr(), iov_count(iovs.len())) };
+            let n = match &self.link {
+                // SAFETY: the iovecs point into guest memory held by `mem` for this call, all
+                // device-writable buffers of chains we popped and own until they are used or
+                // released.
+                None => unsafe { libc::readv(self.tap_fd, iovs.as_ptr(), iov_count(iovs.len())) },
+                Some(_) => {
+                    // Zero-copy on the IP-only link too: the packet lands after room for the
+                    // Ethernet header, written below.
+                    iov::with_gap(iovs, hdr_len, ETH_HLEN, &mut self.gap.0, IOV_MAX);
+                    let segs = &self.gap.0;
+                    // SAFETY: as above; `gap` is a subset of those iovecs.
+                    unsafe { libc::readv(self.tap_fd, segs.as_ptr(), iov_count(segs.len())) }
+                }
+            };
             if n < 0 {
                 return self.tap_read_error(io::Error::last_os_error(), stats);
             }
-            (n.unsigned_abs(), false)
+            let mut n = n.unsigned_abs();
+            if let Some(link) = &self.link {
+                if n <= hdr_len {
+                    add(&stats.rx_drop_runt, 1);
+                    return Rx::Retry;
+                }
+                let mut ip = [0u8; IP_PEEK];
+                let len = (n - hdr_len).min(IP_PEEK);
+                // SAFETY: see the readv above.
+                unsafe { iov::read_iovs(iovs, hdr_len + ETH_HLEN, &mut ip[..len]) };
+                let Some(eth) = link.eth_header(&ip[..len]) else {
+                    add(&stats.rx_drop_not_ip, 1);
+                    return Rx::Retry;
+                };
+                // SAFETY: see the readv above.
+                unsafe { iov::write_iovs(iovs, hdr_len, &eth) };
+                n += ETH_HLEN;
+            }
+            (n, false)
         };
+        let local = std::mem::take(&mut self.rx_local);
         if bounced {
             // SAFETY: the iovecs point into guest memory held by `mem`; `n <= cap` bytes fit.
-            unsafe { iov::write_iovs(iovs, 0, &self.bounce[..n]) };
+            unsafe { iov::write_iovs(iovs, 0, &self.bounce[..n.min(cap)]) };
             add(&stats.rx_bounced, 1);
         }
         if n > cap {
@@ -544,6 +688,10 @@ impl Pair {
         // SAFETY: see the readv above.
         unsafe { iov::read_iovs(iovs, 0, &mut raw[..hdr_len]) };
         let mut hdr = VnetHdr::decode(&raw);
+        if self.link.is_some() && !local {
+            // The kernel's offsets count from the IP header.
+            hdr = hdr.with_ethernet();
+        }
         let mut why = if self.neg.guest_csum {
             Unmarked::Passthrough
         } else {
@@ -768,6 +916,9 @@ enum TxVerdict {
     /// A good frame of this many bytes (header excluded).
     Frame(usize),
     Drop(TxDropKind),
+    /// An ARP or ND request the card answers (IP-only link): the reply, this long, is in the
+    /// slot's `reply`.
+    Reply(Proto, usize),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -777,6 +928,9 @@ enum TxDropKind {
     Runt,
     Oversize,
     BadVnetHdr,
+    NotIp,
+    Malformed,
+    Ignored(Ignored),
 }
 
 impl TxDropKind {
@@ -787,6 +941,16 @@ impl TxDropKind {
             TxDropKind::Runt => &stats.tx_drop_runt,
             TxDropKind::Oversize => &stats.tx_drop_oversize,
             TxDropKind::BadVnetHdr => &stats.tx_drop_bad_vnet_hdr,
+            TxDropKind::NotIp => &stats.tx_drop_not_ip,
+            TxDropKind::Malformed => &stats.tx_drop_malformed,
+            TxDropKind::Ignored(why) => match why {
+                Ignored::ArpMalformed => &stats.arp_ignored_malformed,
+                Ignored::ArpNotBehind => &stats.arp_ignored_not_behind,
+                Ignored::ArpGratuitous => &stats.arp_ignored_gratuitous,
+                Ignored::NdMalformed => &stats.nd_ignored_malformed,
+                Ignored::NdNotBehind => &stats.nd_ignored_not_behind,
+                Ignored::NdDad => &stats.nd_ignored_dad,
+            },
         }
     }
 }
@@ -796,6 +960,8 @@ impl TxDropKind {
 struct TxSlot {
     iovs: IovBuf,
     hdr: [u8; HDR_MAX],
+    /// The card's answer to an ARP or ND request (IP-only link).
+    reply: [u8; link::REPLY_MAX],
     head: u16,
     /// First iovec of the frame (our header).
     first: usize,
@@ -809,6 +975,7 @@ impl TxSlot {
         TxSlot {
             iovs: IovBuf::with_capacity(IOV_MAX + 1),
             hdr: [0; HDR_MAX],
+            reply: [0; link::REPLY_MAX],
             head: 0,
             first: 0,
             verdict: TxVerdict::Drop(TxDropKind::BadChain),

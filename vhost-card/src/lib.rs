@@ -20,6 +20,8 @@ pub mod datapath;
 pub mod features;
 pub mod gate;
 pub mod iov;
+pub mod link;
+pub mod localq;
 pub mod memguard;
 pub mod metrics;
 pub mod netns;

@@ -61,6 +61,17 @@ pub const FAMILIES: &[(&str, &str)] = &[
          no_guest_csum (the host did not negotiate GUEST_CSUM).",
     ),
     (
+        "neighbour_replies",
+        "ARP requests and IPv6 neighbour solicitations from the host the card answered itself \
+         (--link ip).",
+    ),
+    (
+        "neighbour_ignored",
+        "ARP and neighbour discovery packets from the host counted and not answered, by \
+         protocol and reason: malformed, not_behind (an address that cannot be behind the link), \
+         gratuitous (ARP announcements and probes), dad (IPv6 duplicate address detection).",
+    ),
+    (
         "kicks",
         "Kicks from the guest: on the TX queue (frames to send), on the RX queue (buffers posted).",
     ),

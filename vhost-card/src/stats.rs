@@ -71,6 +71,11 @@ counters! {
     tx_drop_oversize => dropped_frames[direction = "tx", reason = "oversize"],
     /// TX frames the tap refused.
     tx_drop_tap_error => dropped_frames[direction = "tx", reason = "tap_error"],
+    /// TX frames an IP-only link cannot carry: neither IPv4, IPv6 nor ARP (`--link ip`).
+    tx_drop_not_ip => dropped_frames[direction = "tx", reason = "not_ip"],
+    /// TX frames too short for the IP header they claim, or whose IP version contradicts their
+    /// EtherType (`--link ip`).
+    tx_drop_malformed => dropped_frames[direction = "tx", reason = "malformed"],
     /// Times the tap said EAGAIN and TX waited for EPOLLOUT.
     tx_tap_full => tx_tap_full[],
     /// Frames from the card written to the host.
@@ -89,6 +94,31 @@ counters! {
     rx_drop_runt => dropped_frames[direction = "rx", reason = "runt"],
     /// RX frames waiting in the bounce buffer for host buffers when the host disconnected.
     rx_drop_disconnect => dropped_frames[direction = "rx", reason = "disconnect"],
+    /// Packets from the card's kernel of a protocol an IP-only link cannot carry (neither IPv4
+    /// nor IPv6), or too short for one (`--link ip`).
+    rx_drop_not_ip => dropped_frames[direction = "rx", reason = "not_ip"],
+    /// Frames the card made for the host (replies, reassembled datagrams) with no room left in
+    /// its queue.
+    rx_drop_local_full => dropped_frames[direction = "rx", reason = "local_full"],
+    /// ARP requests from the host the card answered (`--link ip`).
+    arp_replies => neighbour_replies[protocol = "arp"],
+    /// Neighbour solicitations from the host the card answered (`--link ip`).
+    nd_replies => neighbour_replies[protocol = "nd"],
+    /// ARP packets from the host that were malformed (not Ethernet/IPv4, bad lengths or
+    /// opcode, a multicast sender), counted and not answered.
+    arp_ignored_malformed => neighbour_ignored[protocol = "arp", reason = "malformed"],
+    /// ARP requests for an address that cannot be behind the link (the host's own, unspecified,
+    /// broadcast, multicast, loopback), not answered.
+    arp_ignored_not_behind => neighbour_ignored[protocol = "arp", reason = "not_behind"],
+    /// Gratuitous ARP, ARP probes and unsolicited ARP replies from the host, not answered.
+    arp_ignored_gratuitous => neighbour_ignored[protocol = "arp", reason = "gratuitous"],
+    /// Neighbour solicitations failing RFC 4861's checks (hop limit, checksum, code, length,
+    /// options, multicast target), not answered.
+    nd_ignored_malformed => neighbour_ignored[protocol = "nd", reason = "malformed"],
+    /// Neighbour solicitations for an address that cannot be behind the link, not answered.
+    nd_ignored_not_behind => neighbour_ignored[protocol = "nd", reason = "not_behind"],
+    /// Duplicate address detection probes from the host (source ::), not answered.
+    nd_ignored_dad => neighbour_ignored[protocol = "nd", reason = "dad"],
     /// RX reads that failed with an error other than EAGAIN.
     rx_tap_error => rx_tap_errors[],
     /// Times RX stopped reading the tap because the host had no buffers.

@@ -57,6 +57,34 @@ impl VnetHdr {
         }
     }
 
+    /// The header for the same frame without its Ethernet header (IP-only link, host to card):
+    /// the offsets count from the IP header. `check_tx` made sure `csum_start >= ETH_HLEN`.
+    pub fn without_ethernet(&self) -> VnetHdr {
+        let eth = ETH_HLEN as u16;
+        let mut h = *self;
+        if h.flags & F_NEEDS_CSUM != 0 {
+            h.csum_start = h.csum_start.saturating_sub(eth);
+        }
+        if h.gso_type != GSO_NONE {
+            h.hdr_len = h.hdr_len.saturating_sub(eth);
+        }
+        h
+    }
+
+    /// The header for the same frame with an Ethernet header put in front (IP-only link, card
+    /// to host).
+    pub fn with_ethernet(&self) -> VnetHdr {
+        let eth = ETH_HLEN as u16;
+        let mut h = *self;
+        if h.flags & F_NEEDS_CSUM != 0 {
+            h.csum_start = h.csum_start.saturating_add(eth);
+        }
+        if h.gso_type != GSO_NONE {
+            h.hdr_len = h.hdr_len.saturating_add(eth);
+        }
+        h
+    }
+
     pub fn encode(&self) -> [u8; HDR_MAX] {
         let mut b = [0u8; HDR_MAX];
         b[0] = self.flags;

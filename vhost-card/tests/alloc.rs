@@ -10,10 +10,12 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use etherparse::PacketBuilder;
-use vhost_card::datapath::{preopen_tx_rings, Pair};
+use vhost_card::datapath::{preopen_tx_rings, Pair, PairConfig};
 use vhost_card::features::{default_features, Negotiated};
+use vhost_card::link::IpLink;
 use vhost_card::stats::PairStats;
 use vhost_card::vnet::RxCsum;
 use vhost_user_backend::{VringRwLock, VringT};
@@ -180,7 +182,7 @@ fn udp_frame(payload: usize) -> Vec<u8> {
     v
 }
 
-fn steady_state(uring: bool) {
+fn steady_state(uring: bool, ip_link: bool) {
     let mem = GuestMemoryAtomic::new(
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap(),
     );
@@ -193,7 +195,15 @@ fn steady_state(uring: bool) {
     if uring {
         preopen_tx_rings(1);
     }
-    let mut pair = Pair::new(dp.as_raw_fd(), 1500, RxCsum::Verify, usize::from(QSIZE));
+    let mut pair = Pair::new(
+        dp.as_raw_fd(),
+        &PairConfig {
+            mtu: 1500,
+            rx_csum: RxCsum::Verify,
+            queue_size: usize::from(QSIZE),
+            link: ip_link.then(|| Arc::new(IpLink::new([2, 0, 0, 0, 0, 2]))),
+        },
+    );
     pair.neg = Negotiated::from_word(default_features());
     let stats = PairStats::default();
 
@@ -214,7 +224,8 @@ fn steady_state(uring: bool) {
         rxd.push(&m, i);
     }
     let mut rx_frame = vec![0u8; HDR];
-    rx_frame.extend(udp_frame(500));
+    // A tun hands over the IP packet alone.
+    rx_frame.extend(&udp_frame(500)[if ip_link { 14 } else { 0 }..]);
     let mut sink = vec![0u8; 4096];
 
     let mut round = |n: usize| {
@@ -265,7 +276,8 @@ fn steady_state(uring: bool) {
     assert_eq!(rx, 3200, "RX frames moved: {:?}", stats.snapshot());
     assert!(stats.rx_csum_verified.load(Ordering::Relaxed) > 0);
     eprintln!(
-        "{tx} TX and {rx} RX frames, {n} allocations (TX through io_uring: {})",
+        "{tx} TX and {rx} RX frames, {n} allocations (TX through io_uring: {}, IP-only link: \
+         {ip_link})",
         pair.tx_uring()
     );
     assert_eq!(
@@ -284,8 +296,10 @@ fn no_allocation_per_frame() {
     let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
     // The counter sees an allocation when there is one.
     assert_eq!(allocations(|| drop(std::hint::black_box(vec![1u8; 10]))), 1);
-    steady_state(false);
-    steady_state(true);
+    steady_state(false, false);
+    steady_state(true, false);
+    steady_state(false, true);
+    steady_state(true, true);
 }
 
 fn backpressure(uring: bool) {
@@ -312,7 +326,15 @@ fn backpressure(uring: bool) {
     if uring {
         preopen_tx_rings(1);
     }
-    let mut pair = Pair::new(dp.as_raw_fd(), 1500, RxCsum::Verify, usize::from(QSIZE));
+    let mut pair = Pair::new(
+        dp.as_raw_fd(),
+        &PairConfig {
+            mtu: 1500,
+            rx_csum: RxCsum::Verify,
+            queue_size: usize::from(QSIZE),
+            link: None,
+        },
+    );
     pair.neg = Negotiated::from_word(default_features());
     let stats = PairStats::default();
     // 100 frames, each numbered in its first payload byte.

@@ -346,6 +346,7 @@ fn attach_tap(a: &Args) -> Result<Tap> {
         mtu: a.num("mtu", 65520u16)?,
         mac: None,
         queues: a.num("queues", 1)?,
+        tun: false,
     };
     let tap = Tap::open(&cfg)?;
     tap.keep_when_done(true);
