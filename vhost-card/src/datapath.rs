@@ -17,6 +17,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Instant;
 
 use log::{debug, warn};
 use vhost_user_backend::VringState;
@@ -28,6 +29,7 @@ use crate::features::Negotiated;
 use crate::iov::{self, ChainError, IovBuf, IOV_MAX};
 use crate::link::{self, Ignored, IpLink, Proto, TxClass};
 use crate::localq::LocalFrames;
+use crate::reasm::{self, Discard, Outcome, Reassembler};
 use crate::rxmark::{Mark, Unmarked};
 use crate::stats::{add, PairStats};
 use crate::vnet::{
@@ -100,6 +102,8 @@ pub struct Pair {
     link: Option<Arc<IpLink>>,
     /// The RX iovecs minus the room for the Ethernet header (IP-only link).
     gap: IovBuf,
+    /// IP fragments going up, put together before they cross (see `reasm`).
+    reasm: Reassembler,
     /// The ring's available index ran more than a ring ahead of us: the queue is ignored until
     /// the driver puts it right (virtio 1.2, 2.7.13.1: the device needs a reset).
     tx_ring_broken: bool,
@@ -152,6 +156,7 @@ impl Pair {
             local: LocalFrames::new(LOCAL_BYTES, LOCAL_FRAMES),
             link: cfg.link.clone(),
             gap: IovBuf::with_capacity(IOV_MAX),
+            reasm: Reassembler::new(),
             tx_ring_broken: false,
             rx_ring_broken: false,
         }
@@ -182,6 +187,7 @@ impl Pair {
         self.rx_held = 0;
         self.rx_local = false;
         self.local.clear();
+        self.reasm.clear();
         self.tx_ring_broken = false;
         self.rx_ring_broken = false;
         for t in &mut self.tx {
@@ -684,6 +690,20 @@ impl Pair {
             return Rx::Retry;
         }
         let frame_len = n - hdr_len;
+        if !local {
+            let mut sniff = [0u8; reasm::SNIFF];
+            // SAFETY: see the readv above.
+            let got = unsafe { iov::read_iovs(iovs, hdr_len, &mut sniff) };
+            if reasm::may_be_fragment(&sniff[..got]) {
+                let (reasm, local, mtu) = (&mut self.reasm, &mut self.local, self.mtu);
+                // SAFETY: the iovecs stay valid for the call (see the readv above).
+                let taken =
+                    unsafe { reassemble(reasm, local, mtu, iovs, hdr_len, frame_len, stats) };
+                if let Some(rx) = taken {
+                    return rx;
+                }
+            }
+        }
         let mut raw = [0u8; HDR_MAX];
         // SAFETY: see the readv above.
         unsafe { iov::read_iovs(iovs, 0, &mut raw[..hdr_len]) };
@@ -769,6 +789,59 @@ impl Pair {
         add(&stats.rx_buffers, k as u64);
         Rx::Frame
     }
+}
+
+/// Offers a frame that may be a fragment to the reassembly table: `None` if it goes up as it
+/// is, else what the RX loop does next (the frame was taken in; a completed datagram waits in
+/// `local`, cut to `mtu` if larger). The frame's chains stay with the stash for the next frame.
+///
+/// # Safety
+/// `iovs` must be mapped and readable for the call.
+unsafe fn reassemble(
+    reasm: &mut Reassembler,
+    local: &mut LocalFrames,
+    mtu: usize,
+    iovs: &[libc::iovec],
+    hdr_len: usize,
+    frame_len: usize,
+    stats: &PairStats,
+) -> Option<Rx> {
+    let mut head = [0u8; reasm::HEAD];
+    let h = frame_len.min(reasm::HEAD);
+    // SAFETY: the caller's guarantee.
+    unsafe { iov::read_iovs(iovs, hdr_len, &mut head[..h]) };
+    let outcome = reasm.offer(Instant::now(), &head[..h], frame_len, |from, dst| {
+        // SAFETY: the caller's guarantee.
+        unsafe { iov::read_iovs(iovs, hdr_len + from, dst) };
+    });
+    let lost = reasm.take_lost();
+    add(&stats.reasm_timeout, lost.timed_out);
+    add(&stats.reasm_evicted, lost.evicted);
+    match outcome {
+        Outcome::NotFragment => return None,
+        Outcome::Held => add(&stats.reasm_fragments, 1),
+        Outcome::Duplicate => add(&stats.reasm_duplicate, 1),
+        Outcome::Discarded(Discard::Overlap) => add(&stats.reasm_overlap, 1),
+        Outcome::Discarded(Discard::Malformed) => add(&stats.reasm_malformed, 1),
+        Outcome::Complete(slot) => {
+            add(&stats.reasm_fragments, 1);
+            let dgram = reasm.datagram(slot);
+            let queued = if dgram.len() - ETH_HLEN <= mtu {
+                local.push_with(dgram.len(), |b| b.copy_from_slice(dgram))
+            } else {
+                let n = reasm.split(slot, mtu, |len, fill| local.push_with(len, |b| fill(b)));
+                add(&stats.reasm_split, 1);
+                n >= 2
+            };
+            reasm.release(slot);
+            if queued {
+                add(&stats.reasm_datagrams, 1);
+            } else {
+                add(&stats.rx_drop_local_full, 1);
+            }
+        }
+    }
+    Some(Rx::Retry)
 }
 
 /// Completes the partial checksum of the frame that follows a `hdr_len`-byte header in `iovs`,

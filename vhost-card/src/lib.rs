@@ -26,6 +26,7 @@ pub mod memguard;
 pub mod metrics;
 pub mod netns;
 pub mod procstat;
+pub mod reasm;
 pub mod rxmark;
 pub mod sandbox;
 pub mod stats;

@@ -61,6 +61,12 @@ pub const FAMILIES: &[(&str, &str)] = &[
          no_guest_csum (the host did not negotiate GUEST_CSUM).",
     ),
     (
+        "rx_reassembly",
+        "IP fragments going up reassembled by the card: fragments taken in, datagrams handed up \
+         whole, datagrams above the host's MTU cut to it (split), duplicate fragments dropped, and \
+         datagrams discarded (overlap, malformed, timeout, evicted from a full table).",
+    ),
+    (
         "neighbour_replies",
         "ARP requests and IPv6 neighbour solicitations from the host the card answered itself \
          (--link ip).",

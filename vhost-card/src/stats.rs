@@ -100,6 +100,22 @@ counters! {
     /// Frames the card made for the host (replies, reassembled datagrams) with no room left in
     /// its queue.
     rx_drop_local_full => dropped_frames[direction = "rx", reason = "local_full"],
+    /// IP fragments from the card's kernel taken into the reassembly table.
+    reasm_fragments => rx_reassembly[event = "fragment"],
+    /// Datagrams reassembled from those fragments and handed up whole.
+    reasm_datagrams => rx_reassembly[event = "datagram"],
+    /// Reassembled datagrams larger than the host's MTU, handed up cut to it.
+    reasm_split => rx_reassembly[event = "split"],
+    /// Exact duplicate fragments dropped (their datagram kept).
+    reasm_duplicate => rx_reassembly[event = "duplicate"],
+    /// Datagrams discarded because fragments overlapped (RFC 5722, and the same for IPv4).
+    reasm_overlap => rx_reassembly[event = "overlap"],
+    /// Datagrams discarded for bad fragments (lengths, offsets, size, count, ECN).
+    reasm_malformed => rx_reassembly[event = "malformed"],
+    /// Datagrams still incomplete after 30 s (IPv4) or 60 s (IPv6), discarded.
+    reasm_timeout => rx_reassembly[event = "timeout"],
+    /// Incomplete datagrams discarded to make room in a full table.
+    reasm_evicted => rx_reassembly[event = "evicted"],
     /// ARP requests from the host the card answered (`--link ip`).
     arp_replies => neighbour_replies[protocol = "arp"],
     /// Neighbour solicitations from the host the card answered (`--link ip`).

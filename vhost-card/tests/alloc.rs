@@ -227,6 +227,32 @@ fn steady_state(uring: bool, ip_link: bool) {
     // A tun hands over the IP packet alone.
     rx_frame.extend(&udp_frame(500)[if ip_link { 14 } else { 0 }..]);
     let mut sink = vec![0u8; 4096];
+    // Two fragments of a 1400-byte datagram, reassembled by the card each round.
+    let whole = udp_frame(1400 - 28);
+    let frag = |first: bool, id: u16| {
+        let mut f = vec![0u8; HDR];
+        let eth_ip = &whole[..34];
+        let payload = if first {
+            &whole[34..34 + 800]
+        } else {
+            &whole[34 + 800..]
+        };
+        let mut h = eth_ip.to_vec();
+        h[16..18].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+        h[18..20].copy_from_slice(&id.to_be_bytes());
+        h[20..22].copy_from_slice(&(if first { 0x2000u16 } else { 800 / 8 }).to_be_bytes());
+        h[24] = 0;
+        h[25] = 0;
+        let c = etherparse::checksum::u64_16bit_word::ones_complement(
+            etherparse::checksum::u64_16bit_word::add_slice(0, &h[14..34]),
+        );
+        h[24..26].copy_from_slice(&c.to_ne_bytes());
+        f.extend(&h[if ip_link { 14 } else { 0 }..]);
+        f.extend(payload);
+        f
+    };
+    // Built once: the same identification again is a new datagram once the last one completed.
+    let frags = [frag(true, 7), frag(false, 7)];
 
     let mut round = |n: usize| {
         for _ in 0..n {
@@ -258,6 +284,11 @@ fn steady_state(uring: bool, ip_link: bool) {
                 };
                 assert_eq!(r as usize, rx_frame.len());
             }
+            for f in &frags {
+                // SAFETY: `f` is valid for reads of its length.
+                let r = unsafe { libc::send(peer.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+                assert_eq!(r as usize, f.len());
+            }
             pair.rx_pending = true;
             pair.process_rx(&mut rx_vring.get_mut(), &m, &stats);
             // Used buffers are posted again (the others went back to the ring unused).
@@ -273,7 +304,8 @@ fn steady_state(uring: bool, ip_link: bool) {
     let tx = stats.tx_frames.load(Ordering::Relaxed) - tx0;
     let rx = stats.rx_frames.load(Ordering::Relaxed) - rx0;
     assert_eq!(tx, 6400, "TX frames moved: {:?}", stats.snapshot());
-    assert_eq!(rx, 3200, "RX frames moved: {:?}", stats.snapshot());
+    assert_eq!(rx, 3300, "RX frames moved: {:?}", stats.snapshot());
+    assert!(stats.reasm_datagrams.load(Ordering::Relaxed) >= 100);
     assert!(stats.rx_csum_verified.load(Ordering::Relaxed) > 0);
     eprintln!(
         "{tx} TX and {rx} RX frames, {n} allocations (TX through io_uring: {}, IP-only link: \

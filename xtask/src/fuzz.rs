@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-const TARGETS: &[&str] = &["vnet_frame", "desc_chain", "vhost_msg"];
+const TARGETS: &[&str] = &["vnet_frame", "desc_chain", "vhost_msg", "reasm"];
 
 #[derive(clap::Args)]
 pub struct Options {
