@@ -67,6 +67,8 @@ pub struct CardConfig {
     pub disable: String,
     /// `--queues`: queue pairs (1 for the default single pair).
     pub queues: u16,
+    /// More daemon arguments (e.g. `--link ip`, `--rx-csum complete`).
+    pub args: Vec<String>,
 }
 
 /// The card's namespace and daemon. Drop order: daemon, then namespace.
@@ -128,6 +130,7 @@ impl Card {
             args.push("--queues".into());
             args.push(self.cfg.queues.to_string());
         }
+        args.extend(self.cfg.args.iter().cloned());
         args
     }
 

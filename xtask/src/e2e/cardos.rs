@@ -137,6 +137,7 @@ pub fn run(opts: &Options) -> Result<()> {
         mtu: node_cfg.daemon.mtu,
         disable: String::new(),
         queues: 1,
+        args: Vec::new(),
     };
     let mut guests = Vec::new();
     for (number, flavour) in DEBIAN_GUESTS {

@@ -17,13 +17,21 @@
 //!    driver reload or a reboot resets the device) on the same vhost-user
 //!    session; traffic both ways after each;
 //! 9. fewer pairs: `--queues 2` with a one-CPU guest that enables one pair,
-//!    then two, then one again: every card→guest flow arrives in each state.
+//!    then two, then one again: every card→guest flow arrives in each state;
+//! 10. checksum honesty, with `--rx-csum verify` and `complete`: N bad and N
+//!     good datagrams from the card to a closed port show up in the guest's
+//!     InCsumErrors and NoPorts; a card→guest transfer's frames counted by
+//!     how they went up (no NEEDS_CSUM frame with `complete`);
+//! 11. the IP-only link (`--link ip`) at MTU 65520 and 1500: binding, pings
+//!     both ways over IPv4 and IPv6, the payload each way, honesty.
 //!
 //! Scenarios 1, 2, 4, 6 and 8 share one VM; 3 boots one per configuration, 5
 //! and 7 their own. Logs: target/vm/logs/e2e/<rig>/.
 
 pub mod cardos;
+mod honesty;
 mod hotplug;
+mod iplink;
 mod multiqueue;
 mod networkd;
 mod shared_vm;
@@ -42,7 +50,7 @@ pub const DEFAULT_MTU: u32 = 65520;
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Run only these scenarios (numbers 1-9, comma-separated).
+    /// Run only these scenarios (numbers 1-11, comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u32>,
     /// MiB sent each way in scenarios 2 and 6.
@@ -87,8 +95,8 @@ pub fn run(opts: &Options) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("e2e needs root (network namespaces, tap devices)");
     }
-    if opts.only.iter().any(|n| !(1..=9).contains(n)) {
-        bail!("scenarios are numbered 1 to 9");
+    if opts.only.iter().any(|n| !(1..=11).contains(n)) {
+        bail!("scenarios are numbered 1 to 11");
     }
     let wanted = |n: u32| opts.only.is_empty() || opts.only.contains(&n);
     let t0 = Instant::now();
@@ -140,6 +148,15 @@ pub fn run(opts: &Options) -> Result<()> {
         ));
     }
 
+    crate::check_interrupted()?;
+    if wanted(10) {
+        record(verdict(10, "checksum honesty", honesty::run(&env, opts)));
+    }
+    crate::check_interrupted()?;
+    if wanted(11) {
+        record(verdict(11, "IP-only link", iplink::run(&env, opts)));
+    }
+
     lines.sort_by_key(|l| l.number);
     println!();
     println!(
@@ -184,6 +201,7 @@ fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, record: &mu
         mtu: DEFAULT_MTU,
         disable: String::new(),
         queues: 1,
+        args: Vec::new(),
     };
     let mut rig = match Rig::boot(env, "main", &cfg, Plug::Boot) {
         Ok(rig) => rig,
