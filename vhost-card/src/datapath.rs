@@ -544,8 +544,9 @@ impl Pair {
         // frame that does not fit is dropped.
         let queue_size = usize::from(vring.get_queue().size());
         let can_wait = self.neg.mrg_rxbuf && !iov_full && self.rx.live().len() < queue_size;
-        // A frame the card made goes up like a held one once the bounce buffer is free.
-        if self.rx_held == 0 {
+        // A frame the card made goes up like a held one once the bounce buffer is free and the
+        // host has buffers (without any, it waits in `local` for the host's kick).
+        if self.rx_held == 0 && !self.rx.live().is_empty() {
             if let Some(f) = self.local.front() {
                 let n = hdr_len + f.len();
                 if n <= self.bounce.len() {

@@ -172,6 +172,19 @@ fn socketpair() -> (OwnedFd, OwnedFd) {
     unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
 }
 
+/// A queue pair's data path on `fd` (the "tap"), MTU 1500, on the IP-only link or not.
+fn pair_on(fd: std::os::fd::RawFd, ip_link: bool) -> Pair {
+    Pair::new(
+        fd,
+        &PairConfig {
+            mtu: 1500,
+            rx_csum: RxCsum::Verify,
+            queue_size: usize::from(QSIZE),
+            link: ip_link.then(|| Arc::new(IpLink::new([2, 0, 0, 0, 0, 2]))),
+        },
+    )
+}
+
 /// A UDP frame with valid checksums (so RX verifies it and marks it DATA_VALID).
 fn udp_frame(payload: usize) -> Vec<u8> {
     let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
@@ -195,15 +208,7 @@ fn steady_state(uring: bool, ip_link: bool) {
     if uring {
         preopen_tx_rings(1);
     }
-    let mut pair = Pair::new(
-        dp.as_raw_fd(),
-        &PairConfig {
-            mtu: 1500,
-            rx_csum: RxCsum::Verify,
-            queue_size: usize::from(QSIZE),
-            link: ip_link.then(|| Arc::new(IpLink::new([2, 0, 0, 0, 0, 2]))),
-        },
-    );
+    let mut pair = pair_on(dp.as_raw_fd(), ip_link);
     pair.neg = Negotiated::from_word(default_features());
     let stats = PairStats::default();
 
@@ -358,15 +363,7 @@ fn backpressure(uring: bool) {
     if uring {
         preopen_tx_rings(1);
     }
-    let mut pair = Pair::new(
-        dp.as_raw_fd(),
-        &PairConfig {
-            mtu: 1500,
-            rx_csum: RxCsum::Verify,
-            queue_size: usize::from(QSIZE),
-            link: None,
-        },
-    );
+    let mut pair = pair_on(dp.as_raw_fd(), false);
     pair.neg = Negotiated::from_word(default_features());
     let stats = PairStats::default();
     // 100 frames, each numbered in its first payload byte.

@@ -30,6 +30,8 @@ pub const HOST_IP: &str = "10.88.0.2";
 /// The host's MAC as `card-load` uses it.
 pub const HOST_MAC: &str = "52:54:00:be:4c:01";
 pub const PORT: u16 = 9000;
+/// The card's MAC toward the host when the bench runs `--link ip`.
+pub const IP_LINK_MAC: &str = "02:ca:4d:be:4c:02";
 /// UDP GSO segment payload at a card MTU of 1500.
 pub const USO_SEG: usize = 1472;
 
@@ -572,6 +574,13 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
                 cmd.args(["--enable", "host-uso,guest-uso4,guest-uso6"]);
             }
             cmd.args(&ctx.card_args);
+            if ctx
+                .card_args
+                .windows(2)
+                .any(|w| w[0] == "--link" && w[1] == "ip")
+            {
+                cmd.args(["--mac", IP_LINK_MAC]);
+            }
             cmd.env("RUST_LOG", "warn");
             let p = Proc::spawn("vhost-card", &mut cmd, &log("vhost-card"))?;
             wait_until("the vhost-card socket", Duration::from_secs(10), || {
@@ -634,18 +643,29 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
     })?;
     ns.ip(&["link", "set", "card0", "mtu", &mtu, "up"])?;
     ns.ip(&["addr", "add", &format!("{CARD_IP}/24"), "dev", "card0"])?;
-    ns.ip(&[
-        "neigh",
-        "replace",
-        HOST_IP,
-        "lladdr",
-        HOST_MAC,
-        "dev",
-        "card0",
-        "nud",
-        "permanent",
-    ])?;
-    let mac = ns.read("/sys/class/net/card0/address")?;
+    // `--card-args "--link ip"`: card0 is a tun without neighbours or a MAC of its own; the
+    // daemon answers for the card with IP_LINK_MAC.
+    let ip_link = matches!(b, Backend::Card | Backend::CardWritev)
+        && ctx
+            .card_args
+            .windows(2)
+            .any(|w| w[0] == "--link" && w[1] == "ip");
+    let mac = if ip_link {
+        IP_LINK_MAC.to_string()
+    } else {
+        ns.ip(&[
+            "neigh",
+            "replace",
+            HOST_IP,
+            "lladdr",
+            HOST_MAC,
+            "dev",
+            "card0",
+            "nud",
+            "permanent",
+        ])?;
+        ns.read("/sys/class/net/card0/address")?
+    };
     let load = |args: &[&str]| {
         let mut c = Command::new(ctx.bin.join("card-load"));
         c.args(args);
