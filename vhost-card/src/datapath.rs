@@ -302,9 +302,14 @@ impl Pair {
         let mut strip = 0;
         if let Some(link) = &self.link {
             let mut peek = [0u8; link::PEEK];
-            let n = frame_len.min(link::PEEK);
+            let mut n = frame_len.min(link::SNIFF);
             // SAFETY: as above.
             unsafe { iov::read_iovs(&iovs[1..], hdr_len, &mut peek[..n]) };
+            if link::is_neighbour_solicitation(&peek[..n]) {
+                n = frame_len.min(link::PEEK);
+                // SAFETY: as above.
+                unsafe { iov::read_iovs(&iovs[1..], hdr_len, &mut peek[..n]) };
+            }
             match link.classify_tx(&peek[..n], frame_len, &mut slot.reply) {
                 TxClass::Ip => {
                     strip = ETH_HLEN;

@@ -31,6 +31,18 @@ const IPV6_HLEN: usize = 40;
 
 /// Bytes of a host frame the classifier looks at (an NS with a few options fits).
 pub const PEEK: usize = 256;
+/// Bytes of a host frame that tell what it is (an ARP packet, or an IPv6 header and the
+/// ICMPv6 type); only a neighbour solicitation needs more ([`PEEK`]).
+pub const SNIFF: usize = ETH_HLEN + IPV6_HLEN + 10;
+
+/// Whether a frame starting with `b` is an ICMPv6 neighbour solicitation (the classifier then
+/// needs up to [`PEEK`] bytes).
+pub fn is_neighbour_solicitation(b: &[u8]) -> bool {
+    b.len() > ETH_HLEN + IPV6_HLEN
+        && be16(b, 12) == ETHERTYPE_IPV6
+        && b[ETH_HLEN + 6] == ICMPV6
+        && b[ETH_HLEN + IPV6_HLEN] == ND_NS
+}
 /// Largest reply the card makes (an NA with its target link-layer address option).
 pub const REPLY_MAX: usize = ETH_HLEN + IPV6_HLEN + 32;
 /// How many host addresses of each family are remembered.
@@ -446,6 +458,10 @@ mod tests {
     }
 
     fn classify(link: &IpLink, f: &[u8]) -> (TxClass, Vec<u8>) {
+        assert_eq!(
+            is_neighbour_solicitation(&f[..f.len().min(SNIFF)]),
+            f.len() > 54 && f[12..14] == [0x86, 0xdd] && f[20] == ICMPV6 && f[54] == ND_NS
+        );
         let mut out = [0u8; REPLY_MAX];
         let c = link.classify_tx(&f[..f.len().min(PEEK)], f.len(), &mut out);
         let n = if let TxClass::Reply(_, n) = c { n } else { 0 };

@@ -123,11 +123,14 @@ pub enum Helper {
         size: usize,
     },
     /// Receive one UDP datagram on PORT (creating READY once bound) and
-    /// print its size; fail after SECS seconds.
+    /// print its size; fail after SECS seconds. With --hello ADDR:PORT, first
+    /// send a small datagram there from PORT (so a firewall lets the answer in).
     UdpRecv {
         port: u16,
         ready: PathBuf,
         secs: u64,
+        #[arg(long)]
+        hello: Option<SocketAddrV4>,
     },
     /// Print DEV's combined channels (queue pairs) in use and the maximum, as
     /// `ethtool -l` does; with --set N first use N of them (`ethtool -L DEV combined N`).
@@ -188,8 +191,16 @@ pub fn helper(cmd: &Helper) -> Result<()> {
                 bail!("sent {sent} of {size} bytes");
             }
         }
-        Helper::UdpRecv { port, ready, secs } => {
+        Helper::UdpRecv {
+            port,
+            ready,
+            secs,
+            hello,
+        } => {
             let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, *port))?;
+            if let Some(to) = hello {
+                sock.send_to(b"hello", to).context("sending the hello")?;
+            }
             std::fs::write(ready, b"")?;
             let deadline = Instant::now() + Duration::from_secs(*secs);
             let mut buf = vec![0u8; 70_000];
