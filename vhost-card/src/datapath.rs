@@ -7,8 +7,14 @@
 //!   io_uring (see [`preopen_tx_rings`]); one `writev` system call per frame otherwise.
 //! * RX: enough host buffers for the largest possible frame become one iovec array and the tap is
 //!   read straight into them with one `readv`; with MRG_RXBUF one frame may fill several buffers.
-//!   The header the kernel wrote is then fixed up in place (flags, checksum verification,
-//!   `num_buffers`).
+//!   The header the kernel wrote is then fixed up in place (flags, checksum verification or
+//!   completion, `num_buffers`) and the frame counted by how it went up (`rxmark`). A frame
+//!   that may be an IP fragment is offered to the reassembly table (`reasm`) instead of going
+//!   up; whole datagrams and the card's own answers wait in `local` and go up through the
+//!   bounce buffer.
+//! * The IP-only link (`link`): TX strips the Ethernet header by starting the iovecs 14 bytes
+//!   later (ARP and ND are answered instead of written); RX reads the tun into the guest's
+//!   buffers after room for the Ethernet header, then writes it there.
 //!
 //! Every guest-controlled value is checked; a bad chain is returned to the guest with length 0 and
 //! counted, and the worker keeps serving.

@@ -2,7 +2,10 @@
 //!
 //! Layout:
 //! * pure logic: [`features`] (feature bits and the spec's dependency rules), [`vnet`] (the
-//!   virtio-net header rules per direction), [`csum`] (checksum verification and completion);
+//!   virtio-net header rules per direction), [`csum`] (checksum verification and completion),
+//!   [`rxmark`] (how each frame went up), [`reasm`] (IP fragment reassembly), [`link`] (the
+//!   IP-only link: ARP/ND answers and Ethernet headers), [`localq`] (frames the card makes for
+//!   the host);
 //! * guest memory and I/O: [`iov`] (descriptor chains to iovecs), [`memguard`] (guest memory
 //!   files that shrink under the daemon), [`tap`] and [`netns`] (the
 //!   card's end of the link), [`datapath`] (TX/RX per queue pair);
