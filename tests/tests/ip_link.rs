@@ -418,6 +418,27 @@ fn answers_go_up_without_mergeable_buffers() -> Result<()> {
     Ok(())
 }
 
+/// A multi-queue tun (`--queues 2`): the daemon opens it and pair 0 carries the link.
+#[test]
+fn multi_queue_tun() -> Result<()> {
+    let card = IpCard::start(&["--queues", "2"], false, false)?;
+    let mut dev = card.daemon_driver()?;
+    send(&mut dev, &arp_request(HOST_IP.octets(), CARD_IP.octets()))?;
+    dev.recv_matching(Duration::from_secs(5), |f| is_arp_reply(&f.frame))?;
+    let sock = card.ns.udp_socket(SocketAddrV4::new(CARD_IP, 7500))?;
+    sock.send_to(b"over pair 0", SocketAddrV4::new(HOST_IP, 7501))?;
+    let r = dev.recv_matching(Duration::from_secs(5), |f| {
+        f.frame.ends_with(b"over pair 0")
+    })?;
+    ensure!(r.frame[..6] == HOST_MAC);
+    ensure!(
+        card.daemon.log().contains("tun card0 created"),
+        "{}",
+        card.daemon.log()
+    );
+    Ok(())
+}
+
 impl IpCard {
     fn daemon_driver(&self) -> Result<VirtioNet> {
         self.driver_with(|f| f)
