@@ -32,23 +32,27 @@ pub enum TapError {
     #[error("invalid tap name '{0}': 1 to 15 characters, no '/', ':' or whitespace")]
     BadName(String),
     #[error(
-        "creating tap '{name}' needs CAP_NET_ADMIN: run as root, or have root create it once \
-         for this user: ip tuntap add {name} mode tap user {uid} vnet_hdr{mq}"
+        "creating {mode} '{name}' needs CAP_NET_ADMIN: run as root, or have root create it once \
+         for this user: ip tuntap add {name} mode {mode} user {uid} vnet_hdr{mq}"
     )]
     CannotCreate {
         name: String,
         uid: u32,
         mq: &'static str,
+        /// `tap`, or `tun` for `--link ip`.
+        mode: &'static str,
     },
     #[error(
-        "tap '{name}' belongs to another user (this process runs as uid {uid} without \
+        "{mode} '{name}' belongs to another user (this process runs as uid {uid} without \
          CAP_NET_ADMIN): run as its owner, or have root give it to this user: \
-         ip tuntap del {name} mode tap{mq}; ip tuntap add {name} mode tap user {uid} vnet_hdr{mq}"
+         ip tuntap del {name} mode {mode}{mq}; ip tuntap add {name} mode {mode} user {uid} \
+         vnet_hdr{mq}"
     )]
     NotOwner {
         name: String,
         uid: u32,
         mq: &'static str,
+        mode: &'static str,
     },
     #[error("permission denied opening /dev/net/tun (its mode or a device cgroup forbids it)")]
     TunPermission,
@@ -222,10 +226,21 @@ fn why_not_attached(cfg: &TapConfig, existed: bool, e: io::Error) -> TapError {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let uid = unsafe { libc::geteuid() };
     let mq = if cfg.queues > 1 { " multi_queue" } else { "" };
+    let mode = if cfg.tun { "tun" } else { "tap" };
     match e.raw_os_error() {
         Some(libc::EBUSY) => TapError::Busy(name),
-        Some(libc::EPERM | libc::EACCES) if existed => TapError::NotOwner { name, uid, mq },
-        Some(libc::EPERM | libc::EACCES) => TapError::CannotCreate { name, uid, mq },
+        Some(libc::EPERM | libc::EACCES) if existed => TapError::NotOwner {
+            name,
+            uid,
+            mq,
+            mode,
+        },
+        Some(libc::EPERM | libc::EACCES) => TapError::CannotCreate {
+            name,
+            uid,
+            mq,
+            mode,
+        },
         Some(libc::EINVAL) if existed => {
             if !is_multi_queue_mismatch(&cfg.name, cfg.queues, cfg.tun) {
                 if cfg.tun {
