@@ -745,7 +745,9 @@ fn forwarded(rig: &mut Rig, node: &Node, server: Ipv4Addr) -> Result<(bool, Stri
     Ok((
         pass,
         format!(
-            "wire→guest forwarded (no service): guest got {} B{}; guest ReasmOKs {ok0} before,              {ok1} after, ReasmReqds {req0} → {req1}; vhost-card reassembled {} datagram(s) from              {} fragment(s) the card's kernel forwarded",
+            "wire→guest forwarded (no service): guest got {} B{}; guest ReasmOKs {ok0} before, \
+             {ok1} after, ReasmReqds {req0} → {req1}; vhost-card reassembled {} datagram(s) from \
+             {} fragment(s) the card's kernel forwarded",
             got.get("received").map_or("nothing", String::as_str),
             if got.get("intact").map(String::as_str) == Some("true") {
                 " intact"
