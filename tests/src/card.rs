@@ -45,6 +45,18 @@ fn quiet_namespace(ns: &Netns) -> Result<()> {
     ns.sysctl("net.ipv6.conf.default.disable_ipv6=1")
 }
 
+/// Gives card0 in `ns` the card's address and a permanent neighbour entry for the host, so no
+/// ARP is needed; returns card0's MAC.
+pub fn address(ns: &Netns) -> Result<[u8; 6]> {
+    ns.card_address(
+        TAP,
+        &format!("{CARD_IP}/24"),
+        &HOST_IP.to_string(),
+        &mac_str(&HOST_MAC),
+    )?;
+    ns.mac_of(TAP)
+}
+
 impl Card {
     /// Starts the daemon with `extra` flags in a fresh namespace and gives card0 its address and
     /// a permanent neighbour entry for the host, so no ARP is needed.
@@ -65,19 +77,7 @@ impl Card {
     /// The card around a daemon serving card0 in `ns`: card0's address and a permanent
     /// neighbour entry for the host, so no ARP is needed.
     pub fn around(ns: Netns, daemon: Daemon) -> Result<Card> {
-        ns.ip(&["addr", "add", &format!("{CARD_IP}/24"), "dev", TAP])?;
-        ns.ip(&[
-            "neigh",
-            "replace",
-            &HOST_IP.to_string(),
-            "lladdr",
-            &mac_str(&HOST_MAC),
-            "dev",
-            TAP,
-            "nud",
-            "permanent",
-        ])?;
-        let mac = ns.mac_of(TAP)?;
+        let mac = address(&ns)?;
         Ok(Card {
             daemon,
             peer: None,

@@ -3,55 +3,21 @@
 //! logs every second (`--stats-interval 1`) and the `final stats pair 0: ...` line at exit.
 
 use std::collections::BTreeMap;
-use std::fs::File;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+
+use rig::process::Guarded;
 
 use crate::TempDir;
 
-/// Path of the daemon binary: `$VHOST_CARD_BIN`, or `<target>/debug/vhost-card` built once with
-/// `$CARGO build -q -p vhost-card`.
+/// Path of the daemon binary: `$VHOST_CARD_BIN`, or `<target>/debug/vhost-card` built once
+/// (the rig's one `cargo build`).
 pub fn binary() -> Result<PathBuf> {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| find_or_build().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(|e| anyhow!(e))
-}
-
-fn find_or_build() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("VHOST_CARD_BIN") {
-        let p = PathBuf::from(p);
-        if !p.is_file() {
-            bail!("VHOST_CARD_BIN={} is not a file", p.display());
-        }
-        return Ok(p);
-    }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("tests/ has no parent directory")?
-        .to_path_buf();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(&cargo)
-        .args(["build", "-q", "-p", "vhost-card"])
-        .current_dir(&workspace)
-        .status()
-        .with_context(|| format!("running {} build", cargo.to_string_lossy()))?;
-    if !status.success() {
-        bail!("`cargo build -p vhost-card` failed: {status}");
-    }
-    let target = match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(t) => workspace.join(t),
-        None => workspace.join("target"),
-    };
-    let bin = target.join("debug").join("vhost-card");
-    if !bin.is_file() {
-        bail!("{} was not built", bin.display());
-    }
-    Ok(bin)
+    rig::daemon::test_binary()
 }
 
 /// Counters of queue pair 0 from one stats line. Counters the daemon leaves out are zero.
@@ -60,17 +26,10 @@ pub struct Counters(pub BTreeMap<String, u64>);
 
 impl Counters {
     /// Parses the part after `pair 0:` (`tx_frames=3 tx_bytes=120` or `idle`).
-    pub fn parse(text: &str) -> Result<Self> {
-        let mut map = BTreeMap::new();
-        for word in text.split_whitespace() {
-            if word == "idle" {
-                continue;
-            }
-            let (name, value) = word
-                .split_once('=')
-                .ok_or_else(|| anyhow!("bad counter '{word}' in `{text}`"))?;
+    /// Checks the names of counters read from a stats line.
+    fn checked(map: BTreeMap<String, u64>) -> Result<Self> {
+        for name in map.keys() {
             check_name(name)?;
-            map.insert(name.to_string(), value.parse()?);
         }
         Ok(Counters(map))
     }
@@ -96,7 +55,7 @@ fn check_name(name: &str) -> Result<()> {
 
 /// A running daemon.
 pub struct Daemon {
-    child: Option<Child>,
+    child: Option<Guarded>,
     log: PathBuf,
     socket: PathBuf,
     // Last: removed after the child is gone.
@@ -115,41 +74,28 @@ impl Daemon {
     /// without `--netns` when `netns` is `None`. With a wrapper the daemon may run as another
     /// user: its directory is open to all and it runs a copy of the binary in it.
     pub fn start_via(wrapper: &[&str], netns: Option<&str>, extra: &[&str]) -> Result<Daemon> {
-        let dir = TempDir::new()?;
+        let dir = TempDir::new("card-tests")?;
         let socket = dir.path().join("s.sock");
         let log = dir.path().join("daemon.log");
-        let stderr = File::create(&log)?;
-        let mut bin = binary()?;
-        let mut cmd = match wrapper.split_first() {
-            None => Command::new(&bin),
-            Some((program, args)) => {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))?;
-                let copy = dir.path().join("vhost-card");
-                std::fs::copy(&bin, &copy)?;
-                bin = copy;
-                let mut c = Command::new(program);
-                c.args(args).arg(&bin);
-                c
-            }
+        let bin = if wrapper.is_empty() {
+            binary()?
+        } else {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))?;
+            binary_in(dir.path())?
         };
-        cmd.arg("--socket").arg(&socket);
+        let mut args: Vec<&OsStr> = vec!["--socket".as_ref(), socket.as_os_str()];
         if let Some(ns) = netns {
-            cmd.args(["--netns", ns]);
+            args.extend::<[&OsStr; 2]>(["--netns".as_ref(), ns.as_ref()]);
         }
-        let child = cmd
-            .args(["--tap", "card0", "--stats-interval", "1"])
-            .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("VHOST_CARD_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .env("RUNTIME_DIRECTORY", dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .with_context(|| format!("spawning {}", bin.display()))?;
+        for a in ["--tap", "card0", "--stats-interval", "1"]
+            .iter()
+            .chain(extra)
+        {
+            args.push(a.as_ref());
+        }
+        let mut cmd = rig::daemon::command_via(wrapper, &bin, &args, &log, dir.path())?;
+        let child = Guarded::spawn("vhost-card", &mut cmd, libc::SIGTERM)?;
         let mut d = Daemon {
             child: Some(child),
             log,
@@ -166,7 +112,7 @@ impl Daemon {
 
     /// The daemon's process id.
     pub fn pid(&self) -> Result<u32> {
-        Ok(self.child.as_ref().context("daemon already stopped")?.id())
+        Ok(self.child.as_ref().context("daemon already stopped")?.pid())
     }
 
     /// CPU seconds (user + system) the daemon has used.
@@ -195,20 +141,13 @@ impl Daemon {
 
     /// Waits for the daemon to exit on its own; returns its status.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        let deadline = Instant::now() + timeout;
         let child = self.child.as_mut().context("daemon already stopped")?;
-        loop {
-            if let Some(s) = child.try_wait()? {
+        match child.wait_timeout(timeout) {
+            Ok(status) => {
                 self.child = None;
-                return Ok(s);
+                Ok(status)
             }
-            if Instant::now() >= deadline {
-                bail!(
-                    "vhost-card still running after {timeout:?}; log:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            Err(e) => bail!("{e:#}; log:\n{}", self.log()),
         }
     }
 
@@ -278,51 +217,27 @@ impl Daemon {
     /// SIGTERM, then waits for the exit; returns the status and the final counters.
     pub fn stop(&mut self) -> Result<(ExitStatus, Counters)> {
         let mut child = self.child.take().context("daemon already stopped")?;
-        let pid = libc::pid_t::try_from(child.id())?;
-        // SAFETY: kill(2) on our own child, which has not been reaped yet (so the pid is ours).
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Some(s) = child.try_wait()? {
-                break s;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("vhost-card ignored SIGTERM for 10 s; log:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let (status, killed) = child.stop_within(Duration::from_secs(10))?;
+        if killed {
+            bail!("vhost-card ignored SIGTERM for 10 s; log:\n{}", self.log());
+        }
         let log = self.log();
-        let final_line = log
-            .lines()
-            .rev()
-            .find_map(|l| {
-                l.split_once("final stats pair 0:")
-                    .map(|(_, r)| r.to_string())
-            })
-            .ok_or_else(|| anyhow!("no final stats line; log:\n{log}"))?;
-        Ok((status, Counters::parse(&final_line)?))
+        if !log.contains("final stats pair 0:") {
+            bail!("no final stats line; log:\n{log}");
+        }
+        Ok((status, last_counters(&log)?))
     }
 }
 
 /// Counters of the last `stats pair 0:` line (periodic or final) in a log.
 pub fn last_counters(log: &str) -> Result<Counters> {
-    match log
-        .lines()
-        .rev()
-        .find_map(|l| l.split_once("stats pair 0:").map(|(_, r)| r))
-    {
-        Some(rest) => Counters::parse(rest),
-        None => Ok(Counters::default()),
-    }
+    Counters::checked(rig::daemon::last_stats(log, 0)?.unwrap_or_default())
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            child.kill().ok();
         }
         // Shown by the test runner only when the test fails.
         eprintln!(
@@ -332,52 +247,42 @@ impl Drop for Daemon {
     }
 }
 
+/// A copy of the daemon binary in `dir` (once), for a daemon run as another user who may not
+/// reach the build directory.
+pub fn binary_in(dir: &Path) -> Result<PathBuf> {
+    let copy = dir.join("vhost-card");
+    if !copy.exists() {
+        // By cp, not by this process: a writable descriptor of ours would be inherited by the
+        // children other test threads fork meanwhile, and exec would fail with ETXTBSY.
+        rig::process::sh(
+            "cp",
+            &[&binary()?.to_string_lossy(), &copy.to_string_lossy()],
+        )?;
+    }
+    Ok(copy)
+}
+
 /// `vhost-card stats --control PATH <extra>`: what it prints.
 pub fn stats_cmd(control: &Path, extra: &[&str]) -> Result<String> {
-    let out = Command::new(binary()?)
-        .arg("stats")
-        .arg("--control")
-        .arg(control)
-        .args(extra)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "vhost-card stats failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
+    rig::daemon::stats(&binary()?, control, extra)
 }
 
 /// Runs the daemon with `args` (no defaults added) and expects it to exit by itself within
 /// `timeout`; returns its status and stderr. A daemon still running is killed and reported.
 pub fn run_to_exit(args: &[&str], timeout: Duration) -> Result<(ExitStatus, String)> {
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("card-tests")?;
     let log = dir.path().join("stderr");
-    let mut child = Command::new(binary()?)
-        .args(args)
-        .env(
-            "RUST_LOG",
-            std::env::var("VHOST_CARD_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .env("RUNTIME_DIRECTORY", dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(File::create(&log)?)
-        .spawn()?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok((status, std::fs::read_to_string(&log)?));
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+    let mut cmd = rig::daemon::command(&binary()?, args, &log, dir.path())?;
+    let mut child = Guarded::spawn("vhost-card", &mut cmd, libc::SIGTERM)?;
+    match child.wait_timeout(timeout) {
+        Ok(status) => Ok((status, std::fs::read_to_string(&log)?)),
+        Err(_) => {
+            child.kill().ok();
             bail!(
                 "vhost-card {} kept running for {timeout:?} instead of exiting; log:\n{}",
                 args.join(" "),
                 std::fs::read_to_string(&log).unwrap_or_default()
-            );
+            )
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }

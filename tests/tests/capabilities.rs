@@ -167,16 +167,17 @@ fn schema_refuses_invalid_documents() -> Result<()> {
 fn socket_path_option_and_sigterm() -> Result<()> {
     card_tests::require_root()?;
     let ns = Netns::new("cap")?;
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("card-tests")?;
     let sock = dir.path().join("conv.sock");
-    let mut child = Command::new(binary()?)
-        .arg(format!("--socket-path={}", sock.display()))
-        .args(["--netns", ns.name(), "--tap", "card0"])
-        .env("RUNTIME_DIRECTORY", dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let args = [
+        format!("--socket-path={}", sock.display()),
+        "--netns".into(),
+        ns.name().into(),
+        "--tap".into(),
+        "card0".into(),
+    ];
+    let log = dir.path().join("daemon.log");
+    let mut child = rig::daemon::command(&binary()?, &args, &log, dir.path())?.spawn()?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !sock.exists() {
         if let Some(status) = child.try_wait()? {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use card_tests::card::{Card, TAP};
-use card_tests::daemon::{binary, run_to_exit, Daemon};
+use card_tests::daemon::{binary, binary_in, run_to_exit, Daemon};
 use card_tests::netns::Netns;
 use card_tests::TempDir;
 
@@ -53,7 +53,7 @@ fn has_link(ns: &Netns, dev: &str) -> Result<bool> {
 #[test]
 fn errors_are_printed_once_with_the_systems_words() -> Result<()> {
     let ns = Card::namespace()?;
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("card-tests")?;
     let socket = dir.path().join("s.sock");
     let sock = socket.to_string_lossy().into_owned();
     let missing = dir.path().join("missing");
@@ -168,7 +168,7 @@ fn errors_are_printed_once_with_the_systems_words() -> Result<()> {
 #[test]
 fn a_bad_flag_leaves_nothing_behind() -> Result<()> {
     let ns = Card::namespace()?;
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("card-tests")?;
     let socket = dir.path().join("s.sock");
     let control = dir.path().join("c.sock");
     let (sock, ctl) = (
@@ -220,7 +220,7 @@ fn a_bad_flag_leaves_nothing_behind() -> Result<()> {
 /// a private mount namespace. Returns the node's path.
 fn open_tun_node(dir: &Path) -> Result<String> {
     let node = dir.join("tun");
-    card_tests::run("mknod", &[&node.to_string_lossy(), "c", "10", "200"])?;
+    rig::process::sh("mknod", &[&node.to_string_lossy(), "c", "10", "200"])?;
     std::fs::set_permissions(&node, std::fs::Permissions::from_mode(0o666))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
     Ok(node.to_string_lossy().into_owned())
@@ -254,10 +254,7 @@ fn as_nobody<'a>(node: &'a str, ns: &'a str) -> Vec<&'a str> {
 
 /// Runs the daemon through `wrapper` (as another user) to its exit: (status code, stderr).
 fn run_wrapped(wrapper: &[&str], dir: &Path, args: &[&str]) -> Result<(Option<i32>, String)> {
-    let bin = dir.join("vhost-card");
-    if !bin.exists() {
-        std::fs::copy(binary()?, &bin)?;
-    }
+    let bin = binary_in(dir)?;
     let out = Command::new(wrapper[0])
         .args(&wrapper[1..])
         .arg(&bin)
@@ -274,10 +271,10 @@ fn run_wrapped(wrapper: &[&str], dir: &Path, args: &[&str]) -> Result<(Option<i3
 #[test]
 fn runs_unprivileged_on_a_tap_made_for_its_user() -> Result<()> {
     let ns = Card::namespace()?;
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("card-tests")?;
     let node = open_tun_node(dir.path())?;
     let wrapper = as_nobody(&node, ns.name());
-    let run = TempDir::new()?;
+    let run = TempDir::new("card-tests")?;
     std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o777))?;
     let sock = run.path().join("s.sock").to_string_lossy().into_owned();
 
@@ -353,14 +350,14 @@ fn runs_unprivileged_on_a_tap_made_for_its_user() -> Result<()> {
 #[test]
 fn runs_unprivileged_on_a_tun_made_for_its_user() -> Result<()> {
     let ns = Card::namespace()?;
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("card-tests")?;
     let node = open_tun_node(dir.path())?;
     let wrapper = as_nobody(&node, ns.name());
     ns.ip(&[
         "tuntap", "add", TAP, "mode", "tun", "user", USER, "vnet_hdr",
     ])?;
     // Creating a tun needs the capability; the hint makes a tun for this user.
-    let run = TempDir::new()?;
+    let run = TempDir::new("card-tests")?;
     std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o777))?;
     let sock = run.path().join("s.sock").to_string_lossy().into_owned();
     let (code, stderr) = run_wrapped(
@@ -442,7 +439,7 @@ fn sighup_is_ignored() -> Result<()> {
 /// returns what it logged.
 fn log_with(rust_log: &str, flags: &[&str]) -> Result<String> {
     let ns = Card::namespace()?;
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("card-tests")?;
     let socket = dir.path().join("s.sock");
     let log = dir.path().join("log");
     let mut child = Command::new(binary()?)

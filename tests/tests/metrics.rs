@@ -9,8 +9,7 @@
 //!   the JSON, the table, and the labelled series; a runt frame shows up as
 //!   `reason="runt"`; the state follows the frontend (connected, acked features, pairs in use).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddrV4, TcpStream};
+use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,6 +21,7 @@ use card_tests::daemon::stats_cmd;
 use card_tests::netdev::TxLayout;
 use card_tests::packet::{pattern, udp_frame, VnetHdr};
 use card_tests::TempDir;
+use rig::daemon::{http_get, metrics_addr, scrape};
 use vhost_card::stats::{Snapshot, COUNTERS};
 
 /// The drop reasons by direction, spelled out so a renamed or lost reason fails here.
@@ -93,35 +93,6 @@ fn prom_counter(text: &str, name: &str, pair: usize) -> Result<u64> {
     Ok(sample(text, &series(name, pair)?)? as u64)
 }
 
-/// GET `path` over HTTP/1.0 with an optional Accept header: (status line, headers, body).
-fn http_get(addr: &str, path: &str, accept: Option<&str>) -> Result<(String, String, String)> {
-    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{accept}\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("no header/body separator in {text:?}"))?;
-    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
-    Ok((status.to_string(), headers.to_lowercase(), body.to_string()))
-}
-
-fn scrape(addr: &str) -> Result<String> {
-    let (status, _, body) = http_get(addr, "/metrics", None)?;
-    ensure!(status.contains(" 200"), "GET /metrics: {status}");
-    Ok(body)
-}
-
-/// The address the daemon's metrics endpoint bound, from its log.
-fn metrics_addr(log: &str) -> Result<String> {
-    log.lines()
-        .find_map(|l| l.split_once("metrics on http://")?.1.split('/').next())
-        .map(String::from)
-        .ok_or_else(|| anyhow!("the daemon logged no metrics address:\n{log}"))
-}
-
 /// A card with a control socket and a metrics endpoint on a kernel-chosen port.
 fn start(dir: &TempDir, extra: &[&str]) -> Result<(Card, PathBuf, String)> {
     let control = dir.path().join("card.control");
@@ -139,7 +110,7 @@ fn start(dir: &TempDir, extra: &[&str]) -> Result<(Card, PathBuf, String)> {
 
 #[test]
 fn every_series_is_exported_at_zero_before_a_frontend_connects() -> Result<()> {
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("card-tests")?;
     let (card, control, metrics) = start(&dir, &["--queues", "2"])?;
 
     let (status, headers, prom) = http_get(&metrics, "/metrics", None)?;
@@ -247,7 +218,7 @@ fn take_sample(control: &Path, metrics: &str) -> Result<Sample> {
 
 #[test]
 fn counters_and_state_follow_the_traffic() -> Result<()> {
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("card-tests")?;
     let (card, control, metrics) = start(&dir, &[])?;
     let control_s = control.to_string_lossy().into_owned();
     let (status, _, _) = http_get(&metrics, "/nothing-here", None)?;

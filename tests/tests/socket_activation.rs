@@ -14,13 +14,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use card_tests::card::{mac_str, CARD_IP, HOST_IP, HOST_MAC, TAP};
+use card_tests::card::{CARD_IP, HOST_IP, HOST_MAC, TAP};
 use card_tests::daemon::{binary, stats_cmd};
 use card_tests::frontend::{Control, F_PROTOCOL_FEATURES};
 use card_tests::netdev::{Options, TxLayout, VirtioNet, F_MTU};
 use card_tests::netns::Netns;
 use card_tests::packet::{pattern, udp_frame, VnetHdr};
 use card_tests::TempDir;
+use rig::process::have;
 use vhost_card::stats::Snapshot;
 
 fn unit_file(name: &str) -> Result<String> {
@@ -39,7 +40,10 @@ fn unit_value(text: &str, key: &str) -> Result<String> {
         .ok_or_else(|| anyhow!("no {key}= in the unit"))
 }
 
-/// The units' convention, made concrete for `instance` with `/run/vhost-card/` moved to `run`.
+/// The units' convention, made concrete for `instance` with `/run/vhost-card/` and
+/// `/etc/vhost-card/` moved to `run`: the socket, the daemon's command line, and the card's file
+/// it reads (`--config /etc/vhost-card/<instance>.toml`), written here with the card's tap and
+/// its control socket in `run` (by default it would be /run/vhost-card/<instance>.control).
 struct Activation {
     socket: PathBuf,
     control: PathBuf,
@@ -52,6 +56,7 @@ fn from_units(instance: &str, run: &Path) -> Result<Activation> {
     let concrete = |s: &str| {
         s.replace("%i", instance)
             .replace("/run/vhost-card/", &format!("{}/", run.display()))
+            .replace("/etc/vhost-card/", &format!("{}/", run.display()))
     };
     let socket = PathBuf::from(concrete(&unit_value(&socket_unit, "ListenStream")?));
     ensure!(
@@ -66,24 +71,24 @@ fn from_units(instance: &str, run: &Path) -> Result<Activation> {
         exec.windows(2).any(|w| w[0] == "--fd" && w[1] == "3"),
         "ExecStart does not serve descriptor 3: {exec:?}"
     );
-    let control = exec
+    let card_file = exec
         .windows(2)
-        .find(|w| w[0] == "--control")
+        .find(|w| w[0] == "--config")
         .map(|w| PathBuf::from(&w[1]))
-        .ok_or_else(|| anyhow!("ExecStart has no --control: {exec:?}"))?;
+        .ok_or_else(|| anyhow!("ExecStart has no --config: {exec:?}"))?;
+    let control = run.join(format!("{instance}.control"));
+    std::fs::write(
+        &card_file,
+        format!(
+            "[daemon]\ntap = \"{TAP}\"\ncontrol = \"{}\"\n",
+            control.display()
+        ),
+    )?;
     Ok(Activation {
         socket,
         control,
         exec,
     })
-}
-
-fn have(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// The activator and the daemon it becomes (same process: it execs on the first connection).
@@ -167,23 +172,17 @@ fn units_are_valid_for_systemd() -> Result<()> {
     if !have("systemd-analyze") {
         bail!("systemd-analyze is missing (apt-get install systemd)");
     }
-    let dir = TempDir::new()?;
     let bin = binary()?;
+    let mut units = Vec::new();
     for unit in ["vhost-card@.service", "vhost-card@.socket"] {
         let text = unit_file(unit)?.replace("/usr/local/bin/vhost-card", &bin.to_string_lossy());
-        std::fs::write(dir.path().join(unit), text)?;
+        // card-os@.service is verified with card-os's own tests.
+        units.push((unit, text.replace(" card-os@%i.service", "")));
     }
-    let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=no"])
-        .arg(dir.path().join("vhost-card@card.service"))
-        .arg(dir.path().join("vhost-card@card.socket"))
-        .output()?;
-    let msg = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        out.status.success() && msg.trim().is_empty(),
-        "systemd-analyze verify: {msg}"
-    );
-    Ok(())
+    rig::units::verify(
+        &units,
+        &["vhost-card@card.service", "vhost-card@card.socket"],
+    )
 }
 
 #[test]
@@ -195,12 +194,12 @@ fn socket_activation_serves_the_inherited_socket() -> Result<()> {
     let ns = Netns::new("sa")?;
     ns.sysctl("net.ipv6.conf.all.disable_ipv6=1")?;
     ns.sysctl("net.ipv6.conf.default.disable_ipv6=1")?;
-    let run = TempDir::new()?;
+    let run = TempDir::new("card-tests")?;
     let act = from_units(ns.name(), run.path())?;
     let runtime = run.path().join("rt");
     std::fs::create_dir(&runtime)?;
 
-    // systemd-socket-activate -l SOCKET vhost-card --fd 3 --netns NS --tap card0 --control ...
+    // systemd-socket-activate -l SOCKET vhost-card --fd 3 --config RUN/NS.toml
     let log = run.path().join("log");
     let mut cmd = Command::new("systemd-socket-activate");
     cmd.arg("-l")
@@ -244,19 +243,7 @@ fn socket_activation_serves_the_inherited_socket() -> Result<()> {
     daemon.wait_log("frontend acked features", Duration::from_secs(5))?;
 
     // The card's address, and the host's MAC so no ARP is needed.
-    ns.ip(&["addr", "add", &format!("{CARD_IP}/24"), "dev", TAP])?;
-    ns.ip(&[
-        "neigh",
-        "replace",
-        &HOST_IP.to_string(),
-        "lladdr",
-        &mac_str(&HOST_MAC),
-        "dev",
-        TAP,
-        "nud",
-        "permanent",
-    ])?;
-    let card_mac = ns.mac_of(TAP)?;
+    let card_mac = card_tests::card::address(&ns)?;
 
     // Host -> card: UDP datagrams reach a socket on the card.
     let port = 7300;

@@ -34,8 +34,16 @@ pub struct Args {
 
     /// Path of the vhost-user socket to listen on (the VMM connects as client).
     #[arg(long, visible_alias = "socket-path", value_name = "PATH",
-          required_unless_present_any = ["fd", "print_capabilities"])]
+          required_unless_present_any = ["fd", "print_capabilities", "config"])]
     pub socket: Option<PathBuf>,
+
+    /// The card's file (/etc/vhost-card/<card>.toml): its [daemon] table sets any of these
+    /// flags (key = the long flag without dashes); the card's name (the file name) gives the
+    /// namespace, and unless set /run/vhost-card/<card>.sock and <card>.control. Flags given
+    /// here win over the file; with --fd the file's socket, socket-group and socket-mode do not
+    /// apply. `metrics-listen = true` is the flag alone.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 
     /// Serve on an already listening Unix socket inherited as file descriptor N (socket
     /// activation, e.g. `systemd-socket-activate` or a `.socket` unit: use --fd 3), instead of

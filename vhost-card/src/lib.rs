@@ -11,10 +11,11 @@
 //!   card's end of the link), [`datapath`] (TX/RX per queue pair);
 //! * vhost-user: [`backend`] (the `VhostUserBackend`), [`gate`] (answers QEMU's early requests
 //!   in front of the `vhost` crate's handler), [`daemon`] (listen, serve, reconnect, stop);
-//! * [`config`] (the command line), [`stats`] (counters) and [`control`] (counters over a
+//! * [`config`] (the command line), [`cardfile`] (the card's TOML file, `--config`), [`stats`] (counters) and [`control`] (counters over a
 //!   control socket as JSON and over HTTP for Prometheus).
 
 pub mod backend;
+pub mod cardfile;
 pub mod config;
 pub mod control;
 pub mod csum;

@@ -1,10 +1,9 @@
-use clap::Parser;
-use vhost_card::config::{capabilities_json, Args, Command, Config};
+use vhost_card::config::{capabilities_json, Command, Config};
 use vhost_card::{control, daemon, features};
 
 fn main() {
-    let args = Args::parse();
-    // --log-level, else RUST_LOG, else info.
+    let args = vhost_card::cardfile::parse_args();
+    // --log-level (or the card file's log-level), else RUST_LOG, else info.
     let mut log = match args.log_level {
         Some(level) => {
             let mut b = env_logger::Builder::new();

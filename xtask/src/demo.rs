@@ -41,7 +41,7 @@ pub fn run(opts: &Options) -> Result<()> {
         bail!("the demo needs root (network namespaces, tap devices)");
     }
     let t0 = Instant::now();
-    let logs = crate::vm_dir().join("logs");
+    let logs = rig::paths::vm_dir().join("logs");
     println!("demo: preparing (host packages, kernel, initramfs, daemon build) ...");
     let env = Env::prepare(
         opts.mib * MIB,

@@ -2,42 +2,64 @@
 //! `--install`, put where QEMU, libvirt, systemd, man and the shells look for it.
 //!
 //! ```text
-//! target/dist/vhost-card                          the release binary
-//! target/dist/man/vhost-card.1, vhost-card-*.1    man pages (clap_mangen, from the daemon's clap Args)
-//! target/dist/completions/vhost-card.bash, _vhost-card, vhost-card.fish   (clap_complete)
+//! target/dist/vhost-card, card-os                 the release binaries
+//! target/dist/man/vhost-card*.1, card-os*.1       man pages (clap_mangen, from their clap definitions)
+//! target/dist/completions/vhost-card.bash, _vhost-card, vhost-card.fish, and card-os's (clap_complete)
 //! target/dist/50-vhost-card.json                  vhost-user backend discovery file
-//! target/dist/systemd/vhost-card@.{service,socket}
+//! target/dist/systemd/vhost-card@.{service,socket}, card-os@.service
+//! target/dist/card.toml                           the example card (/etc/vhost-card/card.toml, never overwritten)
+//! target/dist/share/templates/*.in, share/www/    card-os's templates and web pages (<prefix>/share/vhost-card/)
+//! target/dist/host-config/...                    the VM side's files (<prefix>/share/vhost-card/host-config/)
 //! target/dist/libvirt/vhost-card-vm.xml
-//! target/dist/USAGE.md
+//! target/dist/USAGE.md, card-os.md
 //! ```
 //!
-//! The man pages and completions come from `vhost_card::config::Args` (the daemon's own
-//! command line), so they cannot drift from `vhost-card --help`. The paths inside the JSON file
-//! and the service unit follow `--prefix`.
+//! The man pages and completions come from `vhost_card::config::Args` and `card_os::cli::Cli`
+//! (the programs' own command lines), so they cannot drift from `--help`. The paths inside the
+//! JSON file and the service units follow `--prefix`.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use clap::CommandFactory;
 use clap_complete::Shell;
 
 use crate::process::{self, stdout};
 use crate::schema;
 
-/// The binary path written in the checked-in JSON file and service unit.
-const DEFAULT_BINARY: &str = "/usr/local/bin/vhost-card";
+/// The binaries' directory written in the checked-in JSON file and service units.
+const DEFAULT_BIN_DIR: &str = "/usr/local/bin/";
 /// Where QEMU's vhost-user.json says packaged backends put their discovery files.
 pub const VHOST_USER_DIR: &str = "usr/share/qemu/vhost-user";
-const UNITS: [&str; 2] = ["vhost-card@.service", "vhost-card@.socket"];
+const UNITS: [&str; 3] = [
+    "vhost-card@.service",
+    "vhost-card@.socket",
+    "card-os@.service",
+];
+/// The programs, built with `cargo build --release -p NAME`.
+const PROGRAMS: [&str; 2] = ["vhost-card", "card-os"];
+/// host-config's files for the VM side, installed in <prefix>/share/vhost-card/host-config/.
+const HOST_CONFIG: [(&str, u32); 5] = [
+    ("README.md", 0o644),
+    ("card-link.sh", 0o755),
+    ("networkd/10-vhost-card.link", 0o644),
+    ("networkd/10-vhost-card.network", 0o644),
+    ("networkmanager/vhost-card.nmconnection", 0o644),
+];
+/// The example card: installed once, never overwritten.
+const EXAMPLE: &str = "etc/vhost-card/card.toml";
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Also install: the binary, man pages and completions under --prefix,
-    /// 50-vhost-card.json in /usr/share/qemu/vhost-user, the units in /etc/systemd/system,
-    /// the libvirt XML and USAGE.md in <prefix>/share/doc/vhost-card.
+    /// Also install: vhost-card and card-os, their man pages and completions under --prefix,
+    /// card-os's templates and www/ in <prefix>/share/vhost-card, 50-vhost-card.json in
+    /// /usr/share/qemu/vhost-user, the units in /etc/systemd/system, the example card
+    /// /etc/vhost-card/card.toml (never overwritten), host-config's files for the VM in
+    /// <prefix>/share/vhost-card/host-config, the libvirt XML and the docs in
+    /// <prefix>/share/doc/vhost-card.
     #[arg(long)]
     pub install: bool,
     /// Root to install under (a staging directory for packaging; default: the system).
@@ -46,62 +68,123 @@ pub struct Options {
     /// Installation prefix for the binary, man pages, completions and docs.
     #[arg(long, value_name = "DIR", default_value = "/usr/local")]
     pub prefix: PathBuf,
-    /// Use target/release/vhost-card as it is instead of building it first.
+    /// Use target/release/{vhost-card,card-os} as they are instead of building them first.
     #[arg(long)]
     pub no_build: bool,
 }
 
-/// Every file of the distribution, relative to target/dist, with where `--install` puts it
+/// One file of the distribution: where it is in target/dist, where `--install` puts it
 /// (relative to DESTDIR) and its mode.
-fn layout(prefix: &Path) -> Vec<(&'static str, PathBuf, u32)> {
+struct Entry {
+    rel: String,
+    dest: PathBuf,
+    mode: u32,
+}
+
+/// The man pages clap_mangen writes for `cmd`: NAME.1 and NAME-SUB.1 for each subcommand.
+fn man_pages(cmd: &clap::Command) -> Vec<String> {
+    let name = cmd.get_name().to_string();
+    std::iter::once(format!("{name}.1"))
+        .chain(
+            cmd.get_subcommands()
+                .filter(|s| s.get_name() != "help")
+                .map(|s| format!("{name}-{}.1", s.get_name())),
+        )
+        .collect()
+}
+
+/// card-os's templates and web pages, relative to card-os/ (templates/*.in, www/...).
+fn card_os_share() -> Result<Vec<String>> {
+    let root = rig::paths::workspace_root().join("card-os");
+    let mut files = Vec::new();
+    for dir in ["templates", "www"] {
+        for entry in fs::read_dir(root.join(dir))? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                files.push(format!("{dir}/{}", entry.file_name().to_string_lossy()));
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Every file of the distribution.
+fn layout(prefix: &Path) -> Result<Vec<Entry>> {
     let p = |rel: &str| prefix.strip_prefix("/").unwrap_or(prefix).join(rel);
     let doc = |name: &str| p("share/doc/vhost-card").join(name);
-    vec![
-        ("vhost-card", p("bin/vhost-card"), 0o755),
-        ("man/vhost-card.1", p("share/man/man1/vhost-card.1"), 0o644),
-        (
-            "man/vhost-card-features.1",
-            p("share/man/man1/vhost-card-features.1"),
+    let e = |rel: &str, dest: PathBuf, mode: u32| Entry {
+        rel: rel.to_string(),
+        dest,
+        mode,
+    };
+    let mut out = Vec::new();
+    for program in PROGRAMS {
+        out.push(e(program, p(&format!("bin/{program}")), 0o755));
+        out.push(e(
+            &format!("completions/{program}.bash"),
+            p(&format!("share/bash-completion/completions/{program}")),
             0o644,
-        ),
-        (
-            "man/vhost-card-stats.1",
-            p("share/man/man1/vhost-card-stats.1"),
+        ));
+        out.push(e(
+            &format!("completions/_{program}"),
+            p(&format!("share/zsh/site-functions/_{program}")),
             0o644,
-        ),
-        (
-            "completions/vhost-card.bash",
-            p("share/bash-completion/completions/vhost-card"),
+        ));
+        out.push(e(
+            &format!("completions/{program}.fish"),
+            p(&format!("share/fish/vendor_completions.d/{program}.fish")),
             0o644,
-        ),
-        (
-            "completions/_vhost-card",
-            p("share/zsh/site-functions/_vhost-card"),
+        ));
+    }
+    for cmd in [
+        vhost_card::config::Args::command(),
+        card_os::cli::Cli::command(),
+    ] {
+        for page in man_pages(&cmd) {
+            out.push(e(
+                &format!("man/{page}"),
+                p(&format!("share/man/man1/{page}")),
+                0o644,
+            ));
+        }
+    }
+    out.push(e(
+        "50-vhost-card.json",
+        Path::new(VHOST_USER_DIR).join("50-vhost-card.json"),
+        0o644,
+    ));
+    for unit in UNITS {
+        out.push(e(
+            &format!("systemd/{unit}"),
+            Path::new("etc/systemd/system").join(unit),
             0o644,
-        ),
-        (
-            "completions/vhost-card.fish",
-            p("share/fish/vendor_completions.d/vhost-card.fish"),
+        ));
+    }
+    out.push(e("card.toml", PathBuf::from(EXAMPLE), 0o644));
+    for file in card_os_share()? {
+        out.push(e(
+            &format!("share/{file}"),
+            p(&format!("share/vhost-card/{file}")),
             0o644,
-        ),
-        (
-            "50-vhost-card.json",
-            Path::new(VHOST_USER_DIR).join("50-vhost-card.json"),
-            0o644,
-        ),
-        (
-            "systemd/vhost-card@.service",
-            PathBuf::from("etc/systemd/system/vhost-card@.service"),
-            0o644,
-        ),
-        (
-            "systemd/vhost-card@.socket",
-            PathBuf::from("etc/systemd/system/vhost-card@.socket"),
-            0o644,
-        ),
-        ("libvirt/vhost-card-vm.xml", doc("vhost-card-vm.xml"), 0o644),
-        ("USAGE.md", doc("USAGE.md"), 0o644),
-    ]
+        ));
+    }
+    // host-config: what the VM (the host of the card's link) needs, to copy into it.
+    for (file, mode) in HOST_CONFIG {
+        out.push(e(
+            &format!("host-config/{file}"),
+            p(&format!("share/vhost-card/host-config/{file}")),
+            mode,
+        ));
+    }
+    out.push(e(
+        "libvirt/vhost-card-vm.xml",
+        doc("vhost-card-vm.xml"),
+        0o644,
+    ));
+    out.push(e("USAGE.md", doc("USAGE.md"), 0o644));
+    out.push(e("card-os.md", doc("card-os.md"), 0o644));
+    Ok(out)
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -113,23 +196,26 @@ pub fn run(opts: &Options) -> Result<()> {
     if !opts.no_build {
         build_release()?;
     }
-    let release = crate::target_dir().join("release/vhost-card");
-    ensure!(
-        release.is_file(),
-        "{} does not exist (build it, or drop --no-build)",
-        release.display()
-    );
-    let out = crate::target_dir().join("dist");
+    let release = rig::paths::target_dir().join("release");
+    for program in PROGRAMS {
+        ensure!(
+            release.join(program).is_file(),
+            "{} does not exist (build it, or drop --no-build)",
+            release.join(program).display()
+        );
+    }
+    let out = rig::paths::target_dir().join("dist");
     build_dist(&release, &out, &opts.prefix)?;
     check_dist(&out, &opts.prefix)?;
+    let layout = layout(&opts.prefix)?;
     println!(
         "dist: {} files in {}, checked:",
-        layout(&opts.prefix).len(),
+        layout.len(),
         out.display()
     );
-    for (rel, _, _) in layout(&opts.prefix) {
-        let len = fs::metadata(out.join(rel))?.len();
-        println!("dist:   {rel:<32} {len:>10} bytes");
+    for entry in &layout {
+        let len = fs::metadata(out.join(&entry.rel))?.len();
+        println!("dist:   {:<40} {len:>10} bytes", entry.rel);
     }
     if opts.install {
         install(&out, &opts.destdir, &opts.prefix)?;
@@ -138,51 +224,48 @@ pub fn run(opts: &Options) -> Result<()> {
 }
 
 fn build_release() -> Result<()> {
-    println!("dist: cargo build --release -p vhost-card");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "vhost-card"])
-        .current_dir(crate::workspace_root())
-        .status()?;
-    crate::check_interrupted()?;
-    if !status.success() {
-        bail!("cargo build --release -p vhost-card failed ({status})");
-    }
-    Ok(())
+    rig::paths::cargo_build(true, &["-p", "vhost-card", "-p", "card-os"]).map(drop)
 }
 
 /// The checked-in host configuration (host-config/).
 fn host_config(rel: &str) -> PathBuf {
-    crate::workspace_root().join("host-config").join(rel)
+    rig::paths::workspace_root().join("host-config").join(rel)
 }
 
-/// Reads a checked-in file and points its binary path at `<prefix>/bin/vhost-card`.
+/// Reads a checked-in file and points its binaries (`/usr/local/bin/...`) at `<prefix>/bin/`.
 fn with_prefix(src: &Path, prefix: &Path) -> Result<String> {
     let text = fs::read_to_string(src).with_context(|| format!("reading {}", src.display()))?;
     ensure!(
-        text.contains(DEFAULT_BINARY),
-        "{} does not mention {DEFAULT_BINARY}",
+        text.contains(DEFAULT_BIN_DIR),
+        "{} does not mention {DEFAULT_BIN_DIR}",
         src.display()
     );
-    let binary = prefix.join("bin/vhost-card");
-    Ok(text.replace(DEFAULT_BINARY, &binary.to_string_lossy()))
+    let bin = format!("{}/", prefix.join("bin").display());
+    Ok(text.replace(DEFAULT_BIN_DIR, &bin))
 }
 
 fn build_dist(release: &Path, out: &Path, prefix: &Path) -> Result<()> {
     if out.exists() {
         fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
     }
-    for dir in ["man", "completions", "systemd", "libvirt"] {
+    for dir in ["man", "completions", "systemd", "libvirt", "share"] {
         fs::create_dir_all(out.join(dir))?;
     }
-    fs::copy(release, out.join("vhost-card")).context("copying the binary")?;
-    fs::set_permissions(out.join("vhost-card"), fs::Permissions::from_mode(0o755))?;
+    for program in PROGRAMS {
+        fs::copy(release.join(program), out.join(program))
+            .with_context(|| format!("copying {program}"))?;
+        fs::set_permissions(out.join(program), fs::Permissions::from_mode(0o755))?;
+    }
 
     write_man_pages(&out.join("man"))?;
-    let mut cmd = vhost_card::config::Args::command();
-    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
-        clap_complete::generate_to(shell, &mut cmd, "vhost-card", out.join("completions"))
-            .with_context(|| format!("{shell} completions"))?;
+    for (mut cmd, name) in [
+        (vhost_card::config::Args::command(), "vhost-card"),
+        (card_os::cli::Cli::command(), "card-os"),
+    ] {
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            clap_complete::generate_to(shell, &mut cmd, name, out.join("completions"))
+                .with_context(|| format!("{name}: {shell} completions"))?;
+        }
     }
 
     fs::write(
@@ -197,6 +280,19 @@ fn build_dist(release: &Path, out: &Path, prefix: &Path) -> Result<()> {
         };
         fs::write(out.join("systemd").join(unit), text)?;
     }
+    let card_os = rig::paths::workspace_root().join("card-os");
+    fs::copy(card_os.join("card.toml"), out.join("card.toml"))?;
+    for file in card_os_share()? {
+        let dest = out.join("share").join(&file);
+        fs::create_dir_all(dest.parent().context("no parent")?)?;
+        fs::copy(card_os.join(&file), dest)?;
+    }
+    fs::copy(card_os.join("README.md"), out.join("card-os.md"))?;
+    for (file, _) in HOST_CONFIG {
+        let dest = out.join("host-config").join(file);
+        fs::create_dir_all(dest.parent().context("no parent")?)?;
+        fs::copy(host_config(file), dest)?;
+    }
     fs::copy(
         host_config("libvirt/vhost-card-vm.xml"),
         out.join("libvirt/vhost-card-vm.xml"),
@@ -207,17 +303,52 @@ fn build_dist(release: &Path, out: &Path, prefix: &Path) -> Result<()> {
 
 /// vhost-card.1 with a FILES and a SEE ALSO section, and one page per subcommand.
 fn write_man_pages(dir: &Path) -> Result<()> {
-    let cmd = vhost_card::config::Args::command();
-    // Pages for the subcommands (vhost-card-features.1, vhost-card-stats.1); the main page
-    // is written again below with the extra sections.
-    clap_mangen::generate_to(cmd.clone(), dir).context("man pages")?;
-    let man = clap_mangen::Man::new(cmd.disable_help_subcommand(true));
-    let mut page = Vec::new();
-    man.render(&mut page)?;
-    page.extend_from_slice(MAN_EXTRA.as_bytes());
-    fs::write(dir.join("vhost-card.1"), page)?;
+    for (cmd, name, extra) in [
+        (vhost_card::config::Args::command(), "vhost-card", MAN_EXTRA),
+        (card_os::cli::Cli::command(), "card-os", CARD_OS_MAN_EXTRA),
+    ] {
+        // Pages for the subcommands (vhost-card-stats.1, card-os-up.1, ...); the main page is
+        // written again below with the extra sections.
+        clap_mangen::generate_to(cmd.clone(), dir).context("man pages")?;
+        let man = clap_mangen::Man::new(cmd.disable_help_subcommand(true));
+        let mut page = Vec::new();
+        man.render(&mut page)?;
+        page.extend_from_slice(extra.as_bytes());
+        fs::write(dir.join(format!("{name}.1")), page)?;
+        fs::remove_file(dir.join(format!("{name}-help.1"))).ok();
+    }
     Ok(())
 }
+
+/// Hand-written roff appended to card-os.1.
+const CARD_OS_MAN_EXTRA: &str = r#".SH FILES
+.TP
+\fI/etc/vhost\-card/<card>.toml\fR
+The card: its daemon's settings ([daemon], read by \fBvhost\-card \-\-config\fR) and its
+node (every other table). The file name is the card's name and network namespace.
+.TP
+\fI<prefix>/share/vhost\-card/templates/\fR, \fIwww/\fR
+The templates of the generated files (nftables, nginx, strongSwan) and the card's web pages.
+.TP
+\fI/run/vhost\-card/<card>/\fR
+Runtime files: generated configs, pid files, logs, what \fBup\fR made.
+.TP
+\fI/var/lib/vhost\-card/<card>/\fR
+State kept across reboots: the IPsec keys.
+.TP
+\fI/etc/systemd/system/card\-os@.service\fR
+\fBcard\-os run\fR for card \fIN\fR, with \fBvhost\-card@N.socket\fR.
+.SH EXAMPLES
+.nf
+card\-os check
+card\-os up
+card\-os status \-\-json
+card\-os \-\-config /etc/vhost\-card/card2.toml reload
+systemctl enable \-\-now vhost\-card@card.socket card\-os@card.service
+.fi
+.SH SEE ALSO
+\fBvhost\-card\fR(1), \fBnft\fR(8), \fBnginx\fR(8), \fBswanctl\fR(8), \fBip\-netns\fR(8)
+"#;
 
 /// Hand-written roff appended to vhost-card.1.
 const MAN_EXTRA: &str = r#".SH EXIT STATUS
@@ -233,8 +364,14 @@ vhost\-user backend discovery file (QEMU's docs/interop/vhost\-user.json).
 .TP
 \fI/etc/systemd/system/vhost\-card@.socket\fR, \fIvhost\-card@.service\fR
 Socket activation: instance \fIN\fR listens on \fI/run/vhost\-card/N.sock\fR and runs
-\fBvhost\-card \-\-fd 3 \-\-netns N \-\-tap card0 \-\-control /run/vhost\-card/N.control\fR
-on the first connection.
+\fBvhost\-card \-\-fd 3 \-\-config /etc/vhost\-card/N.toml\fR on the first connection; the
+socket's group and mode are the socket unit's (group kvm, mode 0660).
+.TP
+\fI/etc/vhost\-card/<card>.toml\fR
+The card's file: \fB\-\-config\fR reads its [daemon] table (keys: the long options, without
+dashes; \fBtrue\fR for an option whose value may be left out, as \fBmetrics\-listen = true\fR);
+its name gives the namespace and \fI/run/vhost\-card/<card>.{sock,control}\fR. Under
+\fB\-\-fd\fR its socket, socket\-group and socket\-mode do not apply.
 .TP
 \fI<prefix>/share/doc/vhost\-card/vhost\-card\-vm.xml\fR
 A libvirt domain with a vhostuser interface on \fI/run/vhost\-card/card.sock\fR.
@@ -254,8 +391,13 @@ systemctl enable \-\-now vhost\-card@card.socket
 
 /// Checks every file: schema, man page syntax, shell syntax, systemd unit syntax.
 fn check_dist(out: &Path, prefix: &Path) -> Result<()> {
-    for (rel, _, _) in layout(prefix) {
-        ensure!(out.join(rel).is_file(), "target/dist/{rel} was not written");
+    let layout = layout(prefix)?;
+    for entry in &layout {
+        ensure!(
+            out.join(&entry.rel).is_file(),
+            "target/dist/{} was not written",
+            entry.rel
+        );
     }
 
     // The discovery file and what the binary prints, against QEMU's schema.
@@ -281,15 +423,12 @@ fn check_dist(out: &Path, prefix: &Path) -> Result<()> {
     );
 
     // Man pages: groff must read them without a warning.
-    for page in [
-        "vhost-card.1",
-        "vhost-card-features.1",
-        "vhost-card-stats.1",
-    ] {
+    let pages = layout.iter().filter_map(|e| e.rel.strip_prefix("man/"));
+    for page in pages {
         let path = out.join("man").join(page);
         let text = fs::read_to_string(&path)?;
         ensure!(text.contains(".TH "), "{page} has no .TH header");
-        if which("groff") {
+        if process::have("groff") {
             let o = Command::new("groff")
                 .args(["-man", "-Tutf8", "-ww", "-z"])
                 .arg(&path)
@@ -308,6 +447,10 @@ fn check_dist(out: &Path, prefix: &Path) -> Result<()> {
         "print\\-capabilities",
         "control",
         "metrics\\-listen",
+        "config",
+        "socket\\-group",
+        "socket\\-mode",
+        "log\\-level",
     ] {
         ensure!(
             main.contains(&format!("\\-\\-{flag}")),
@@ -316,69 +459,74 @@ fn check_dist(out: &Path, prefix: &Path) -> Result<()> {
     }
 
     // Completion scripts parse in their shells (those that are installed).
-    for (shell, file) in [
-        ("bash", "vhost-card.bash"),
-        ("zsh", "_vhost-card"),
-        ("fish", "vhost-card.fish"),
-    ] {
-        let path = out.join("completions").join(file);
-        let text = fs::read_to_string(&path)?;
-        ensure!(
-            text.contains("print-capabilities") && text.contains("socket-path"),
-            "{file} lacks the daemon's flags"
-        );
-        if which(shell) {
-            process::run(Command::new(shell).arg("-n").arg(&path))
-                .with_context(|| format!("{shell} -n {file}"))?;
+    for (program, needle) in [("vhost-card", "socket-path"), ("card-os", "status")] {
+        for (shell, file) in [
+            ("bash", format!("{program}.bash")),
+            ("zsh", format!("_{program}")),
+            ("fish", format!("{program}.fish")),
+        ] {
+            let path = out.join("completions").join(&file);
+            let text = fs::read_to_string(&path)?;
+            ensure!(
+                text.contains(needle) && text.contains("config"),
+                "{file} lacks {program}'s flags"
+            );
+            if process::have(shell) {
+                process::run(Command::new(shell).arg("-n").arg(&path))
+                    .with_context(|| format!("{shell} -n {file}"))?;
+            }
         }
     }
 
-    // systemd units: `systemd-analyze verify` with ExecStart pointing at the dist binary
+    // The example card reads as a card-os config (and its [daemon] as vhost-card's).
+    let example = out.join("card.toml");
+    card_os::Config::parse(
+        &fs::read_to_string(&example)?,
+        Path::new("/etc/vhost-card/card.toml"),
+    )
+    .with_context(|| format!("{}", example.display()))?;
+
+    // systemd units: `systemd-analyze verify` with ExecStart pointing at the dist binaries
     // (the prefix path need not exist yet).
-    if which("systemd-analyze") {
-        let tmp = process::TempDir::new("vhost-card-units")?;
-        let bin = out.join("vhost-card");
+    if process::have("systemd-analyze") {
+        let installed_bin = format!("{}/", prefix.join("bin").display());
+        let dist_bin = format!("{}/", out.display());
+        let mut units = Vec::new();
         for unit in UNITS {
-            let text = fs::read_to_string(out.join("systemd").join(unit))?.replace(
-                &binary.to_string_lossy().into_owned(),
-                &bin.to_string_lossy(),
-            );
-            fs::write(tmp.path().join(unit), text)?;
+            let text = fs::read_to_string(out.join("systemd").join(unit))?
+                .replace(&installed_bin, &dist_bin);
+            units.push((unit, text));
         }
-        let o = Command::new("systemd-analyze")
-            .args(["verify", "--man=no"])
-            .arg(tmp.path().join("vhost-card@card.service"))
-            .arg(tmp.path().join("vhost-card@card.socket"))
-            .output()?;
-        let msg = String::from_utf8_lossy(&o.stderr);
-        ensure!(
-            o.status.success() && msg.trim().is_empty(),
-            "systemd-analyze verify vhost-card@card.service vhost-card@card.socket:\n{msg}"
+        let instances = [
+            "vhost-card@card.service",
+            "vhost-card@card.socket",
+            "card-os@card.service",
+        ];
+        rig::units::verify(&units, &instances)?;
+        println!(
+            "dist: systemd-analyze verify {}: the units are valid",
+            instances.join(" ")
         );
-        println!("dist: systemd-analyze verify: the units are valid");
     }
     Ok(())
 }
 
-fn which(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 fn install(out: &Path, destdir: &Path, prefix: &Path) -> Result<()> {
-    for (rel, dest, mode) in layout(prefix) {
-        let dest = destdir.join(dest);
+    for entry in layout(prefix)? {
+        let dest = destdir.join(&entry.dest);
         if let Some(dir) = dest.parent() {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
+        // The card's file is the user's once installed.
+        if entry.dest == Path::new(EXAMPLE) && dest.exists() {
+            println!("dist: kept {} (never overwritten)", dest.display());
+            continue;
+        }
         // Through a temporary name, so a running binary is replaced, not overwritten.
         let tmp = dest.with_extension("dist-tmp");
-        fs::copy(out.join(rel), &tmp).with_context(|| format!("installing {}", dest.display()))?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
+        fs::copy(out.join(&entry.rel), &tmp)
+            .with_context(|| format!("installing {}", dest.display()))?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(entry.mode))?;
         fs::rename(&tmp, &dest)?;
         println!("dist: installed {}", dest.display());
     }
@@ -390,6 +538,9 @@ fn install(out: &Path, destdir: &Path, prefix: &Path) -> Result<()> {
         process::run(Command::new("systemctl").arg("daemon-reload"))?;
         println!("dist: systemctl daemon-reload done");
     }
-    println!("dist: enable a card with: systemctl enable --now vhost-card@card.socket");
+    println!(
+        "dist: enable card \"card\" (/etc/vhost-card/card.toml) with: \
+         systemctl enable --now vhost-card@card.socket card-os@card.service"
+    );
     Ok(())
 }

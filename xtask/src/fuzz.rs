@@ -56,7 +56,7 @@ fn executions(stderr: &str) -> Option<(u64, u64)> {
 pub fn run(opts: &Options) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     ensure_cargo_fuzz(&cargo)?;
-    let root = crate::workspace_root();
+    let root = rig::paths::workspace_root();
     let fuzz_dir = root.join("fuzz");
     let seconds = if opts.smoke { 20 } else { opts.minutes * 60 };
     let targets: Vec<&str> = match &opts.target {
@@ -66,8 +66,8 @@ pub fn run(opts: &Options) -> Result<()> {
     };
     let mut failed = 0;
     for t in &targets {
-        crate::check_interrupted()?;
-        let scratch = crate::target_dir().join("fuzz-corpus").join(t);
+        rig::interrupt::check_interrupted()?;
+        let scratch = rig::paths::target_dir().join("fuzz-corpus").join(t);
         std::fs::create_dir_all(&scratch)?;
         let seeds = fuzz_dir.join("corpus").join(t);
         let started = Instant::now();

@@ -13,8 +13,7 @@
 //! the end. Every command that the USAGE file shows is printed as it runs (`$ ...`).
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -97,7 +96,7 @@ fn attribute(xml: &str, after: &str, prefix: &str, attr: &str) -> Result<String>
 
 impl Domain {
     fn load() -> Result<Domain> {
-        let xml_path = crate::workspace_root().join("host-config/libvirt/vhost-card-vm.xml");
+        let xml_path = rig::paths::workspace_root().join("host-config/libvirt/vhost-card-vm.xml");
         let xml = fs::read_to_string(&xml_path)
             .with_context(|| format!("reading {}", xml_path.display()))?;
         // Comments may quote elements; only the markup counts.
@@ -195,7 +194,7 @@ fn virsh_quiet(args: &[&str]) -> Result<String> {
         .stdin(Stdio::null())
         .output()
         .context("running virsh")?;
-    crate::check_interrupted()?;
+    rig::interrupt::check_interrupted()?;
     if !out.status.success() {
         bail!(
             "virsh {} failed ({}): {}",
@@ -238,7 +237,7 @@ impl Libvirtd {
             Libvirtd::Systemd
         } else {
             // No systemd to start it: run the daemons directly, in a namespace of their own.
-            let ns = Netns::create("vhclibvirt")?;
+            let ns = Netns::new("vhclibvirt-")?;
             println!(
                 "libvirt: systemd is not PID 1; starting virtlogd and libvirtd in network \
                  namespace {}",
@@ -342,6 +341,19 @@ impl Created {
             missing.push(p.to_path_buf());
             d = p.parent();
         }
+        // QEMU runs as libvirt-qemu: every existing parent must let others through.
+        for p in d.into_iter().flat_map(Path::ancestors) {
+            let mode = fs::metadata(p)?.permissions().mode();
+            ensure!(
+                mode & 0o001 != 0,
+                "{} has mode {:o}: libvirt's QEMU (another user) cannot reach {} through it \
+                 (chmod o+x {})",
+                p.display(),
+                mode & 0o7777,
+                dir.display(),
+                p.display()
+            );
+        }
         for p in missing.into_iter().rev() {
             fs::create_dir(&p).with_context(|| format!("creating {}", p.display()))?;
             fs::set_permissions(&p, fs::Permissions::from_mode(0o755))?;
@@ -375,7 +387,7 @@ pub fn run(opts: &Options) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the libvirt test needs root (libvirt's system instance, namespaces, taps)");
     }
-    let log_dir = crate::vm_dir().join("logs/libvirt");
+    let log_dir = rig::paths::vm_dir().join("logs/libvirt");
     fs::create_dir_all(&log_dir)?;
     for old in [
         "daemon.log",
@@ -415,9 +427,9 @@ fn scenario(opts: &Options, log_dir: &Path, t0: Instant) -> Result<()> {
     let assets = crate::assets::ensure(&crate::assets::Options { refresh: false })?;
     crate::apt::install(&["libvirt-daemon-system", "libvirt-clients"])?;
     if !opts.no_build {
-        build_release()?;
+        rig::daemon::build(true)?;
     }
-    let binary = crate::target_dir().join("release/vhost-card");
+    let binary = rig::paths::target_dir().join("release/vhost-card");
 
     // Declaration order is teardown order reversed: the domain goes first, then the guest
     // files, the daemon, the card's namespace, and libvirt last.
@@ -430,7 +442,7 @@ fn scenario(opts: &Options, log_dir: &Path, t0: Instant) -> Result<()> {
             dom.name
         );
     }
-    let ns = Netns::create("vhclv")?;
+    let ns = Netns::new("vhclv-")?;
     let mut created = Created::default();
     let run_dir = dom
         .socket
@@ -507,7 +519,7 @@ fn scenario(opts: &Options, log_dir: &Path, t0: Instant) -> Result<()> {
     })?;
 
     // The card pings the guest; the counters are read while those pings flow.
-    let metrics = metrics_addr(&log_dir.join("daemon.log"))?;
+    let metrics = rig::daemon::metrics_addr(&fs::read_to_string(log_dir.join("daemon.log"))?)?;
     let before = Snapshot::take(&binary, &control, &metrics)?;
     let mut pinger = ns.command("busybox");
     pinger
@@ -566,7 +578,7 @@ fn scenario(opts: &Options, log_dir: &Path, t0: Instant) -> Result<()> {
     };
 
     // The report.
-    let results = &console.results;
+    let results = &console.console.results;
     let get = |k: &str| results.get(k).map_or("(missing)", String::as_str);
     let mut pass = true;
     let mut rows = Vec::new();
@@ -709,20 +721,6 @@ fn scenario(opts: &Options, log_dir: &Path, t0: Instant) -> Result<()> {
     Ok(())
 }
 
-fn build_release() -> Result<()> {
-    println!("libvirt: cargo build --release -p vhost-card");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "vhost-card"])
-        .current_dir(crate::workspace_root())
-        .status()?;
-    crate::check_interrupted()?;
-    if !status.success() {
-        bail!("cargo build --release -p vhost-card failed ({status})");
-    }
-    Ok(())
-}
-
 fn print_indented(text: &str) {
     for line in text.lines() {
         println!("  {line}");
@@ -738,7 +736,6 @@ fn start_daemon(
     private: &Path,
     log_dir: &Path,
 ) -> Result<Guarded> {
-    let log = File::create(log_dir.join("daemon.log"))?;
     let args = [
         "--socket".to_string(),
         socket.display().to_string(),
@@ -755,39 +752,10 @@ fn start_daemon(
         SOCKET_GROUP.into(),
     ];
     println!("$ vhost-card {} &", args.join(" "));
-    let mut cmd = Command::new(binary);
-    cmd.args(&args)
-        .env("RUNTIME_DIRECTORY", private)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    let mut daemon = Guarded::spawn("the vhost-card daemon", &mut cmd, libc::SIGTERM)?;
-    wait_for(
-        "the daemon's socket and tap",
-        Duration::from_secs(20),
-        || {
-            if let Some(status) = daemon.try_wait()? {
-                bail!(
-                    "the daemon exited early ({status}):\n{}",
-                    crate::process::tail(&log_dir.join("daemon.log"), 10)
-                );
-            }
-            Ok((socket.exists() && control.exists() && ns.has_link(TAP)).then_some(()))
-        },
-    )?;
+    let daemon = rig::daemon::spawn(binary, &args, &log_dir.join("daemon.log"), private, || {
+        socket.exists() && control.exists() && ns.has_link(TAP)
+    })?;
     Ok(daemon)
-}
-
-/// The address the daemon's metrics endpoint bound (`--metrics-listen 127.0.0.1:0`).
-fn metrics_addr(log: &Path) -> Result<String> {
-    let text = fs::read_to_string(log)?;
-    text.lines()
-        .find_map(|l| {
-            let rest = l.split_once("metrics on http://")?.1;
-            Some(rest.split('/').next()?.to_string())
-        })
-        .ok_or_else(|| anyhow!("the daemon logged no metrics address"))
 }
 
 /// The counters from both endpoints at one moment.
@@ -806,7 +774,7 @@ impl Snapshot {
         Ok(Snapshot {
             stats: vhost_card::stats::Snapshot::parse(&json_text)
                 .with_context(|| format!("`vhost-card stats --json` printed {json_text}"))?,
-            prom_text: http_get(metrics, "/metrics")?,
+            prom_text: rig::daemon::scrape(metrics)?,
         })
     }
 
@@ -827,24 +795,6 @@ impl Snapshot {
             .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
             .unwrap_or(0)
     }
-}
-
-/// A plain HTTP/1.0 GET; returns the body of a 200 response.
-fn http_get(addr: &str, path: &str) -> Result<String> {
-    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("no HTTP header in the answer of {addr}"))?;
-    ensure!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "GET {path}: {}",
-        head.lines().next().unwrap_or("")
-    );
-    Ok(body.to_string())
 }
 
 /// Packet loss in percent from a busybox ping summary.
@@ -898,50 +848,22 @@ impl Drop for SaveLogs {
     }
 }
 
-/// Follows the console file virtlogd writes for the domain's serial port.
+/// The console file virtlogd writes for the domain's serial port.
 struct Console {
-    path: PathBuf,
+    console: rig::qemu::Console,
     domain: String,
-    file: Option<File>,
-    pending: Vec<u8>,
-    echo: bool,
-    results: std::collections::BTreeMap<String, String>,
 }
 
 impl Console {
     fn new(path: &Path, domain: &str, echo: bool) -> Console {
         Console {
-            path: path.to_path_buf(),
+            console: rig::qemu::Console::new(path.to_path_buf(), echo),
             domain: domain.to_string(),
-            file: None,
-            pending: Vec::new(),
-            echo,
-            results: Default::default(),
         }
     }
 
     fn poll(&mut self) -> Result<Vec<String>> {
-        if self.file.is_none() {
-            self.file = File::open(&self.path).ok();
-        }
-        if let Some(f) = &mut self.file {
-            f.read_to_end(&mut self.pending)?;
-        }
-        let mut lines = Vec::new();
-        while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
-            let raw: Vec<u8> = self.pending.drain(..=end).collect();
-            let line = String::from_utf8_lossy(&raw).trim_end().to_string();
-            if self.echo {
-                println!("guest| {line}");
-            }
-            if let Some(at) = line.find("RESULT ") {
-                if let Some((k, v)) = line[at + 7..].split_once('=') {
-                    self.results.insert(k.trim().into(), v.trim().into());
-                }
-            }
-            lines.push(line);
-        }
-        Ok(lines)
+        self.console.poll()
     }
 
     /// Waits for a console line matching `pred`; fails if the daemon dies or the domain

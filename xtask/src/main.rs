@@ -6,41 +6,35 @@
 //! what the guest sees, `e2e` runs the end-to-end scenarios (traffic, feature
 //! toggles, large frames, hot-plug, card restart) and `demo` shows it all to
 //! a person. Everything they fetch or build is cached under `target/vm/`.
+//!
+//! What the tasks share with the integration tests (the VM, the daemon, namespaces, processes)
+//! is the `rig` crate; the card's node is the `card-os` crate. Nothing here is product code.
 
-mod accel;
-mod agent;
-mod apt;
-mod assets;
 mod bench;
-mod card;
-mod cardos;
-mod cpio;
 mod demo;
 mod dist;
 mod e2e;
-mod features;
 mod fuzz;
 mod guest;
-mod json;
 mod libvirt;
-mod netns;
-mod nsnet;
-mod payload;
-mod process;
-mod qemu;
-mod qmp;
-mod report;
-mod rig;
-mod rootfs;
 mod schema;
 mod smoke;
 mod soak;
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use anyhow::{bail, Result};
 use clap::{CommandFactory, Parser, Subcommand};
+// The shared test rig (rig/): daemon launch, namespaces, processes, VMs, QMP, the guest agent.
+// Its modules are re-exported at the root so the e2e scenarios name them as they always have
+// (`crate::qemu::Vm`, `crate::rig::Rig`, `crate::workspace_root()`).
+#[allow(clippy::single_component_path_imports)]
+use ::rig;
+pub use rig::interrupt::check_interrupted;
+use rig::interrupt::install_signal_handlers;
+pub use rig::paths::{target_dir, vm_dir, workspace_root};
+use rig::{
+    accel, apt, assets, card, cpio, features, netns, nsnet, payload, process, qemu, qmp, report,
+    rootfs,
+}; // `crate::rig::{Env, Rig, ...}`
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Automation tasks for vhost-card")]
@@ -77,22 +71,19 @@ enum Task {
     /// Runs inside the test VM (the guest's helper binary).
     #[command(subcommand, hide = true)]
     Guest(guest::Helper),
-    /// The card's network node from card-os/card.toml: up, down, status, reload.
-    Card(cardos::Options),
     /// The card-os end-to-end scenarios (NAT, proxy, fragments, IPsec, firewall, reload, the
-    /// networkd guest).
+    /// networkd and NetworkManager guests, the installed product alone).
     CardosE2e(e2e::cardos::Options),
-    /// Runs inside the test VM (the card-os scenarios' guest helper).
-    #[command(subcommand, hide = true)]
-    CardGuest(cardos::guest::Helper),
-    /// The host install in target/dist/ (release binary, man pages, shell completions,
-    /// 50-vhost-card.json, systemd units, libvirt XML), checked; --install puts it in place.
+    /// The host install in target/dist/ (vhost-card and card-os, man pages, shell
+    /// completions, 50-vhost-card.json, systemd units, the example card, card-os's templates,
+    /// libvirt XML), checked; --install puts it in place.
     Dist(dist::Options),
     /// The libvirt domain in host-config/libvirt/ under libvirt from apt: define, start,
     /// traffic both ways with the card's counters, undefine.
     Libvirt(libvirt::Options),
     /// Every test, as CI runs them: `cargo test --workspace` (unit tests and the in-process
-    /// vhost-user frontend against the real daemon), then the VM smoke test and `e2e`.
+    /// vhost-user frontend against the real daemon, card-os against the real programs), then
+    /// the VM smoke test, `e2e` and `cardos-e2e`.
     Test(smoke::Options),
 }
 
@@ -113,9 +104,7 @@ fn main() {
         Task::Bench(opts) => bench::run(&opts),
         Task::Soak(opts) => soak::run(&opts),
         Task::Guest(cmd) => guest::helper(&cmd),
-        Task::Card(opts) => cardos::run_task(&opts),
         Task::CardosE2e(opts) => e2e::cardos::run(&opts),
-        Task::CardGuest(cmd) => cardos::guest::helper(&cmd),
         Task::Dist(opts) => dist::run(&opts),
         Task::Libvirt(opts) => libvirt::run(&opts),
         Task::Test(opts) => run_tests(&opts),
@@ -130,6 +119,8 @@ fn main() {
 /// cargo test suites, then the VM smoke test and the e2e suite.
 fn run_tests(opts: &smoke::Options) -> Result<()> {
     assets::ensure(&assets::Options { refresh: false })?;
+    // card-os's tests (in `cargo test --workspace`) run its programs: nft, nginx, strongSwan.
+    apt::install(&card_os::prereq::all_packages())?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = std::process::Command::new(cargo)
         .args(["test", "--workspace"])
@@ -156,49 +147,4 @@ fn run_tests(opts: &smoke::Options) -> Result<()> {
         opts: e2e::cardos::Options,
     }
     e2e::cardos::run(&CardosDefaults::parse_from(["cardos-e2e"]).opts)
-}
-
-/// The workspace root (the parent of this crate).
-pub fn workspace_root() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
-}
-
-/// Cargo's target directory for the workspace.
-pub fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) => workspace_root().join(dir),
-        None => workspace_root().join("target"),
-    }
-}
-
-/// Where the VM assets and logs live.
-pub fn vm_dir() -> PathBuf {
-    target_dir().join("vm")
-}
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_signal: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// On Ctrl-C (or SIGTERM/SIGHUP) only raise a flag: the wait loops notice it
-/// and return an error, so every RAII guard runs and nothing is left behind.
-fn install_signal_handlers() {
-    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: `on_signal` is an `extern "C"` function that only stores to
-        // an atomic, which is async-signal-safe.
-        unsafe {
-            libc::signal(signal, on_signal as *const () as libc::sighandler_t);
-        }
-    }
-}
-
-/// Fails once the user asked us to stop.
-pub fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
 }

@@ -54,7 +54,7 @@ pub fn ensure_validator() -> Result<()> {
 /// Validates the JSON text `doc` against the schema's definition `definition`.
 pub fn validate(definition: &str, doc: &str) -> Result<()> {
     ensure_validator()?;
-    let schema = crate::workspace_root().join("host-config/qemu/vhost-user.schema.json");
+    let schema = rig::paths::workspace_root().join("host-config/qemu/vhost-user.schema.json");
     let mut child = Command::new(PYTHON)
         .arg("-c")
         .arg(VALIDATE)

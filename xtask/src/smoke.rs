@@ -5,15 +5,15 @@
 //! its agent instead (see `guest.rs`).
 
 use std::fmt::Write as _;
-use std::fs::{self, File};
+use std::fs;
 use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 use crate::netns::Netns;
-use crate::process::{self, wait_for, Guarded, TempDir};
+use crate::process::{self, Guarded, TempDir};
 use crate::qemu::{Nic, Vm, VmConfig};
 use crate::report::Ping;
 use crate::{accel, assets, features};
@@ -57,7 +57,7 @@ pub fn run(opts: &Options) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the VM scenario needs root (network namespaces, tap devices)");
     }
-    let log_dir = crate::vm_dir().join("logs");
+    let log_dir = rig::paths::vm_dir().join("logs");
     fs::create_dir_all(&log_dir)?;
     for old in ["serial.log", "qemu.log", "daemon.log"] {
         fs::remove_file(log_dir.join(old)).ok();
@@ -86,7 +86,7 @@ fn scenario(opts: &Options, log_dir: &Path) -> Result<()> {
     // Declaration order matters: guards drop in reverse, so the VM stops
     // first, then the daemon, then the namespace and the temporary files.
     let tmp = TempDir::new("vhost-card-xtask")?;
-    let ns = Netns::create("vhc")?;
+    let ns = Netns::new("vhc-")?;
     let socket = tmp.path().join("card.sock");
     let mut daemon = match opts.backend {
         Backend::VhostUser => Some(start_daemon(&ns, &socket, opts.mtu, log_dir)?),
@@ -202,33 +202,24 @@ fn scenario(opts: &Options, log_dir: &Path) -> Result<()> {
 /// Starts the daemon (logging to daemon.log) and waits until it listens on
 /// `socket` and has created its tap in `ns`.
 fn start_daemon(ns: &Netns, socket: &Path, mtu: u32, log_dir: &Path) -> Result<Guarded> {
-    let bin = crate::target_dir().join("release/vhost-card");
-    let log = File::create(log_dir.join("daemon.log"))?;
-    let mut cmd = Command::new(bin);
-    cmd.arg("--socket")
-        .arg(socket)
-        .args(["--netns", ns.name(), "--tap", TAP])
-        .args(["--mtu", &mtu.to_string()])
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    println!("smoke: starting {cmd:?}");
-    let mut daemon = Guarded::spawn("the vhost-card daemon", &mut cmd, libc::SIGTERM)?;
-    wait_for(
-        "the daemon's socket and tap",
-        Duration::from_secs(20),
-        || {
-            if let Some(status) = daemon.try_wait()? {
-                bail!("the daemon exited early ({status})");
-            }
-            Ok((socket.exists() && ns.has_link(TAP)).then_some(()))
-        },
-    )?;
-    Ok(daemon)
+    let args = [
+        "--socket".to_string(),
+        socket.display().to_string(),
+        "--netns".into(),
+        ns.name().into(),
+        "--tap".into(),
+        TAP.into(),
+        "--mtu".into(),
+        mtu.to_string(),
+    ];
+    println!("smoke: starting vhost-card {}", args.join(" "));
+    rig::daemon::spawn(
+        &crate::card::binary(),
+        &args,
+        &log_dir.join("daemon.log"),
+        &std::env::temp_dir(),
+        || socket.exists() && ns.has_link(TAP),
+    )
 }
 
 /// Stops the daemon with SIGTERM; fine unless it had to be killed.
@@ -260,7 +251,7 @@ fn host_ping(ns: &Netns, args: &[&str], echo: bool) -> Result<Ping> {
         .args(args)
         .output()
         .context("running ping in the namespace")?;
-    crate::check_interrupted()?;
+    rig::interrupt::check_interrupted()?;
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     for line in text.lines().filter(|_| echo) {

@@ -17,16 +17,16 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 use crate::bench::procs::Proc;
 use crate::bench::{CARD_IP, HOST_IP, HOST_MAC, PORT};
-use crate::json::Json;
 use crate::netns::Netns;
 use crate::process::{self, Guarded, TempDir};
+use serde_json::{json, Value as Json};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Options {
@@ -302,7 +302,7 @@ impl Plan {
 }
 
 /// The processes of one soak; dropped in reverse order of declaration (sources first).
-struct Rig {
+struct Soak {
     bin: PathBuf,
     logs: PathBuf,
     sock: PathBuf,
@@ -350,7 +350,7 @@ fn snap(p: &mut Proc) -> Result<String> {
     p.expect(Duration::from_secs(5), |l| l.starts_with('{'))
 }
 
-impl Rig {
+impl Soak {
     fn load(&self, args: &[&str]) -> Command {
         let mut c = Command::new(self.bin.join("card-load"));
         c.args(args);
@@ -518,10 +518,7 @@ fn daemon_counters(control: &Path) -> Result<BTreeMap<String, u64>> {
 /// of the namespace.
 fn kernel_counters(ns: &Netns) -> Result<BTreeMap<String, u64>> {
     let mut m = BTreeMap::new();
-    let num = |j: Option<&Json>| match j {
-        Some(Json::Num(n)) => *n as u64,
-        _ => 0,
-    };
+    let num = |j: Option<&Json>| j.and_then(Json::as_u64).unwrap_or(0);
     let link = process::stdout(Command::new("ip").args([
         "-n",
         ns.name(),
@@ -532,11 +529,8 @@ fn kernel_counters(ns: &Netns) -> Result<BTreeMap<String, u64>> {
         "dev",
         "card0",
     ]))?;
-    let link = Json::parse(&link)?;
-    let dev = match &link {
-        Json::Arr(a) => a.first(),
-        _ => None,
-    };
+    let link: Json = serde_json::from_str(&link)?;
+    let dev = link.as_array().and_then(|a| a.first());
     let stats = dev.and_then(|d| d.get("stats64"));
     for dir in ["rx", "tx"] {
         let s = stats.and_then(|s| s.get(dir));
@@ -557,10 +551,10 @@ fn kernel_counters(ns: &Netns) -> Result<BTreeMap<String, u64>> {
         "dev",
         "card0",
     ]))?;
-    let drops = match Json::parse(&qdisc)? {
-        Json::Arr(a) => a.iter().map(|q| num(q.get("drops"))).sum(),
-        _ => 0,
-    };
+    let qdisc: Json = serde_json::from_str(&qdisc)?;
+    let drops = qdisc
+        .as_array()
+        .map_or(0, |a| a.iter().map(|q| num(q.get("drops"))).sum());
     m.insert("qdisc drops".into(), drops);
     let snmp = process::stdout(ns.command("cat").arg("/proc/net/snmp"))?;
     let table = |proto: &str| -> BTreeMap<String, u64> {
@@ -621,25 +615,7 @@ fn kernel_c2h(k: &BTreeMap<String, u64>) -> i128 {
 /// Builds the release binaries the soak runs.
 fn build() -> Result<PathBuf> {
     println!("soak: building vhost-card and card-load (release)");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    process::run(
-        Command::new(cargo)
-            .current_dir(crate::workspace_root())
-            .args([
-                "build",
-                "--release",
-                "--quiet",
-                "-p",
-                "vhost-card",
-                "--bin",
-                "vhost-card",
-                "-p",
-                "card-tests",
-                "--bin",
-                "card-load",
-            ]),
-    )?;
-    Ok(crate::target_dir().join("release"))
+    rig::paths::cargo_build(true, crate::bench::BINARIES)
 }
 
 fn mmss(t: f64) -> String {
@@ -758,7 +734,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let out = opts
         .out
         .clone()
-        .unwrap_or_else(|| crate::target_dir().join("soak"));
+        .unwrap_or_else(|| rig::paths::target_dir().join("soak"));
     let logs = out.join("logs");
     std::fs::create_dir_all(&logs)?;
     let bin = build()?;
@@ -766,7 +742,7 @@ pub fn run(opts: &Options) -> Result<()> {
 
     // The daemon in a fresh namespace.
     let dir = TempDir::new("soak")?;
-    let ns = Netns::create("soak")?;
+    let ns = Netns::new("soak-")?;
     for s in [
         "net.ipv6.conf.all.disable_ipv6=1",
         "net.ipv6.conf.default.disable_ipv6=1",
@@ -777,51 +753,36 @@ pub fn run(opts: &Options) -> Result<()> {
     let control = dir.path().join("control.sock");
     let daemon_log = logs.join("vhost-card.log");
     let queues = opts.queues.to_string();
-    let log_file = std::fs::File::create(&daemon_log)?;
-    let mut cmd = Command::new(bin.join("vhost-card"));
-    cmd.arg("--socket")
-        .arg(&sock)
-        .arg("--control")
-        .arg(&control)
-        .args(["--netns", ns.name(), "--tap", "card0", "--queues", &queues])
-        .args(
-            opts.card_args
-                .as_deref()
-                .unwrap_or("")
-                .split_whitespace()
-                .collect::<Vec<_>>(),
-        )
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file);
-    let mut daemon = Guarded::spawn("vhost-card", &mut cmd, libc::SIGTERM)?;
-    process::wait_for("the vhost-card sockets", Duration::from_secs(10), || {
-        if let Some(st) = daemon.try_wait()? {
-            bail!(
-                "vhost-card exited ({st}): {}",
-                process::tail(&daemon_log, 10)
-            );
-        }
-        Ok((sock.exists() && control.exists()).then_some(()))
-    })?;
-    process::wait_for("card0", Duration::from_secs(10), || {
-        Ok(ns.has_link("card0").then_some(()))
-    })?;
-    ns.ip(&["addr", "add", &format!("{CARD_IP}/24"), "dev", "card0"])?;
-    ns.ip(&[
-        "neigh",
-        "replace",
-        HOST_IP,
-        "lladdr",
-        HOST_MAC,
-        "dev",
-        "card0",
-        "nud",
-        "permanent",
-    ])?;
+    let mut args: Vec<String> = vec![
+        "--socket".into(),
+        sock.display().to_string(),
+        "--control".into(),
+        control.display().to_string(),
+        "--netns".into(),
+        ns.name().into(),
+        "--tap".into(),
+        "card0".into(),
+        "--queues".into(),
+        queues.clone(),
+    ];
+    args.extend(
+        opts.card_args
+            .as_deref()
+            .unwrap_or("")
+            .split_whitespace()
+            .map(String::from),
+    );
+    let daemon = rig::daemon::spawn(
+        &bin.join("vhost-card"),
+        &args,
+        &daemon_log,
+        dir.path(),
+        || sock.exists() && control.exists() && ns.has_link("card0"),
+    )?;
+
+    ns.card_address("card0", &format!("{CARD_IP}/24"), HOST_IP, HOST_MAC)?;
     let mac = process::stdout(ns.command("cat").arg("/sys/class/net/card0/address"))?;
-    let mut rig = Rig {
+    let mut rig = Soak {
         bin,
         logs: logs.clone(),
         sock: sock.clone(),
@@ -876,9 +837,9 @@ pub fn run(opts: &Options) -> Result<()> {
     let mut samples = vec![rig.sample(0.0)?];
     println!("{}", line(&samples[0], None));
     let mut died: Option<String> = None;
-    let wait_until = |rig: &mut Rig, at: f64| -> Result<bool> {
+    let wait_until = |rig: &mut Soak, at: f64| -> Result<bool> {
         loop {
-            crate::check_interrupted()?;
+            rig::interrupt::check_interrupted()?;
             if !rig.daemon_alive() {
                 return Ok(false);
             }
@@ -1199,7 +1160,10 @@ pub fn run(opts: &Options) -> Result<()> {
         &checks,
         pass,
     );
-    std::fs::write(out.join("soak.json"), format!("{json}\n"))?;
+    std::fs::write(
+        out.join("soak.json"),
+        serde_json::to_string_pretty(&json)? + "\n",
+    )?;
     let summary = format!(
         "{} ({} sessions); RSS {} KiB after warm-up, {} KiB at the end ({:+} KiB, bound {}); fds \
          {} -> {}; threads {} -> {}; h2c {} frames, c2h {} frames; unexpected drops: {}",
@@ -1376,57 +1340,40 @@ fn to_json(
     checks: &[Check],
     pass: bool,
 ) -> Json {
-    let n = |v: u64| Json::Num(v as f64);
-    let map =
-        |m: &BTreeMap<String, u64>| Json::Obj(m.iter().map(|(k, v)| (k.clone(), n(*v))).collect());
     let sample = |s: &Sample| {
-        Json::obj([
-            ("t", Json::Num((s.t * 10.0).round() / 10.0)),
-            ("rss_kib", n(s.rss)),
-            ("rss_anon_kib", n(s.anon)),
-            ("rss_file_kib", n(s.file)),
-            ("rss_shmem_kib", n(s.shmem)),
-            ("fds", n(s.fds)),
-            ("threads", n(s.threads)),
-            ("sessions", n(s.sessions)),
-            ("sink_frames", n(s.sink.0)),
-            ("sink_bytes", n(s.sink.1)),
-            ("host_rx_frames", n(s.host_rx.0)),
-            ("host_rx_bytes", n(s.host_rx.1)),
-            ("daemon", map(&s.daemon)),
-            ("kernel", map(&s.kernel)),
-        ])
+        json!({
+            "t": (s.t * 10.0).round() / 10.0,
+            "rss_kib": s.rss,
+            "rss_anon_kib": s.anon,
+            "rss_file_kib": s.file,
+            "rss_shmem_kib": s.shmem,
+            "fds": s.fds,
+            "threads": s.threads,
+            "sessions": s.sessions,
+            "sink_frames": s.sink.0,
+            "sink_bytes": s.sink.1,
+            "host_rx_frames": s.host_rx.0,
+            "host_rx_bytes": s.host_rx.1,
+            "daemon": s.daemon,
+            "kernel": s.kernel,
+        })
     };
-    Json::obj([
-        ("command", Json::str(&format!("cargo xtask {command_line}"))),
-        ("seconds", Json::Num(plan.duration)),
-        ("interval", Json::Num(plan.interval)),
-        ("warmup", Json::Num(plan.warmup)),
-        (
-            "sizes",
-            Json::Arr(opts.sizes.iter().map(|&s| n(s as u64)).collect()),
-        ),
-        ("queues", n(opts.queues as u64)),
-        ("reconnect", Json::Bool(!opts.no_reconnect)),
-        ("rss_bound_kib", n(opts.rss_bound_kib)),
-        ("before", sample(before)),
-        ("samples", Json::Arr(samples.iter().map(sample).collect())),
-        ("end", last.map(sample).unwrap_or(Json::Null)),
-        (
-            "checks",
-            Json::Arr(
-                checks
-                    .iter()
-                    .map(|c| {
-                        Json::obj([
-                            ("what", Json::str(c.what)),
-                            ("ok", Json::Bool(c.ok)),
-                            ("detail", Json::str(&c.detail)),
-                        ])
-                    })
-                    .collect(),
-            ),
-        ),
-        ("pass", Json::Bool(pass)),
-    ])
+    json!({
+        "command": format!("cargo xtask {command_line}"),
+        "seconds": plan.duration,
+        "interval": plan.interval,
+        "warmup": plan.warmup,
+        "sizes": opts.sizes,
+        "queues": opts.queues,
+        "reconnect": !opts.no_reconnect,
+        "rss_bound_kib": opts.rss_bound_kib,
+        "before": sample(before),
+        "samples": samples.iter().map(sample).collect::<Vec<_>>(),
+        "end": last.map(sample),
+        "checks": checks
+            .iter()
+            .map(|c| json!({ "what": c.what, "ok": c.ok, "detail": c.detail }))
+            .collect::<Vec<_>>(),
+        "pass": pass,
+    })
 }

@@ -23,13 +23,31 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use procs::{cpu_seconds, wait_until, Ns, Proc};
+use procs::{cpu_seconds, wait_until, Proc};
+use rig::netns::Netns;
 
+/// What bench and soak build (release): the daemon and the load generator (bench/card-load).
+pub const BINARIES: &[&str] = &[
+    "--quiet",
+    "-p",
+    "vhost-card",
+    "--bin",
+    "vhost-card",
+    "-p",
+    "card-load",
+    "--bin",
+    "card-load",
+];
 pub const CARD_IP: &str = "10.88.0.1";
 pub const HOST_IP: &str = "10.88.0.2";
 /// The host's MAC as `card-load` uses it.
 pub const HOST_MAC: &str = "52:54:00:be:4c:01";
 pub const PORT: u16 = 9000;
+/// Whether the daemon's extra arguments ask for the IP-only link.
+fn link_ip(args: &[String]) -> bool {
+    args.windows(2).any(|w| w[0] == "--link" && w[1] == "ip")
+}
+
 /// The card's MAC toward the host when the bench runs `--link ip`.
 pub const IP_LINK_MAC: &str = "02:ca:4d:be:4c:02";
 /// UDP GSO segment payload at a card MTU of 1500.
@@ -216,7 +234,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let out = opts
         .out
         .clone()
-        .unwrap_or_else(|| crate::target_dir().join("bench"));
+        .unwrap_or_else(|| rig::paths::target_dir().join("bench"));
     std::fs::create_dir_all(&out)?;
     if opts.vm {
         return vm::run(opts, &out);
@@ -299,7 +317,7 @@ pub fn run(opts: &Options) -> Result<()> {
                 if row.na.is_some() {
                     continue;
                 }
-                crate::check_interrupted()?;
+                rig::interrupt::check_interrupted()?;
                 let t = Instant::now();
                 match measure(&mut ctx, case, row.frontend, row.backend) {
                     Ok(s) => {
@@ -317,7 +335,7 @@ pub fn run(opts: &Options) -> Result<()> {
                         row.samples.push(s);
                     }
                     Err(e) => {
-                        crate::check_interrupted()?;
+                        rig::interrupt::check_interrupted()?;
                         println!(
                             "  {:<18} {:<9} {:<15} run {}: FAILED: {e:#}",
                             case.label(),
@@ -554,7 +572,13 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
             cpu: case.queues as f64,
         });
     }
-    let ns = Ns::new()?;
+    let ns = Netns::new("bench")?;
+    for s in [
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.default.disable_ipv6=1",
+    ] {
+        ns.sysctl(s)?;
+    }
     let sock = ctx.run_dir.join(format!("{tag}.sock"));
     let q = case.queues.to_string();
     let mtu = case.mtu().to_string();
@@ -563,23 +587,36 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
     // The backend and the card's tap.
     let mut backend = match b {
         Backend::Card | Backend::CardWritev => {
-            let mut cmd = Command::new(ctx.bin.join("vhost-card"));
+            let mut args: Vec<String> = vec!["--socket".into(), sock.display().to_string()];
+            for a in [
+                "--netns",
+                ns.name(),
+                "--tap",
+                "card0",
+                "--queues",
+                &q,
+                "--mtu",
+                &mtu,
+            ] {
+                args.push(a.into());
+            }
+            if case.uso {
+                args.extend(["--enable".into(), "host-uso,guest-uso4,guest-uso6".into()]);
+            }
+            args.extend(ctx.card_args.iter().cloned());
+            if link_ip(&ctx.card_args) {
+                args.extend(["--mac".into(), IP_LINK_MAC.into()]);
+            }
+            let private = ctx.run_dir.join(format!("{tag}.private"));
+            std::fs::create_dir_all(&private)?;
+            let mut cmd = rig::daemon::command(
+                &ctx.bin.join("vhost-card"),
+                &args,
+                &log("vhost-card"),
+                &private,
+            )?;
             if b == Backend::CardWritev {
                 cmd.env("VHOST_CARD_TX_URING", "0");
-            }
-            cmd.arg("--socket").arg(&sock).args([
-                "--netns", &ns.name, "--tap", "card0", "--queues", &q, "--mtu", &mtu,
-            ]);
-            if case.uso {
-                cmd.args(["--enable", "host-uso,guest-uso4,guest-uso6"]);
-            }
-            cmd.args(&ctx.card_args);
-            if ctx
-                .card_args
-                .windows(2)
-                .any(|w| w[0] == "--link" && w[1] == "ip")
-            {
-                cmd.args(["--mac", IP_LINK_MAC]);
             }
             cmd.env("RUST_LOG", "warn");
             let p = Proc::spawn("vhost-card", &mut cmd, &log("vhost-card"))?;
@@ -642,29 +679,17 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
         ns.ip(&["link", "show", "dev", "card0"]).is_ok()
     })?;
     ns.ip(&["link", "set", "card0", "mtu", &mtu, "up"])?;
-    ns.ip(&["addr", "add", &format!("{CARD_IP}/24"), "dev", "card0"])?;
     // `--card-args "--link ip"`: card0 is a tun without neighbours or a MAC of its own; the
     // daemon answers for the card with IP_LINK_MAC.
-    let ip_link = matches!(b, Backend::Card | Backend::CardWritev)
-        && ctx
-            .card_args
-            .windows(2)
-            .any(|w| w[0] == "--link" && w[1] == "ip");
+    let ip_link = matches!(b, Backend::Card | Backend::CardWritev) && link_ip(&ctx.card_args);
     let mac = if ip_link {
+        ns.ip(&["addr", "add", &format!("{CARD_IP}/24"), "dev", "card0"])?;
         IP_LINK_MAC.to_string()
     } else {
-        ns.ip(&[
-            "neigh",
-            "replace",
-            HOST_IP,
-            "lladdr",
-            HOST_MAC,
-            "dev",
-            "card0",
-            "nud",
-            "permanent",
-        ])?;
-        ns.read("/sys/class/net/card0/address")?
+        ns.card_address("card0", &format!("{CARD_IP}/24"), HOST_IP, HOST_MAC)?;
+        ns.exec("cat", &["/sys/class/net/card0/address"])?
+            .trim()
+            .to_string()
     };
     let load = |args: &[&str]| {
         let mut c = Command::new(ctx.bin.join("card-load"));
@@ -688,7 +713,7 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
                 &mut load(&[
                     "sink",
                     "--netns",
-                    &ns.name,
+                    ns.name(),
                     "--addr",
                     &card_addr,
                     "--threads",
@@ -706,7 +731,7 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
                         &mut load(&[
                             "tapw",
                             "--netns",
-                            &ns.name,
+                            ns.name(),
                             "--tap",
                             "card0",
                             "--queues",
@@ -759,7 +784,14 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
                     let mut p = Proc::spawn(
                         "tapr",
                         &mut load(&[
-                            "tapr", "--netns", &ns.name, "--tap", "card0", "--queues", &q, "--mtu",
+                            "tapr",
+                            "--netns",
+                            ns.name(),
+                            "--tap",
+                            "card0",
+                            "--queues",
+                            &q,
+                            "--mtu",
                             &mtu,
                         ]),
                         &log("tapr"),
@@ -789,8 +821,17 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
             counter_idx = 0;
             let flows = if case.queues > 1 { "4" } else { "1" };
             let mut args = vec![
-                "send", "--netns", &ns.name, "--src", CARD_IP, "--dst", &dst, "--size", &size,
-                "--flows", flows,
+                "send",
+                "--netns",
+                ns.name(),
+                "--src",
+                CARD_IP,
+                "--dst",
+                &dst,
+                "--size",
+                &size,
+                "--flows",
+                flows,
             ];
             let seg = USO_SEG.to_string();
             if case.uso {

@@ -1,47 +1,32 @@
-//! Processes and namespaces for one measurement: children whose output lines arrive on a
-//! channel (so a command can be sent and its answer awaited), stopped on drop; a network
-//! namespace deleted on drop; CPU time from /proc.
+//! Processes of one measurement: children whose output lines arrive on a channel (so a command
+//! can be sent and its answer awaited), stopped on drop; CPU time from /proc.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use rig::process::{tail, Guarded};
 
-/// A child process talking over stdin/stdout lines; stderr goes to a log file.
+/// A child process talking over stdin/stdout lines; stderr goes to a log file. The process
+/// itself is the rig's [`Guarded`] (own process group, killed with us, stopped on drop).
 pub struct Proc {
     pub name: String,
-    child: Child,
     stdin: Option<ChildStdin>,
     lines: Receiver<String>,
     pub log: PathBuf,
+    child: Guarded,
 }
 
 impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<Proc> {
         let err = std::fs::File::create(log)?;
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(err)
-            .process_group(0);
-        // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is
-        // async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {name}: {cmd:?}"))?;
-        let out = child.stdout.take().context("no stdout")?;
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(err);
+        let mut child = Guarded::spawn(name, cmd, libc::SIGTERM)?;
+        let (stdin, out) = child.take_stdio();
+        let out = out.context("no stdout")?;
         let (tx, rx) = channel();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines() {
@@ -53,7 +38,7 @@ impl Proc {
         });
         Ok(Proc {
             name: name.to_string(),
-            stdin: child.stdin.take(),
+            stdin,
             child,
             lines: rx,
             log: log.to_path_buf(),
@@ -61,7 +46,7 @@ impl Proc {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.pid()
     }
 
     pub fn send(&mut self, line: &str) -> Result<()> {
@@ -75,7 +60,7 @@ impl Proc {
     pub fn expect(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<String> {
         let deadline = Instant::now() + timeout;
         loop {
-            crate::check_interrupted()?;
+            rig::interrupt::check_interrupted()?;
             let left = deadline.saturating_duration_since(Instant::now());
             match self
                 .lines
@@ -113,39 +98,13 @@ impl Proc {
     pub fn stop(&mut self, polite: Option<&str>) {
         if let Some(q) = polite {
             let _ = self.send(q);
-            if self.wait(Duration::from_secs(3)) {
+            if self.child.wait_timeout(Duration::from_secs(3)).is_ok() {
                 return;
             }
         }
         self.stdin = None;
-        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
-            if self.alive() {
-                // SAFETY: kill(2) on our own child, not yet reaped (alive() just said so).
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-            }
-        }
-        if !self.wait(Duration::from_secs(5)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    fn wait(&mut self, d: Duration) -> bool {
-        let deadline = Instant::now() + d;
-        while Instant::now() < deadline {
-            if !self.alive() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.alive() {
-            self.stop(None);
+        if let Err(e) = self.child.stop() {
+            eprintln!("bench: stopping {}: {e:#}", self.name);
         }
     }
 }
@@ -166,91 +125,15 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok((ut + st) / hz)
 }
 
-/// A network namespace that lives as long as this value.
-pub struct Ns {
-    pub name: String,
-}
-
-impl Ns {
-    pub fn new() -> Result<Ns> {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "bench{}n{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        sh("ip", &["netns", "add", &name])?;
-        let ns = Ns { name };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        for s in [
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ] {
-            sh("ip", &["netns", "exec", &ns.name, "sysctl", "-qw", s])?;
-        }
-        Ok(ns)
-    }
-
-    pub fn ip(&self, args: &[&str]) -> Result<String> {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend_from_slice(args);
-        sh("ip", &all)
-    }
-
-    pub fn read(&self, path: &str) -> Result<String> {
-        Ok(sh("ip", &["netns", "exec", &self.name, "cat", path])?
-            .trim()
-            .to_string())
-    }
-
-    /// A command run inside the namespace.
-    pub fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
-        c
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
-
-/// Runs a command; fails with its stderr.
-pub fn sh(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "`{program} {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Polls `f` every 50 ms until it is true.
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while !f() {
-        crate::check_interrupted()?;
+        rig::interrupt::check_interrupted()?;
         if Instant::now() >= deadline {
             bail!("timed out after {timeout:?} waiting for {what}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
-}
-
-/// The last `n` lines of a file.
-pub fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }

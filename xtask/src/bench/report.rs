@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result};
+use serde_json::json;
 
 use super::{Backend, Dir, Frontend, Row};
 
@@ -144,56 +145,52 @@ pub fn targets(rows: &[Row]) -> String {
     t
 }
 
+/// results.json: the run's conditions and every row with its runs and median.
 fn json(rows: &[Row], meta: &Meta) -> String {
-    let mut j = String::new();
-    let _ = write!(
-        j,
-        "{{\n  \"steal_percent\": {},\n  \"smoke\": {},\n  \"reps\": {},\n  \"window_s\": {},\n  \"load_average\": \"{}\",\n  \"minutes\": {:.1},\n  \"hugepages\": {},\n  \"card_args\": \"{}\",\n  \"rows\": [\n",
-        meta.steal.map_or("null".into(), |s| format!("{s:.2}")),
-        meta.smoke,
-        meta.reps,
-        meta.window,
-        meta.load,
-        meta.minutes,
-        meta.huge,
-        meta.card_args
-    );
-    for (i, r) in rows.iter().enumerate() {
-        let samples: Vec<String> = r
-            .samples
-            .iter()
-            .map(|s| {
-                format!(
-                    "{{\"pps\": {:.0}, \"bytes_per_s\": {:.0}, \"cpu\": {:.3}}}",
-                    s.pps, s.bps, s.cpu
-                )
+    let round = |x: f64, places: i32| {
+        let f = 10f64.powi(places);
+        (x * f).round() / f
+    };
+    let rows: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "case": r.case.label(),
+                "direction": match r.case.dir {
+                    Dir::H2c => "host-to-card",
+                    Dir::C2h => "card-to-host",
+                },
+                "frame": r.case.frame_bytes(),
+                "uso": r.case.uso,
+                "queues": r.case.queues,
+                "frontend": r.frontend.name(),
+                "backend": r.backend.name(),
+                "median": r.median().map(|m| json!({
+                    "mpps": round(m.pps / 1e6, 4),
+                    "gbit_s": round(m.bps * 8.0 / 1e9, 3),
+                    "cpu_s_per_gb": r.cpu_per_gb().map(|c| round(c, 4)),
+                })),
+                "runs": r.samples.iter().map(|s| json!({
+                    "pps": s.pps.round(),
+                    "bytes_per_s": s.bps.round(),
+                    "cpu": round(s.cpu, 3),
+                })).collect::<Vec<_>>(),
+                "not_applicable": r.na,
             })
-            .collect();
-        let med = r.median().map_or("null".into(), |m| {
-            format!(
-                "{{\"mpps\": {:.4}, \"gbit_s\": {:.3}, \"cpu_s_per_gb\": {}}}",
-                m.pps / 1e6,
-                m.bps * 8.0 / 1e9,
-                r.cpu_per_gb().map_or("null".into(), |c| format!("{c:.4}"))
-            )
-        });
-        let _ = writeln!(
-            j,
-            "    {{\"case\": \"{}\", \"direction\": \"{}\", \"frame\": {}, \"uso\": {}, \"queues\": {}, \"frontend\": \"{}\", \"backend\": \"{}\", \"median\": {med}, \"runs\": [{}], \"not_applicable\": {}}}{}",
-            r.case.label(),
-            match r.case.dir { Dir::H2c => "host-to-card", Dir::C2h => "card-to-host" },
-            r.case.frame_bytes(),
-            r.case.uso,
-            r.case.queues,
-            r.frontend.name(),
-            r.backend.name(),
-            samples.join(", "),
-            r.na.as_ref().map_or("null".into(), |w| format!("\"{}\"", w.replace('"', "'"))),
-            if i + 1 < rows.len() { "," } else { "" }
-        );
-    }
-    j.push_str("  ]\n}\n");
-    j
+        })
+        .collect();
+    let doc = json!({
+        "steal_percent": meta.steal.map(|s| round(s, 2)),
+        "smoke": meta.smoke,
+        "reps": meta.reps,
+        "window_s": meta.window,
+        "load_average": meta.load,
+        "minutes": round(meta.minutes, 1),
+        "hugepages": meta.huge,
+        "card_args": meta.card_args,
+        "rows": rows,
+    });
+    serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
 }
 
 /// Clustered bars per case: Gbit/s and Mpps, log scale.

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use anyhow::{bail, Result};
 
-use super::procs::sh;
+use rig::process::sh;
 
 pub struct Env {
     /// Directory holding `vhost-card` and `card-load`.
@@ -59,28 +59,9 @@ pub fn prepare(dpdk: bool) -> Result<Env> {
         println!("bench: no 2 MiB hugepages; DPDK runs with --no-huge (slower)");
     }
     println!("bench: building vhost-card and card-load (release)");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let st = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "vhost-card",
-            "--bin",
-            "vhost-card",
-            "-p",
-            "card-tests",
-            "--bin",
-            "card-load",
-        ])
-        .current_dir(crate::workspace_root())
-        .status()?;
-    if !st.success() {
-        bail!("cargo build failed");
-    }
+    rig::paths::cargo_build(true, super::BINARIES)?;
     Ok(Env {
-        bin: crate::target_dir().join("release"),
+        bin: rig::paths::target_dir().join("release"),
         huge,
     })
 }

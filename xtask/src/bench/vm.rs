@@ -5,9 +5,7 @@
 //! emulation; the ratio is what counts.
 
 use std::fmt::Write as _;
-use std::net::SocketAddrV4;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -15,10 +13,9 @@ use anyhow::{bail, Result};
 use super::Options;
 use crate::card::{self, CardConfig};
 use crate::netns::Netns;
-use crate::nsnet::{self, Progress};
 use crate::process::TempDir;
 use crate::qemu::{Nic, Vm, VmConfig};
-use crate::rig::{guest_send_cmd, transfer_timeout, Env, Plug, Rig};
+use crate::rig::{Env, Plug, Rig};
 
 const MIB: usize = 1 << 20;
 
@@ -64,7 +61,7 @@ pub fn run(opts: &Options, out: &Path) -> Result<()> {
         let mut tap = (Vec::new(), Vec::new());
         for rep in 0..reps {
             for b in [Nicb::Card, Nicb::QemuTap] {
-                crate::check_interrupted()?;
+                rig::interrupt::check_interrupted()?;
                 let r = one(
                     &env,
                     b,
@@ -168,7 +165,7 @@ fn one(env: &Env, b: Nicb, mtu: u32, len: usize, name: &str) -> Run {
             std::fs::create_dir_all(&log_dir)?;
             // Drop order: the VM, then the namespace, then the run directory.
             let run = TempDir::new(&format!("vhb-{name}"))?;
-            let ns = Netns::create("vhb")?;
+            let ns = Netns::new("vhb-")?;
             ns.ip(&["tuntap", "add", "dev", card::TAP, "mode", "tap", "vnet_hdr"])?;
             ns.ip(&[
                 "link",
@@ -227,57 +224,13 @@ fn one(env: &Env, b: Nicb, mtu: u32, len: usize, name: &str) -> Run {
 /// `len` payload bytes guest → card, then card → guest, over TCP; MB/s each way (only when the
 /// data arrived whole).
 fn transfers(env: &Env, vm: &mut Vm, ns: &str, len: usize) -> Run {
-    let timeout = transfer_timeout(len);
-    // Guest to card: the card's side receives and checks.
-    let rx = nsnet::tcp_receive(
-        ns,
-        SocketAddrV4::new(card::CARD4.parse()?, 5001),
-        Duration::from_secs(60),
-        timeout,
-        Arc::new(Progress::default()),
-    )?;
-    let reply = vm.sh(&guest_send_cmd(env, len, 5001), timeout)?;
-    let got = nsnet::join(rx)?;
-    if reply.rc != 0 || got.bytes != len as u64 || got.sha256 != env.sha_prefix(len)? {
-        bail!(
-            "guest → card transfer incomplete: {} of {len} bytes (nc rc {})",
-            got.bytes,
-            reply.rc
-        );
+    let up = rig::machine::to_card(env, vm, ns, len, "")?;
+    if !up.ok {
+        bail!("guest → card transfer incomplete: {}", up.describe());
     }
-    let up = got.mb_per_s();
-    // Card to guest: the guest's nc receives into /tmp and reports what it got.
-    vm.check(
-        "rm -f /tmp/rx /tmp/rx.rc
-         (nc -l -p 5002 > /tmp/rx; echo $? > /tmp/rx.rc) > /dev/null 2>&1 &
-         n=0
-         until netstat -ltn | grep -q ':5002 '; do
-             n=$((n + 1)); [ $n -gt 100 ] && { echo 'nc is not listening'; exit 1; }
-             sleep 0.1
-         done",
-        Duration::from_secs(20),
-    )?;
-    let data = Arc::new(env.payload_arc[..len].to_vec());
-    let tx = nsnet::tcp_send(
-        ns,
-        SocketAddrV4::new(card::GUEST4.parse()?, 5002),
-        data,
-        Duration::from_secs(10),
-        timeout,
-    )?;
-    let sent = nsnet::join(tx)?;
-    let out = vm.check(
-        "n=0
-         while [ ! -e /tmp/rx.rc ]; do
-             n=$((n + 1)); [ $n -gt 300 ] && { echo 'nc did not finish'; killall nc; exit 1; }
-             sleep 0.1
-         done
-         echo bytes=$(wc -c < /tmp/rx)
-         rm -f /tmp/rx",
-        Duration::from_secs(120),
-    )?;
-    if !out.contains(&format!("bytes={len}")) {
-        bail!("card → guest transfer incomplete: {}", out.trim());
+    let down = rig::machine::to_guest(env, vm, ns, len)?;
+    if !down.ok {
+        bail!("card → guest transfer incomplete: {}", down.describe());
     }
-    Ok((up, sent.mb_per_s()))
+    Ok((up.transfer.mb_per_s(), down.transfer.mb_per_s()))
 }

@@ -1,6 +1,6 @@
-//! `cargo xtask cardos-e2e`: the card-os network node (card-os/card.toml,
-//! brought up by the same code as `cargo xtask card up`) between the stock
-//! kernel VM and an emulated 1500-byte wire. One VM, one card; the guest
+//! `cargo xtask cardos-e2e`: the card-os network node (card-os/card.toml with IPsec and the
+//! wire's test web server turned on, brought up by the `card_os` library, the same code as the
+//! `card-os` command) between the stock kernel VM and an emulated 1500-byte wire. One VM, one card; the guest
 //! applies host-config/card-link.sh. One PASS/FAIL/SKIP line each:
 //!
 //! 1. nat: the guest fetches the payload over HTTP from the wire's nginx
@@ -14,11 +14,11 @@
 //!    by vhost-card, the guest's ReasmOKs unchanged;
 //! 4. ipsec: guest traffic to the peer is ESP on the wire (kernel ESP, or
 //!    ESP in UDP from strongSwan's userspace kernel-libipsec where the
-//!    kernel has none), nothing in clear, and a `card reload` halfway
+//!    kernel has none), nothing in clear, and a `card-os reload` halfway
 //!    through keeps the SAs;
 //! 5. firewall: a new connection from the wire to the guest is dropped; the
 //!    card's own HTTP server answers;
-//! 6. reload: `card reload` with a changed config during a transfer;
+//! 6. reload: `card-os reload` with a changed config during a transfer;
 //! 7. networkd: a second guest, Debian with systemd-networkd from
 //!    debootstrap, configured by host-config/networkd/ alone, gets the
 //!    card's MTU, addresses and routes and reaches the card and the wire
@@ -29,20 +29,26 @@
 //! The namespaces are private to the run (`vhc-<pid>-<n>` for the card,
 //! `cosw-<pid>` for the wire); the rest comes from card-os/card.toml or the
 //! file --config names. Logs: target/vm/logs/cardos/.
+//!
+//! Scenario 9, `installed`, is the product alone: `cargo xtask dist --install --destdir` into a
+//! staging root, then the installed `card-os` and `vhost-card`, run from outside the checkout
+//! with nothing of it on PATH, against the same VM (see `installed.rs`).
 
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::installed;
 use super::networkd::{self, Flavour};
 use super::{DEFAULT_MTU, MIB};
 use crate::accel::Accel;
+use card_os::cmd::in_ns;
+use card_os::{ipsec as cos_ipsec, node as cardos, status as cos_status, Config};
+
 use crate::card::{self, CardConfig};
-use crate::cardos::{self, Config};
 use crate::nsnet;
 use crate::payload::Hasher;
 use crate::process::{Guarded, TempDir};
@@ -51,12 +57,12 @@ use crate::rig::{self, Env, Plug, Rig};
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Run only these scenarios (numbers 1-8, comma-separated).
+    /// Run only these scenarios (numbers 1-9, comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u32>,
     /// The card-os config to run with (its namespace names, run directory
     /// and daemon are replaced by the run's own).
-    #[arg(long, default_value_os_t = cardos::default_config())]
+    #[arg(long, default_value_os_t = default_config())]
     pub config: std::path::PathBuf,
     /// MiB of each HTTP transfer.
     #[arg(long, default_value_t = 64)]
@@ -87,18 +93,40 @@ impl Verdict {
 }
 
 /// The card-os config the run uses: card-os/card.toml with private names.
-struct Node {
-    cfg: Config,
+pub(super) struct Node {
+    pub(super) cfg: Config,
     /// The Debian guests' images, of the scenarios that run.
-    guests: Vec<networkd::Prepared>,
+    pub(super) guests: Vec<networkd::Prepared>,
     /// Which of them the rig's VM is, if any.
-    booted: Option<Flavour>,
-    _run: TempDir,
+    pub(super) booted: Option<Flavour>,
+    /// Who applies the config: this process's card_os library, or an installed `card-os`.
+    pub(super) driver: Driver,
+    pub(super) _run: Option<TempDir>,
+}
+
+/// How the scenarios reload and take down the node.
+pub(super) enum Driver {
+    Library,
+    Installed(installed::Command),
+}
+
+impl Node {
+    /// `reload` of the (possibly changed) config.
+    fn reload(&self, cfg: &Config) -> Result<String> {
+        match &self.driver {
+            Driver::Library => Ok(cardos::reload(cfg)?),
+            Driver::Installed(cmd) => cmd.reload(cfg),
+        }
+    }
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
-        if let Err(err) = cardos::down(&self.cfg) {
+        let result = match &self.driver {
+            Driver::Library => cardos::down(&self.cfg).map(drop).map_err(Into::into),
+            Driver::Installed(cmd) => cmd.run(&["down"]).map(drop),
+        };
+        if let Err(err) = result {
             eprintln!("cardos-e2e: card down: {err:#}");
         }
     }
@@ -109,15 +137,15 @@ pub fn run(opts: &Options) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("cardos-e2e needs root (network namespaces, nftables)");
     }
-    if opts.only.iter().any(|n| !(1..=8).contains(n)) {
-        bail!("scenarios are numbered 1 to 8");
+    if opts.only.iter().any(|n| !(1..=9).contains(n)) {
+        bail!("scenarios are numbered 1 to 9");
     }
     let wanted = |n: u32| opts.only.is_empty() || opts.only.contains(&n);
     // Scenarios 1-6 share the busybox guest; 7 and 8 boot their own after
     // them.
-    let busybox = (1..=6).any(wanted);
+    let busybox = (1..=6).any(wanted) || wanted(9);
     let t0 = Instant::now();
-    cardos::ensure_packages()?;
+    crate::apt::install(&card_os::prereq::all_packages())?;
     crate::apt::install(&["tcpdump"])?;
     let logs = crate::vm_dir().join("logs/cardos");
     let env = Env::prepare(
@@ -134,12 +162,18 @@ pub fn run(opts: &Options) -> Result<()> {
         opts.mib,
         env.payload.sha256
     );
-    let node_cfg = Config::load(&opts.config)?;
+    let node_text = std::fs::read_to_string(&opts.config)
+        .with_context(|| format!("reading {}", opts.config.display()))?;
+    let node_daemon = Config::parse(&node_text, &opts.config)?.daemon;
     let cfg = CardConfig {
-        mtu: node_cfg.daemon.mtu,
+        mtu: u32::from(node_daemon.mtu),
         disable: String::new(),
         queues: 1,
-        args: Vec::new(),
+        // The rig's daemon is the card's: `[daemon] link = "ip"` makes its end a tun.
+        args: match node_daemon.link {
+            vhost_card::config::Link::Ip => vec!["--link".into(), "ip".into()],
+            vhost_card::config::Link::Ethernet => Vec::new(),
+        },
     };
     let mut guests = Vec::new();
     for (number, flavour) in DEBIAN_GUESTS {
@@ -152,7 +186,7 @@ pub fn run(opts: &Options) -> Result<()> {
         _ => Rig::boot(&env, "cardos", &cfg, Plug::Boot)?,
     };
     println!("cardos-e2e: VM up in {:.1} s", rig.boot.as_secs_f64());
-    let mut node = node_for(&rig, node_cfg)?;
+    let mut node = node_for(&rig, &node_text)?;
     if !busybox {
         node.booted = guests.first().map(|p| p.flavour);
     }
@@ -162,9 +196,9 @@ pub fn run(opts: &Options) -> Result<()> {
     println!(
         "cardos-e2e: card up in {:.1} s (namespaces {} and {}); ipsec: {}",
         t_up.elapsed().as_secs_f64(),
-        node.cfg.netns,
+        node.cfg.netns(),
         node.cfg.ports[0].wire_netns,
-        cardos::ipsec_status(&node.cfg)
+        cos_ipsec::status(&node.cfg)
     );
     // The wire's web server serves the payload.
     std::fs::copy(&env.payload.path, node.cfg.run_dir.join("wire/www/payload"))?;
@@ -174,13 +208,15 @@ pub fn run(opts: &Options) -> Result<()> {
 
     let mut verdicts = Vec::new();
     type Scenario = fn(&mut Rig, &Env, &mut Node, &Options) -> Result<(Option<bool>, String)>;
-    let scenarios: [(u32, &str, Scenario); 8] = [
+    let scenarios: [(u32, &str, Scenario); 9] = [
         (1, "nat", nat),
         (5, "firewall", firewall),
         (3, "fragments", fragments),
         (2, "proxy", proxy),
         (6, "reload", reload),
         (4, "ipsec", ipsec),
+        // After the others on the busybox guest: it moves the VM to the installed card.
+        (9, "installed", installed::scenario),
         // Last: they replace the busybox guest.
         (7, "networkd", networkd_guest),
         (8, "networkmanager", networkmanager_guest),
@@ -234,29 +270,62 @@ pub fn run(opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// The card-os config, with the rig's namespace as the card (its daemon is
-/// the rig's), a private wire namespace and run directory.
-fn node_for(rig: &Rig, mut cfg: Config) -> Result<Node> {
+/// The shipped example: card-os/card.toml.
+pub fn default_config() -> std::path::PathBuf {
+    crate::workspace_root().join("card-os/card.toml")
+}
+
+/// The card-os config of the run: `text` (a card's file) with IPsec and the wire's test web
+/// server on, the rig's namespace as the card (the file is named after it; its daemon is the
+/// rig's, so card-os starts none), a private wire namespace, run and state directories, and
+/// the templates of this checkout.
+fn node_for(rig: &Rig, text: &str) -> Result<Node> {
     let run = TempDir::new("vhc-cardos-node")?;
-    cfg.netns = rig.card.ns.name().to_string();
-    cfg.run_dir = run.path().join("card");
-    cfg.daemon.start = false;
     let wire = format!("cosw-{}", std::process::id());
-    for port in &mut cfg.ports {
-        port.wire_netns = wire.clone();
+    let mut file: toml::Table = toml::from_str(text)?;
+    let table = |file: &mut toml::Table, name: &str| -> Result<toml::Table> {
+        Ok(file
+            .remove(name)
+            .unwrap_or(toml::Value::Table(Default::default()))
+            .try_into()?)
+    };
+    let mut daemon = table(&mut file, "daemon")?;
+    daemon.insert(
+        "socket".into(),
+        rig.card.socket.display().to_string().into(),
+    );
+    daemon.insert("tap".into(), card::TAP.into());
+    file.insert("daemon".into(), daemon.into());
+    let mut card = table(&mut file, "card")?;
+    card.insert("daemon".into(), "".into());
+    for (key, dir) in [
+        ("run_dir", run.path().join("card")),
+        ("state_dir", run.path().join("state")),
+        ("share_dir", crate::workspace_root().join("card-os")),
+    ] {
+        card.insert(key.into(), dir.display().to_string().into());
     }
-    if cfg.link.dev != card::TAP {
-        bail!(
-            "card.toml's link.dev is {}, the rig's tap {}",
-            cfg.link.dev,
-            card::TAP
-        );
+    file.insert("card".into(), card.into());
+    if let Some(toml::Value::Array(ports)) = file.get_mut("port") {
+        for port in ports.iter_mut().filter_map(toml::Value::as_table_mut) {
+            port.insert("wire_netns".into(), wire.clone().into());
+        }
     }
+    let mut ipsec = table(&mut file, "ipsec")?;
+    ipsec.insert("enable".into(), true.into());
+    file.insert("ipsec".into(), ipsec.into());
+    let mut services = table(&mut file, "services")?;
+    services.insert("wire_http_port".into(), 80.into());
+    file.insert("services".into(), services.into());
+    let path = run.path().join(format!("{}.toml", rig.card.ns.name()));
+    std::fs::write(&path, toml::to_string(&file)?)?;
+    let cfg = Config::load(&path)?;
     Ok(Node {
         cfg,
         guests: Vec::new(),
         booted: None,
-        _run: run,
+        driver: Driver::Library,
+        _run: Some(run),
     })
 }
 
@@ -304,7 +373,7 @@ fn networkmanager_guest(
 
 /// The guest applies host-config/card-link.sh (routes via the card) and
 /// starts busybox httpd for the proxy.
-fn guest_setup(rig: &mut Rig, cfg: &Config) -> Result<()> {
+pub(super) fn guest_setup(rig: &mut Rig, cfg: &Config) -> Result<()> {
     let script = std::fs::read_to_string(crate::workspace_root().join("host-config/card-link.sh"))?;
     let out = rig.vm.check(
         &format!("cat > /tmp/card-link.sh <<'CARD_LINK_EOF'\n{script}CARD_LINK_EOF\nsh /tmp/card-link.sh && ip route && ip -6 route"),
@@ -333,7 +402,7 @@ fn wire_host(node: &Node, n: usize) -> String {
 
 /// The guest fetches `url` with busybox wget into sha256sum; returns the
 /// digest, bytes and seconds.
-fn guest_fetch(rig: &mut Rig, url: &str, len: usize) -> Result<(String, u64, f64)> {
+pub(super) fn guest_fetch(rig: &mut Rig, url: &str, len: usize) -> Result<(String, u64, f64)> {
     let reply = rig.vm.sh(
         &format!("wget -q -O - {url} | sha256sum"),
         rig::transfer_timeout(len),
@@ -349,12 +418,12 @@ fn guest_fetch(rig: &mut Rig, url: &str, len: usize) -> Result<(String, u64, f64
     Ok((sha, len as u64, reply.elapsed.as_secs_f64()))
 }
 
-fn mbs(bytes: u64, secs: f64) -> f64 {
+pub(super) fn mbs(bytes: u64, secs: f64) -> f64 {
     bytes as f64 / 1e6 / secs.max(1e-6)
 }
 
 /// Scenario 1: guest → wire HTTP through the card's NAT.
-fn nat(
+pub(super) fn nat(
     rig: &mut Rig,
     env: &Env,
     node: &mut Node,
@@ -363,10 +432,10 @@ fn nat(
     let len = opts.mib * MIB;
     let mtu = rig.nic_info()?.get("mtu").cloned().unwrap_or_default();
     let wire_mtu = port_mtu(node);
-    let c0 = cardos::counters(&node.cfg)?;
+    let c0 = cos_status::counters(&node.cfg)?;
     let url = format!("http://{}/payload", wire_host(node, 0));
     let (sha, bytes, secs) = guest_fetch(rig, &url, len)?;
-    let c1 = cardos::counters(&node.cfg)?;
+    let c1 = cos_status::counters(&node.cfg)?;
     let log = std::fs::read_to_string(node.cfg.run_dir.join("wire/access.log")).unwrap_or_default();
     let seen_from = log
         .lines()
@@ -402,7 +471,7 @@ fn nat(
 fn port_mtu(node: &Node) -> String {
     let p = &node.cfg.ports[0];
     crate::process::stdout(
-        cardos::in_ns(wire(node), "cat").arg(format!("/sys/class/net/{}/mtu", p.wire_dev)),
+        in_ns(wire(node), "cat").arg(format!("/sys/class/net/{}/mtu", p.wire_dev)),
     )
     .unwrap_or_default()
 }
@@ -410,7 +479,7 @@ fn port_mtu(node: &Node) -> String {
 /// Fetches `url` from inside `ns` with busybox wget, hashing what arrives.
 fn ns_fetch(ns: &str, url: &str) -> Result<(String, u64, f64)> {
     let t0 = Instant::now();
-    let mut child = cardos::in_ns(ns, "busybox")
+    let mut child = in_ns(ns, "busybox")
         .args(["wget", "-q", "-O", "-", url])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -481,34 +550,13 @@ fn proxy(
 fn udp_send_fragmentable(ns: &str, to: SocketAddrV4, size: usize) -> Result<usize> {
     nsnet::join(nsnet::spawn_in(ns, "wire-udp-tx", move || {
         let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
-        allow_fragments(&sock)?;
+        nsnet::pmtu_discovery(&sock, libc::IP_PMTUDISC_DONT)?;
         Ok(sock.send_to(&crate::guest::pattern(size), to)?)
     })?)
 }
 
-/// IP_MTU_DISCOVER = IP_PMTUDISC_DONT: DF clear, the kernel fragments what is too big.
-fn allow_fragments(sock: &UdpSocket) -> Result<()> {
-    let value: libc::c_int = libc::IP_PMTUDISC_DONT;
-    // SAFETY: setsockopt on an open socket with a pointer to a c_int and
-    // its size, as IP_MTU_DISCOVER expects.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("IP_MTU_DISCOVER");
-    }
-    Ok(())
-}
-
 fn snmp(ns: &str, group: &str, field: &str) -> i64 {
-    let text =
-        crate::process::stdout(cardos::in_ns(ns, "cat").arg("/proc/net/snmp")).unwrap_or_default();
+    let text = crate::process::stdout(in_ns(ns, "cat").arg("/proc/net/snmp")).unwrap_or_default();
     let lines: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with(&format!("{group}:")))
@@ -532,7 +580,7 @@ fn fragments(
     node: &mut Node,
     _: &Options,
 ) -> Result<(Option<bool>, String)> {
-    let cns = node.cfg.netns.clone();
+    let cns = node.cfg.netns().to_string();
     let wns = wire(node).to_string();
     let port = node.cfg.ports[0].clone();
     let port4: Ipv4Addr = port.address4.addr.to_string().parse()?;
@@ -558,7 +606,7 @@ fn fragments(
         Duration::from_secs(30),
     )?;
     let sent = rig.vm.sh(
-        &format!("{helper} card-guest udp-send {server} 5005 {DATAGRAM}"),
+        &format!("{helper} guest udp-send {server} 5005 {DATAGRAM} --fragment"),
         Duration::from_secs(30),
     )?;
     let wire_cap = nsnet::join(on_wire)?;
@@ -590,7 +638,7 @@ fn fragments(
     // (b) DF set: the card answers frag-needed; the guest's path MTU drops.
     let icmp0 = snmp(&cns, "Icmp", "OutDestUnreachs");
     let out = rig.vm.sh(
-        &format!("{helper} card-guest udp-send {peer} 5007 {DATAGRAM} --df"),
+        &format!("{helper} guest udp-send {peer} 5007 {DATAGRAM} --pmtu"),
         Duration::from_secs(30),
     )?;
     let icmp1 = snmp(&cns, "Icmp", "OutDestUnreachs");
@@ -707,7 +755,7 @@ fn forwarded(rig: &mut Rig, node: &Node, server: Ipv4Addr) -> Result<(bool, Stri
         let (_, from) = sock
             .recv_from(&mut buf)
             .context("no hello from the guest")?;
-        allow_fragments(&sock)?;
+        nsnet::pmtu_discovery(&sock, libc::IP_PMTUDISC_DONT)?;
         Ok(sock.send_to(&crate::guest::pattern(DATAGRAM), from)?)
     })?;
     rx.recv_timeout(Duration::from_secs(10))
@@ -775,17 +823,17 @@ fn firewall(
          n=0; until netstat -ltn | grep -q ':7000 '; do n=$((n + 1)); [ $n -gt 100 ] && exit 1; sleep 0.1; done",
         Duration::from_secs(20),
     )?;
-    let c0 = cardos::counters(&node.cfg)?;
+    let c0 = cos_status::counters(&node.cfg)?;
     let to = SocketAddr::V4(SocketAddrV4::new(guest4, 7000));
     let from_wire = nsnet::join(nsnet::spawn_in(wire(node), "wire-connect", move || {
         Ok(TcpStream::connect_timeout(&to, Duration::from_secs(3)).map(|_| ()))
     })?)?;
-    let c1 = cardos::counters(&node.cfg)?;
+    let c1 = cos_status::counters(&node.cfg)?;
     let dropped =
         c1.get("new from the wire").unwrap_or(&0) - c0.get("new from the wire").unwrap_or(&0);
     // The listener is there: the card itself reaches it.
     let from_card = nsnet::join(nsnet::spawn_in(
-        &node.cfg.netns,
+        node.cfg.netns(),
         "card-connect",
         move || {
             let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
@@ -800,9 +848,8 @@ fn firewall(
         "http://{}:{}/",
         node.cfg.ports[0].address4.addr, node.cfg.services.http_port
     );
-    let page = crate::process::stdout(
-        cardos::in_ns(wire(node), "busybox").args(["wget", "-q", "-O", "-", &url]),
-    );
+    let page =
+        crate::process::stdout(in_ns(wire(node), "busybox").args(["wget", "-q", "-O", "-", &url]));
     let page_ok = page
         .as_ref()
         .is_ok_and(|p| p.contains("the card's own web server"));
@@ -834,7 +881,7 @@ fn firewall(
     ))
 }
 
-/// Scenario 6: `card reload` with a changed config while the guest fetches
+/// Scenario 6: `card-os reload` with a changed config while the guest fetches
 /// from the wire; the transfer ends whole and the host link never drops.
 fn reload(
     rig: &mut Rig,
@@ -856,7 +903,7 @@ fn reload(
     // Wait for the transfer to be under way.
     let wns = wire(node).to_string();
     let established = || -> Result<bool> {
-        let out = crate::process::stdout(cardos::in_ns(&wns, "ss").args([
+        let out = crate::process::stdout(in_ns(&wns, "ss").args([
             "-Htn",
             "state",
             "established",
@@ -869,12 +916,12 @@ fn reload(
     })?;
     std::thread::sleep(Duration::from_secs(2));
     // The changed config: one more TCP service on the card.
-    node.cfg.tcp_services.push(8443);
+    node.cfg.firewall.tcp_services.push(8443);
     let t = Instant::now();
-    let report = cardos::reload(&node.cfg)?;
+    let report = node.reload(&node.cfg)?;
     let reload_ms = t.elapsed().as_millis();
     let during = established()?;
-    let applied = crate::process::stdout(cardos::in_ns(&node.cfg.netns, "nft").args([
+    let applied = crate::process::stdout(in_ns(node.cfg.netns(), "nft").args([
         "list",
         "set",
         "inet",
@@ -918,33 +965,37 @@ fn reload(
 }
 
 /// Scenario 4: guest → IPsec peer; the wire sees only ESP (or IKE), and a
-/// `card reload` halfway through keeps the tunnel and its SAs.
-fn ipsec(
+/// `card-os reload` halfway through keeps the tunnel and its SAs.
+pub(super) fn ipsec(
     rig: &mut Rig,
     env: &Env,
     node: &mut Node,
     opts: &Options,
 ) -> Result<(Option<bool>, String)> {
     let Some(s) = node.cfg.ipsec.clone() else {
-        return Ok((None, "[ipsec] is disabled in card.toml".into()));
+        return Ok((None, "[ipsec] is disabled".into()));
     };
-    let status = cardos::ipsec_status(&node.cfg);
-    let Some(backend) = cardos::ipsec::backend(&node.cfg) else {
+    let status = cos_ipsec::status(&node.cfg);
+    let Some(backend) = cos_ipsec::backend(&node.cfg) else {
         return Ok((Some(false), format!("the tunnel is not up: {status}")));
     };
-    let spis0 = cardos::ipsec::child_spis(&node.cfg).unwrap_or_default();
+    let spis0 = cos_ipsec::child_spis(&node.cfg).unwrap_or_default();
     let pcap = node.cfg.run_dir.join("esp.pcap");
     let dev = node.cfg.ports[0].wire_dev.clone();
-    let mut cmd = cardos::in_ns(wire(node), "tcpdump");
+    let mut cmd = in_ns(wire(node), "tcpdump");
     cmd.args(["-i", &dev, "-n", "-s", "0", "-U", "-w"])
         .arg(&pcap)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut dump = Guarded::spawn("tcpdump", &mut cmd, libc::SIGINT)?;
     std::thread::sleep(Duration::from_secs(2));
-    // `card reload` as soon as the transfer runs, from another thread:
+    // `card-os reload` as soon as the transfer runs, from another thread:
     // (seconds it took, whether the transfer still ran when it was done).
     let cfg = node.cfg.clone();
+    let reload = match &node.driver {
+        Driver::Library => None,
+        Driver::Installed(cmd) => Some(cmd.clone()),
+    };
     let wns = wire(node).to_string();
     let filter = format!(
         "( sport = :{} and dst {} )",
@@ -952,7 +1003,7 @@ fn ipsec(
     );
     let reloader = std::thread::spawn(move || -> Result<(Duration, bool)> {
         let running = || -> Result<bool> {
-            let out = crate::process::stdout(cardos::in_ns(&wns, "ss").args([
+            let out = crate::process::stdout(in_ns(&wns, "ss").args([
                 "-Htn",
                 "state",
                 "established",
@@ -966,7 +1017,10 @@ fn ipsec(
             || Ok(running()?.then_some(())),
         )?;
         let t = Instant::now();
-        cardos::reload(&cfg)?;
+        match reload {
+            None => cardos::reload(&cfg)?,
+            Some(cmd) => cmd.reload(&cfg)?,
+        };
         Ok((t.elapsed(), running()?))
     });
     let url = format!("http://{}/payload", s.peer_inner.addr);
@@ -975,7 +1029,7 @@ fn ipsec(
     std::thread::sleep(Duration::from_millis(500));
     dump.stop()?;
     let (sha, bytes, secs) = fetched?;
-    let spis1 = cardos::ipsec::child_spis(&node.cfg).unwrap_or_default();
+    let spis1 = cos_ipsec::child_spis(&node.cfg).unwrap_or_default();
 
     let wire = classify(&pcap, &s, &env.payload.data)?;
     let reload_ok = match &reloaded {
@@ -991,8 +1045,8 @@ fn ipsec(
         && wire.esp as u64 > bytes / 1500
         && reload_ok;
     let mode = match backend {
-        cardos::ipsec::Backend::Kernel => "kernel ESP (ip xfrm)".to_string(),
-        cardos::ipsec::Backend::Strongswan => format!(
+        cos_ipsec::Backend::Kernel => "kernel ESP (ip xfrm)".to_string(),
+        cos_ipsec::Backend::Strongswan => format!(
             "userspace ESP-in-UDP/4500 (strongSwan kernel-libipsec; {})",
             if status.contains("no CONFIG_INET_ESP") {
                 "this kernel has no ESP"
@@ -1063,7 +1117,7 @@ struct WireCapture {
 /// and bytes of the payload anywhere in the raw capture.
 fn classify(
     pcap: &std::path::Path,
-    s: &cardos::config::Ipsec,
+    s: &card_os::config::Ipsec,
     payload: &[u8],
 ) -> Result<WireCapture> {
     let out = Command::new("tcpdump")

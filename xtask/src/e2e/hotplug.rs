@@ -7,9 +7,9 @@ use anyhow::{bail, Result};
 
 use super::{matrix_mib, Options, DEFAULT_MTU, MIB};
 use crate::card::{self, CardConfig};
-use crate::json::Json;
 use crate::qmp::Qmp;
 use crate::rig::{Env, Plug, Rig};
+use serde_json::{json, Value as Json};
 
 /// Scenario 5: plug the card into a running VM through QMP, use it, unplug it.
 pub fn run(env: &Env, opts: &Options) -> Result<(bool, String)> {
@@ -37,49 +37,33 @@ fn hotplug_steps(rig: &mut Rig, env: &Env, opts: &Options) -> Result<(bool, Stri
     let t_plug = Instant::now();
     qmp.execute(
         "chardev-add",
-        Some(Json::obj([
-            ("id", Json::str("card-chr")),
-            (
-                "backend",
-                Json::obj([
-                    ("type", Json::str("socket")),
-                    (
-                        "data",
-                        Json::obj([
-                            (
-                                "addr",
-                                Json::obj([
-                                    ("type", Json::str("unix")),
-                                    ("data", Json::obj([("path", Json::str(&socket))])),
-                                ]),
-                            ),
-                            ("server", Json::Bool(false)),
-                            ("reconnect", Json::Num(1.0)),
-                        ]),
-                    ),
-                ]),
-            ),
-        ])),
+        Some(json!({
+            "id": "card-chr",
+            "backend": {
+                "type": "socket",
+                "data": {
+                    "addr": { "type": "unix", "data": { "path": socket } },
+                    "server": false,
+                    "reconnect": 1,
+                },
+            },
+        })),
     )?;
     qmp.execute(
         "netdev_add",
-        Some(Json::obj([
-            ("type", Json::str("vhost-user")),
-            ("id", Json::str("card-net")),
-            ("chardev", Json::str("card-chr")),
-        ])),
+        Some(json!({ "type": "vhost-user", "id": "card-net", "chardev": "card-chr" })),
     )?;
     qmp.execute(
         "device_add",
-        Some(Json::obj([
-            ("driver", Json::str("virtio-net-pci")),
-            ("id", Json::str("card-nic")),
-            ("netdev", Json::str("card-net")),
-            ("bus", Json::str("rp1")),
-            ("mac", Json::str(card::MAC)),
-            ("host_mtu", Json::Num(f64::from(DEFAULT_MTU))),
-            ("vectors", Json::Num(0.0)),
-        ])),
+        Some(json!({
+            "driver": "virtio-net-pci",
+            "id": "card-nic",
+            "netdev": "card-net",
+            "bus": "rp1",
+            "mac": card::MAC,
+            "host_mtu": DEFAULT_MTU,
+            "vectors": 0,
+        })),
     )?;
     rig.vm.check("wait_eth0 60", Duration::from_secs(70))?;
     let t_bound = t_plug.elapsed();
@@ -132,25 +116,16 @@ fn hotplug_steps(rig: &mut Rig, env: &Env, opts: &Options) -> Result<(bool, Stri
 
     // Unplug: the guest releases the device, then the backend goes.
     let t_unplug = Instant::now();
-    qmp.execute(
-        "device_del",
-        Some(Json::obj([("id", Json::str("card-nic"))])),
-    )?;
+    qmp.execute("device_del", Some(json!({ "id": "card-nic" })))?;
     qmp.wait_event("DEVICE_DELETED", Duration::from_secs(60), |data| {
         data.get("device").and_then(Json::as_str) == Some("card-nic")
     })?;
     let t_deleted = t_unplug.elapsed();
-    qmp.execute(
-        "netdev_del",
-        Some(Json::obj([("id", Json::str("card-net"))])),
-    )?;
+    qmp.execute("netdev_del", Some(json!({ "id": "card-net" })))?;
     // QEMU deletes a vhost-user netdev's chardev along with it; remove it
     // ourselves only if it is still there.
     let chardev_gone = if chardev_exists(&mut qmp, "card-chr")? {
-        qmp.execute(
-            "chardev-remove",
-            Some(Json::obj([("id", Json::str("card-chr"))])),
-        )?;
+        qmp.execute("chardev-remove", Some(json!({ "id": "card-chr" })))?;
         "chardev-remove"
     } else {
         "chardev gone with the netdev"
@@ -212,7 +187,7 @@ fn hotplug_steps(rig: &mut Rig, env: &Env, opts: &Options) -> Result<(bool, Stri
 fn chardev_exists(qmp: &mut Qmp, id: &str) -> Result<bool> {
     let list = qmp.execute("query-chardev", None)?;
     Ok(match list {
-        Json::Arr(items) => items
+        Json::Array(items) => items
             .iter()
             .any(|c| c.get("label").and_then(Json::as_str) == Some(id)),
         _ => false,

@@ -31,6 +31,7 @@
 pub mod cardos;
 mod honesty;
 mod hotplug;
+mod installed;
 mod iplink;
 mod multiqueue;
 mod networkd;

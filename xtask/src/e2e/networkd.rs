@@ -23,12 +23,12 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::card;
-use crate::cardos::Config;
 use crate::cpio::Archive;
 use crate::process::{run, TempDir};
 use crate::report::Ping;
 use crate::rig::{Env, Image, Rig};
 use crate::rootfs::{self, Rootfs};
+use card_os::Config;
 
 /// Which network manager the guest runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -374,9 +374,9 @@ pub fn prepare(env: &Env, flavour: Flavour) -> Result<Prepared> {
     overlay.file(
         "usr/local/sbin/xtask-agent",
         0o755,
-        crate::guest::AGENT.as_bytes(),
+        rig::image::AGENT.as_bytes(),
     );
-    overlay.file("usr/lib/e2e.sh", 0o644, crate::guest::LIBRARY.as_bytes());
+    overlay.file("usr/lib/e2e.sh", 0o644, rig::image::LIBRARY.as_bytes());
     dir(&mut overlay, "etc/systemd/system/multi-user.target.wants");
     overlay.file(
         "etc/systemd/system/xtask-agent.service",
@@ -497,7 +497,7 @@ pub fn check(
     let mut problems = Vec::new();
     // The files against card-os/card.toml and the rig: a mismatch is a bug
     // in host-config.
-    if e.mtu != cfg.daemon.mtu {
+    if e.mtu != u32::from(cfg.daemon.mtu) {
         problems.push(format!(
             "{} sets MTU {} but the card's is {}",
             e.file, e.mtu, cfg.daemon.mtu
@@ -541,7 +541,7 @@ pub fn check(
     if offered_mtu {
         problems.push("the device offered VIRTIO_NET_F_MTU (host_mtu set?)".into());
     }
-    if mtu != cfg.daemon.mtu {
+    if mtu != u32::from(cfg.daemon.mtu) {
         problems.push(format!("MTU {mtu} in /sys, expected {}", cfg.daemon.mtu));
     }
     let (install, _) = flavour.install();
