@@ -60,27 +60,23 @@ impl VnetHdr {
     /// The header for the same frame without its Ethernet header (IP-only link, host to card):
     /// the offsets count from the IP header. `check_tx` made sure `csum_start >= ETH_HLEN`.
     pub fn without_ethernet(&self) -> VnetHdr {
-        let eth = ETH_HLEN as u16;
-        let mut h = *self;
-        if h.flags & F_NEEDS_CSUM != 0 {
-            h.csum_start = h.csum_start.saturating_sub(eth);
-        }
-        if h.gso_type != GSO_NONE {
-            h.hdr_len = h.hdr_len.saturating_sub(eth);
-        }
-        h
+        self.offsets_moved(|v| v.saturating_sub(ETH_HLEN as u16))
     }
 
     /// The header for the same frame with an Ethernet header put in front (IP-only link, card
     /// to host).
     pub fn with_ethernet(&self) -> VnetHdr {
-        let eth = ETH_HLEN as u16;
+        self.offsets_moved(|v| v.saturating_add(ETH_HLEN as u16))
+    }
+
+    /// `csum_start` (with NEEDS_CSUM) and `hdr_len` (with GSO) moved by `f`.
+    fn offsets_moved(&self, f: impl Fn(u16) -> u16) -> VnetHdr {
         let mut h = *self;
         if h.flags & F_NEEDS_CSUM != 0 {
-            h.csum_start = h.csum_start.saturating_add(eth);
+            h.csum_start = f(h.csum_start);
         }
         if h.gso_type != GSO_NONE {
-            h.hdr_len = h.hdr_len.saturating_add(eth);
+            h.hdr_len = f(h.hdr_len);
         }
         h
     }
@@ -274,6 +270,22 @@ mod tests {
             csum_offset: 16,
             num_buffers: 0,
         }
+    }
+
+    #[test]
+    fn ethernet_header_moves_the_offsets() {
+        let h = tcp_gso(1448);
+        let ip = h.without_ethernet();
+        assert_eq!((ip.csum_start, ip.hdr_len), (20, 40));
+        assert_eq!(ip.with_ethernet(), h);
+        // Without NEEDS_CSUM or GSO the fields mean nothing and stay as they are.
+        let plain = VnetHdr {
+            csum_start: 3,
+            hdr_len: 5,
+            ..Default::default()
+        };
+        assert_eq!(plain.without_ethernet(), plain);
+        assert_eq!(plain.with_ethernet(), plain);
     }
 
     #[test]
