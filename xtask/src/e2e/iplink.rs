@@ -35,7 +35,7 @@ fn one(rig: &mut Rig, env: &Env, opts: &Options) -> Result<(bool, String)> {
     let len = opts.mib * MIB;
     let up = rig.send_to_card(env, len)?;
     let down = rig.send_to_guest(env, len)?;
-    let (honest, h) = honesty::honesty(rig, true)?;
+    let (honest, h) = honesty::honesty(rig, true, false)?;
     let stats = rig.card.fresh_stats()?;
     let get = |k: &str| *stats.get(k).unwrap_or(&0);
     let replies = get("arp_replies") > 0 && get("nd_replies") > 0;

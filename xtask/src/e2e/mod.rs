@@ -1,5 +1,5 @@
 //! `cargo xtask e2e`: the card against an unmodified Debian kernel in a VM,
-//! end to end. Seven scenarios, one PASS/FAIL line each:
+//! end to end. Eleven scenarios, one PASS/FAIL line each:
 //!
 //! 1. binding: virtio_net binds, reads the card's MTU, and its feature bits
 //!    are the card's offer as far as QEMU passes it through;
@@ -18,10 +18,10 @@
 //!    session; traffic both ways after each;
 //! 9. fewer pairs: `--queues 2` with a one-CPU guest that enables one pair,
 //!    then two, then one again: every card→guest flow arrives in each state;
-//! 10. checksum honesty, with `--rx-csum verify` and `complete`: N bad and N
-//!     good datagrams from the card to a closed port show up in the guest's
-//!     InCsumErrors and NoPorts; a card→guest transfer's frames counted by
-//!     how they went up (no NEEDS_CSUM frame with `complete`);
+//! 10. checksum honesty, with `--rx-csum verify`, `complete` and `passthrough`:
+//!     N bad and N good datagrams from the card to a closed port show up in the
+//!     guest's InCsumErrors and NoPorts; a card→guest transfer's frames counted
+//!     by how they went up (no NEEDS_CSUM frame with `complete`);
 //! 11. the IP-only link (`--link ip`) at MTU 65520 and 1500: binding, pings
 //!     both ways over IPv4 and IPv6, the payload each way, honesty.
 //!
