@@ -25,8 +25,9 @@
 //! 11. the IP-only link (`--link ip`) at MTU 65520 and 1500: binding, pings
 //!     both ways over IPv4 and IPv6, the payload each way, honesty.
 //!
-//! Scenarios 1, 2, 4, 6 and 8 share one VM; 3 boots one per configuration, 5
-//! and 7 their own. Logs: target/vm/logs/e2e/<rig>/.
+//! Scenarios 1, 2, 4, 6 and 8 share one VM; 3 boots one per configuration, 5,
+//! 7 and 9 their own, 10 one per `--rx-csum` mode and 11 one per MTU. Logs:
+//! target/vm/logs/e2e/<rig>/.
 
 pub mod cardos;
 mod honesty;
