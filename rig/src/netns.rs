@@ -107,29 +107,13 @@ impl Netns {
             .skip_while(|w| *w != "link/ether")
             .nth(1)
             .ok_or_else(|| anyhow!("no link/ether in `{out}`"))?;
-        let mut mac = [0u8; 6];
-        let parts: Vec<&str> = text.split(':').collect();
-        if parts.len() != 6 {
-            bail!("bad MAC '{text}'");
-        }
-        for (m, p) in mac.iter_mut().zip(parts) {
-            *m = u8::from_str_radix(p, 16).with_context(|| format!("bad MAC '{text}'"))?;
-        }
-        Ok(mac)
+        parse_mac(text)
     }
 
     /// Runs `f` on a thread that entered this namespace.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
         let file = open(&self.name)?;
-        let name = self.name.as_str();
-        std::thread::scope(|s| {
-            s.spawn(move || {
-                enter_thread(&file).with_context(|| format!("entering {name}"))?;
-                f()
-            })
-            .join()
-            .map_err(|_| anyhow!("thread inside namespace {name} panicked"))?
-        })
+        in_namespace(&file, f).with_context(|| format!("inside namespace {}", self.name))
     }
 
     /// A UDP socket bound to `addr` inside the namespace, with a receive timeout.
@@ -163,12 +147,44 @@ impl Drop for Netns {
     }
 }
 
+/// `aa:bb:cc:dd:ee:ff` as bytes.
+pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = text.split(':').collect();
+    if parts.len() != 6 {
+        bail!("bad MAC '{text}'");
+    }
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).with_context(|| format!("bad MAC '{text}'"))?;
+    }
+    Ok(mac)
+}
+
 /// Creates a veth pair with one end (`a_dev`) in `a` and the other (`b_dev`) in `b`.
 pub fn veth_pair(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<()> {
     a.ip(&[
         "link", "add", a_dev, "type", "veth", "peer", "name", b_dev, "netns", &b.name,
     ])
     .map(drop)
+}
+
+/// An AF_PACKET socket that sends out of `dev` in the namespace of `ns` (a namespace file
+/// opened by the caller, e.g. another mount namespace's `/run/netns/NAME` through
+/// `/proc/PID/root`).
+pub fn packet_socket_in(ns: &File, dev: &str) -> Result<PacketSocket> {
+    in_namespace(ns, || PacketSocket::open(dev))
+}
+
+/// Runs `f` on a thread that entered the namespace of `ns` (an open namespace file).
+pub fn in_namespace<T: Send>(ns: &File, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter_thread(ns)?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow!("thread inside a namespace panicked"))?
+    })
 }
 
 /// A raw AF_PACKET socket bound to one interface, for injecting frames.

@@ -431,3 +431,19 @@ fn counters_and_state_follow_the_traffic() -> Result<()> {
     }
     Ok(())
 }
+
+/// host-config's alert rules (prometheus/vhost-card.rules.yml) and Grafana dashboard
+/// (grafana/vhost-card.json) use only metric names a running daemon exports, with a frontend
+/// connected and frames both ways.
+#[test]
+fn alert_rules_and_dashboard_use_real_metric_names() -> Result<()> {
+    let dir = TempDir::new("card-tests")?;
+    let (card, _control, metrics) = start(&dir, &["--queues", "2"])?;
+    let mut dev = card.driver()?;
+    card.check_host_to_card(&mut dev, 7001, 1)?;
+    card.check_card_to_host(&mut dev, 2)?;
+    let prom = scrape(&metrics)?;
+    let (rules, dashboard) = rig::monitoring::check_against(&prom)?;
+    eprintln!("alert rules: {rules} metric names, dashboard: {dashboard}, all in the scrape");
+    Ok(())
+}

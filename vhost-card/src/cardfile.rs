@@ -232,6 +232,11 @@ pub fn resolve(argv: Vec<OsString>) -> Result<Args, ResolveError> {
     resolve_with(argv, None)
 }
 
+/// [`resolve`] with the file's text given instead of read (the systemd generator, card-os).
+pub fn resolve_text(argv: Vec<OsString>, text: &str) -> Result<Args, ResolveError> {
+    resolve_with(argv, Some(text))
+}
+
 /// [`resolve`], with the file's text given (`None`: read the file).
 fn resolve_with(argv: Vec<OsString>, text: Option<&str>) -> Result<Args, ResolveError> {
     let cmd = Args::command();

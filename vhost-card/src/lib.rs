@@ -23,6 +23,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod features;
 pub mod gate;
+pub mod generator;
 pub mod iov;
 pub mod link;
 pub mod localq;

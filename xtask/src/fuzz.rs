@@ -65,8 +65,12 @@ pub fn run(opts: &Options) -> Result<()> {
         None => TARGETS.to_vec(),
     };
     let mut failed = 0;
+    // Each target: the build (quick once cached) and its time budget.
+    let mut progress =
+        rig::progress::Progress::new("fuzz", targets.len(), targets.len() as u64 * (seconds + 10));
     for t in &targets {
         rig::interrupt::check_interrupted()?;
+        progress.start(&format!("{t} for {seconds} s"), seconds + 10);
         let scratch = rig::paths::target_dir().join("fuzz-corpus").join(t);
         std::fs::create_dir_all(&scratch)?;
         let seeds = fuzz_dir.join("corpus").join(t);
@@ -93,17 +97,24 @@ pub fn run(opts: &Options) -> Result<()> {
         let took = started.elapsed().as_secs();
         match (out.status.success(), executions(&stderr)) {
             (true, Some((runs, secs))) => {
-                println!("PASS fuzz {t}: {runs} executions in {secs} s, no crash");
+                progress.println(format!(
+                    "PASS fuzz {t}: {runs} executions in {secs} s, no crash"
+                ));
             }
-            (true, None) => println!("PASS fuzz {t}: finished in {took} s, no crash"),
+            (true, None) => {
+                progress.println(format!("PASS fuzz {t}: finished in {took} s, no crash"))
+            }
             (false, _) => {
                 failed += 1;
                 let tail: Vec<&str> = stderr.lines().rev().take(40).collect();
-                eprintln!("{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
-                println!("FAIL fuzz {t}: see the output above and fuzz/artifacts/{t}/");
+                progress.suspend(|| {
+                    eprintln!("{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+                    println!("FAIL fuzz {t}: see the output above and fuzz/artifacts/{t}/");
+                });
             }
         }
     }
+    progress.finish();
     println!("{} passed, {failed} failed", targets.len() - failed);
     if failed > 0 {
         bail!("{failed} fuzz target(s) failed");

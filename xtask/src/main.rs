@@ -11,6 +11,7 @@
 //! is the `rig` crate; the card's node is the `card-os` crate. Nothing here is product code.
 
 mod bench;
+mod cards;
 mod demo;
 mod dist;
 mod e2e;
@@ -78,12 +79,16 @@ enum Task {
     /// completions, 50-vhost-card.json, systemd units, the example card, card-os's templates,
     /// libvirt XML), checked; --install puts it in place.
     Dist(dist::Options),
+    /// Four cards from the installed template units under systemd as PID 1 (a debootstrapped
+    /// Debian 12 booted by systemd-nspawn): one file per card, four frontends, four metrics
+    /// endpoints, each with its own settings and values.
+    Cards(cards::Options),
     /// The libvirt domain in host-config/libvirt/ under libvirt from apt: define, start,
     /// traffic both ways with the card's counters, undefine.
     Libvirt(libvirt::Options),
     /// Every test, as CI runs them: `cargo test --workspace` (unit tests and the in-process
     /// vhost-user frontend against the real daemon, card-os against the real programs), then
-    /// the VM smoke test, `e2e` and `cardos-e2e`.
+    /// the VM smoke test, `e2e`, `cardos-e2e` and `cards`.
     Test(smoke::Options),
 }
 
@@ -107,6 +112,7 @@ fn main() {
         Task::CardosE2e(opts) => e2e::cardos::run(&opts),
         Task::Dist(opts) => dist::run(&opts),
         Task::Libvirt(opts) => libvirt::run(&opts),
+        Task::Cards(opts) => cards::run(&opts),
         Task::Test(opts) => run_tests(&opts),
     };
     if let Err(err) = result {
@@ -116,7 +122,7 @@ fn main() {
 }
 
 /// `cargo xtask test`: host packages first (the tests use ip, ethtool and QEMU), then the
-/// cargo test suites, then the VM smoke test and the e2e suite.
+/// cargo test suites, then the VM smoke test, the e2e suites and the four cards under systemd.
 fn run_tests(opts: &smoke::Options) -> Result<()> {
     assets::ensure(&assets::Options { refresh: false })?;
     // card-os's tests (in `cargo test --workspace`) run its programs: nft, nginx, strongSwan.
@@ -146,5 +152,8 @@ fn run_tests(opts: &smoke::Options) -> Result<()> {
         #[command(flatten)]
         opts: e2e::cardos::Options,
     }
-    e2e::cardos::run(&CardosDefaults::parse_from(["cardos-e2e"]).opts)
+    e2e::cardos::run(&CardosDefaults::parse_from(["cardos-e2e"]).opts)?;
+    check_interrupted()?;
+    // Four cards from the installed units under systemd as PID 1.
+    cards::run(&cards::Options { no_build: false })
 }

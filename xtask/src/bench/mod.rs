@@ -12,6 +12,7 @@
 //! table, a JSON file and a PNG plot land in `target/bench/`. `--smoke` is the short version CI
 //! runs; `--vm` measures TCP through a real guest instead (see `vm.rs`).
 
+mod plot;
 pub mod procs;
 mod report;
 mod setup;
@@ -79,6 +80,10 @@ pub struct Options {
     /// Where results go (default target/bench).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Measure nothing: redraw bench.png in --out from this results.json (e.g.
+    /// `--replot bench/results.json --out bench`).
+    #[arg(long, value_name = "RESULTS_JSON")]
+    pub replot: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,6 +241,9 @@ pub fn run(opts: &Options) -> Result<()> {
         .clone()
         .unwrap_or_else(|| rig::paths::target_dir().join("bench"));
     std::fs::create_dir_all(&out)?;
+    if let Some(results) = &opts.replot {
+        return report::replot(results, &out);
+    }
     if opts.vm {
         return vm::run(opts, &out);
     }
@@ -289,6 +297,8 @@ pub fn run(opts: &Options) -> Result<()> {
         vec![Backend::Card, Backend::Pair]
     };
     let mut rows: Vec<Row> = Vec::new();
+    // Each case's rows, as (case, first row, end).
+    let mut groups = Vec::new();
     for case in &cases {
         let mut combos: Vec<(Frontend, Backend)> = Vec::new();
         for &f in &frontends {
@@ -312,16 +322,33 @@ pub fn run(opts: &Options) -> Result<()> {
                 na: not_applicable(case, f, b),
             });
         }
+        groups.push((case, first, rows.len()));
+    }
+    let runs = rows.iter().filter(|r| r.na.is_none()).count() * reps;
+    // A run: the backend's start, the warm-up and the window, the teardown.
+    let per_run = (ctx.warm + ctx.window).as_secs() + 2;
+    let mut progress = rig::progress::Progress::new("bench", runs, runs as u64 * per_run);
+    for (case, first, end) in groups {
         for rep in 0..reps {
-            for row in rows[first..].iter_mut() {
+            for row in rows[first..end].iter_mut() {
                 if row.na.is_some() {
                     continue;
                 }
                 rig::interrupt::check_interrupted()?;
+                progress.start(
+                    &format!(
+                        "{} {} {} run {}",
+                        case.label(),
+                        row.frontend.name(),
+                        row.backend.name(),
+                        rep + 1
+                    ),
+                    per_run,
+                );
                 let t = Instant::now();
                 match measure(&mut ctx, case, row.frontend, row.backend) {
                     Ok(s) => {
-                        println!(
+                        progress.println(format!(
                             "  {:<18} {:<9} {:<15} run {}: {:>8.3} Mpps {:>7.2} Gbit/s  cpu {:.2}  ({:.1} s)",
                             case.label(),
                             row.frontend.name(),
@@ -331,18 +358,18 @@ pub fn run(opts: &Options) -> Result<()> {
                             s.bps * 8.0 / 1e9,
                             s.cpu,
                             t.elapsed().as_secs_f64()
-                        );
+                        ));
                         row.samples.push(s);
                     }
                     Err(e) => {
                         rig::interrupt::check_interrupted()?;
-                        println!(
+                        progress.println(format!(
                             "  {:<18} {:<9} {:<15} run {}: FAILED: {e:#}",
                             case.label(),
                             row.frontend.name(),
                             row.backend.name(),
                             rep + 1
-                        );
+                        ));
                         if rep + 1 == reps && row.samples.is_empty() {
                             row.na = Some(format!("failed: {}", first_line(&format!("{e:#}"))));
                         }
@@ -351,6 +378,7 @@ pub fn run(opts: &Options) -> Result<()> {
             }
         }
     }
+    progress.finish();
     let _ = std::fs::remove_dir_all(&run_dir);
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let steal = match (steal0, steal()) {

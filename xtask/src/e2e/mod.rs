@@ -86,11 +86,67 @@ pub struct Line {
 }
 
 impl Line {
-    fn print(&self) {
+    fn render(&self) -> String {
         let tag = if self.pass { "PASS" } else { "FAIL" };
-        println!("{tag} {} {}", self.number, self.text);
+        format!("{tag} {} {}", self.number, self.text)
     }
 }
+
+/// The scenarios' progress (a bar on a terminal, a line per scenario otherwise) and their
+/// verdict lines.
+pub struct Runner {
+    progress: rig::progress::Progress,
+    lines: Vec<Line>,
+}
+
+impl Runner {
+    /// Step `name` starts; it usually takes `seconds` under TCG.
+    pub fn start(&mut self, name: &str, seconds: u64) {
+        self.progress.start(name, seconds);
+    }
+
+    /// Scenario `number` starts (its name and weight from [`SCENARIOS`]).
+    pub fn scenario(&mut self, number: u32) {
+        let (name, seconds) = SCENARIOS
+            .iter()
+            .find(|(n, _, _)| *n == number)
+            .map_or(("", 60), |(_, name, s)| (*name, *s));
+        self.start(&format!("scenario {number} {name}"), seconds);
+    }
+
+    /// A scenario's verdict, printed as it comes.
+    pub fn record(&mut self, line: Line) {
+        self.progress.println(line.render());
+        self.lines.push(line);
+    }
+
+    /// A line of the run's own (above the bar on a terminal).
+    pub fn say(&self, text: impl AsRef<str>) {
+        self.progress.println(text);
+    }
+}
+
+/// Seconds the main VM usually takes to boot under TCG.
+const MAIN_BOOT: u64 = 8;
+
+/// Scenario numbers, names and the seconds each usually takes under TCG (the progress
+/// estimate, from a run on the 2-core CI machine; scenarios 1, 2, 4, 6 and 8 share the main
+/// VM, whose boot is a step of its own).
+const SCENARIOS: [(u32, &str, u64); 11] = [
+    (1, "binding", 2),
+    (2, "traffic", 25),
+    (3, "toggles", 240),
+    (4, "large frames", 5),
+    (5, "hotplug", 25),
+    (6, "restart", 10),
+    (7, "multiqueue", 30),
+    (8, "device reset", 30),
+    (9, "fewer pairs", 60),
+    // Three VMs, one per --rx-csum mode (75 to 112 s alone on this machine).
+    (10, "checksum honesty", 100),
+    // Two VMs (MTU 65520 and 1500), 64 MiB each way in each.
+    (11, "IP-only link", 110),
+];
 
 pub fn run(opts: &Options) -> Result<()> {
     // SAFETY: geteuid(2) has no preconditions and cannot fail.
@@ -120,30 +176,40 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     println!("e2e: logs in {}", logs.display());
 
-    let mut lines = Vec::new();
-    let mut record = |line: Line| {
-        line.print();
-        lines.push(line);
+    let planned: Vec<_> = SCENARIOS.iter().filter(|(n, _, _)| wanted(*n)).collect();
+    let main_vm = [1, 2, 4, 6, 8].into_iter().any(wanted);
+    let mut runner = Runner {
+        progress: rig::progress::Progress::new(
+            "e2e",
+            planned.len() + usize::from(main_vm),
+            planned.iter().map(|(_, _, s)| s).sum::<u64>() + if main_vm { MAIN_BOOT } else { 0 },
+        ),
+        lines: Vec::new(),
     };
 
-    if [1, 2, 4, 6, 8].into_iter().any(wanted) {
-        main_rig(&env, opts, &wanted, &mut record);
+    if main_vm {
+        main_rig(&env, opts, &wanted, &mut runner);
     }
     crate::check_interrupted()?;
     if wanted(3) {
-        record(toggles::run(&env, opts));
+        runner.scenario(3);
+        let line = toggles::run(&env, opts);
+        runner.record(line);
     }
     crate::check_interrupted()?;
     if wanted(5) {
-        record(verdict(5, "hotplug", hotplug::run(&env, opts)));
+        runner.scenario(5);
+        runner.record(verdict(5, "hotplug", hotplug::run(&env, opts)));
     }
     crate::check_interrupted()?;
     if wanted(7) {
-        record(verdict(7, "multiqueue", multiqueue::run(&env, opts)));
+        runner.scenario(7);
+        runner.record(verdict(7, "multiqueue", multiqueue::run(&env, opts)));
     }
     crate::check_interrupted()?;
     if wanted(9) {
-        record(verdict(
+        runner.scenario(9);
+        runner.record(verdict(
             9,
             "fewer pairs",
             multiqueue::fewer_pairs(&env, opts),
@@ -152,13 +218,17 @@ pub fn run(opts: &Options) -> Result<()> {
 
     crate::check_interrupted()?;
     if wanted(10) {
-        record(verdict(10, "checksum honesty", honesty::run(&env, opts)));
+        runner.scenario(10);
+        runner.record(verdict(10, "checksum honesty", honesty::run(&env, opts)));
     }
     crate::check_interrupted()?;
     if wanted(11) {
-        record(verdict(11, "IP-only link", iplink::run(&env, opts)));
+        runner.scenario(11);
+        runner.record(verdict(11, "IP-only link", iplink::run(&env, opts)));
     }
 
+    runner.progress.finish();
+    let mut lines = runner.lines;
     lines.sort_by_key(|l| l.number);
     println!();
     println!(
@@ -168,7 +238,7 @@ pub fn run(opts: &Options) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     for line in &lines {
-        line.print();
+        println!("{}", line.render());
     }
     let failed = lines.iter().filter(|l| !l.pass).count();
     println!("{} passed, {failed} failed", lines.len() - failed);
@@ -198,13 +268,14 @@ pub fn verdict(number: u32, name: &str, result: Result<(bool, String)>) -> Line 
 type Scenario = fn(&mut Rig, &Env, &Options) -> Result<(bool, String)>;
 
 /// Scenarios 1, 2, 4, 6 and 8 on one VM with the default card.
-fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, record: &mut dyn FnMut(Line)) {
+fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, runner: &mut Runner) {
     let cfg = CardConfig {
         mtu: DEFAULT_MTU,
         disable: String::new(),
         queues: 1,
         args: Vec::new(),
     };
+    runner.start("main VM boot", MAIN_BOOT);
     let mut rig = match Rig::boot(env, "main", &cfg, Plug::Boot) {
         Ok(rig) => rig,
         Err(err) => {
@@ -220,7 +291,7 @@ fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, record: &mu
                 (8, "device reset"),
             ] {
                 if wanted(number) {
-                    record(Line {
+                    runner.record(Line {
                         number,
                         pass: false,
                         text: format!("{name}: {text}"),
@@ -230,7 +301,10 @@ fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, record: &mu
             return;
         }
     };
-    println!("e2e: main VM up in {:.1} s", rig.boot.as_secs_f64());
+    runner.say(format!(
+        "e2e: main VM up in {:.1} s",
+        rig.boot.as_secs_f64()
+    ));
     let mut last = 1;
     let scenarios: [(u32, &str, Scenario); 5] = [
         (1, "binding", shared_vm::binding),
@@ -243,12 +317,13 @@ fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, record: &mu
         if !wanted(number) {
             continue;
         }
+        runner.scenario(number);
         let result = scenario(&mut rig, env, opts);
         let mut line = verdict(number, name, result);
         if !line.pass {
             line.text = format!("{}\n       {}", line.text, rig.evidence());
         }
-        record(line);
+        runner.record(line);
         last = number;
         if crate::check_interrupted().is_err() {
             break;
@@ -262,7 +337,7 @@ fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, record: &mu
         .stop()
         .unwrap_or_else(|e| (format!("{e:#}"), false));
     if !ok {
-        record(Line {
+        runner.record(Line {
             number: last,
             pass: false,
             text: format!(
