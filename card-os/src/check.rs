@@ -110,12 +110,12 @@ fn nginx_test(conf: &Path, prefix: &Path) -> Result<()> {
 /// `card-os check`: the programs, then [`validate`].
 pub fn check(cfg: &Config) -> Result<Vec<String>> {
     let mut lines = vec![format!(
-        "config: {} (card {}, namespace {}, tap {}, socket {}): read",
+        "config: {} (card {}, namespace {}, tap {}, {}): read",
         cfg.source.display(),
         cfg.name,
         cfg.netns(),
         cfg.tap(),
-        cfg.daemon.socket.display()
+        cfg.daemon.endpoint.describe()
     )];
     prereq::check(&prereq::for_config(cfg))?;
     lines.push("programs: all there".into());

@@ -575,6 +575,7 @@ pub fn key_line(text: &str, table: &str, key: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vhost_card::cardfile::Endpoint;
 
     fn example() -> (String, PathBuf) {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("card.toml");
@@ -598,7 +599,10 @@ mod tests {
         assert_eq!(cfg.name, "card");
         assert_eq!(cfg.netns(), "card");
         assert_eq!(cfg.tap(), "card0");
-        assert_eq!(cfg.daemon.socket, Path::new("/run/vhost-card/card.sock"));
+        assert_eq!(
+            cfg.daemon.endpoint,
+            Endpoint::Socket("/run/vhost-card/card.sock".into())
+        );
         assert_eq!(cfg.run_dir, Path::new("/run/vhost-card/card"));
         assert_eq!(cfg.state_dir, Path::new("/var/lib/vhost-card/card"));
         assert_eq!(cfg.ports[0].mtu, 1500);

@@ -1,7 +1,8 @@
 //! The card's daemon (vhost-card) as card-os sees it. card-os starts one only when nothing
 //! serves the card's vhost-user socket: under systemd, `vhost-card@<card>.socket` holds that
 //! socket (and starts the daemon when the VMM connects), and card-os must never start a second
-//! daemon on it.
+//! daemon on it. A VDUSE card (`[daemon] vduse = NAME`) is served while /dev/vduse/NAME exists
+//! (`vhost-card-vduse@<card>.service`, or a daemon whose crash left the device for its restart).
 
 use std::fs;
 use std::os::unix::process::CommandExt;
@@ -14,16 +15,18 @@ use crate::fail;
 
 use crate::cmd::{cmdline_has, has_link, tail, wait_for};
 use crate::config::Config;
+use vhost_card::cardfile::Endpoint;
 
-/// Who serves the card's socket.
+/// Who serves the card's socket (or its VDUSE device).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Server {
-    /// Nobody: no listening socket at that path.
+    /// Nobody: no listening socket at that path (no VDUSE device of that name).
     Nobody,
     /// The daemon card-os started (its pid).
     Ours { pid: i32 },
-    /// Someone else listens (systemd's socket unit, a daemon started by hand).
+    /// Someone else listens (systemd's socket unit, a daemon started by hand) or holds the
+    /// VDUSE device.
     Other,
 }
 
@@ -40,6 +43,14 @@ pub fn listening(path: &Path) -> bool {
         let f: Vec<&str> = l.split_whitespace().collect();
         f.len() >= 8 && f[3] == "00010000" && f[4] == "0001" && f[7] == want
     })
+}
+
+/// Whether something serves `endpoint`: a listening socket, or an existing VDUSE device.
+fn served(endpoint: &Endpoint) -> bool {
+    match endpoint {
+        Endpoint::Socket(path) => listening(path),
+        Endpoint::Vduse(_) => endpoint.path().exists(),
+    }
 }
 
 fn pid_file(cfg: &Config) -> PathBuf {
@@ -63,7 +74,7 @@ fn is_daemon(pid: i32) -> bool {
 pub fn server(cfg: &Config) -> Server {
     match our_pid(cfg) {
         Some(pid) => Server::Ours { pid },
-        None if listening(&cfg.daemon.socket) => Server::Other,
+        None if served(&cfg.daemon.endpoint) => Server::Other,
         None => Server::Nobody,
     }
 }
@@ -101,8 +112,10 @@ pub fn start(cfg: &Config) -> Result<i32> {
         .stdout(log.try_clone()?)
         .stderr(log)
         .process_group(0);
-    if let Some(dir) = cfg.daemon.socket.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if let Endpoint::Socket(socket) = &cfg.daemon.endpoint {
+        if let Some(dir) = socket.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
     }
     let mut child = cmd
         .spawn()

@@ -121,14 +121,16 @@ fn build(cfg: &Config) -> Result<Report> {
             format!("started {} (pid {pid})", cfg.card.daemon)
         }
         SocketServer::Nobody => format!(
-            "nothing serves {} and [card] daemon is empty: start vhost-card --config {}",
-            cfg.daemon.socket.display(),
+            "nothing serves the {} and [card] daemon is empty: start vhost-card --config {}",
+            cfg.daemon.endpoint.describe(),
             cfg.source.display()
         ),
         SocketServer::Ours { pid } => format!("running (pid {pid}, started by card-os)"),
         SocketServer::Other => format!(
-            "{} is served by another process (systemd's vhost-card@{}.socket?): not starting one",
-            cfg.daemon.socket.display(),
+            "the {} is served by another process (systemd's vhost-card@{}.socket or \
+             vhost-card-vduse@{}?): not starting one",
+            cfg.daemon.endpoint.describe(),
+            cfg.name,
             cfg.name
         ),
     };

@@ -11,6 +11,7 @@ use crate::config::{Config, Mode};
 use crate::daemon::{self, Server as SocketServer};
 use crate::render::Server;
 use crate::{ipsec, node};
+use vhost_card::cardfile::Endpoint;
 
 #[derive(Serialize)]
 pub struct Status {
@@ -32,7 +33,10 @@ pub struct Status {
 
 #[derive(Serialize)]
 pub struct Daemon {
+    /// The vhost-user socket, or for a VDUSE card its device (/dev/vduse/NAME).
     pub socket: String,
+    /// `vhost-user` or `vduse`.
+    pub transport: &'static str,
     pub server: SocketServer,
     pub control: Option<String>,
 }
@@ -83,7 +87,11 @@ pub fn status(cfg: &Config) -> Status {
         mode: cfg.card.mode,
         run_dir: cfg.run_dir.display().to_string(),
         daemon: Daemon {
-            socket: cfg.daemon.socket.display().to_string(),
+            socket: cfg.daemon.endpoint.path().display().to_string(),
+            transport: match cfg.daemon.endpoint {
+                Endpoint::Socket(_) => vhost_card::stats::VHOST_USER,
+                Endpoint::Vduse(_) => vhost_card::stats::VDUSE,
+            },
             server: daemon::server(cfg),
             control: cfg.daemon.control.as_ref().map(|c| c.display().to_string()),
         },
@@ -147,7 +155,12 @@ impl Status {
             self.config
         ));
         out.push(format!(
-            "daemon: socket {} {}",
+            "daemon: {} {} {}",
+            if self.daemon.transport == vhost_card::stats::VDUSE {
+                "VDUSE device"
+            } else {
+                "socket"
+            },
             self.daemon.socket,
             match self.daemon.server {
                 SocketServer::Nobody => "(nothing listens)".to_string(),

@@ -60,6 +60,28 @@ echo "SCENARIO-EXIT $rc"
 poweroff -f
 "#;
 
+/// Where a guest kernel comes from: an apt meta package whose `linux-image-*` dependency is
+/// downloaded, the modules the guest loads (with their dependencies), the cache directory under
+/// target/vm/, and apt options (a private sources list for another suite).
+pub struct KernelSource {
+    /// Cache directory under target/vm/; its initramfs is `<dir>`'s `initramfs.cpio.gz` for
+    /// "kernel" (the default guest), `initramfs-<dir>.cpio.gz` otherwise.
+    pub dir: &'static str,
+    pub meta: &'static str,
+    pub modules: &'static [&'static str],
+    pub apt_options: Vec<String>,
+}
+
+/// The default guest: Debian 12's cloud kernel from the machine's own apt sources.
+fn debian12() -> KernelSource {
+    KernelSource {
+        dir: "kernel",
+        meta: KERNEL_META,
+        modules: GUEST_MODULES,
+        apt_options: Vec::new(),
+    }
+}
+
 #[derive(clap::Args)]
 pub struct Options {
     /// Download and extract the kernel again even if one is cached.
@@ -82,9 +104,14 @@ pub struct Assets {
 
 /// Makes sure every asset exists, building only what is missing or stale.
 pub fn ensure(opts: &Options) -> Result<Assets> {
+    ensure_source(&debian12(), opts.refresh)
+}
+
+/// As [`ensure`], for the guest kernel `src`.
+pub fn ensure_source(src: &KernelSource, refresh: bool) -> Result<Assets> {
     crate::apt::install(HOST_PACKAGES)?;
-    let kernel = ensure_kernel(opts.refresh)?;
-    let initramfs = ensure_initramfs(&kernel)?;
+    let kernel = ensure_kernel(src, refresh)?;
+    let initramfs = ensure_initramfs(src, &kernel)?;
     let assets = Assets {
         kernel: kernel.dir.join("vmlinuz"),
         initramfs,
@@ -112,6 +139,13 @@ fn release_of(package: &str) -> Result<String> {
         .ok_or_else(|| anyhow!("no kernel release in {package:?}"))
 }
 
+/// `apt-get` with the options of `src` (its private sources list, if any).
+fn apt_get_for(src: &KernelSource) -> Command {
+    let mut cmd = crate::apt::apt_get();
+    cmd.args(&src.apt_options);
+    cmd
+}
+
 /// The cached kernel: `vmlinuz`, `modules/<name>.ko` (uncompressed) and
 /// `modules.load` (their load order).
 struct Kernel {
@@ -120,11 +154,21 @@ struct Kernel {
     modules: Vec<String>,
 }
 
-fn ensure_kernel(refresh: bool) -> Result<Kernel> {
-    let dir = crate::paths::vm_dir().join("kernel");
+fn ensure_kernel(src: &KernelSource, refresh: bool) -> Result<Kernel> {
+    let dir = crate::paths::vm_dir().join(src.dir);
     let package_file = dir.join("PACKAGE");
     let load_file = dir.join("modules.load");
-    if !refresh && package_file.exists() && load_file.exists() && dir.join("vmlinuz").exists() {
+    // The modules asked for: another list builds the cache again.
+    let wanted_file = dir.join("modules.wanted");
+    let wanted = src.modules.join(" ") + "\n";
+    let same_modules = fs::read_to_string(&wanted_file).is_ok_and(|w| w == wanted)
+        || (src.dir == "kernel" && !wanted_file.exists());
+    if !refresh
+        && same_modules
+        && package_file.exists()
+        && load_file.exists()
+        && dir.join("vmlinuz").exists()
+    {
         return Ok(Kernel {
             package: fs::read_to_string(&package_file)?.trim().to_string(),
             modules: fs::read_to_string(&load_file)?
@@ -140,17 +184,17 @@ fn ensure_kernel(refresh: bool) -> Result<Kernel> {
     let work = dir.join("download");
     fs::create_dir_all(&work)?;
 
-    let meta = apt_download(KERNEL_META, &work)?;
+    let meta = apt_download(src, src.meta, &work)?;
     let depends = stdout(Command::new("dpkg-deb").arg("-f").arg(&meta).arg("Depends"))?;
     let image = depends
         .split([',', '|'])
         .filter_map(|dep| dep.split_whitespace().next())
         .find(|name| name.starts_with("linux-image-"))
-        .ok_or_else(|| anyhow!("no linux-image-* in {KERNEL_META}'s Depends: {depends}"))?
+        .ok_or_else(|| anyhow!("no linux-image-* in {}'s Depends: {depends}", src.meta))?
         .to_string();
     // Either the signed image the meta package names or its unsigned twin.
-    let deb = apt_download(&image, &work)
-        .or_else(|_| apt_download(&format!("{image}-unsigned"), &work))?;
+    let deb = apt_download(src, &image, &work)
+        .or_else(|_| apt_download(src, &format!("{image}-unsigned"), &work))?;
     let version = stdout(Command::new("dpkg-deb").arg("-f").arg(&deb).arg("Version"))?;
     let root = work.join("root");
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
@@ -177,7 +221,7 @@ fn ensure_kernel(refresh: bool) -> Result<Kernel> {
         let base = base.ok_or_else(|| anyhow!("odd module path {}", mod_root.display()))?;
         run(Command::new("depmod").arg("-b").arg(base).arg(&release))?;
     }
-    let order = module_load_order(&mod_root, GUEST_MODULES)?;
+    let order = module_load_order(&mod_root, src.modules)?;
     let out_dir = dir.join("modules");
     fs::create_dir_all(&out_dir)?;
     let mut names = Vec::new();
@@ -191,6 +235,7 @@ fn ensure_kernel(refresh: bool) -> Result<Kernel> {
     let package = format!("{image} {version} ({release})");
     fs::write(&load_file, names.join("\n") + "\n")?;
     fs::write(&package_file, &package)?;
+    fs::write(&wanted_file, &wanted)?;
     fs::remove_dir_all(&work)?;
     Ok(Kernel {
         dir,
@@ -201,15 +246,15 @@ fn ensure_kernel(refresh: bool) -> Result<Kernel> {
 
 /// `apt-get download`s `package` into `dir` (updating the package lists once
 /// if apt does not know it) and returns the .deb.
-fn apt_download(package: &str, dir: &Path) -> Result<PathBuf> {
+fn apt_download(src: &KernelSource, package: &str, dir: &Path) -> Result<PathBuf> {
     let download = || {
-        run(crate::apt::apt_get()
+        run(apt_get_for(src)
             .arg("download")
             .arg(package)
             .current_dir(dir))
     };
     if download().is_err() {
-        run(crate::apt::apt_get().args(["update", "-q"]))?;
+        run(apt_get_for(src).args(["update", "-q"]))?;
         download()?;
     }
     let prefix = format!("{package}_");
@@ -307,7 +352,7 @@ fn decompress(path: &Path) -> Result<Vec<u8>> {
 
 /// Builds target/vm/initramfs.cpio.gz unless the cached one has the same
 /// contents (the uncompressed archive is kept next to it for that check).
-fn ensure_initramfs(kernel: &Kernel) -> Result<PathBuf> {
+fn ensure_initramfs(src: &KernelSource, kernel: &Kernel) -> Result<PathBuf> {
     let busybox_path = "/bin/busybox";
     let mut archive = Archive::new();
     let applets = stdout(Command::new(busybox_path).arg("--list-full"))?;
@@ -346,8 +391,12 @@ fn ensure_initramfs(kernel: &Kernel) -> Result<PathBuf> {
     archive.file("init", 0o755, INIT.as_bytes());
     let bytes = archive.finish();
 
-    let plain = crate::paths::vm_dir().join("initramfs.cpio");
-    let gz = crate::paths::vm_dir().join("initramfs.cpio.gz");
+    let stem = match src.dir {
+        "kernel" => "initramfs".to_string(),
+        other => format!("initramfs-{other}"),
+    };
+    let plain = crate::paths::vm_dir().join(format!("{stem}.cpio"));
+    let gz = crate::paths::vm_dir().join(format!("{stem}.cpio.gz"));
     if gz.exists() && fs::read(&plain).is_ok_and(|old| old == bytes) {
         return Ok(gz);
     }

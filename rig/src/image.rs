@@ -115,6 +115,18 @@ pub fn pattern(size: usize) -> Vec<u8> {
 /// libraries and, if given, the payload file. One image serves every VM of
 /// a run: what each VM does comes through the agent.
 pub fn build_initrd(base: &Path, payload: Option<&Path>, work: &Path, out: &Path) -> Result<()> {
+    build_initrd_with(base, payload, &[], work, out)
+}
+
+/// As [`build_initrd`], with more programs: each `(program, path in the guest)` is copied with
+/// the shared libraries it links against.
+pub fn build_initrd_with(
+    base: &Path,
+    payload: Option<&Path>,
+    programs: &[(&Path, &str)],
+    work: &Path,
+    out: &Path,
+) -> Result<()> {
     let mut bytes = std::fs::read(base).with_context(|| format!("reading {}", base.display()))?;
     // An uncompressed archive must start 4-byte aligned in the initrd.
     while bytes.len() % 4 != 0 {
@@ -125,15 +137,31 @@ pub fn build_initrd(base: &Path, payload: Option<&Path>, work: &Path, out: &Path
     extra.file("lib/e2e.sh", 0o644, LIBRARY.as_bytes());
     let exe = std::env::current_exe().context("locating the xtask binary")?;
     let helper = stripped_copy(&exe, work)?;
-    extra.file(
-        HELPER.trim_start_matches('/'),
-        0o755,
-        &std::fs::read(&helper).with_context(|| format!("reading {}", helper.display()))?,
-    );
     let mut dirs = Vec::new();
-    for lib in shared_libs(&exe)? {
-        let rel = lib.to_string_lossy().trim_start_matches('/').to_string();
-        let mut parent = Path::new(&rel).parent();
+    add_program(&mut extra, &mut dirs, &helper, HELPER, &exe)?;
+    for (program, dest) in programs {
+        add_program(&mut extra, &mut dirs, program, dest, program)?;
+    }
+    if let Some(payload) = payload {
+        let data =
+            std::fs::read(payload).with_context(|| format!("reading {}", payload.display()))?;
+        extra.file(PAYLOAD.trim_start_matches('/'), 0o644, &data);
+    }
+    bytes.extend(extra.finish());
+    std::fs::write(out, bytes).with_context(|| format!("writing {}", out.display()))
+}
+
+/// Adds `file` as `dest` and the libraries `linked` (the same program, maybe unstripped) loads,
+/// with the directories they need (`dirs`: those already in the archive).
+fn add_program(
+    extra: &mut Archive,
+    dirs: &mut Vec<String>,
+    file: &Path,
+    dest: &str,
+    linked: &Path,
+) -> Result<()> {
+    let add_dirs = |extra: &mut Archive, dirs: &mut Vec<String>, rel: &str| {
+        let mut parent = Path::new(rel).parent();
         let mut chain = Vec::new();
         while let Some(dir) = parent.filter(|d| !d.as_os_str().is_empty()) {
             chain.push(dir.to_string_lossy().into_owned());
@@ -145,16 +173,26 @@ pub fn build_initrd(base: &Path, payload: Option<&Path>, work: &Path, out: &Path
                 dirs.push(dir);
             }
         }
+    };
+    let rel = dest.trim_start_matches('/');
+    add_dirs(extra, dirs, rel);
+    extra.file(
+        rel,
+        0o755,
+        &std::fs::read(file).with_context(|| format!("reading {}", file.display()))?,
+    );
+    for lib in shared_libs(linked)? {
+        let rel = lib.to_string_lossy().trim_start_matches('/').to_string();
+        // `dirs` also remembers the libraries added, so each goes in once.
+        if dirs.contains(&rel) {
+            continue;
+        }
+        add_dirs(extra, dirs, &rel);
+        dirs.push(rel.clone());
         let data = std::fs::read(&lib).with_context(|| format!("reading {}", lib.display()))?;
         extra.file(&rel, 0o755, &data);
     }
-    if let Some(payload) = payload {
-        let data =
-            std::fs::read(payload).with_context(|| format!("reading {}", payload.display()))?;
-        extra.file(PAYLOAD.trim_start_matches('/'), 0o644, &data);
-    }
-    bytes.extend(extra.finish());
-    std::fs::write(out, bytes).with_context(|| format!("writing {}", out.display()))
+    Ok(())
 }
 
 /// The libraries `exe` loads (and the loader), as `ldd` lists them.

@@ -157,7 +157,7 @@ fn every_series_is_exported_at_zero_before_a_frontend_connects() -> Result<()> {
     let version = env!("CARGO_PKG_VERSION");
     ensure!(
         prom.lines().any(|l| l.starts_with(&format!(
-            "vhost_card_info{{version=\"{version}\",features_offered=\"csum,"
+            "vhost_card_info{{version=\"{version}\",transport=\"vhost-user\",features_offered=\"csum,"
         )) && l.ends_with(",features_acked=\"\"} 1")),
         "no info metric:\n{prom}"
     );

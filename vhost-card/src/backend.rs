@@ -21,6 +21,7 @@ use vmm_sys_util::event::{
 
 use crate::datapath::{tap_offload, Pair, PairConfig, Pass};
 use crate::features::{self, Negotiated, VHOST_USER_F_PROTOCOL_FEATURES};
+use crate::interrupt::Interrupt;
 use crate::stats::{add, Stats};
 use crate::tap::Tap;
 
@@ -144,6 +145,14 @@ impl CardBackend {
     pub fn pair_enabled(&self, pair: usize, enabled: bool) {
         self.stats.set_in_use(pair, enabled);
         self.tap.set_pair_enabled(pair, enabled);
+    }
+
+    /// Gives queue pair `pair` its own way to signal the driver (RX, TX), for a transport without
+    /// call eventfds (VDUSE).
+    pub fn set_interrupts(&self, pair: usize, irq: [Option<Arc<dyn Interrupt>>; 2]) {
+        if let Some(w) = self.workers.get(pair) {
+            w.pair.lock().unwrap_or_else(|p| p.into_inner()).irq = irq;
+        }
     }
 
     /// Reports a vanished tap once per event; the daemon then stops with that message.

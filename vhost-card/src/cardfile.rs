@@ -9,12 +9,14 @@
 //! through the flag's own parser, so the file accepts exactly what the command line does, and
 //! a bad value is reported with the file, the line and the key. Flags given on the command
 //! line win over the file, and keys that conflict with them are left out (under `--fd 3` the
-//! socket is systemd's: the file's `socket`, `socket-group` and `socket-mode` do not apply).
+//! socket is systemd's: the file's `socket`, `socket-group` and `socket-mode` do not apply;
+//! nor under `--vduse NAME`, where the card is a VDUSE device and has no socket).
 //!
 //! The card's name is the file's name without `.toml`. It names everything else, so that the
 //! systemd units (instance = card name), `card-os` and the daemon agree on one table of paths
 //! ([`CardPaths`]): the network namespace is the card's name, and unless the file says
-//! otherwise the vhost-user socket is `/run/vhost-card/<card>.sock` and the control socket
+//! otherwise the vhost-user socket is `/run/vhost-card/<card>.sock` (none for a VDUSE card:
+//! `vduse = NAME` in the file or `--vduse NAME`) and the control socket
 //! `/run/vhost-card/<card>.control`.
 
 use std::collections::BTreeMap;
@@ -22,7 +24,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use clap::parser::ValueSource;
-use clap::{ArgMatches, CommandFactory, FromArgMatches};
+use clap::{CommandFactory, FromArgMatches};
 use thiserror::Error;
 
 use crate::config::Args;
@@ -253,20 +255,26 @@ fn resolve_with(argv: Vec<OsString>, text: Option<&str>) -> Result<Args, Resolve
         })?,
     };
     let name = card_name(&path)?;
-    let skip = |id: &str| given_or_conflicting(&cmd, &matches, id);
+    let on_command_line = |id: &str| {
+        matches.try_contains_id(id).unwrap_or(false)
+            && matches.value_source(id) == Some(ValueSource::CommandLine)
+    };
+    let skip = |id: &str| given_or_conflicting(&cmd, &on_command_line, id);
     let mut file = daemon_args(&path, &text, skip)?;
-    // The card's paths, where neither the file nor the command line says otherwise.
+    // The card's paths, where neither the file nor the command line says otherwise (or sets
+    // a flag that excludes them: no socket for a VDUSE card).
     let paths = CardPaths::of(&name);
-    for (id, long, value) in [
-        ("netns", "netns", OsString::from(&name)),
-        ("socket", "socket", paths.socket.into_os_string()),
-        ("control", "control", paths.control.into_os_string()),
+    for (id, value) in [
+        ("netns", OsString::from(&name)),
+        ("socket", paths.socket.into_os_string()),
+        ("control", paths.control.into_os_string()),
     ] {
-        let said = file
-            .iter()
-            .any(|a| a.to_str() == Some(&format!("--{long}")));
-        if !skip(id) && !said {
-            file.push(format!("--{long}").into());
+        let in_file = |id: &str| {
+            let long = format!("--{}", id.replace('_', "-"));
+            file.iter().any(|a| a.to_str() == Some(long.as_str()))
+        };
+        if !skip(id) && !given_or_conflicting(&cmd, &in_file, id) {
+            file.push(format!("--{id}").into());
             file.push(value);
         }
     }
@@ -277,12 +285,8 @@ fn resolve_with(argv: Vec<OsString>, text: Option<&str>) -> Result<Args, Resolve
     Ok(Args::from_arg_matches(&matches)?)
 }
 
-/// Whether the flag `id` was given on the command line, or conflicts with one that was.
-fn given_or_conflicting(cmd: &clap::Command, m: &ArgMatches, id: &str) -> bool {
-    let given = |id: &str| {
-        m.try_contains_id(id).unwrap_or(false)
-            && m.value_source(id) == Some(ValueSource::CommandLine)
-    };
+/// Whether the flag `id` was `given`, or conflicts with one that was.
+fn given_or_conflicting(cmd: &clap::Command, given: &dyn Fn(&str) -> bool, id: &str) -> bool {
     if given(id) {
         return true;
     }
@@ -323,13 +327,40 @@ pub fn parse_args() -> Args {
     }
 }
 
+/// How the host reaches the card's daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// The vhost-user socket a VMM connects to.
+    Socket(PathBuf),
+    /// `vduse = NAME`: the VDUSE device /dev/vduse/NAME of the daemon's own host.
+    Vduse(String),
+}
+
+impl Endpoint {
+    /// The socket, or the VDUSE device node.
+    pub fn path(&self) -> PathBuf {
+        match self {
+            Endpoint::Socket(p) => p.clone(),
+            Endpoint::Vduse(name) => Path::new("/dev/vduse").join(name),
+        }
+    }
+
+    /// `socket PATH` or `VDUSE device /dev/vduse/NAME`.
+    pub fn describe(&self) -> String {
+        match self {
+            Endpoint::Socket(p) => format!("socket {}", p.display()),
+            Endpoint::Vduse(_) => format!("VDUSE device {}", self.path().display()),
+        }
+    }
+}
+
 /// What card-os needs of the daemon's settings in a card's file: the same resolution the
 /// daemon does with `vhost-card --config FILE`.
 #[derive(Debug, Clone)]
 pub struct DaemonSettings {
     pub netns: String,
     pub tap: String,
-    pub socket: PathBuf,
+    pub endpoint: Endpoint,
     pub control: Option<PathBuf>,
     pub mtu: u16,
     /// `link = "ip"`: the card's end is a TUN device (the IP-only link).
@@ -341,16 +372,23 @@ pub struct DaemonSettings {
 pub fn daemon_settings(path: &Path, text: &str) -> Result<DaemonSettings, ResolveError> {
     let argv = vec!["vhost-card".into(), "--config".into(), path.into()];
     let args = resolve_with(argv, Some(text))?;
-    let socket = args.socket.clone().ok_or_else(|| FileError::Key {
-        path: path.to_path_buf(),
-        line: 1,
-        key: "socket".into(),
-        message: "no socket".into(),
-    })?;
+    let endpoint = match (&args.vduse, &args.socket) {
+        (Some(name), _) => Endpoint::Vduse(name.clone()),
+        (None, Some(socket)) => Endpoint::Socket(socket.clone()),
+        (None, None) => {
+            return Err(FileError::Key {
+                path: path.to_path_buf(),
+                line: 1,
+                key: "socket".into(),
+                message: "no socket".into(),
+            }
+            .into())
+        }
+    };
     Ok(DaemonSettings {
         netns: args.netns.clone().unwrap_or_default(),
         tap: args.tap.clone(),
-        socket,
+        endpoint,
         control: args.control.clone(),
         mtu: args.mtu,
         link: args.link,
@@ -469,6 +507,56 @@ mod tests {
         assert!(card_name(Path::new("/etc/vhost-card/a b.toml")).is_err());
         assert!(card_name(Path::new("/etc/vhost-card/much-too-long-name.toml")).is_err());
         assert_eq!(card_name(Path::new("/x/card.toml")).unwrap(), "card");
+    }
+
+    #[test]
+    fn a_vduse_card_has_no_socket() {
+        let (dir, path) = write(
+            "c4.toml",
+            "[daemon]\nvduse = \"c4\"\nvduse-bind = \"vhost\"\nhost-mac = \"02:00:00:00:00:04\"\n\
+             vduse-bounce-mib = 128\nmtu = 9000\n",
+        );
+        let p = path.to_str().unwrap();
+        let a = resolve(argv(&["--config", p])).unwrap();
+        assert_eq!(a.vduse.as_deref(), Some("c4"));
+        assert_eq!(a.socket, None);
+        assert_eq!(a.vduse_bounce_mib, Some(128));
+        assert_eq!(a.netns.as_deref(), Some("c4"));
+        assert_eq!(a.control, Some(PathBuf::from("/run/vhost-card/c4.control")));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let d = daemon_settings(&path, &text).unwrap();
+        assert_eq!(d.endpoint, Endpoint::Vduse("c4".into()));
+        assert_eq!(d.endpoint.path(), Path::new("/dev/vduse/c4"));
+        // The file makes it a VDUSE card: its companions may come from the command line.
+        let a = resolve(argv(&[
+            "--config",
+            p,
+            "--vduse-bind",
+            "none",
+            "--host-mac",
+            "02:00:00:00:00:05",
+            "--vduse-bounce-mib",
+            "96",
+        ]))
+        .unwrap();
+        assert_eq!(a.vduse_bind, Some(crate::vduse::vdpa::Bind::None));
+        assert_eq!(a.host_mac, Some([2, 0, 0, 0, 0, 5]));
+        assert_eq!(a.vduse_bounce_mib, Some(96));
+        // A card whose file names a socket, run as a VDUSE device from the command line (as
+        // vhost-card-vduse@.service does): the file's socket settings do not apply.
+        std::fs::write(
+            &path,
+            "[daemon]\nsocket = \"/run/x.sock\"\nsocket-mode = \"0600\"\nmtu = 1500\n",
+        )
+        .unwrap();
+        let a = resolve(argv(&["--config", p, "--vduse", "c4"])).unwrap();
+        assert_eq!((a.socket, a.socket_mode, a.mtu), (None, None, 1500));
+        // Without --vduse, the VDUSE-only keys are refused (by the daemon's configuration).
+        std::fs::write(&path, "[daemon]\nhost-mac = \"02:00:00:00:00:04\"\n").unwrap();
+        let a = resolve(argv(&["--config", p])).unwrap();
+        let e = crate::config::Config::try_from(a).unwrap_err().to_string();
+        assert!(e.contains("only with --vduse"), "{e}");
+        std::fs::remove_dir_all(dir).ok();
     }
 
     #[test]

@@ -8,6 +8,8 @@ use thiserror::Error;
 
 use crate::features::{self, FeatureError};
 use crate::tap::parse_mac;
+use crate::vduse::vdpa::Bind;
+use crate::vduse::VduseConfig;
 
 /// Highest MTU a Linux tap accepts (65535 minus the Ethernet header).
 pub const TAP_MAX_MTU: u16 = 65521;
@@ -16,15 +18,19 @@ pub const TAP_MAX_MTU: u16 = 65521;
 #[command(
     name = "vhost-card",
     version,
-    about = "The TOE card's PCI function: a vhost-user virtio-net backend whose far end is a tap \
-             in the card's network namespace",
+    about = "The TOE card's PCI function: a virtio-net device (vhost-user backend, or VDUSE device \
+             of this host's kernel) whose far end is a tap in the card's network namespace",
     long_about = "vhost-card serves one vhost-user socket. A VMM (QEMU, cloud-hypervisor) turns it \
                   into a virtio-net PCI device that the host's stock virtio_net driver drives. \
                   Frames go to and from a tap device (with virtio-net headers) in the card's \
                   network namespace, where the card's Linux stack owns its own addresses.\n\n\
                   The daemon listens again after the VMM disconnects and keeps the tap. \
                   SIGINT/SIGTERM stop it and remove the socket; SIGHUP is logged and ignored \
-                  (the log goes to stderr: nothing to reopen).",
+                  (the log goes to stderr: nothing to reopen).\n\n\
+                  With --vduse NAME it is instead a VDUSE device of the kernel it runs on \
+                  (/dev/vduse/NAME, and the vdpa device NAME on it), driven by that kernel's own \
+                  virtio_net: a network interface of this host. SIGINT/SIGTERM then remove the \
+                  vdpa device and destroy the VDUSE device.",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
@@ -34,14 +40,15 @@ pub struct Args {
 
     /// Path of the vhost-user socket to listen on (the VMM connects as client).
     #[arg(long, visible_alias = "socket-path", value_name = "PATH",
-          required_unless_present_any = ["fd", "print_capabilities", "config"])]
+          required_unless_present_any = ["fd", "vduse", "print_capabilities", "config"])]
     pub socket: Option<PathBuf>,
 
     /// The card's file (/etc/vhost-card/<card>.toml): its [daemon] table sets any of these
     /// flags (key = the long flag without dashes); the card's name (the file name) gives the
     /// namespace, and unless set /run/vhost-card/<card>.sock and <card>.control. Flags given
-    /// here win over the file; with --fd the file's socket, socket-group and socket-mode do not
-    /// apply. `metrics-listen = true` is the flag alone.
+    /// here win over the file; with --fd or --vduse the file's socket, socket-group and
+    /// socket-mode do not apply (a VDUSE card has no socket). `metrics-listen = true` is the
+    /// flag alone.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -54,12 +61,12 @@ pub struct Args {
     /// Group (name or gid) of the vhost-user socket, so that a VMM running as another user of
     /// that group can connect (as virtiofsd's --socket-group); the socket's mode becomes 0660
     /// unless --socket-mode says otherwise.
-    #[arg(long, value_name = "GROUP", conflicts_with = "fd")]
+    #[arg(long, value_name = "GROUP", conflicts_with_all = ["fd", "vduse"])]
     pub socket_group: Option<String>,
 
     /// Permissions of the vhost-user socket, in octal (e.g. 0600, 0660); connecting needs write
     /// permission. Default: from the umask (0660 with --socket-group).
-    #[arg(long, value_name = "MODE", value_parser = parse_mode, conflicts_with = "fd")]
+    #[arg(long, value_name = "MODE", value_parser = parse_mode, conflicts_with_all = ["fd", "vduse"])]
     pub socket_mode: Option<u32>,
 
     /// Log level: error, warn, info, debug, trace or off. Without it the RUST_LOG environment
@@ -67,6 +74,32 @@ pub struct Args {
     /// info. The log goes to stderr.
     #[arg(long, value_name = "LEVEL", value_enum)]
     pub log_level: Option<LogLevel>,
+
+    /// Be a device of this machine's own kernel instead of serving a VMM: create the VDUSE device
+    /// /dev/vduse/NAME (needs Linux with CONFIG_VDPA_USER: modprobe vduse) and, with
+    /// --vduse-bind, the vdpa device NAME on it, so the kernel's virtio_net drives the card.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["socket", "fd"])]
+    pub vduse: Option<String>,
+
+    /// With --vduse: the vdpa bus driver to bind. `virtio` (virtio_vdpa) gives this host a
+    /// network interface, `vhost` (vhost_vdpa) a /dev/vhost-vdpa-N for QEMU's -netdev
+    /// vhost-vdpa, `none` adds no vdpa device (run `vdpa dev add name NAME mgmtdev vduse`).
+    /// Default: virtio.
+    // No clap `requires`: `vduse` may come from the card file, read after this parse;
+    // `Config::try_from` refuses the VDUSE-only flags without it, before anything is created.
+    #[arg(long, value_enum, value_name = "DRIVER")]
+    pub vduse_bind: Option<Bind>,
+
+    /// With --vduse: the MAC address of the host's interface (VIRTIO_NET_F_MAC). Default: a
+    /// locally administered address derived from the device name.
+    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
+    pub host_mac: Option<[u8; 6]>,
+
+    /// With --vduse: the size of the kernel's bounce buffer in MiB (1 to 1024), through which
+    /// the host's driver passes every buffer it gives the card. Default: 64 (the kernel's) with
+    /// mrg-rxbuf; with it disabled, 64 plus room for a full RX ring of 64 KiB buffers.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub vduse_bounce_mib: Option<u32>,
 
     /// Print the vhost-user backend capabilities as JSON (QEMU's docs/interop/vhost-user.json)
     /// and exit.
@@ -278,8 +311,12 @@ fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
 pub enum ConfigError {
     #[error(transparent)]
     Identity(#[from] crate::sandbox::SandboxError),
-    #[error("--socket or --fd is required")]
+    #[error("--socket, --fd or --vduse is required")]
     NoSocket,
+    #[error("{0} applies only with --vduse")]
+    VduseOnly(&'static str),
+    #[error("--vduse serves one queue pair: Linux's VDUSE refuses net devices with a control virtqueue (VIRTIO_NET_F_CTRL_VQ), and virtio_net refuses a device that offers several pairs without one")]
+    VduseQueues,
     #[error("--fd {0} is not a listening Unix stream socket")]
     BadFd(i32),
     #[error(transparent)]
@@ -288,6 +325,8 @@ pub enum ConfigError {
     Tap(#[from] crate::tap::TapError),
     #[error(transparent)]
     Netns(#[from] crate::netns::NetnsError),
+    #[error(transparent)]
+    Vduse(#[from] crate::vduse::device::DeviceError),
 }
 
 /// Where the vhost-user socket comes from.
@@ -297,6 +336,8 @@ pub enum Listen {
     Path(PathBuf),
     /// An inherited listening socket.
     Fd(i32),
+    /// No socket: a VDUSE device of the kernel the daemon runs on.
+    Vduse(VduseConfig),
 }
 
 /// A checked configuration for the daemon.
@@ -328,13 +369,36 @@ impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(a: Args) -> Result<Self, ConfigError> {
-        let listen = match (a.socket, a.fd) {
-            (Some(p), None) => Listen::Path(p),
-            (None, Some(fd)) if is_listening_unix_socket(fd) => Listen::Fd(fd),
-            (None, Some(fd)) => return Err(ConfigError::BadFd(fd)),
+        if a.vduse.is_none() {
+            if a.vduse_bind.is_some() {
+                return Err(ConfigError::VduseOnly("--vduse-bind"));
+            }
+            if a.host_mac.is_some() {
+                return Err(ConfigError::VduseOnly("--host-mac"));
+            }
+            if a.vduse_bounce_mib.is_some() {
+                return Err(ConfigError::VduseOnly("--vduse-bounce-mib"));
+            }
+        }
+        if a.vduse.is_some() && a.queues > 1 {
+            return Err(ConfigError::VduseQueues);
+        }
+        let listen = match (a.socket, a.fd, a.vduse) {
+            (Some(p), None, None) => Listen::Path(p),
+            (None, Some(fd), None) if is_listening_unix_socket(fd) => Listen::Fd(fd),
+            (None, Some(fd), None) => return Err(ConfigError::BadFd(fd)),
+            (None, None, Some(name)) => Listen::Vduse(VduseConfig {
+                name,
+                bind: a.vduse_bind.unwrap_or(Bind::Virtio),
+                host_mac: a.host_mac,
+                bounce_mib: a.vduse_bounce_mib,
+            }),
             _ => return Err(ConfigError::NoSocket),
         };
         // What can be checked before anything is created.
+        if let Listen::Vduse(v) = &listen {
+            crate::vduse::device::check_name(&v.name)?;
+        }
         crate::tap::check_name(&a.tap)?;
         if let Some(n) = &a.netns {
             if !crate::netns::path_of(n).exists() {
@@ -537,6 +601,55 @@ mod tests {
         assert!(e.contains("ip netns add no-such-namespace-here"), "{e}");
         let a = parse(&["--socket", "s", "--socket-group", "no-such-group-here"]).unwrap();
         assert!(Config::try_from(a).is_err());
+    }
+
+    #[test]
+    fn vduse_mode() {
+        let c = Config::try_from(parse(&["--vduse", "card"]).unwrap()).unwrap();
+        assert_eq!(
+            c.listen,
+            Listen::Vduse(VduseConfig {
+                name: "card".into(),
+                bind: Bind::Virtio,
+                host_mac: None,
+                bounce_mib: None,
+            })
+        );
+        let a = parse(&[
+            "--vduse",
+            "c",
+            "--vduse-bind",
+            "none",
+            "--host-mac",
+            "02:00:00:00:00:01",
+        ]);
+        let c = Config::try_from(a.unwrap()).unwrap();
+        assert!(matches!(
+            c.listen,
+            Listen::Vduse(VduseConfig {
+                bind: Bind::None,
+                host_mac: Some(_),
+                ..
+            })
+        ));
+        assert!(parse(&["--vduse", "c", "--socket", "s"]).is_err());
+        // Checked before anything is created: the device's name, flags of the socket.
+        let a = parse(&["--vduse", "a/b"]).unwrap();
+        assert!(matches!(Config::try_from(a), Err(ConfigError::Vduse(_))));
+        assert!(parse(&["--vduse", "c", "--socket-group", "0"]).is_err());
+        assert!(parse(&["--vduse", "c", "--socket-mode", "0600"]).is_err());
+        let a = parse(&["--vduse", "c", "--queues", "2"]).unwrap();
+        let e = Config::try_from(a).unwrap_err().to_string();
+        assert!(e.contains("CTRL_VQ"), "{e}");
+        for extra in [
+            ["--vduse-bind", "vhost"],
+            ["--host-mac", "02:00:00:00:00:01"],
+            ["--vduse-bounce-mib", "96"],
+        ] {
+            let a = parse(&["--socket", "s", extra[0], extra[1]]).unwrap();
+            let e = Config::try_from(a).unwrap_err().to_string();
+            assert!(e.contains("only with --vduse"), "{e}");
+        }
     }
 
     #[test]

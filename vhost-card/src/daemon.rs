@@ -61,6 +61,8 @@ pub enum DaemonError {
     Fatal(String),
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Vduse(#[from] crate::vduse::VduseError),
 }
 
 /// Maps a failed step to [`DaemonError::Io`]; the OS's words come once, after `what`.
@@ -122,7 +124,7 @@ impl Stop {
     }
 
     /// Sleeps up to `d`; returns true if a stop was requested.
-    fn wait(&self, d: Duration) -> bool {
+    pub(crate) fn wait(&self, d: Duration) -> bool {
         let g = self.cv.0.lock().unwrap_or_else(|p| p.into_inner());
         if self.requested() {
             return true;
@@ -222,6 +224,13 @@ impl Drop for Cleanup {
 /// frontends are served.
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
     log::debug!("{cfg:?}");
+    // VDUSE: the process that keeps the right to add and delete the vdpa device is forked before
+    // anything else is open (it must hold none of the daemon's descriptors), and the kernel's
+    // VDUSE is checked before anything is created.
+    let vduse_start = match &cfg.listen {
+        Listen::Vduse(v) => Some(crate::vduse::start(v)?),
+        _ => None,
+    };
     let stop = Arc::new(Stop::new().map_err(io_err("eventfd"))?);
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
@@ -243,11 +252,12 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             let l = bind_socket(p)?;
             cleanup.paths.push(p.clone());
             set_socket_access(p, cfg.socket_group, cfg.socket_mode)?;
-            l
+            Some(l)
         }
         // SAFETY: the configuration checked that this descriptor is a listening Unix socket
         // handed to us by our parent; we take ownership of it.
-        Listen::Fd(fd) => unsafe { UnixListener::from_raw_fd(*fd) },
+        Listen::Fd(fd) => Some(unsafe { UnixListener::from_raw_fd(*fd) }),
+        Listen::Vduse(_) => None,
     };
     let control = match &cfg.control {
         Some(p) => {
@@ -276,6 +286,13 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let private = private_dir().map_err(io_err("creating a private directory"))?;
     cleanup.dir = Some(private.clone());
     let tap = open_tap(&cfg)?;
+    let vduse = match (&cfg.listen, vduse_start) {
+        (Listen::Vduse(v), Some(start)) => {
+            let spec = crate::vduse::spec(v, cfg.features, cfg.mtu, cfg.queues, cfg.queue_size);
+            Some(crate::vduse::prepare(v, spec, start)?)
+        }
+        _ => None,
+    };
     // The identity of the named namespace the tap lives in, watched while serving.
     let netns_watch = cfg
         .netns
@@ -317,10 +334,19 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     }
     let stats = Arc::new(Stats::new(
         cfg.queues,
-        DeviceInfo {
-            mtu: cfg.mtu,
+        match &cfg.listen {
+            // As the VDUSE device offers it (ACCESS_PLATFORM and MAC added).
+            Listen::Vduse(_) => DeviceInfo {
+                mtu: cfg.mtu,
+                offered: crate::vduse::offer(cfg.features),
+                transport: crate::stats::VDUSE,
+            },
             // As the backend offers it (`CardBackend::features`), so acked is a subset.
-            offered: cfg.features | 1 << crate::features::VHOST_USER_F_PROTOCOL_FEATURES,
+            Listen::Path(_) | Listen::Fd(_) => DeviceInfo {
+                mtu: cfg.mtu,
+                offered: cfg.features | 1 << crate::features::VHOST_USER_F_PROTOCOL_FEATURES,
+                transport: crate::stats::VHOST_USER,
+            },
         },
     ));
     if let Some(l) = control {
@@ -414,6 +440,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         match &cfg.listen {
             Listen::Path(p) => p.display().to_string(),
             Listen::Fd(fd) => format!("inherited fd {fd}"),
+            Listen::Vduse(v) => format!("VDUSE device /dev/vduse/{}", v.name),
         },
         cfg.mtu,
         cfg.queues,
@@ -424,7 +451,14 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         mtu: cfg.mtu,
         num_queues: (cfg.queues * 2) as u32,
     };
-    let result = serve(&listener, &backend, &private, gate_cfg, &stop);
+    let result = match (vduse, &listener) {
+        (Some(prepared), _) => {
+            crate::vduse::serve(prepared, backend.clone(), cfg.queues, &|d| stop.wait(d))
+                .map_err(DaemonError::from)
+        }
+        (None, Some(listener)) => serve(listener, &backend, &private, gate_cfg, &stop),
+        (None, None) => Ok(()),
+    };
     drop(cleanup);
     for line in stats.report().lines() {
         info!("final stats {line}");
@@ -445,7 +479,7 @@ fn confine(cfg: &Config, owned: &[&Path]) -> Result<(), DaemonError> {
     if let Some((uid, gid)) = cfg.identity {
         let socket = match &cfg.listen {
             Listen::Path(p) => Some(p.as_path()),
-            Listen::Fd(_) => None,
+            Listen::Fd(_) | Listen::Vduse(_) => None,
         };
         for p in owned {
             // The vhost-user socket keeps its --socket-group.
@@ -461,7 +495,11 @@ fn confine(cfg: &Config, owned: &[&Path]) -> Result<(), DaemonError> {
     }
     if seccomp {
         sandbox::drop_capabilities()?;
-        sandbox::install_seccomp()?;
+        let extra = match &cfg.listen {
+            Listen::Vduse(_) => crate::vduse::uapi::serving_ioctls().to_vec(),
+            _ => Vec::new(),
+        };
+        sandbox::install_seccomp_with(&extra)?;
         info!("sandbox: capabilities cleared, seccomp allow-list installed");
     }
     Ok(())
@@ -511,30 +549,8 @@ fn serve(
 ) -> Result<(), DaemonError> {
     listener.set_nonblocking(true).map_err(io_err("listener"))?;
     while !stop.requested() {
-        let mut fds = [
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.event.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(DaemonError::Io {
-                what: "poll",
-                cause: e,
-            });
-        }
+        crate::poll::readable_or_stop(listener.as_raw_fd(), stop.event.as_raw_fd())
+            .map_err(io_err("poll"))?;
         if stop.requested() {
             break;
         }

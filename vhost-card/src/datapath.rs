@@ -32,6 +32,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::csum::{self, Verdict};
 use crate::features::Negotiated;
+use crate::interrupt::Interrupt;
 use crate::iov::{self, ChainError, IovBuf, IOV_MAX};
 use crate::link::{self, Ignored, IpLink, Proto, TxClass};
 use crate::localq::LocalFrames;
@@ -91,6 +92,8 @@ pub struct Pair {
     pub tx_blocked: bool,
     /// The tap device was deleted under us (its queue reads and writes fail with EBADFD).
     pub tap_gone: bool,
+    /// How the RX and TX queues signal the driver when the transport has no call eventfd.
+    pub irq: [Option<Arc<dyn Interrupt>>; 2],
     /// One slot per frame of a TX batch (only slot 0 without an io_uring).
     tx: Vec<TxSlot>,
     uring: Option<txring::TxRing>,
@@ -152,6 +155,7 @@ impl Pair {
             rx_pending: true,
             tx_blocked: false,
             tap_gone: false,
+            irq: [None, None],
             tx: Vec::new(),
             uring: txring::take(),
             rx: RxStash::new(queue_size),
@@ -261,7 +265,7 @@ impl Pair {
             }
         };
         if used {
-            notify(vring, stats);
+            notify(vring, self.irq[1].as_deref(), stats);
         }
         pass
     }
@@ -471,7 +475,7 @@ impl Pair {
         // Buffers gathered but not filled go back to the guest before the pass ends.
         used |= self.rx.release(vring, mem);
         if used {
-            notify(vring, stats);
+            notify(vring, self.irq[0].as_deref(), stats);
         }
         pass
     }
@@ -1220,8 +1224,18 @@ fn iov_count(n: usize) -> libc::c_int {
     libc::c_int::try_from(n.min(IOV_MAX)).unwrap_or(0)
 }
 
-fn notify(vring: &mut State, stats: &PairStats) {
+fn notify(vring: &mut State, irq: Option<&dyn Interrupt>, stats: &PairStats) {
     if !vring.needs_notification().unwrap_or(true) {
+        return;
+    }
+    if let Some(irq) = irq {
+        match irq.raise() {
+            Ok(()) => add(&stats.notifications, 1),
+            Err(e) => {
+                debug!("cannot notify the driver: {e}");
+                add(&stats.notifications_blocked, 1);
+            }
+        }
         return;
     }
     // The call descriptor is the frontend's and may be in blocking mode: a write to a full pipe

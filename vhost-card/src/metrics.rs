@@ -8,7 +8,7 @@
 //!   `vhost_card_dropped_frames_total{queue,direction,reason}`, ...;
 //! - state: `vhost_card_frontend_connected`, `vhost_card_frontend_sessions_total`,
 //!   `vhost_card_queue_pairs`, `vhost_card_queue_pairs_in_use`, `vhost_card_queue_in_use{queue}`,
-//!   `vhost_card_mtu_bytes`, `vhost_card_info{version,features_offered,features_acked}`,
+//!   `vhost_card_mtu_bytes`, `vhost_card_info{version,transport,features_offered,features_acked}`,
 //!   `vhost_card_guest_memory_faults_total`;
 //! - the process: `process_cpu_seconds_total`, `process_resident_memory_bytes`,
 //!   `process_virtual_memory_bytes`, `process_open_fds`, `process_max_fds`, `process_threads`,
@@ -186,13 +186,15 @@ impl Collector for CardCollector {
         gauge(
             &mut enc,
             "vhost_card_frontend_connected",
-            "1 while a frontend (the VMM) is connected to the vhost-user socket.",
+            "1 while a frontend is connected: a VMM to the vhost-user socket, or (VDUSE) this \
+             host's driver with the device running (DRIVER_OK).",
             i64::from(st.connected),
         )?;
         counter(
             &mut enc,
             "vhost_card_frontend_sessions",
-            "Frontend connections accepted since the daemon started.",
+            "Frontend sessions since the daemon started: vhost-user connections accepted, or \
+             (VDUSE) driver starts.",
             st.sessions,
         )?;
         gauge(
@@ -234,13 +236,14 @@ impl Collector for CardCollector {
             .unwrap_or_default();
         let info = Info::new(vec![
             ("version", snap.version.as_str()),
+            ("transport", st.transport.as_str()),
             ("features_offered", offered.as_str()),
             ("features_acked", acked.as_str()),
         ]);
         info.encode(enc.encode_descriptor(
             "vhost_card",
-            "The daemon's version and the virtio features offered and acked (empty while no \
-             frontend has acked).",
+            "The daemon's version, its transport (vhost-user or vduse) and the virtio features \
+             offered and acked (empty while no frontend has acked).",
             None,
             info.metric_type(),
         )?)?;
@@ -325,6 +328,7 @@ mod tests {
             DeviceInfo {
                 mtu: 9000,
                 offered: crate::features::default_features(),
+                transport: crate::stats::VHOST_USER,
             },
         ));
         let e = Exporter::new(stats.clone(), ProcSelf::open().ok());

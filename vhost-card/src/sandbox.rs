@@ -116,6 +116,12 @@ fn eq(arg: u8, value: u64) -> SeccompCondition {
 /// The allow-list: system calls the daemon makes after start-up, with argument checks where
 /// a call could do much more than we need (ioctl, socket, prctl, prlimit).
 pub fn filter() -> Result<BpfProgram, SandboxError> {
+    filter_with(&[])
+}
+
+/// [`filter`] with more ioctl request numbers allowed (a VDUSE device's, see
+/// `vduse::uapi::serving_ioctls`).
+pub fn filter_with(extra_ioctls: &[u64]) -> Result<BpfProgram, SandboxError> {
     let plain: &[libc::c_long] = &[
         // I/O on the tap, the vhost-user sockets, eventfds and the control sockets.
         libc::SYS_read,
@@ -204,22 +210,20 @@ pub fn filter() -> Result<BpfProgram, SandboxError> {
             .collect()
     };
     // The tap ioctls the data path needs after start-up, and std's descriptor flags.
-    rules.insert(
-        libc::SYS_ioctl,
-        one_of(
-            1,
-            &[
-                libc::TUNSETOFFLOAD,
-                libc::TUNSETVNETHDRSZ,
-                libc::TUNSETPERSIST,
-                libc::TUNSETQUEUE,
-                libc::FIONBIO,
-                libc::FIOCLEX,
-                libc::FIONCLEX,
-                libc::TCGETS,
-            ],
-        )?,
-    );
+    let ioctls: Vec<u64> = [
+        libc::TUNSETOFFLOAD,
+        libc::TUNSETVNETHDRSZ,
+        libc::TUNSETPERSIST,
+        libc::TUNSETQUEUE,
+        libc::FIONBIO,
+        libc::FIOCLEX,
+        libc::FIONCLEX,
+        libc::TCGETS,
+    ]
+    .into_iter()
+    .chain(extra_ioctls.iter().copied())
+    .collect();
+    rules.insert(libc::SYS_ioctl, one_of(1, &ioctls)?);
     // Only Unix sockets: the gate's link to the protocol handler.
     rules.insert(libc::SYS_socket, one_of(0, &[libc::AF_UNIX as u64])?);
     // Thread names, and no-new-privileges (which only ever restricts).
@@ -246,7 +250,12 @@ pub fn filter() -> Result<BpfProgram, SandboxError> {
 /// Installs the filter on every thread of the process, with a SIGSYS handler that names the
 /// forbidden call before exiting.
 pub fn install_seccomp() -> Result<(), SandboxError> {
-    let prog = filter()?;
+    install_seccomp_with(&[])
+}
+
+/// [`install_seccomp`] with more ioctl request numbers allowed.
+pub fn install_seccomp_with(extra_ioctls: &[u64]) -> Result<(), SandboxError> {
+    let prog = filter_with(extra_ioctls)?;
     let opens = open_filter()?;
     install_sigsys_handler();
     // glibc reads /sys/devices/system/cpu/online the first time it needs a ninth malloc arena;

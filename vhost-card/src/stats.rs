@@ -205,7 +205,15 @@ pub struct DeviceInfo {
     pub mtu: u16,
     /// The virtio feature word offered.
     pub offered: u64,
+    /// How the host reaches the device: [`VHOST_USER`] or [`VDUSE`].
+    pub transport: &'static str,
 }
+
+/// [`DeviceInfo::transport`] of a vhost-user backend: the frontend is the VMM on the socket.
+pub const VHOST_USER: &str = "vhost-user";
+/// [`DeviceInfo::transport`] of a VDUSE device: the frontend is the kernel's own driver, and a
+/// session lasts from the driver's DRIVER_OK to its reset.
+pub const VDUSE: &str = "vduse";
 
 /// The device's state: fixed facts and what the current frontend did.
 #[derive(Debug)]
@@ -246,7 +254,7 @@ impl Stats {
     }
 
     /// A frontend connected (`true`) or its session ended (`false`: acked features and pairs
-    /// in use are forgotten).
+    /// in use are forgotten). Over VDUSE a session is the driver's: from DRIVER_OK to a reset.
     pub fn set_connected(&self, connected: bool) {
         if connected {
             self.device.sessions.fetch_add(1, Ordering::Relaxed);
@@ -327,6 +335,7 @@ impl Stats {
             pid: std::process::id(),
             uptime_seconds: d.started.elapsed().as_secs(),
             state: State {
+                transport: d.info.transport.to_string(),
                 connected: d.connected.load(Ordering::Relaxed),
                 sessions: d.sessions.load(Ordering::Relaxed),
                 mtu: d.info.mtu,
@@ -366,9 +375,13 @@ pub struct Snapshot {
 /// The device as the current frontend set it up.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct State {
-    /// A frontend is connected to the vhost-user socket.
+    /// `vhost-user` or `vduse` (absent from daemons before VDUSE: vhost-user).
+    #[serde(default = "vhost_user")]
+    pub transport: String,
+    /// A frontend is connected: a VMM to the vhost-user socket, or over VDUSE the kernel's
+    /// driver has the device running (DRIVER_OK).
     pub connected: bool,
-    /// Frontend sessions since the daemon started.
+    /// Frontend sessions since the daemon started (VDUSE: driver starts).
     pub sessions: u64,
     /// MTU offered to the host.
     pub mtu: u16,
@@ -377,6 +390,10 @@ pub struct State {
     /// Queue pairs the frontend uses (RX ring started and enabled).
     pub pairs_in_use: usize,
     pub features: FeatureState,
+}
+
+fn vhost_user() -> String {
+    VHOST_USER.to_string()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -471,6 +488,11 @@ impl Snapshot {
         })
     }
 
+    /// Counter `name` summed over the queue pairs (0 for a name the daemon does not have).
+    pub fn total(&self, name: &str) -> u64 {
+        self.pairs.iter().filter_map(|p| p.counters.get(name)).sum()
+    }
+
     /// The table `vhost-card stats` prints: the state, then one row per counter and one
     /// column per queue pair.
     pub fn table(&self) -> String {
@@ -489,18 +511,25 @@ impl Snapshot {
                 duration(self.uptime_seconds)
             ),
         );
+        let vduse = st.transport == VDUSE;
         row(
             &mut s,
             "frontend",
             &format!(
-                "{} ({} session{} so far)",
-                if st.connected {
-                    "connected"
-                } else {
-                    "not connected"
+                "{} ({} session{} so far){}",
+                match (st.connected, vduse) {
+                    (true, false) => "connected",
+                    (false, false) => "not connected",
+                    (true, true) => "driver running",
+                    (false, true) => "no driver running",
                 },
                 st.sessions,
-                if st.sessions == 1 { "" } else { "s" }
+                if st.sessions == 1 { "" } else { "s" },
+                if vduse {
+                    "; VDUSE: this host's kernel drives the device"
+                } else {
+                    ""
+                }
             ),
         );
         row(&mut s, "mtu", &st.mtu.to_string());
@@ -619,6 +648,7 @@ mod tests {
             DeviceInfo {
                 mtu: 65520,
                 offered: crate::features::default_features(),
+                transport: VHOST_USER,
             },
         )
     }

@@ -33,12 +33,26 @@ pub struct Options {
     /// Echo the guest console.
     #[arg(long)]
     verbose: bool,
+    /// The card as a VDUSE device of a bare-metal host's own kernel instead (a TCG VM with
+    /// Debian 13's stock kernel plays the host; see e2e/vduse.rs).
+    #[arg(long)]
+    vduse: bool,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
     // SAFETY: geteuid(2) has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo needs root (network namespaces, tap devices)");
+    }
+    if opts.vduse {
+        return crate::e2e::vduse::demo(&crate::e2e::vduse::DemoOptions {
+            mtu: opts.mtu,
+            disable: opts.disable.clone(),
+            mib: opts.mib,
+            accel: opts.accel,
+            build: !opts.no_build,
+            verbose: opts.verbose,
+        });
     }
     let t0 = Instant::now();
     let logs = rig::paths::vm_dir().join("logs");
@@ -178,7 +192,7 @@ pub fn run(opts: &Options) -> Result<()> {
     Ok(())
 }
 
-fn yes(b: bool) -> &'static str {
+pub fn yes(b: bool) -> &'static str {
     if b {
         "yes"
     } else {

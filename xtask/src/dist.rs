@@ -6,7 +6,7 @@
 //! target/dist/man/vhost-card*.1, card-os*.1       man pages (clap_mangen, from their clap definitions)
 //! target/dist/completions/vhost-card.bash, _vhost-card, vhost-card.fish, and card-os's (clap_complete)
 //! target/dist/50-vhost-card.json                  vhost-user backend discovery file
-//! target/dist/systemd/vhost-card@.{service,socket}, card-os@.service
+//! target/dist/systemd/vhost-card@.{service,socket}, card-os@.service, vhost-card-vduse@.service
 //! target/dist/vhost-card-generator                the systemd generator (each card's socket settings from its file)
 //! target/dist/prometheus/vhost-card.rules.yml      alert rules (promtool check rules + test rules)
 //! target/dist/grafana/vhost-card.json             the Grafana dashboard
@@ -73,10 +73,11 @@ impl SystemDirs {
         }
     }
 }
-const UNITS: [&str; 3] = [
+const UNITS: [&str; 4] = [
     "vhost-card@.service",
     "vhost-card@.socket",
     "card-os@.service",
+    "vhost-card-vduse@.service",
 ];
 /// The programs, built with `cargo build --release -p NAME`.
 const PROGRAMS: [&str; 2] = ["vhost-card", "card-os"];
@@ -569,6 +570,7 @@ fn check_dist(out: &Path, prefix: &Path) -> Result<()> {
             "vhost-card@card.service",
             "vhost-card@card.socket",
             "card-os@card.service",
+            "vhost-card-vduse@card.service",
         ];
         rig::units::verify(&units, &instances)?;
         println!(
@@ -658,6 +660,10 @@ fn install(out: &Path, destdir: &Path, prefix: &Path) -> Result<()> {
     println!(
         "dist: enable card \"card\" (/etc/vhost-card/card.toml) with: \
          systemctl enable --now vhost-card@card.socket card-os@card.service"
+    );
+    println!(
+        "dist: or, the card as a device of this host (VDUSE): \
+         systemctl enable --now vhost-card-vduse@card.service"
     );
     Ok(())
 }

@@ -41,6 +41,38 @@ pub enum Helper {
         #[arg(long)]
         hello: Option<SocketAddrV4>,
     },
+    /// Play a vhost-vdpa frontend on DEV (a VMM's part): one UDP datagram to CARD_MAC, one
+    /// received after running SEND_CMD (MAC in it is replaced by the frontend's), ring bases.
+    VdpaFrontend {
+        dev: String,
+        card_mac: String,
+        send_cmd: String,
+    },
+    /// Accept one TCP connection on PORT (creating READY once listening) and copy what it
+    /// carries to standard output until the sender closes.
+    TcpSink { port: u16, ready: PathBuf },
+    /// Ask the kernel's VDUSE which virtio-net feature bits it takes on top of the card's
+    /// default offer (creating and destroying a device per bit); print `refused=` and
+    /// `required=` bit lists.
+    VduseProbe,
+    /// Count UDP datagrams arriving on PORT (creating READY once bound) until SECS seconds
+    /// pass without one; print `received=N`.
+    UdpCount {
+        port: u16,
+        ready: PathBuf,
+        secs: u64,
+    },
+    /// Send COUNT UDP datagrams from SRC to DST:PORT as raw Ethernet frames on DEV (to DST_MAC),
+    /// with the right UDP checksum (`good`) or a wrong one (`bad`).
+    UdpFrames {
+        dev: String,
+        dst_mac: String,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        port: u16,
+        count: u32,
+        kind: String,
+    },
     /// Print DEV's combined channels (queue pairs) in use and the maximum, as
     /// `ethtool -l` does; with --set N first use N of them (`ethtool -L DEV combined N`).
     Channels {
@@ -124,6 +156,25 @@ pub fn helper(cmd: &Helper) -> Result<()> {
             println!("from={from}");
             println!("intact={}", buf[..n] == pattern(n)[..]);
         }
+        Helper::VduseProbe => crate::e2e::vduse::probe_features()?,
+        Helper::VdpaFrontend {
+            dev,
+            card_mac,
+            send_cmd,
+        } => crate::e2e::vduse::vdpa_frontend(dev, card_mac, send_cmd)?,
+        Helper::TcpSink { port, ready } => crate::e2e::vduse::tcp_sink(*port, ready)?,
+        Helper::UdpCount { port, ready, secs } => {
+            crate::e2e::vduse::udp_count(*port, ready, Duration::from_secs(*secs))?
+        }
+        Helper::UdpFrames {
+            dev,
+            dst_mac,
+            src,
+            dst,
+            port,
+            count,
+            kind,
+        } => crate::e2e::vduse::udp_frames(dev, dst_mac, *src, *dst, *port, *count, kind == "bad")?,
         Helper::Channels { dev, set } => {
             let mut ch = EthtoolChannels {
                 cmd: ETHTOOL_GCHANNELS,

@@ -57,7 +57,8 @@ enum Task {
     Smoke(smoke::Options),
     /// The end-to-end scenarios (binding, traffic, feature toggles, large
     /// frames, hot-plug, card restart); one PASS/FAIL line each, exits
-    /// non-zero if any fails.
+    /// non-zero if any fails. With --vduse: the card as a VDUSE device of a
+    /// VM's own kernel (Debian 13) instead.
     E2e(e2e::Options),
     /// Runs the cargo-fuzz targets in fuzz/ for a time budget (--smoke: 20 s each).
     Fuzz(fuzz::Options),
@@ -145,6 +146,9 @@ fn run_tests(opts: &smoke::Options) -> Result<()> {
         opts: e2e::Options,
     }
     e2e::run(&E2eDefaults::parse_from(["e2e"]).opts)?;
+    check_interrupted()?;
+    // The card as a VDUSE device of a bare-metal host's own kernel.
+    e2e::run(&E2eDefaults::parse_from(["e2e", "--vduse", "--no-build"]).opts)?;
     check_interrupted()?;
     // The card-os scenarios, as `cargo xtask cardos-e2e` runs them.
     #[derive(Parser)]

@@ -185,7 +185,7 @@ fn run(
         }
         other => bail!("card-os up did not start the installed daemon: {other:?}"),
     };
-    let socket = node.cfg.daemon.socket.clone();
+    let socket = node.cfg.daemon.endpoint.path();
     ensure!(
         socket == Path::new("/run/vhost-card").join(format!("{name}.sock")),
         "the socket is {}, not the paths table's",

@@ -38,6 +38,7 @@ mod multiqueue;
 mod networkd;
 mod shared_vm;
 mod toggles;
+pub mod vduse;
 
 use std::time::Instant;
 
@@ -52,7 +53,7 @@ pub const DEFAULT_MTU: u32 = 65520;
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Run only these scenarios (numbers 1-11, comma-separated).
+    /// Run only these scenarios (numbers 1-11, comma-separated; with --vduse its checks 1-10).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u32>,
     /// MiB sent each way in scenarios 2 and 6.
@@ -72,6 +73,11 @@ pub struct Options {
     /// Echo the guest consoles (they are in target/vm/logs/e2e/ anyway).
     #[arg(long)]
     pub verbose: bool,
+    /// Instead: the card as a VDUSE device of a bare-metal host's own kernel (a TCG VM with
+    /// Debian 13's stock kernel; see e2e/vduse.rs): binding, pings, TCP, checksum honesty,
+    /// toggles, stop/restart.
+    #[arg(long)]
+    pub vduse: bool,
 }
 
 pub fn matrix_mib(opts: &Options) -> usize {
@@ -86,7 +92,7 @@ pub struct Line {
 }
 
 impl Line {
-    fn render(&self) -> String {
+    pub fn render(&self) -> String {
         let tag = if self.pass { "PASS" } else { "FAIL" };
         format!("{tag} {} {}", self.number, self.text)
     }
@@ -152,6 +158,9 @@ pub fn run(opts: &Options) -> Result<()> {
     // SAFETY: geteuid(2) has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         bail!("e2e needs root (network namespaces, tap devices)");
+    }
+    if opts.vduse {
+        return vduse::run(opts);
     }
     if opts.only.iter().any(|n| !(1..=11).contains(n)) {
         bail!("scenarios are numbered 1 to 11");
@@ -228,22 +237,30 @@ pub fn run(opts: &Options) -> Result<()> {
     }
 
     runner.progress.finish();
-    let mut lines = runner.lines;
+    summary(
+        &format!(
+            "cargo xtask e2e: {} under {}, {:.0} s",
+            env.kernel_package,
+            env.accel.name(),
+            t0.elapsed().as_secs_f64()
+        ),
+        &mut runner.lines,
+        "e2e scenario(s)",
+    )
+}
+
+/// The closing block: the lines in order under `title`, the count, an error if any failed.
+pub fn summary(title: &str, lines: &mut [Line], what: &str) -> Result<()> {
     lines.sort_by_key(|l| l.number);
     println!();
-    println!(
-        "==== cargo xtask e2e: {} under {}, {:.0} s ====",
-        env.kernel_package,
-        env.accel.name(),
-        t0.elapsed().as_secs_f64()
-    );
-    for line in &lines {
+    println!("==== {title} ====");
+    for line in lines.iter() {
         println!("{}", line.render());
     }
     let failed = lines.iter().filter(|l| !l.pass).count();
     println!("{} passed, {failed} failed", lines.len() - failed);
     if failed > 0 {
-        bail!("{failed} e2e scenario(s) failed");
+        bail!("{failed} {what} failed");
     }
     Ok(())
 }

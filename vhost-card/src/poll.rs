@@ -1,0 +1,65 @@
+//! Blocking until a descriptor has something for us or a stop eventfd is written: the accept
+//! loop (the vhost-user socket) and the VDUSE message loop (the device file) both wait this way.
+
+use std::io;
+use std::os::fd::RawFd;
+
+/// What ended the wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Woke {
+    /// The stop eventfd is readable (checked first: a stop wins over pending input).
+    Stop,
+    /// The descriptor has events: its `revents` (POLLIN, or POLLERR/POLLHUP).
+    Ready(i16),
+}
+
+/// Waits without a timeout until `fd` is readable (or in error) or `stop` is readable;
+/// retries when a signal interrupts the wait.
+pub fn readable_or_stop(fd: RawFd, stop: RawFd) -> io::Result<Woke> {
+    loop {
+        let mut fds = [fd, stop].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[1].revents != 0 {
+            return Ok(Woke::Stop);
+        }
+        if fds[0].revents != 0 {
+            return Ok(Woke::Ready(fds[0].revents));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    #[test]
+    fn stop_wins_and_input_is_reported() {
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let stop = EventFd::new(EFD_NONBLOCK).unwrap();
+        b.write_all(b"x").unwrap();
+        assert!(matches!(
+            readable_or_stop(a.as_raw_fd(), stop.as_raw_fd()).unwrap(),
+            Woke::Ready(r) if r & libc::POLLIN != 0
+        ));
+        stop.write(1).unwrap();
+        assert_eq!(
+            readable_or_stop(a.as_raw_fd(), stop.as_raw_fd()).unwrap(),
+            Woke::Stop
+        );
+    }
+}
