@@ -58,6 +58,8 @@ pub struct CardConfig {
     pub disable: String,
     /// `--queues`: queue pairs (1 for the default single pair).
     pub queues: u16,
+    /// More daemon arguments (e.g. `--link ip`, `--rx-csum complete`).
+    pub args: Vec<String>,
 }
 
 /// The card's namespace and daemon. Drop order: daemon, then namespace.
@@ -281,5 +283,6 @@ pub fn daemon_args(cfg: &CardConfig, socket: &Path, ns: &str, tap: &str) -> Vec<
         args.push("--queues".into());
         args.push(cfg.queues.to_string());
     }
+    args.extend(cfg.args.iter().cloned());
     args
 }

@@ -105,8 +105,11 @@ fn gone(child: &mut Guarded, qemu_log: &Path, err: anyhow::Error) -> anyhow::Err
 
 /// Kernel command line. `mitigations=off` only spares the emulated CPU the
 /// speculation workarounds (page-table isolation on every system call is
-/// very slow under TCG); the kernel itself is Debian's, unmodified.
-const CMDLINE: &str = "console=ttyS0 panic=-1 quiet mitigations=off";
+/// very slow under TCG); `no_timer_check` skips the boot-time test that the
+/// IO-APIC delivers timer ticks, which an emulated CPU on a loaded host can
+/// miss ("IO-APIC + timer doesn't work!", a panic before any driver loads).
+/// The kernel itself is Debian's, unmodified.
+const CMDLINE: &str = "console=ttyS0 panic=-1 quiet mitigations=off no_timer_check";
 
 impl Vm {
     pub fn start(cfg: &VmConfig) -> Result<Vm> {

@@ -35,11 +35,21 @@ const REASONS: &[(&str, &[&str])] = &[
             "runt",
             "oversize",
             "tap_error",
+            "not_ip",
+            "malformed",
         ],
     ),
     (
         "rx",
-        &["bad_chain", "truncated", "gso", "runt", "disconnect"],
+        &[
+            "bad_chain",
+            "truncated",
+            "gso",
+            "runt",
+            "disconnect",
+            "not_ip",
+            "local_full",
+        ],
     ),
 ];
 

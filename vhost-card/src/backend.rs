@@ -19,7 +19,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::datapath::{tap_offload, Pair, Pass};
+use crate::datapath::{tap_offload, Pair, PairConfig, Pass};
 use crate::dirtylog;
 use crate::features::{self, Negotiated, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES};
 use crate::interrupt::Interrupt;
@@ -34,8 +34,10 @@ pub struct BackendConfig {
     pub mtu: u16,
     /// The virtio feature word offered (without the vhost-user protocol bit).
     pub features: u64,
-    /// Verify checksums of unflagged RX frames and mark them DATA_VALID.
-    pub rx_verify: bool,
+    /// What the card does about checksums of frames going up (`--rx-csum`).
+    pub rx_csum: crate::vnet::RxCsum,
+    /// The IP-only link's state (`--link ip`), shared by the queue pairs; `None` on Ethernet.
+    pub link: Option<Arc<crate::link::IpLink>>,
 }
 
 /// The protocol features this daemon handles: MQ (several queue pairs), REPLY_ACK (answered by
@@ -82,9 +84,12 @@ impl CardBackend {
             workers.push(Worker {
                 pair: Mutex::new(Pair::new(
                     tap.queue_fd(i),
-                    usize::from(cfg.mtu),
-                    cfg.rx_verify,
-                    cfg.queue_size,
+                    &PairConfig {
+                        mtu: usize::from(cfg.mtu),
+                        rx_csum: cfg.rx_csum,
+                        queue_size: cfg.queue_size,
+                        link: cfg.link.clone(),
+                    },
                 )),
                 wake: new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?,
                 exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?,
@@ -218,7 +223,7 @@ impl VhostUserBackend for CardBackend {
         if let Err(e) = self.tap.set_vnet_hdr_len(hdr_len) {
             warn!("cannot set the tap's vnet header length to {hdr_len}: {e}");
         }
-        let offload = tap_offload(&neg);
+        let offload = tap_offload(&neg, self.cfg.rx_csum);
         if let Err(e) = self.tap.set_offload(offload) {
             warn!("cannot set tap offloads {offload:#x}: {e}; the card's kernel will segment and checksum instead");
             let _ = self.tap.set_offload(0);

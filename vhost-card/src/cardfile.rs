@@ -363,6 +363,8 @@ pub struct DaemonSettings {
     pub endpoint: Endpoint,
     pub control: Option<PathBuf>,
     pub mtu: u16,
+    /// `link = "ip"`: the card's end is a TUN device (the IP-only link).
+    pub link: crate::config::Link,
 }
 
 /// The daemon's settings as `vhost-card --config path` would resolve them, `text` being the
@@ -389,6 +391,7 @@ pub fn daemon_settings(path: &Path, text: &str) -> Result<DaemonSettings, Resolv
         endpoint,
         control: args.control.clone(),
         mtu: args.mtu,
+        link: args.link,
     })
 }
 

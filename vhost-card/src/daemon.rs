@@ -363,7 +363,17 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 queue_size: cfg.queue_size,
                 mtu: cfg.mtu,
                 features: cfg.features,
-                rx_verify: cfg.rx_verify,
+                rx_csum: cfg.rx_csum,
+                link: (cfg.link == crate::config::Link::Ip).then(|| {
+                    let mac = cfg
+                        .mac
+                        .unwrap_or_else(|| crate::link::default_mac(&cfg.tap));
+                    info!(
+                        "IP-only link: the card answers ARP and neighbour solicitations as {}",
+                        crate::tap::mac_string(&mac)
+                    );
+                    Arc::new(crate::link::IpLink::new(mac))
+                }),
             },
             tap.clone(),
             stats.clone(),
@@ -498,7 +508,13 @@ fn confine(cfg: &Config, owned: &[&Path]) -> Result<(), DaemonError> {
 
 /// Opens the tap and checks that the kernel supports what is offered.
 fn open_tap(cfg: &Config) -> Result<Arc<Tap>, DaemonError> {
-    let tap_mtu = cfg.mtu.min(TAP_MAX_MTU);
+    let ip_link = cfg.link == crate::config::Link::Ip;
+    // A tun carries IP packets up to 65535 bytes; a tap adds its Ethernet header to that.
+    let tap_mtu = if ip_link {
+        cfg.mtu
+    } else {
+        cfg.mtu.min(TAP_MAX_MTU)
+    };
     if tap_mtu != cfg.mtu {
         warn!("a tap takes at most MTU {TAP_MAX_MTU}; the card side uses {tap_mtu}, the host is offered {}", cfg.mtu);
     }
@@ -506,8 +522,10 @@ fn open_tap(cfg: &Config) -> Result<Arc<Tap>, DaemonError> {
         name: cfg.tap.clone(),
         netns: cfg.netns.clone(),
         mtu: tap_mtu,
-        mac: cfg.mac,
+        // On the IP-only link --mac is the card's MAC toward the host; a tun has none.
+        mac: if ip_link { None } else { cfg.mac },
         queues: cfg.queues,
+        tun: ip_link,
     })?);
     let offered = Negotiated::from_word(cfg.features);
     for (on, name) in [

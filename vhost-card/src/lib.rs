@@ -3,7 +3,10 @@
 //!
 //! Layout:
 //! * pure logic: [`features`] (feature bits and the spec's dependency rules), [`vnet`] (the
-//!   virtio-net header rules per direction), [`csum`] (checksum verification and completion);
+//!   virtio-net header rules per direction), [`csum`] (checksum verification and completion),
+//!   [`rxmark`] (how each frame went up), [`reasm`] (IP fragment reassembly), [`link`] (the
+//!   IP-only link: ARP/ND answers and Ethernet headers), [`localq`] (frames the card makes for
+//!   the host);
 //! * guest memory and I/O: [`iov`] (descriptor chains to iovecs), [`memguard`] (guest memory
 //!   files that shrink under the daemon), [`tap`] and [`netns`] (the
 //!   card's end of the link), [`datapath`] (TX/RX per queue pair);
@@ -30,12 +33,16 @@ pub mod gate;
 pub mod generator;
 pub mod interrupt;
 pub mod iov;
+pub mod link;
+pub mod localq;
 pub mod memguard;
 pub mod metrics;
 pub mod migrate;
 pub mod netns;
 pub mod poll;
 pub mod procstat;
+pub mod reasm;
+pub mod rxmark;
 pub mod sandbox;
 pub mod stats;
 pub mod tap;

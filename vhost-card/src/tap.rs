@@ -33,23 +33,27 @@ pub enum TapError {
     #[error("invalid tap name '{0}': 1 to 15 characters, no '/', ':' or whitespace")]
     BadName(String),
     #[error(
-        "creating tap '{name}' needs CAP_NET_ADMIN: run as root, or have root create it once \
-         for this user: ip tuntap add {name} mode tap user {uid} vnet_hdr{mq}"
+        "creating {mode} '{name}' needs CAP_NET_ADMIN: run as root, or have root create it once \
+         for this user: ip tuntap add {name} mode {mode} user {uid} vnet_hdr{mq}"
     )]
     CannotCreate {
         name: String,
         uid: u32,
         mq: &'static str,
+        /// `tap`, or `tun` for `--link ip`.
+        mode: &'static str,
     },
     #[error(
-        "tap '{name}' belongs to another user (this process runs as uid {uid} without \
+        "{mode} '{name}' belongs to another user (this process runs as uid {uid} without \
          CAP_NET_ADMIN): run as its owner, or have root give it to this user: \
-         ip tuntap del {name} mode tap{mq}; ip tuntap add {name} mode tap user {uid} vnet_hdr{mq}"
+         ip tuntap del {name} mode {mode}{mq}; ip tuntap add {name} mode {mode} user {uid} \
+         vnet_hdr{mq}"
     )]
     NotOwner {
         name: String,
         uid: u32,
         mq: &'static str,
+        mode: &'static str,
     },
     #[error("permission denied opening /dev/net/tun (its mode or a device cgroup forbids it)")]
     TunPermission,
@@ -71,6 +75,8 @@ pub enum TapError {
     SingleQueueTap { name: String, queues: usize },
     #[error("'{0}' exists and is not a tap (a tun device or another kind of link): choose another --tap name")]
     NotATap(String),
+    #[error("'{0}' exists and is not a tun device (a tap or another kind of link), which --link ip needs: choose another --tap name")]
+    NotATun(String),
     #[error(
         "tap '{name}' is not as the card needs it and this process may not change it (no \
          CAP_NET_ADMIN in its namespace): {differs}; fix it once as root: ip link set {name} {fix}"
@@ -98,6 +104,8 @@ pub struct TapConfig {
     pub mtu: u16,
     pub mac: Option<[u8; 6]>,
     pub queues: usize,
+    /// A TUN device (IFF_TUN: bare IP packets, `--link ip`) instead of a tap.
+    pub tun: bool,
 }
 
 /// An open tap with one file descriptor per queue pair.
@@ -195,7 +203,7 @@ enum Attach {
 
 /// Opens one queue of tap `name` (creating the tap if there is none): `/dev/net/tun` and
 /// `TUNSETIFF` with a vnet header, multi-queue or not.
-fn attach(name: &str, multi_queue: bool) -> Result<File, Attach> {
+fn attach(name: &str, multi_queue: bool, tun: bool) -> Result<File, Attach> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -203,7 +211,8 @@ fn attach(name: &str, multi_queue: bool) -> Result<File, Attach> {
         .open("/dev/net/tun")
         .map_err(Attach::Open)?;
     let mut ifr = ifreq_with_name(name);
-    let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+    let kind = if tun { libc::IFF_TUN } else { libc::IFF_TAP };
+    let mut flags = kind | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
     if multi_queue {
         flags |= libc::IFF_MULTI_QUEUE;
     }
@@ -220,13 +229,28 @@ fn why_not_attached(cfg: &TapConfig, existed: bool, e: io::Error) -> TapError {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let uid = unsafe { libc::geteuid() };
     let mq = if cfg.queues > 1 { " multi_queue" } else { "" };
+    let mode = if cfg.tun { "tun" } else { "tap" };
     match e.raw_os_error() {
         Some(libc::EBUSY) => TapError::Busy(name),
-        Some(libc::EPERM | libc::EACCES) if existed => TapError::NotOwner { name, uid, mq },
-        Some(libc::EPERM | libc::EACCES) => TapError::CannotCreate { name, uid, mq },
+        Some(libc::EPERM | libc::EACCES) if existed => TapError::NotOwner {
+            name,
+            uid,
+            mq,
+            mode,
+        },
+        Some(libc::EPERM | libc::EACCES) => TapError::CannotCreate {
+            name,
+            uid,
+            mq,
+            mode,
+        },
         Some(libc::EINVAL) if existed => {
-            if !is_multi_queue_mismatch(&cfg.name, cfg.queues) {
-                TapError::NotATap(name)
+            if !is_multi_queue_mismatch(&cfg.name, cfg.queues, cfg.tun) {
+                if cfg.tun {
+                    TapError::NotATun(name)
+                } else {
+                    TapError::NotATap(name)
+                }
             } else if cfg.queues > 1 {
                 TapError::SingleQueueTap {
                     name,
@@ -247,8 +271,8 @@ fn why_not_attached(cfg: &TapConfig, existed: bool, e: io::Error) -> TapError {
 /// Whether tap `name` takes the multi-queue flag opposite to what `queues` asks for: attaching
 /// with it works, or fails with something other than EINVAL (a single-queue tap another process
 /// holds says EBUSY).
-fn is_multi_queue_mismatch(name: &str, queues: usize) -> bool {
-    match attach(name, queues <= 1) {
+fn is_multi_queue_mismatch(name: &str, queues: usize, tun: bool) -> bool {
+    match attach(name, queues <= 1, tun) {
         Ok(_) => true,
         Err(Attach::SetIff(e)) => e.raw_os_error() != Some(libc::EINVAL),
         Err(Attach::Open(_)) => false,
@@ -346,7 +370,8 @@ fn set_link(ctl: RawFd, cfg: &TapConfig) -> Result<Vec<String>, TapError> {
     Ok(changed)
 }
 
-fn mac_string(m: &[u8; 6]) -> String {
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn mac_string(m: &[u8; 6]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
@@ -369,7 +394,7 @@ impl Tap {
         let multi_queue = cfg.queues > 1;
         let mut queues = Vec::with_capacity(cfg.queues);
         for _ in 0..cfg.queues.max(1) {
-            let file = attach(&cfg.name, multi_queue).map_err(|e| match e {
+            let file = attach(&cfg.name, multi_queue, cfg.tun).map_err(|e| match e {
                 Attach::Open(e) => match e.kind() {
                     io::ErrorKind::NotFound => TapError::NoTunDevice,
                     io::ErrorKind::PermissionDenied => TapError::TunPermission,
@@ -400,7 +425,8 @@ impl Tap {
         tap.set_offload(0).map_err(io_err("TUNSETOFFLOAD"))?;
         let changed = set_link(ctl.as_raw_fd(), cfg)?;
         info!(
-            "tap {} {} in {} with {} queue(s), MTU {}{}",
+            "{} {} {} in {} with {} queue(s), MTU {}{}",
+            if cfg.tun { "tun" } else { "tap" },
             cfg.name,
             if existed { "attached" } else { "created" },
             cfg.netns.as_deref().unwrap_or("the daemon's namespace"),

@@ -490,6 +490,7 @@ fn attach_tap(o: &TapOpts) -> Result<Tap> {
         mtu: o.mtu,
         mac: None,
         queues: o.queues,
+        tun: false,
     };
     let tap = Tap::open(&cfg)?;
     tap.keep_when_done(true);

@@ -44,6 +44,13 @@ pub const HOST_IP: &str = "10.88.0.2";
 /// The host's MAC as `card-load` uses it.
 pub const HOST_MAC: &str = "52:54:00:be:4c:01";
 pub const PORT: u16 = 9000;
+/// Whether the daemon's extra arguments ask for the IP-only link.
+fn link_ip(args: &[String]) -> bool {
+    args.windows(2).any(|w| w[0] == "--link" && w[1] == "ip")
+}
+
+/// The card's MAC toward the host when the bench runs `--link ip`.
+pub const IP_LINK_MAC: &str = "02:ca:4d:be:4c:02";
 /// UDP GSO segment payload at a card MTU of 1500.
 pub const USO_SEG: usize = 1472;
 
@@ -625,6 +632,9 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
                 args.extend(["--enable".into(), "host-uso,guest-uso4,guest-uso6".into()]);
             }
             args.extend(ctx.card_args.iter().cloned());
+            if link_ip(&ctx.card_args) {
+                args.extend(["--mac".into(), IP_LINK_MAC.into()]);
+            }
             let private = ctx.run_dir.join(format!("{tag}.private"));
             std::fs::create_dir_all(&private)?;
             let mut cmd = rig::daemon::command(
@@ -697,11 +707,18 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
         ns.ip(&["link", "show", "dev", "card0"]).is_ok()
     })?;
     ns.ip(&["link", "set", "card0", "mtu", &mtu, "up"])?;
-    ns.card_address("card0", &format!("{CARD_IP}/24"), HOST_IP, HOST_MAC)?;
-    let mac = ns
-        .exec("cat", &["/sys/class/net/card0/address"])?
-        .trim()
-        .to_string();
+    // `--card-args "--link ip"`: card0 is a tun without neighbours or a MAC of its own; the
+    // daemon answers for the card with IP_LINK_MAC.
+    let ip_link = matches!(b, Backend::Card | Backend::CardWritev) && link_ip(&ctx.card_args);
+    let mac = if ip_link {
+        ns.ip(&["addr", "add", &format!("{CARD_IP}/24"), "dev", "card0"])?;
+        IP_LINK_MAC.to_string()
+    } else {
+        ns.card_address("card0", &format!("{CARD_IP}/24"), HOST_IP, HOST_MAC)?;
+        ns.exec("cat", &["/sys/class/net/card0/address"])?
+            .trim()
+            .to_string()
+    };
     let load = |args: &[&str]| {
         let mut c = Command::new(ctx.bin.join("card-load"));
         c.args(args);

@@ -68,6 +68,7 @@ pub fn run(env: &Env, opts: &Options) -> Result<(bool, String)> {
                 mtu: DEFAULT_MTU,
                 disable: String::new(),
                 queues: 1,
+                args: Vec::new(),
             },
             hops: &[(0, 1), (1, 0)],
         },
@@ -77,6 +78,7 @@ pub fn run(env: &Env, opts: &Options) -> Result<(bool, String)> {
                 mtu: DEFAULT_MTU,
                 disable: "guest-announce".into(),
                 queues: 2,
+                args: Vec::new(),
             },
             hops: &[(0, 1)],
         },
@@ -714,7 +716,7 @@ impl FrameWatch {
                 };
                 // SAFETY: one valid pollfd for the duration of the call.
                 unsafe { libc::poll(&mut pfd, 1, 20) };
-                while let Some((len, outgoing)) = nsnet::recv_frame(&fd, &mut buf)? {
+                while let Some((len, outgoing, _)) = nsnet::recv_frame(&fd, &mut buf)? {
                     let mut tv = libc::timeval {
                         tv_sec: 0,
                         tv_usec: 0,

@@ -18,17 +18,26 @@
 //!    session; traffic both ways after each;
 //! 9. fewer pairs: `--queues 2` with a one-CPU guest that enables one pair,
 //!    then two, then one again: every card→guest flow arrives in each state;
-//! 12. migration: the VM live-migrated between two QEMU processes, each with
-//!     its own daemon and tap on one bridge in the card namespace, while TCP
-//!     runs both ways; there and back, then once with `--queues 2` (see
-//!     `migration.rs`).
+//! 10. checksum honesty, with `--rx-csum verify`, `complete` and `passthrough`:
+//!     N bad and N good datagrams from the card to a closed port show up in the
+//!     guest's InCsumErrors and NoPorts; a card→guest transfer's frames counted
+//!     by how they went up (no NEEDS_CSUM frame with `complete`);
+//! 11. the IP-only link (`--link ip`) at MTU 65520 and 1500: binding, pings
+//!     both ways over IPv4 and IPv6, the payload each way, honesty;
+//! 12. migration (only when asked for, `--only 12`: see [`OPT_IN`]): the VM
+//!     live-migrated between two QEMU processes, each with its own daemon and
+//!     tap on one bridge in the card namespace, while TCP runs both ways; there
+//!     and back, then once with `--queues 2` (see `migration.rs`).
 //!
 //! Scenarios 1, 2, 4, 6 and 8 share one VM; 3 boots one per configuration, 5,
-//! 7, 9 and 12 their own. Logs: target/vm/logs/e2e/<rig>/.
+//! 7, 9 and 12 their own, 10 one per `--rx-csum` mode and 11 one per MTU. Logs:
+//! target/vm/logs/e2e/<rig>/.
 
 pub mod cardos;
+mod honesty;
 mod hotplug;
 mod installed;
+mod iplink;
 mod migration;
 mod multiqueue;
 mod networkd;
@@ -49,8 +58,8 @@ pub const DEFAULT_MTU: u32 = 65520;
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Run only these scenarios (numbers 1-9 and 12, comma-separated; with --vduse its checks
-    /// 1-10).
+    /// Run only these scenarios (numbers 1-12, comma-separated; without it 1-11, see
+    /// OPT_IN; with --vduse its checks 1-10).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u32>,
     /// MiB sent each way in scenarios 2, 6 and 12.
@@ -135,7 +144,7 @@ const MAIN_BOOT: u64 = 8;
 /// Scenario numbers, names and the seconds each usually takes under TCG (the progress
 /// estimate, from a run on the 2-core CI machine; scenarios 1, 2, 4, 6 and 8 share the main
 /// VM, whose boot is a step of its own).
-const SCENARIOS: [(u32, &str, u64); 10] = [
+const SCENARIOS: [(u32, &str, u64); 12] = [
     (1, "binding", 2),
     (2, "traffic", 25),
     (3, "toggles", 240),
@@ -145,8 +154,18 @@ const SCENARIOS: [(u32, &str, u64); 10] = [
     (7, "multiqueue", 30),
     (8, "device reset", 30),
     (9, "fewer pairs", 60),
+    // Three VMs, one per --rx-csum mode (47 to 112 s on this machine, depending on its load).
+    (10, "checksum honesty", 70),
+    // Two VMs (MTU 65520 and 1500), 64 MiB each way in each (about 124 s).
+    (11, "IP-only link", 120),
     (12, "migration", 130),
 ];
+
+/// Scenarios run only when `--only` names them. Migration (12): 3 of 16 runs under TCG on the
+/// 2-core machine failed, twice with the destination guest's kernel crashing after a hop (a
+/// corrupted free list in virtio_net's RX refill; README, "Live migration"); until that is
+/// explained it stays out of the default run and so out of CI.
+const OPT_IN: [u32; 1] = [12];
 
 pub fn run(opts: &Options) -> Result<()> {
     // SAFETY: geteuid(2) has no preconditions and cannot fail.
@@ -164,7 +183,13 @@ pub fn run(opts: &Options) -> Result<()> {
         let numbers: Vec<u32> = SCENARIOS.iter().map(|(s, _, _)| *s).collect();
         bail!("no scenario {n}: scenarios are numbered {numbers:?}");
     }
-    let wanted = |n: u32| opts.only.is_empty() || opts.only.contains(&n);
+    let wanted = |n: u32| {
+        if opts.only.is_empty() {
+            !OPT_IN.contains(&n)
+        } else {
+            opts.only.contains(&n)
+        }
+    };
     let t0 = Instant::now();
     let logs = crate::vm_dir().join("logs/e2e");
     let env = Env::prepare(
@@ -222,6 +247,17 @@ pub fn run(opts: &Options) -> Result<()> {
             "fewer pairs",
             multiqueue::fewer_pairs(&env, opts),
         ));
+    }
+
+    crate::check_interrupted()?;
+    if wanted(10) {
+        runner.scenario(10);
+        runner.record(verdict(10, "checksum honesty", honesty::run(&env, opts)));
+    }
+    crate::check_interrupted()?;
+    if wanted(11) {
+        runner.scenario(11);
+        runner.record(verdict(11, "IP-only link", iplink::run(&env, opts)));
     }
     crate::check_interrupted()?;
     if wanted(12) {
@@ -283,6 +319,7 @@ fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, runner: &mu
         mtu: DEFAULT_MTU,
         disable: String::new(),
         queues: 1,
+        args: Vec::new(),
     };
     runner.start("main VM boot", MAIN_BOOT);
     let mut rig = match Rig::boot(env, "main", &cfg, Plug::Boot) {
