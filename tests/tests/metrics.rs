@@ -266,7 +266,9 @@ fn counters_and_state_follow_the_traffic() -> Result<()> {
             pkt.send(&frame)?;
             dev.recv_matching(Duration::from_secs(5), |f| f.frame == frame)?;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        // Time for the scraper to see this round's counts even on a loaded machine (it
+        // failed once with 100 ms while a VM suite ran beside it).
+        std::thread::sleep(Duration::from_millis(300));
     }
     // Two runts (shorter than an Ethernet header): dropped, counted by reason.
     for _ in 0..2 {
