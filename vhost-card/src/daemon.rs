@@ -444,7 +444,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         },
         cfg.mtu,
         cfg.queues,
-        crate::features::names(cfg.features).join(" ")
+        crate::features::names(match &cfg.listen {
+            Listen::Vduse(_) => crate::vduse::offer(cfg.features),
+            _ => cfg.features,
+        })
+        .join(" ")
     );
 
     let gate_cfg = GateConfig {
