@@ -53,7 +53,7 @@ use crate::card::{self, CardConfig};
 use crate::netns::Netns;
 use crate::nsnet::{self, Progress, Transfer};
 use crate::process::{Guarded, TempDir};
-use crate::qemu::{Nic, Vm, VmConfig};
+use crate::qemu::{Nic, Qemu, Vm, VmConfig};
 use crate::qmp::Qmp;
 use crate::report::key_values;
 use crate::rig::Env;
@@ -68,6 +68,7 @@ const GUEST_MIB: u32 = 1024;
 const MAX_BANDWIDTH: u64 = 4_000_000_000;
 
 pub fn run(env: &Env, opts: &Options) -> Result<(bool, String)> {
+    let qemu = qemu()?;
     let mut pass = true;
     let mut text = Vec::new();
     for round in [
@@ -92,7 +93,7 @@ pub fn run(env: &Env, opts: &Options) -> Result<(bool, String)> {
             hops: &[(0, 1)],
         },
     ] {
-        let (ok, line) = round.run(env, opts).unwrap_or_else(|err| {
+        let (ok, line) = round.run(env, opts, &qemu).unwrap_or_else(|err| {
             let logs = env.logs.join(round.name);
             let text = format!("{}: {err:#} (logs in {})", round.name, logs.display());
             (false, text)
@@ -104,6 +105,25 @@ pub fn run(env: &Env, opts: &Options) -> Result<(bool, String)> {
     Ok((pass, text.join("\n       ")))
 }
 
+/// The QEMU both sides run: the machine's own (Debian 12's 7.2, `vectors=0`), or with
+/// `VHC_MIGRATION_QEMU=trixie` Debian 13's (10.0, MSI-X) from a tree xtask debootstraps once
+/// (target/vm/trees/), the comparison that tells QEMU 7.2's faults from the card's.
+fn qemu() -> Result<Qemu> {
+    match std::env::var("VHC_MIGRATION_QEMU").as_deref() {
+        Err(_) | Ok("" | "system") => Ok(Qemu::system()),
+        Ok("trixie") => {
+            let recipe = crate::rootfs::Recipe {
+                name: "qemu",
+                packages: &["qemu-system-x86"],
+                enable: "",
+            };
+            let tree = crate::rootfs::ensure_suite_tree("trixie", &recipe)?;
+            Ok(Qemu::rooted(&tree.path))
+        }
+        Ok(other) => bail!("VHC_MIGRATION_QEMU={other}: expected system or trixie"),
+    }
+}
+
 struct Round {
     name: &'static str,
     cfg: CardConfig,
@@ -112,8 +132,8 @@ struct Round {
 }
 
 impl Round {
-    fn run(&self, env: &Env, opts: &Options) -> Result<(bool, String)> {
-        let site = Site::start(env, self.name, &self.cfg)?;
+    fn run(&self, env: &Env, opts: &Options, qemu: &Qemu) -> Result<(bool, String)> {
+        let site = Site::start(env, self.name, &self.cfg, qemu)?;
         let mut vm = site.vm(env, 0, "boot", None)?;
         vm.wait_agent(Duration::from_secs(240))?;
         vm.check("net_up", Duration::from_secs(30))?;
@@ -180,10 +200,11 @@ struct Site {
     logs: Vec<PathBuf>,
     log_dir: PathBuf,
     cfg: CardConfig,
+    qemu: Qemu,
 }
 
 impl Site {
-    fn start(env: &Env, name: &str, cfg: &CardConfig) -> Result<Site> {
+    fn start(env: &Env, name: &str, cfg: &CardConfig, qemu: &Qemu) -> Result<Site> {
         let log_dir = env.logs.join(name);
         if log_dir.exists() {
             std::fs::remove_dir_all(&log_dir)?;
@@ -200,6 +221,7 @@ impl Site {
             log_dir,
             run,
             cfg: cfg.clone(),
+            qemu: qemu.clone(),
         };
         for (side, tap) in TAPS.iter().enumerate() {
             site.spawn_daemon(side, tap)?;
@@ -239,7 +261,13 @@ impl Site {
 
     fn command_line(&self) -> String {
         let args = card::daemon_args(&self.cfg, Path::new("S"), "NS", "mig0|mig1");
-        format!("vhost-card {}", args.join(" "))
+        let qemu = self.qemu.version().unwrap_or_else(|e| format!("{e:#}"));
+        let irq = if self.qemu.msix_with_vhost_user() {
+            "MSI-X"
+        } else {
+            "vectors=0"
+        };
+        format!("vhost-card {}; {qemu}, {irq}", args.join(" "))
     }
 
     /// A VM on side `side`'s daemon; with `incoming`, a migration destination.
@@ -259,7 +287,8 @@ impl Site {
         }
         // One vCPU whatever the queue pairs (QEMU takes the last -smp; see the module docs).
         extra.extend(["-smp".to_string(), "1".to_string()]);
-        Vm::start_with(
+        Vm::start_on(
+            &self.qemu,
             &VmConfig {
                 kernel: &env.kernel,
                 initrd: &env.initrd,
