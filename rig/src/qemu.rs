@@ -52,7 +52,7 @@ pub enum Nic<'a> {
 }
 
 /// The QEMU that runs a VM: Debian 12's from PATH, or one unpacked in a Debian root of its own
-/// (`qemu_root.rs`), run through that root's dynamic loader and libraries.
+/// (`rootfs::ensure_suite_tree`), run through that root's dynamic loader and libraries.
 #[derive(Clone, Debug, Default)]
 pub struct Qemu {
     /// `None`: `qemu-system-x86_64` from PATH.
