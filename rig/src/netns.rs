@@ -87,6 +87,22 @@ impl Netns {
         cmd
     }
 
+    /// `cmd` (its program, arguments and environment) run inside the namespace.
+    pub fn wrap(&self, cmd: Command) -> Command {
+        let mut inner = Command::new("ip");
+        inner
+            .args(["netns", "exec", &self.name])
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        for (key, value) in cmd.get_envs() {
+            match value {
+                Some(value) => inner.env(key, value),
+                None => inner.env_remove(key),
+            };
+        }
+        inner
+    }
+
     /// `ip netns exec NAME program args...`
     pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
         let mut all = vec!["netns", "exec", self.name.as_str(), program];

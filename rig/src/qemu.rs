@@ -51,6 +51,60 @@ pub enum Nic<'a> {
     None,
 }
 
+/// The QEMU that runs a VM: Debian 12's from PATH, or one unpacked in a Debian root of its own
+/// (`rootfs::ensure_suite_tree`), run through that root's dynamic loader and libraries.
+#[derive(Clone, Debug, Default)]
+pub struct Qemu {
+    /// `None`: `qemu-system-x86_64` from PATH.
+    root: Option<PathBuf>,
+}
+
+impl Qemu {
+    /// The machine's own QEMU (Debian 12: 7.2).
+    pub fn system() -> Qemu {
+        Qemu::default()
+    }
+
+    /// The QEMU of the Debian tree at `root` (its /usr/bin/qemu-system-x86_64, libraries and
+    /// firmware), whatever the machine's own libraries are.
+    pub fn rooted(root: &Path) -> Qemu {
+        Qemu {
+            root: Some(root.to_path_buf()),
+        }
+    }
+
+    /// The command that starts this QEMU, before the VM's arguments.
+    pub fn command(&self) -> Command {
+        let Some(root) = &self.root else {
+            return Command::new("qemu-system-x86_64");
+        };
+        let lib = root.join("usr/lib/x86_64-linux-gnu");
+        let mut cmd = Command::new(lib.join("ld-linux-x86-64.so.2"));
+        cmd.arg("--library-path")
+            .arg(&lib)
+            .arg(root.join("usr/bin/qemu-system-x86_64"))
+            .arg("-L")
+            .arg(root.join("usr/share/qemu"))
+            .arg("-L")
+            .arg(root.join("usr/share/seabios"))
+            .env("QEMU_MODULE_DIR", lib.join("qemu"));
+        cmd
+    }
+
+    /// Whether a vhost-user NIC may use MSI-X under TCG: Debian 12's QEMU 7.2 segfaults when
+    /// one starts (its NICs get `vectors=0`, legacy INTx); Debian 13's 10.0 does not.
+    pub fn msix_with_vhost_user(&self) -> bool {
+        self.root.is_some()
+    }
+
+    /// `qemu-system-x86_64 --version`'s first line.
+    pub fn version(&self) -> Result<String> {
+        let out = self.command().arg("--version").output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(text.lines().next().unwrap_or("?").to_string())
+    }
+}
+
 pub struct VmConfig<'a> {
     pub kernel: &'a Path,
     pub initrd: &'a Path,
@@ -119,15 +173,20 @@ impl Vm {
     /// [`Vm::start`] with more QEMU arguments (e.g. `-incoming URI` for the destination of a
     /// live migration, which starts paused until the guest arrives).
     pub fn start_with(cfg: &VmConfig, extra: &[String]) -> Result<Vm> {
+        Vm::start_on(&Qemu::system(), cfg, extra)
+    }
+
+    /// [`Vm::start_with`] on the QEMU `qemu`.
+    pub fn start_on(qemu: &Qemu, cfg: &VmConfig, extra: &[String]) -> Result<Vm> {
         let serial_log = cfg.log_dir.join("serial.log");
         let qmp = cfg.run_dir.join("qmp.sock");
         let agent_sock = cfg.run_dir.join("agent.sock");
         std::fs::remove_file(&serial_log).ok();
 
-        let mut cmd = match cfg.nic {
-            Nic::Tap { netns, .. } => netns.command("qemu-system-x86_64"),
-            _ => Command::new("qemu-system-x86_64"),
-        };
+        let mut cmd = qemu.command();
+        if let Nic::Tap { netns, .. } = cfg.nic {
+            cmd = netns.wrap(cmd);
+        }
         let mem = format!(
             "memory-backend-memfd,id=mem,size={}M,share=on",
             cfg.memory_mib
@@ -159,7 +218,10 @@ impl Vm {
         if let Some(netdev) = netdev {
             // vectors=0: no MSI-X, legacy INTx only. Debian 12's QEMU 7.2
             // segfaults when a vhost-user NIC starts under TCG with MSI-X.
-            let mut device = format!("virtio-net-pci,netdev=net0,mac={},vectors=0", cfg.mac);
+            let mut device = format!("virtio-net-pci,netdev=net0,mac={}", cfg.mac);
+            if !qemu.msix_with_vhost_user() {
+                device.push_str(",vectors=0");
+            }
             if cfg.mtu != 0 {
                 device += &format!(",host_mtu={}", cfg.mtu);
             }

@@ -45,9 +45,22 @@ pub struct Recipe {
     pub enable: &'static str,
 }
 
+/// Which Debian a tree is made of: the suite, and the packages every tree of it gets.
+#[derive(Clone, Copy)]
+struct Base {
+    suite: &'static str,
+    packages: &'static [&'static str],
+}
+
+/// The guests' Debian: [`SUITE`] with [`BASE_PACKAGES`].
+const GUESTS: Base = Base {
+    suite: SUITE,
+    packages: BASE_PACKAGES,
+};
+
 impl Recipe {
-    fn packages(&self) -> String {
-        BASE_PACKAGES
+    fn packages(&self, base: Base) -> String {
+        base.packages
             .iter()
             .chain(self.packages)
             .copied()
@@ -94,13 +107,14 @@ fn fnv1a(text: &str) -> u64 {
     })
 }
 
-fn key(recipe: &Recipe) -> String {
+fn key(recipe: &Recipe, base: Base) -> String {
+    let suite = base.suite;
     format!(
-        "{}-{SUITE}-{:016x}",
+        "{}-{suite}-{:016x}",
         recipe.name,
         fnv1a(&format!(
-            "{SUITE} {MIRROR} minbase {} enable {} recipe {RECIPE}",
-            recipe.packages(),
+            "{suite} {MIRROR} minbase {} enable {} recipe {RECIPE}",
+            recipe.packages(base),
             recipe.enable
         ))
     )
@@ -108,13 +122,24 @@ fn key(recipe: &Recipe) -> String {
 
 /// The cached rootfs, built first if it is missing or its key changed.
 pub fn ensure(recipe: &Recipe) -> Result<Rootfs> {
-    ensure_as(recipe, Form::Cpio)
+    ensure_as(recipe, GUESTS, Form::Cpio)
 }
 
 /// The cached tree of `recipe` (a directory to boot with `systemd-nspawn`; never written to:
 /// boot it with `--volatile=overlay`), made first if it is missing or its key changed.
 pub fn ensure_tree(recipe: &Recipe) -> Result<Rootfs> {
-    ensure_as(recipe, Form::Tree)
+    ensure_as(recipe, GUESTS, Form::Tree)
+}
+
+/// A tree of Debian `suite` with nothing but `recipe.packages` on debootstrap's minbase (not
+/// [`BASE_PACKAGES`]), for programs of that release the host runs from it (the newer QEMU,
+/// `Qemu::rooted`); cached in target/vm/trees/<name>-<suite>-<key>/root/.
+pub fn ensure_suite_tree(suite: &'static str, recipe: &Recipe) -> Result<Rootfs> {
+    let base = Base {
+        suite,
+        packages: &[],
+    };
+    ensure_as(recipe, base, Form::Foreign)
 }
 
 /// What is kept of a debootstrap.
@@ -124,14 +149,17 @@ enum Form {
     Cpio,
     /// The directory: target/vm/nspawn/<key>/root/.
     Tree,
+    /// The directory of another suite: target/vm/trees/<key>/root/.
+    Foreign,
 }
 
-fn ensure_as(recipe: &Recipe, form: Form) -> Result<Rootfs> {
+fn ensure_as(recipe: &Recipe, debian: Base, form: Form) -> Result<Rootfs> {
     let (base, product) = match form {
         Form::Cpio => (crate::paths::vm_dir().join("networkd"), "rootfs.cpio"),
         Form::Tree => (crate::paths::vm_dir().join("nspawn"), "root"),
+        Form::Foreign => (crate::paths::vm_dir().join("trees"), "root"),
     };
-    let dir = base.join(key(recipe));
+    let dir = base.join(key(recipe, debian));
     let path = dir.join(product);
     let versions_file = dir.join("VERSIONS");
     if path.exists() && versions_file.exists() {
@@ -156,10 +184,11 @@ fn ensure_as(recipe: &Recipe, form: Form) -> Result<Rootfs> {
     crate::apt::install(match form {
         Form::Cpio => &["debootstrap"][..],
         Form::Tree => &["debootstrap", "systemd-container"],
+        Form::Foreign => &["debootstrap"],
     })?;
     let build_dir = base.join(format!("build-{}-{}", recipe.name, std::process::id()));
     let root = build_dir.join("root");
-    let result = bootstrap(recipe, &root, &dir).and_then(|versions| {
+    let result = bootstrap(recipe, debian, &root, &dir).and_then(|versions| {
         fs::create_dir_all(&dir)?;
         match form {
             Form::Cpio => {
@@ -174,7 +203,7 @@ fn ensure_as(recipe: &Recipe, form: Form) -> Result<Rootfs> {
                     dir.display()
                 );
             }
-            Form::Tree => {
+            Form::Tree | Form::Foreign => {
                 fs::rename(&root, &path)?;
                 println!("{}: tree in {}", recipe.name, path.display());
             }
@@ -200,20 +229,21 @@ fn remove(path: &Path) {
 }
 
 /// debootstrap of `recipe` into `root`, its unit enabled, trimmed; the installed versions.
-fn bootstrap(recipe: &Recipe, root: &Path, dir: &Path) -> Result<String> {
+fn bootstrap(recipe: &Recipe, debian: Base, root: &Path, dir: &Path) -> Result<String> {
     fs::create_dir_all(root)?;
     println!(
-        "{}: debootstrap --variant=minbase --include={} {SUITE} (cached in {})",
+        "{}: debootstrap --variant=minbase --include={} {} (cached in {})",
         recipe.name,
-        recipe.packages(),
+        recipe.packages(debian),
+        debian.suite,
         dir.display()
     );
     let log = fs::File::create(root.with_file_name("debootstrap.log"))?;
     let status = Command::new("timeout")
         .arg(DEBOOTSTRAP_TIMEOUT.as_secs().to_string())
         .args(["debootstrap", "--variant=minbase"])
-        .arg(format!("--include={}", recipe.packages()))
-        .arg(SUITE)
+        .arg(format!("--include={}", recipe.packages(debian)))
+        .arg(debian.suite)
         .arg(root)
         .arg(MIRROR)
         .stdin(std::process::Stdio::null())

@@ -57,7 +57,7 @@ enum Task {
     Smoke(smoke::Options),
     /// The end-to-end scenarios (binding, traffic, feature toggles, large
     /// frames, hot-plug, card restart, multiqueue, device reset, fewer pairs,
-    /// checksum honesty, IP-only link; live migration with --only 12); one
+    /// checksum honesty, IP-only link, live migration); one
     /// PASS/FAIL line each, exits non-zero if any fails.
     /// With --vduse: the card as a VDUSE device of a VM's own kernel (Debian
     /// 13) instead.
