@@ -25,6 +25,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod features;
 pub mod gate;
+pub mod handover;
 pub mod interrupt;
 pub mod iov;
 pub mod memguard;

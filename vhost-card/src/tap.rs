@@ -135,6 +135,22 @@ pub fn check_name(name: &str) -> Result<(), TapError> {
     }
 }
 
+/// The name and flags of the tap a queue descriptor is attached to (TUNGETIFF): how a process
+/// that received the descriptor checks what it is.
+pub fn queue_identity(fd: RawFd) -> io::Result<(String, libc::c_short)> {
+    let mut ifr = ifreq_with_name("");
+    ifr_ioctl(fd, libc::TUNGETIFF, &mut ifr)?;
+    let name: Vec<u8> = ifr
+        .ifr_name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c.to_ne_bytes()[0])
+        .collect();
+    // SAFETY: TUNGETIFF filled the flags member of the union.
+    let flags = unsafe { ifr.ifr_ifru.ifru_flags };
+    Ok((String::from_utf8_lossy(&name).into_owned(), flags))
+}
+
 /// A datagram socket for interface ioctls, in the calling thread's namespace.
 fn ctl_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2) call; the result is checked before use.
