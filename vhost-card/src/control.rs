@@ -4,6 +4,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::TcpListener;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
@@ -30,14 +31,52 @@ pub fn bind_control(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves the JSON snapshot to every connection on `listener`.
-pub fn serve_control(listener: UnixListener, stats: Arc<Stats>) -> io::Result<()> {
+/// The credentials (pid, uid, gid) of the process at the other end of a Unix socket, as the
+/// kernel recorded them when it connected (SO_PEERCRED).
+pub fn peer_credentials(sock: &UnixStream) -> io::Result<libc::ucred> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes at most `len` bytes into `cred`, which we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred)
+}
+
+/// Who may use the control socket, whatever its file mode says: root and the user the daemon
+/// runs as. The socket will also hand the running session over to a new process (issue 12),
+/// so it is checked on every connection, not left to the file's permissions alone.
+pub fn may_control(peer_uid: u32, own_uid: u32) -> bool {
+    peer_uid == 0 || peer_uid == own_uid
+}
+
+/// Serves the JSON snapshot to every connection on `listener` from root or `own_uid` (the user
+/// the daemon runs as); others are refused (logged, connection closed).
+pub fn serve_control(listener: UnixListener, stats: Arc<Stats>, own_uid: u32) -> io::Result<()> {
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for conn in listener.incoming() {
+                let conn = conn.and_then(|c| Ok((peer_credentials(&c)?, c)));
                 match conn {
-                    Ok(mut c) => {
+                    Ok((peer, _)) if !may_control(peer.uid, own_uid) => warn!(
+                        "control socket: refused pid {} uid {}: only root and uid {own_uid} may use it",
+                        peer.pid, peer.uid
+                    ),
+                    Ok((_, mut c)) => {
                         let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
                         let mut body = serde_json::to_string(&stats.snapshot()).unwrap_or_default();
                         body.push('\n');
@@ -111,4 +150,27 @@ pub fn serve_metrics(listener: TcpListener, exporter: Exporter) -> io::Result<()
             }
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_and_the_daemons_user_only() {
+        assert!(may_control(0, 1000));
+        assert!(may_control(1000, 1000));
+        assert!(!may_control(1001, 1000));
+        assert!(may_control(0, 0));
+        assert!(!may_control(65534, 0));
+    }
+
+    #[test]
+    fn credentials_of_the_peer() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let c = peer_credentials(&a).unwrap();
+        // SAFETY: getuid and getpid cannot fail.
+        let (uid, pid) = unsafe { (libc::getuid(), libc::getpid()) };
+        assert_eq!((c.uid, c.pid), (uid, pid));
+    }
 }

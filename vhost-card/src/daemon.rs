@@ -307,6 +307,12 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     // io_uring instances for batched tap writes, while io_uring_setup is still allowed.
     crate::datapath::preopen_tx_rings(cfg.queues);
 
+    // Who may use the control socket besides root: the user the daemon runs as.
+    // SAFETY: geteuid cannot fail.
+    let own_uid = cfg
+        .identity
+        .map_or_else(|| unsafe { libc::geteuid() }, |(uid, _)| uid);
+
     // 2. Give up what is no longer needed.
     let mut owned: Vec<&Path> = cleanup.paths.iter().map(PathBuf::as_path).collect();
     owned.push(&private);
@@ -350,7 +356,8 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         },
     ));
     if let Some(l) = control {
-        crate::control::serve_control(l, stats.clone()).map_err(io_err("control socket"))?;
+        crate::control::serve_control(l, stats.clone(), own_uid)
+            .map_err(io_err("control socket"))?;
     }
     if let Some(l) = metrics {
         let exporter = crate::metrics::Exporter::new(stats.clone(), proc_self);
