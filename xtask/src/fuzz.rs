@@ -10,7 +10,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-const TARGETS: &[&str] = &["vnet_frame", "desc_chain", "vhost_msg", "vduse_msg"];
+const TARGETS: &[&str] = &[
+    "vnet_frame",
+    "desc_chain",
+    "vhost_msg",
+    "vduse_msg",
+    "handover_state",
+];
 
 #[derive(clap::Args)]
 pub struct Options {
