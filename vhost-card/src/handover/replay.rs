@@ -13,9 +13,92 @@
 //! SET_VRING_ADDR (vhost-user-backend 0.24, `handler.rs`, `set_vring_addr`), which is right
 //! because at the stop point every descriptor taken was completed and published.
 
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use thiserror::Error;
 use vhost::vhost_user::message::FrontendReq;
 
 use super::state::{mem_table_body, ProtocolState, RingState};
+use crate::gate::{recv_msg, send_msg, GateError, Hdr, Msg};
+
+/// vhost-user header flags: protocol version 1, and the reply bit.
+const FLAG_VERSION: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+
+#[derive(Debug, Error)]
+pub enum ReplayError {
+    #[error("the handler ended the session at request {index} ({request:?}): it refused it or one before it")]
+    Ended { index: usize, request: FrontendReq },
+    #[error(
+        "request {index} ({request:?}) names descriptor {fd}, which the handover does not carry"
+    )]
+    NoFd {
+        index: usize,
+        request: FrontendReq,
+        fd: usize,
+    },
+    #[error("request {index} ({request:?}) got an answer of another request ({got}) or without the reply flag")]
+    WrongReply {
+        index: usize,
+        request: FrontendReq,
+        got: u32,
+    },
+    #[error(transparent)]
+    Socket(#[from] GateError),
+}
+
+/// The answers to the requests that have one, in order: (request, body).
+pub type Answers = Vec<(FrontendReq, Vec<u8>)>;
+
+/// Sends `reqs` to the crate's handler on `sock` (the gate's private socket to it), attaching
+/// `fds[i]` for each position `i` a request names, and reads the answer of each request that
+/// has one. The handler takes its own duplicates of what is attached.
+pub fn send(
+    sock: &UnixStream,
+    reqs: &[Request],
+    fds: &[BorrowedFd],
+) -> Result<Answers, ReplayError> {
+    let mut answers = Vec::new();
+    let mut msg = Msg::default();
+    for (index, r) in reqs.iter().enumerate() {
+        let request = r.request;
+        let raw: Vec<RawFd> = r
+            .fds
+            .iter()
+            .map(|&fd| {
+                fds.get(fd)
+                    .map(|f| f.as_raw_fd())
+                    .ok_or(ReplayError::NoFd { index, request, fd })
+            })
+            .collect::<Result<_, _>>()?;
+        let hdr = Hdr {
+            request: request as u32,
+            flags: FLAG_VERSION,
+            size: r.body.len() as u32,
+        };
+        let ended = |_| ReplayError::Ended { index, request };
+        send_msg(sock, &hdr, &r.body, &raw).map_err(ended)?;
+        if !r.reply {
+            continue;
+        }
+        match recv_msg(sock, &mut msg) {
+            Ok(Some(h)) if h.request == request as u32 && h.flags & FLAG_REPLY != 0 => {
+                answers.push((request, std::mem::take(&mut msg.body)));
+            }
+            Ok(Some(h)) => {
+                return Err(ReplayError::WrongReply {
+                    index,
+                    request,
+                    got: h.request,
+                })
+            }
+            Ok(None) | Err(GateError::Io(_)) => return Err(ReplayError::Ended { index, request }),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(answers)
+}
 
 /// One request to send to the crate's handler.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,14 +178,7 @@ pub fn rebuild(p: &ProtocolState) -> Vec<Request> {
             out.push(Request::ring(FrontendReq::SET_VRING_NUM, i, u32::from(num)));
         }
         if ring.num.is_some() || ring.addr.is_some() || ring.base != 0 {
-            out.push(Request::ring(
-                FrontendReq::SET_VRING_BASE,
-                i,
-                u32::from(ring.base),
-            ));
-        }
-        if let Some(a) = ring.addr {
-            out.push(addr(i, &a));
+            position(i, ring, &mut out);
         }
         if let Some(fd) = ring.err {
             out.push(Request::ring_fd(FrontendReq::SET_VRING_ERR, i, fd));
@@ -145,14 +221,7 @@ pub fn stop(p: &ProtocolState) -> Vec<(usize, Request)> {
 pub fn restart(p: &ProtocolState) -> Vec<Request> {
     let mut out = Vec::new();
     for (i, ring) in p.rings.iter().enumerate().filter(|(_, r)| r.started) {
-        out.push(Request::ring(
-            FrontendReq::SET_VRING_BASE,
-            i,
-            u32::from(ring.base),
-        ));
-        if let Some(a) = ring.addr {
-            out.push(addr(i, &a));
-        }
+        position(i, ring, &mut out);
         if let Some(fd) = ring.call {
             out.push(Request::ring_fd(FrontendReq::SET_VRING_CALL, i, fd));
         }
@@ -160,6 +229,19 @@ pub fn restart(p: &ProtocolState) -> Vec<Request> {
     }
     out.push(Request::get(FrontendReq::GET_FEATURES));
     out
+}
+
+/// Where a ring resumes: SET_VRING_BASE (the next available index) and, when set,
+/// SET_VRING_ADDR, which makes the crate read the next used index from guest memory.
+fn position(i: usize, ring: &RingState, out: &mut Vec<Request>) {
+    out.push(Request::ring(
+        FrontendReq::SET_VRING_BASE,
+        i,
+        u32::from(ring.base),
+    ));
+    if let Some(a) = ring.addr {
+        out.push(addr(i, &a));
+    }
 }
 
 /// SET_VRING_KICK for a ring that ran.
