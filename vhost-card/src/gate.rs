@@ -30,6 +30,7 @@ use vhost::vhost_user::message::{FrontendReq, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_S
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::features::VHOST_USER_F_PROTOCOL_FEATURES;
+use crate::handover::record::Recorder;
 
 const HDR_SIZE: usize = 12;
 const FLAG_VERSION: u32 = 0x1;
@@ -325,6 +326,8 @@ struct ReqState {
     /// (`GET_VRING_BASE`).
     started: Vec<bool>,
     on_pair: Option<PairHook>,
+    /// The session as the handler holds it, for a handover (`handover::record`).
+    record: Recorder,
 }
 
 impl ReqState {
@@ -337,6 +340,7 @@ impl ReqState {
             enabled: vec![false; cfg.num_queues as usize],
             started: vec![false; cfg.num_queues as usize],
             on_pair: None,
+            record: Recorder::new(cfg.num_queues as usize),
         }
     }
 
@@ -395,6 +399,8 @@ impl ReqState {
                 }
                 self.filter(&hdr, &msg.body)
             };
+            // Taken: forwarded, or answered with success here. Recorded for a handover.
+            let taken = matches!(action, Action::Forward | Action::Answer(0));
             match action {
                 Action::Forward => {
                     let fds: Vec<RawFd> = msg.fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -412,6 +418,9 @@ impl ReqState {
                         send_msg(&w, &reply, &value.to_le_bytes(), &[])?;
                     }
                 }
+            }
+            if taken {
+                self.record.observe(&hdr, &msg.body, &msg.fds);
             }
             if hdr.request == FrontendReq::SET_FEATURES as u32 {
                 self.after_set_features(backend)?;
@@ -766,6 +775,49 @@ mod tests {
         });
         let done = rx.recv_timeout(std::time::Duration::from_secs(20));
         assert_eq!(done, Ok(true), "screen_stream blocked or failed");
+    }
+
+    /// The gate records what it took for a handover: forwarded requests and those it answered
+    /// with success (an MTU in range, an early enable), not those it refused.
+    #[test]
+    fn the_gate_records_what_it_took() {
+        let msg = |req: FrontendReq, flags: u32, body: &[u8]| {
+            let mut m = Hdr {
+                request: req as u32,
+                flags,
+                size: body.len() as u32,
+            }
+            .encode()
+            .to_vec();
+            m.extend_from_slice(body);
+            m
+        };
+        let mut s = Vec::new();
+        s.extend(msg(
+            FrontendReq::SET_PROTOCOL_FEATURES,
+            1,
+            &PROTOCOL_F_REPLY_ACK.to_le_bytes(),
+        ));
+        s.extend(msg(FrontendReq::NET_SET_MTU, 9, &1500u64.to_le_bytes()));
+        s.extend(msg(FrontendReq::NET_SET_MTU, 9, &65535u64.to_le_bytes()));
+        s.extend(msg(
+            FrontendReq::SET_VRING_ENABLE,
+            9,
+            &[1, 0, 0, 0, 1, 0, 0, 0],
+        ));
+        s.extend(msg(FrontendReq::SET_MEM_TABLE, 9, &[0u8; 8]));
+        let (frontend, mut peer) = UnixStream::pair().unwrap();
+        let (backend, _backend_peer) = UnixStream::pair().unwrap();
+        let (writer, _writer_peer) = UnixStream::pair().unwrap();
+        peer.write_all(&s).unwrap();
+        drop(peer);
+        let mut st = ReqState::new(cfg());
+        st.run(&frontend, &backend, &Mutex::new(writer)).unwrap();
+        let (p, fds) = st.record.export(0);
+        assert_eq!(p.protocol_features, Some(PROTOCOL_F_REPLY_ACK));
+        assert_eq!(p.mtu, Some(1500), "the refused MTU was recorded");
+        assert_eq!(p.held_enables, vec![(1, 1)]);
+        assert!(p.regions.is_empty() && fds.is_empty());
     }
 
     #[test]
