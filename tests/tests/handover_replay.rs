@@ -1,19 +1,19 @@
-//! Live handover, the core of it (issue 12, `docs/handover.md`): a session set up by the
-//! harness's frontend with one backend instance is stopped at the vhost-user stop point
-//! (GET_VRING_BASE on each ring, as the old process's gate will send it), recorded as a
-//! `handover::state::ProtocolState`, and rebuilt in a second, fresh backend instance by replaying
-//! `handover::replay::rebuild` into its `vhost` crate handler, with duplicates of the same memory
-//! file, kick and call eventfds and the same tap queue. The frontend never reconnects: the
-//! driver keeps its rings and memory, and traffic goes on in both directions through the second
-//! instance. No chain is completed twice (the driver refuses a used head it did not post) or
-//! lost (every used index ends equal to what was made available).
+//! Live handover, the core of it (issue 12, `docs/handover.md`), in one process: a session the
+//! harness's frontend sets up through a gate in front of one backend instance; the gate pauses
+//! at the stop point (rings stopped with GET_VRING_BASE, every request answered) and hands back
+//! its record of the session with duplicated descriptors. First the handover fails and the gate
+//! restarts the rings where they stopped; then the session is rebuilt in a second, fresh
+//! instance by replaying `handover::replay::rebuild` into its `vhost` crate handler, the old gate
+//! detaches, and a new gate takes the same frontend connection. The frontend never reconnects:
+//! traffic goes on both ways and the connection still answers. No chain is completed twice (the
+//! driver refuses a used head it did not post) or lost (used indices end at what was made
+//! available).
 //!
-//! Both instances run in this process (the crate's daemon, the card's backend and data path, the
-//! tap in a namespace of the test's own); the parts that move state between two processes
-//! (the gate's recording, `handover::wire`) are tested on their own.
+//! What this leaves to the daemon: moving the state and descriptors between two processes
+//! (`handover::wire`, tested on its own), the new gate's own record (it starts empty here).
 
 use std::net::SocketAddrV4;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
@@ -27,8 +27,8 @@ use card_tests::packet::{pattern, udp_frame, VnetHdr};
 use card_tests::TempDir;
 use vhost::vhost_user::Listener;
 use vhost_card::backend::{BackendConfig, CardBackend};
+use vhost_card::gate::{Gate, GateConfig};
 use vhost_card::handover::replay;
-use vhost_card::handover::state::{ProtocolState, RegionState, RingAddr, RingState};
 use vhost_card::stats::{DeviceInfo, Stats};
 use vhost_card::tap::{Tap, TapConfig};
 use vhost_user_backend::VhostUserDaemon;
@@ -88,12 +88,6 @@ fn serve<T>(
     Ok((daemon, peer))
 }
 
-/// An eventfd of the driver's, borrowed for as long as the driver holds it.
-fn borrow(fd: &impl AsRawFd) -> BorrowedFd<'_> {
-    // SAFETY: the descriptor stays open while `fd`, which owns it, is borrowed.
-    unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }
-}
-
 fn stop(mut daemon: Daemon) {
     daemon.request_shutdown();
     let _ = daemon.wait();
@@ -150,45 +144,19 @@ fn card_to_host(
     Ok(())
 }
 
-/// What the old process's gate will have recorded for this session.
-fn recorded(dev: &VirtioNet, acked_protocol: u64, bases: [u32; 2]) -> Result<ProtocolState> {
-    let region = dev.mem.region_info()?;
-    let mut rings = Vec::new();
-    for (i, q) in [&dev.rx, &dev.tx].into_iter().enumerate() {
-        let c = q.config(&dev.mem)?;
-        rings.push(RingState {
-            num: Some(q.size),
-            addr: Some(RingAddr {
-                flags: 0,
-                desc: c.desc_table_addr,
-                used: c.used_ring_addr,
-                avail: c.avail_ring_addr,
-                log: 0,
-            }),
-            base: u16::try_from(bases[i])?,
-            started: true,
-            enabled: true,
-            // Descriptors: 0 the memory file, then kick and call of each ring.
-            kick: Some(1 + 2 * i),
-            call: Some(2 + 2 * i),
-            err: None,
-        });
-    }
-    Ok(ProtocolState {
-        owner: true,
-        features: Some(dev.features),
-        protocol_features: Some(acked_protocol),
-        mtu: None,
-        held_enables: Vec::new(),
-        regions: vec![RegionState {
-            guest_phys_addr: region.guest_phys_addr,
-            memory_size: region.memory_size,
-            userspace_addr: region.userspace_addr,
-            mmap_offset: region.mmap_offset,
-            fd: 0,
-        }],
-        rings,
-    })
+/// A gate between a frontend connection and a backend instance's handler, steering its tap
+/// queue as the daemon does.
+fn gate(frontend: UnixStream, handler: UnixStream, backend: &Arc<CardBackend>) -> Result<Gate> {
+    let steer = backend.clone();
+    Ok(Gate::start(
+        frontend,
+        handler,
+        GateConfig {
+            mtu: MTU,
+            num_queues: 2,
+        },
+        Box::new(move |pair, on| steer.pair_enabled(pair, on)),
+    )?)
 }
 
 #[test]
@@ -204,52 +172,75 @@ fn a_session_moves_to_a_fresh_backend_and_traffic_goes_on() -> Result<()> {
     let mac = card::address(&ns)?;
     let dir = TempDir::new("handover")?;
 
-    // The old instance, and a session set up by the harness as QEMU would.
+    // The old instance behind its gate, and a session set up through it by the harness as QEMU
+    // would.
+    let front = std::os::unix::net::UnixListener::bind(dir.path().join("card.sock"))?;
+    let ctl = Control::connect(&dir.path().join("card.sock"))?;
+    let (frontend, _) = front.accept()?;
+    let moving = frontend.try_clone()?;
     let old = backend(&tap)?;
-    let (old_daemon, mut ctl) = serve(&old, &dir.path().join("old.sock"), Control::connect)?;
-    let offer = ctl.handshake()?;
-    let mut dev = VirtioNet::start(ctl, offer.features, &Options::for_features(offer.features))?;
-    for i in 0..2 {
-        old.pair_enabled(0, true);
-        host_to_card(&ns, mac, &mut dev, 3 + i)?;
-        card_to_host(&ns, mac, &mut dev, 2 + i)?;
-    }
-
-    // The stop point: GET_VRING_BASE on each ring. Nothing in flight: each next available index
-    // equals the used index published in guest memory.
-    let bases = dev.get_vring_bases()?;
-    let used = [dev.rx.used_idx(&dev.mem)?, dev.tx.used_idx(&dev.mem)?];
-    ensure!(
-        bases == used.map(u32::from),
-        "stopped at next available {bases:?} but used {used:?}: chains in flight"
-    );
-    ensure!(bases[1] == 7, "TX stopped at {} after 7 frames", bases[1]);
-    let state = recorded(&dev, offer.acked_protocol.bits(), bases)?;
-
-    // The new instance, rebuilt from the state alone with duplicates of the same descriptors.
-    let new = backend(&tap)?;
-    let (new_daemon, sock) = serve(&new, &dir.path().join("new.sock"), |p| {
+    let (old_daemon, handler) = serve(&old, &dir.path().join("old.sock"), |p| {
         Ok(UnixStream::connect(p)?)
     })?;
-    sock.set_read_timeout(Some(Duration::from_secs(5)))?;
-    // Duplicates, as SCM_RIGHTS would give the new process.
-    let owned = [
-        dev.mem.file().as_fd().try_clone_to_owned()?,
-        borrow(&dev.rx.kick).try_clone_to_owned()?,
-        borrow(&dev.rx.call).try_clone_to_owned()?,
-        borrow(&dev.tx.kick).try_clone_to_owned()?,
-        borrow(&dev.tx.call).try_clone_to_owned()?,
-    ];
-    let fds: Vec<BorrowedFd> = owned.iter().map(|f| f.as_fd()).collect();
-    let answers = replay::send(&sock, &replay::rebuild(&state), &fds)?;
+    let old_gate = gate(frontend, handler, &old)?;
+    let mut ctl = ctl;
+    let offer = ctl.handshake()?;
+    let mut dev = VirtioNet::start(ctl, offer.features, &Options::for_features(offer.features))?;
+    host_to_card(&ns, mac, &mut dev, 3)?;
+    card_to_host(&ns, mac, &mut dev, 2)?;
+
+    // A handover that fails: paused at the stop point, then restarted where it stopped.
+    let paused = old_gate
+        .pause(Duration::from_secs(5))
+        .map_err(|e| anyhow!(e))?;
+    let used = [dev.rx.used_idx(&dev.mem)?, dev.tx.used_idx(&dev.mem)?];
+    let bases = [paused.state.rings[0].base, paused.state.rings[1].base];
+    ensure!(
+        bases == used,
+        "stopped at next available {bases:?} but used {used:?}: chains in flight"
+    );
+    ensure!(bases[1] == 3, "TX stopped at {} after 3 frames", bases[1]);
+    paused.restart();
+    host_to_card(&ns, mac, &mut dev, 4)?;
+    card_to_host(&ns, mac, &mut dev, 3)?;
+    dev.ping()?;
+
+    // The handover: paused again, the session rebuilt in a new instance from the gate's record
+    // and its duplicated descriptors alone, the old gate detached.
+    let paused = old_gate
+        .pause(Duration::from_secs(5))
+        .map_err(|e| anyhow!(e))?;
+    ensure!(
+        paused.state.rings[1].base == 7,
+        "TX stopped at {}",
+        paused.state.rings[1].base
+    );
+    let new = backend(&tap)?;
+    let (new_daemon, handler) = serve(&new, &dir.path().join("new.sock"), |p| {
+        Ok(UnixStream::connect(p)?)
+    })?;
+    handler.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let fds: Vec<BorrowedFd> = paused.fds.iter().map(|f| f.as_fd()).collect();
+    let answers = replay::send(&handler, &replay::rebuild(&paused.state), &fds)?;
     ensure!(answers.len() == 3, "answers: {answers:?}");
+    handler.set_read_timeout(None)?;
+    let state = paused.state.clone();
+    let fds: Vec<_> = paused
+        .fds
+        .iter()
+        .map(|f| f.try_clone())
+        .collect::<std::io::Result<_>>()?;
+    paused.detach();
+    // The new gate takes the same frontend connection; the old instance goes away.
+    let new_gate = gate(moving, handler, &new)?;
     new.pair_enabled(0, true);
-    // The old instance is gone for good, as the old process will be.
+    old_gate.join();
     stop(old_daemon);
 
-    // Traffic goes on where it stopped, through the new instance only.
+    // Traffic goes on where it stopped, through the new instance only, on the same connection.
     host_to_card(&ns, mac, &mut dev, 5)?;
     card_to_host(&ns, mac, &mut dev, 4)?;
+    dev.ping()?;
     let tx_used = dev.tx.used_idx(&dev.mem)?;
     ensure!(tx_used == 12, "TX used index {tx_used} after 12 frames");
     let new_stats = new.stats().pairs[0].snapshot();
@@ -269,13 +260,17 @@ fn a_session_moves_to_a_fresh_backend_and_traffic_goes_on() -> Result<()> {
 
     // A replay the handler refuses (a ring larger than the queue size) ends that session with
     // an error naming the request.
-    let mut bad = state.clone();
+    let mut bad = state;
     bad.rings[0].num = Some(4096);
     let refused = backend(&tap)?;
     let (refused_daemon, sock) = serve(&refused, &dir.path().join("bad.sock"), |p| {
         Ok(UnixStream::connect(p)?)
     })?;
     sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let fds: Vec<BorrowedFd> = fds
+        .iter()
+        .map(|f: &std::os::fd::OwnedFd| f.as_fd())
+        .collect();
     let err = replay::send(&sock, &replay::rebuild(&bad), &fds)
         .expect_err("a ring beyond the queue size was taken");
     ensure!(
@@ -283,6 +278,7 @@ fn a_session_moves_to_a_fresh_backend_and_traffic_goes_on() -> Result<()> {
         "unexpected error: {err}"
     );
     stop(refused_daemon);
+    new_gate.join();
     stop(new_daemon);
     Ok(())
 }

@@ -21,15 +21,19 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use log::{debug, info, warn};
 use thiserror::Error;
 use vhost::vhost_user::message::{FrontendReq, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::features::VHOST_USER_F_PROTOCOL_FEATURES;
+use crate::handover::pause::{self, Inflight, Link, PauseRequest, Paused};
 use crate::handover::record::Recorder;
 
 const HDR_SIZE: usize = 12;
@@ -46,6 +50,8 @@ pub enum GateError {
     Io(#[from] io::Error),
     #[error("bad memory table: {0}")]
     BadMemTable(&'static str),
+    #[error("handover: {0}")]
+    Handover(String),
 }
 
 /// Most regions one SET_MEM_TABLE may carry (QEMU's VHOST_MEMORY_BASELINE_NREGIONS).
@@ -237,6 +243,12 @@ pub struct Gate {
     frontend: UnixStream,
     backend: UnixStream,
     threads: Vec<JoinHandle<()>>,
+    /// Pause requests for a handover, and the eventfd that wakes the request thread for them.
+    pauses: Sender<PauseRequest>,
+    wake: EventFd,
+    /// Set once the session moved to another process: the frontend's connection is then never
+    /// shut down from here.
+    detached: Arc<AtomicBool>,
 }
 
 impl Gate {
@@ -248,13 +260,28 @@ impl Gate {
         on_pair: PairHook,
     ) -> io::Result<Gate> {
         let f_writer = Arc::new(Mutex::new(frontend.try_clone()?));
+        let detached = Arc::new(AtomicBool::new(false));
         let closer = || -> io::Result<_> {
             let f = frontend.try_clone()?;
             let b = backend.try_clone()?;
+            let detached = detached.clone();
             Ok(move || {
-                let _ = f.shutdown(Shutdown::Both);
+                if !detached.load(Ordering::SeqCst) {
+                    let _ = f.shutdown(Shutdown::Both);
+                }
                 let _ = b.shutdown(Shutdown::Both);
             })
+        };
+        let (pauses, requests) = mpsc::channel();
+        let (answers_tx, answers) = mpsc::channel();
+        let inflight = Arc::new(Mutex::new(Inflight::new(cfg.num_queues as usize)));
+        let wake = EventFd::new(EFD_NONBLOCK)?;
+        let link = Link {
+            wake: wake.try_clone()?,
+            requests,
+            answers,
+            inflight: inflight.clone(),
+            detached: detached.clone(),
         };
         let (down, down2) = (closer()?, closer()?);
         let (f_in, b_out) = (frontend.try_clone()?, backend.try_clone()?);
@@ -264,6 +291,7 @@ impl Gate {
             .spawn(move || {
                 let mut st = ReqState::new(cfg);
                 st.on_pair = Some(on_pair);
+                st.link = Some(link);
                 if let Err(e) = st.run(&f_in, &b_out, &writer) {
                     debug!("gate: frontend side ended: {e}");
                 }
@@ -275,6 +303,14 @@ impl Gate {
             .spawn(move || {
                 let mut msg = Msg::default();
                 while let Ok(Some(hdr)) = recv_msg(&b_in, &mut msg) {
+                    let own = inflight
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .is_own(hdr.request, &msg.body);
+                    if own {
+                        let _ = answers_tx.send((hdr.request, std::mem::take(&mut msg.body)));
+                        continue;
+                    }
                     let fds: Vec<RawFd> = msg.fds.iter().map(|f| f.as_raw_fd()).collect();
                     let w = writer.lock().unwrap_or_else(|p| p.into_inner());
                     if send_msg(&w, &hdr, &msg.body, &fds).is_err() {
@@ -287,12 +323,31 @@ impl Gate {
             frontend,
             backend,
             threads: vec![requests, replies],
+            pauses,
+            wake,
+            detached,
         })
     }
 
-    /// Closes both sides; the relay threads end.
+    /// Pauses the gate between two requests for a handover: the rings are stopped, every request
+    /// forwarded so far is answered, and the session comes back with duplicates of its
+    /// descriptors (`docs/handover.md`, the stop point).
+    pub fn pause(&self, within: std::time::Duration) -> Result<Paused, String> {
+        let (tx, rx) = mpsc::channel();
+        self.pauses
+            .send(PauseRequest(tx))
+            .map_err(|_| "the session has ended".to_string())?;
+        self.wake.write(1).map_err(|e| e.to_string())?;
+        rx.recv_timeout(within)
+            .map_err(|_| "the gate did not pause".to_string())?
+    }
+
+    /// Closes both sides (the frontend's only if the session was not handed over); the relay
+    /// threads end.
     pub fn shutdown(&self) {
-        let _ = self.frontend.shutdown(Shutdown::Both);
+        if !self.detached.load(Ordering::SeqCst) {
+            let _ = self.frontend.shutdown(Shutdown::Both);
+        }
         let _ = self.backend.shutdown(Shutdown::Both);
     }
 
@@ -328,6 +383,8 @@ struct ReqState {
     on_pair: Option<PairHook>,
     /// The session as the handler holds it, for a handover (`handover::record`).
     record: Recorder,
+    /// Pause requests for a handover (none in `screen_stream`).
+    link: Option<Link>,
 }
 
 impl ReqState {
@@ -341,6 +398,7 @@ impl ReqState {
             started: vec![false; cfg.num_queues as usize],
             on_pair: None,
             record: Recorder::new(cfg.num_queues as usize),
+            link: None,
         }
     }
 
@@ -379,7 +437,22 @@ impl ReqState {
         writer: &Mutex<UnixStream>,
     ) -> Result<(), GateError> {
         let mut msg = Msg::default();
-        while let Some(hdr) = recv_msg(frontend, &mut msg)? {
+        loop {
+            if let Some(link) = &self.link {
+                // Between two requests: a handover may pause the gate here.
+                let woke =
+                    crate::poll::readable_or_stop(frontend.as_raw_fd(), link.wake.as_raw_fd())?;
+                if woke == crate::poll::Woke::Stop {
+                    match pause::serve(link, &mut self.record, backend) {
+                        Ok(true) => return Ok(()),
+                        Ok(false) => continue,
+                        Err(why) => return Err(GateError::Handover(why)),
+                    }
+                }
+            }
+            let Some(hdr) = recv_msg(frontend, &mut msg)? else {
+                break;
+            };
             let action = if hdr.request == FrontendReq::SET_MEM_TABLE as u32 {
                 match check_mem_table(&msg.body, &msg.fds) {
                     Ok(()) => Action::Forward,
@@ -404,6 +477,11 @@ impl ReqState {
             match action {
                 Action::Forward => {
                     let fds: Vec<RawFd> = msg.fds.iter().map(|f| f.as_raw_fd()).collect();
+                    if let Some(link) = &self.link {
+                        // Counted before it is sent: its answer may come back at once.
+                        let mut inflight = link.inflight.lock().unwrap_or_else(|p| p.into_inner());
+                        inflight.forwarded(hdr.request, &msg.body);
+                    }
                     send_msg(backend, &hdr, &msg.body, &fds)?;
                     self.track_rings(&hdr, &msg.body);
                 }

@@ -1,10 +1,12 @@
 //! Live handover of a running session to a new vhost-card process (`docs/handover.md`):
 //! [`state`] (the versioned blob and its checks), [`record`] (the gate's record of a session),
-//! [`wire`] (the blob and descriptors over the
-//! control socket), [`fdcheck`] (what each received descriptor is) and [`replay`] (the requests
-//! that stop, restart and rebuild the session in the `vhost` crate's handler).
+//! [`pause`] (pausing a running gate at the stop point, restarting or detaching it), [`replay`]
+//! (the requests that stop, restart and rebuild a session in the `vhost` crate's handler),
+//! [`wire`] (the blob and descriptors over the control socket) and [`fdcheck`] (what each
+//! received descriptor is).
 
 pub mod fdcheck;
+pub mod pause;
 pub mod record;
 pub mod replay;
 pub mod state;

@@ -195,7 +195,7 @@ pub fn rebuild(p: &ProtocolState) -> Vec<Request> {
         }
         out.extend(start(i, ring));
     }
-    out.push(Request::get(FrontendReq::GET_FEATURES));
+    out.push(barrier());
     out
 }
 
@@ -227,7 +227,7 @@ pub fn restart(p: &ProtocolState) -> Vec<Request> {
         }
         out.extend(start(i, ring));
     }
-    out.push(Request::get(FrontendReq::GET_FEATURES));
+    out.push(barrier());
     out
 }
 
@@ -242,6 +242,12 @@ fn position(i: usize, ring: &RingState, out: &mut Vec<Request>) {
     if let Some(a) = ring.addr {
         out.push(addr(i, &a));
     }
+}
+
+/// GET_FEATURES, answered whatever was negotiated: its answer means every request sent before
+/// it was handled.
+pub fn barrier() -> Request {
+    Request::get(FrontendReq::GET_FEATURES)
 }
 
 /// SET_VRING_KICK for a ring that ran.
