@@ -4,13 +4,14 @@
 //! its record of the session with duplicated descriptors. First the handover fails and the gate
 //! restarts the rings where they stopped; then the session is rebuilt in a second, fresh
 //! instance by replaying `handover::replay::rebuild` into its `vhost` crate handler, the old gate
-//! detaches, and a new gate takes the same frontend connection. The frontend never reconnects:
-//! traffic goes on both ways and the connection still answers. No chain is completed twice (the
+//! detaches, and a new gate resumes from the record on the same frontend connection. The
+//! frontend never reconnects: traffic goes on both ways, the connection still answers, and a
+//! ring disabled and enabled again after the handover behaves as the new gate must. No chain is completed twice (the
 //! driver refuses a used head it did not post) or lost (used indices end at what was made
 //! available).
 //!
 //! What this leaves to the daemon: moving the state and descriptors between two processes
-//! (`handover::wire`, tested on its own), the new gate's own record (it starts empty here).
+//! (`handover::wire`, tested on its own).
 
 use std::net::SocketAddrV4;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -26,8 +27,10 @@ use card_tests::netdev::{Options, TxLayout, VirtioNet};
 use card_tests::packet::{pattern, udp_frame, VnetHdr};
 use card_tests::TempDir;
 use vhost::vhost_user::Listener;
+use vhost::vhost_user::VhostUserFrontend;
 use vhost_card::backend::{BackendConfig, CardBackend};
 use vhost_card::gate::{Gate, GateConfig};
+use vhost_card::handover::record::Recorder;
 use vhost_card::handover::replay;
 use vhost_card::stats::{DeviceInfo, Stats};
 use vhost_card::tap::{Tap, TapConfig};
@@ -231,9 +234,24 @@ fn a_session_moves_to_a_fresh_backend_and_traffic_goes_on() -> Result<()> {
         .map(|f| f.try_clone())
         .collect::<std::io::Result<_>>()?;
     paused.detach();
-    // The new gate takes the same frontend connection; the old instance goes away.
-    let new_gate = gate(moving, handler, &new)?;
-    new.pair_enabled(0, true);
+    // The new gate takes the same frontend connection with the record; the old instance goes
+    // away.
+    let steer = new.clone();
+    let fds_now: Vec<BorrowedFd> = fds.iter().map(|f| f.as_fd()).collect();
+    let new_gate = Gate::resume(
+        moving,
+        handler,
+        GateConfig {
+            mtu: MTU,
+            num_queues: 2,
+        },
+        Box::new(move |pair, on| steer.pair_enabled(pair, on)),
+        Recorder::restore(&state, &fds_now)?,
+    )?;
+    ensure!(
+        new.stats().snapshot().state.pairs_in_use == 1,
+        "the new gate did not tell the backend the pair is in use"
+    );
     old_gate.join();
     stop(old_daemon);
 
@@ -241,6 +259,25 @@ fn a_session_moves_to_a_fresh_backend_and_traffic_goes_on() -> Result<()> {
     host_to_card(&ns, mac, &mut dev, 5)?;
     card_to_host(&ns, mac, &mut dev, 4)?;
     dev.ping()?;
+    // The new gate knows PROTOCOL_FEATURES was acked: SET_VRING_ENABLE goes to the handler (a
+    // gate that thought features were not set yet would hold it and RX would go on).
+    dev.ctl.vu.set_vring_enable(0, false)?;
+    let pkt = ns.packet_socket(TAP)?;
+    let late = udp_frame(
+        mac,
+        HOST_MAC,
+        SocketAddrV4::new(CARD_IP, 5555),
+        SocketAddrV4::new(HOST_IP, 6999),
+        &pattern(100, 9),
+    )?;
+    pkt.send(&late)?;
+    ensure!(
+        dev.recv(Duration::from_millis(300)).is_err(),
+        "a frame reached a disabled RX ring"
+    );
+    dev.ctl.vu.set_vring_enable(0, true)?;
+    dev.rx.kick()?;
+    dev.recv_matching(Duration::from_secs(5), |f| f.frame == late)?;
     let tx_used = dev.tx.used_idx(&dev.mem)?;
     ensure!(tx_used == 12, "TX used index {tx_used} after 12 frames");
     let new_stats = new.stats().pairs[0].snapshot();
@@ -252,8 +289,8 @@ fn a_session_moves_to_a_fresh_backend_and_traffic_goes_on() -> Result<()> {
             .unwrap_or(0)
     };
     ensure!(
-        count("tx_frames") == 5 && count("rx_frames") == 4,
-        "the new instance moved {} TX and {} RX frames, expected 5 and 4",
+        count("tx_frames") == 5 && count("rx_frames") == 5,
+        "the new instance moved {} TX and {} RX frames, expected 5 and 5",
         count("tx_frames"),
         count("rx_frames")
     );

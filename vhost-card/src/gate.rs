@@ -259,6 +259,41 @@ impl Gate {
         cfg: GateConfig,
         on_pair: PairHook,
     ) -> io::Result<Gate> {
+        Self::start_from(frontend, backend, cfg, on_pair, ReqState::new(cfg), false)
+    }
+
+    /// Starts relaying for a session taken over from another process, whose handler was rebuilt
+    /// from `record` (`handover::replay::rebuild`); the hook learns the pairs in use at once.
+    pub fn resume(
+        frontend: UnixStream,
+        backend: UnixStream,
+        cfg: GateConfig,
+        on_pair: PairHook,
+        record: Recorder,
+    ) -> io::Result<Gate> {
+        Self::start_from(
+            frontend,
+            backend,
+            cfg,
+            on_pair,
+            ReqState::restored(cfg, record),
+            true,
+        )
+    }
+
+    fn start_from(
+        frontend: UnixStream,
+        backend: UnixStream,
+        cfg: GateConfig,
+        on_pair: PairHook,
+        mut st: ReqState,
+        resumed: bool,
+    ) -> io::Result<Gate> {
+        st.on_pair = Some(on_pair);
+        if resumed {
+            // Before this returns: the pairs in use are known when the caller goes on.
+            st.sync_pairs();
+        }
         let f_writer = Arc::new(Mutex::new(frontend.try_clone()?));
         let detached = Arc::new(AtomicBool::new(false));
         let closer = || -> io::Result<_> {
@@ -289,8 +324,6 @@ impl Gate {
         let requests = std::thread::Builder::new()
             .name("vhost-gate-req".into())
             .spawn(move || {
-                let mut st = ReqState::new(cfg);
-                st.on_pair = Some(on_pair);
                 st.link = Some(link);
                 if let Err(e) = st.run(&f_in, &b_out, &writer) {
                     debug!("gate: frontend side ended: {e}");
@@ -400,6 +433,22 @@ impl ReqState {
             record: Recorder::new(cfg.num_queues as usize),
             link: None,
         }
+    }
+
+    /// The gate's state for a session taken over from another process: what was acked, the
+    /// held enables and each ring's state, from the record.
+    fn restored(cfg: GateConfig, record: Recorder) -> Self {
+        let mut st = ReqState::new(cfg);
+        let p = record.state();
+        st.acked_features = p.features.unwrap_or(0);
+        st.acked_protocol = p.protocol_features.unwrap_or(0);
+        st.pending = p.held_enables.clone();
+        for (i, r) in p.rings.iter().enumerate().take(cfg.num_queues as usize) {
+            st.enabled[i] = r.enabled;
+            st.started[i] = r.started;
+        }
+        st.record = record;
+        st
     }
 
     /// Tells the hook whether each queue pair is in use: its RX ring (the even index) both

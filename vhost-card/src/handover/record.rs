@@ -49,6 +49,44 @@ impl Recorder {
         }
     }
 
+    /// A record taken over from another process: `state` as checked by `SessionState::parse`,
+    /// with `fds` the handover's descriptors (positions as the state names them). Takes
+    /// duplicates of those the state uses.
+    pub fn restore(state: &ProtocolState, fds: &[BorrowedFd]) -> std::io::Result<Self> {
+        let dup = |i: usize| -> std::io::Result<OwnedFd> {
+            fds.get(i)
+                .ok_or_else(|| std::io::Error::other(format!("no descriptor {i}")))?
+                .try_clone_to_owned()
+        };
+        let opt = |i: Option<usize>| i.map(dup).transpose();
+        let regions = state
+            .regions
+            .iter()
+            .map(|r| dup(r.fd))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let rings = state
+            .rings
+            .iter()
+            .map(|r| {
+                Ok(RingFds {
+                    kick: opt(r.kick)?,
+                    call: opt(r.call)?,
+                    err: opt(r.err)?,
+                })
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Recorder {
+            state: state.clone(),
+            regions,
+            rings,
+        })
+    }
+
+    /// The recorded state without its descriptors.
+    pub fn state(&self) -> &ProtocolState {
+        &self.state
+    }
+
     /// Records one request the gate took. `fds` are the request's descriptors; the recorder
     /// keeps duplicates of those the handler keeps.
     pub fn observe(&mut self, hdr: &Hdr, body: &[u8], fds: &[OwnedFd]) {
