@@ -6,9 +6,9 @@
 //! instance by replaying `handover::replay::rebuild` into its `vhost` crate handler, the old gate
 //! detaches, and a new gate resumes from the record on the same frontend connection. The
 //! frontend never reconnects: traffic goes on both ways, the connection still answers, and a
-//! ring disabled and enabled again after the handover behaves as the new gate must. No chain is completed twice (the
-//! driver refuses a used head it did not post) or lost (used indices end at what was made
-//! available).
+//! ring disabled and enabled again after the handover behaves as the new gate must. No chain is
+//! completed twice (the driver refuses a used head it did not post) or lost (used indices end at
+//! what was made available).
 //!
 //! What this leaves to the daemon: moving the state and descriptors between two processes
 //! (`handover::wire`, tested on its own).
