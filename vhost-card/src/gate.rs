@@ -826,19 +826,21 @@ mod tests {
         );
     }
 
+    /// One request as bytes on the wire.
+    fn msg(req: FrontendReq, flags: u32, body: &[u8]) -> Vec<u8> {
+        let mut m = Hdr {
+            request: req as u32,
+            flags,
+            size: body.len() as u32,
+        }
+        .encode()
+        .to_vec();
+        m.extend_from_slice(body);
+        m
+    }
+
     #[test]
     fn screen_stream_runs_a_qemu_sequence_and_garbage() {
-        let msg = |req: FrontendReq, flags: u32, body: &[u8]| {
-            let mut m = Hdr {
-                request: req as u32,
-                flags,
-                size: body.len() as u32,
-            }
-            .encode()
-            .to_vec();
-            m.extend_from_slice(body);
-            m
-        };
         let mut s = Vec::new();
         s.extend(msg(
             FrontendReq::SET_PROTOCOL_FEATURES,
@@ -908,17 +910,6 @@ mod tests {
     /// with success (an MTU in range, an early enable), not those it refused.
     #[test]
     fn the_gate_records_what_it_took() {
-        let msg = |req: FrontendReq, flags: u32, body: &[u8]| {
-            let mut m = Hdr {
-                request: req as u32,
-                flags,
-                size: body.len() as u32,
-            }
-            .encode()
-            .to_vec();
-            m.extend_from_slice(body);
-            m
-        };
         let mut s = Vec::new();
         s.extend(msg(
             FrontendReq::SET_PROTOCOL_FEATURES,
