@@ -519,6 +519,21 @@ mod tests {
         let d = daemon_settings(&path, &text).unwrap();
         assert_eq!(d.endpoint, Endpoint::Vduse("c4".into()));
         assert_eq!(d.endpoint.path(), Path::new("/dev/vduse/c4"));
+        // The file makes it a VDUSE card: its companions may come from the command line.
+        let a = resolve(argv(&[
+            "--config",
+            p,
+            "--vduse-bind",
+            "none",
+            "--host-mac",
+            "02:00:00:00:00:05",
+            "--vduse-bounce-mib",
+            "96",
+        ]))
+        .unwrap();
+        assert_eq!(a.vduse_bind, Some(crate::vduse::vdpa::Bind::None));
+        assert_eq!(a.host_mac, Some([2, 0, 0, 0, 0, 5]));
+        assert_eq!(a.vduse_bounce_mib, Some(96));
         // A card whose file names a socket, run as a VDUSE device from the command line (as
         // vhost-card-vduse@.service does): the file's socket settings do not apply.
         std::fs::write(

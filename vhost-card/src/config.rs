@@ -85,12 +85,14 @@ pub struct Args {
     /// network interface, `vhost` (vhost_vdpa) a /dev/vhost-vdpa-N for QEMU's -netdev
     /// vhost-vdpa, `none` adds no vdpa device (run `vdpa dev add name NAME mgmtdev vduse`).
     /// Default: virtio.
-    #[arg(long, value_enum, value_name = "DRIVER", requires = "vduse")]
+    // No clap `requires`: `vduse` may come from the card file, read after this parse;
+    // `Config::try_from` refuses the VDUSE-only flags without it, before anything is created.
+    #[arg(long, value_enum, value_name = "DRIVER")]
     pub vduse_bind: Option<Bind>,
 
     /// With --vduse: the MAC address of the host's interface (VIRTIO_NET_F_MAC). Default: a
     /// locally administered address derived from the device name.
-    #[arg(long, value_name = "MAC", value_parser = parse_mac, requires = "vduse")]
+    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
     pub host_mac: Option<[u8; 6]>,
 
     /// With --vduse: the size of the kernel's bounce buffer in MiB (1 to 1024), through which
@@ -592,6 +594,7 @@ mod tests {
         for extra in [
             ["--vduse-bind", "vhost"],
             ["--host-mac", "02:00:00:00:00:01"],
+            ["--vduse-bounce-mib", "96"],
         ] {
             let a = parse(&["--socket", "s", extra[0], extra[1]]).unwrap();
             let e = Config::try_from(a).unwrap_err().to_string();

@@ -555,6 +555,10 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     if mac[0] & 1 != 0 {
         return Err(format!("'{s}' is a multicast address"));
     }
+    // Linux refuses it for a tap, and virtio_net replaces it with a random one (VDUSE).
+    if mac == [0; 6] {
+        return Err(format!("'{s}' is the all-zero address"));
+    }
     Ok(mac)
 }
 
@@ -580,6 +584,7 @@ mod tests {
         assert!(parse_mac("02:00:00:aa:bb").is_err());
         assert!(parse_mac("01:00:00:aa:bb:cc").is_err());
         assert!(parse_mac("zz:00:00:aa:bb:cc").is_err());
+        assert!(parse_mac("00:00:00:00:00:00").is_err());
     }
 
     #[test]

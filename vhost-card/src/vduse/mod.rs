@@ -258,6 +258,16 @@ fn detach(device: &Device, manager: &mut Manager) -> Result<(), VduseError> {
     result
 }
 
+/// Keeps the first error of a teardown as the result (printed once, by the caller); a later
+/// one is logged here, once, instead of being lost.
+fn first_error(result: &mut Result<(), VduseError>, e: VduseError) {
+    if result.is_ok() {
+        *result = Err(e);
+    } else {
+        warn!("{e}");
+    }
+}
+
 /// After the sandbox: serves the device until `stopped()` says so, adding the vdpa device when
 /// asked to; then deletes the vdpa device and destroys the VDUSE device.
 pub fn serve(
@@ -333,10 +343,7 @@ pub fn serve(
     match manager.exists() {
         Ok(true) => match manager.del() {
             Ok(()) => info!("vdpa device {name} deleted"),
-            Err(e) => {
-                warn!("cannot delete vdpa device {name}: {e}");
-                result = result.and(Err(vdpa_err(e)));
-            }
+            Err(e) => first_error(&mut result, vdpa_err(e)),
         },
         Ok(false) => {}
         Err(e) => warn!("vdpa manager: {e}"),
@@ -352,17 +359,14 @@ pub fn serve(
     drop(session);
     drop(dev);
     if let Err(e) = served {
-        result = result.and(Err(VduseError::Serve(name.clone(), e.to_string())));
+        first_error(&mut result, VduseError::Serve(name.clone(), e.to_string()));
     }
     match device.destroy(Duration::from_secs(5)) {
         Ok(()) => {
             let _ = std::fs::remove_file(record_path(&name));
             info!("VDUSE device /dev/vduse/{name} destroyed");
         }
-        Err(e) => {
-            warn!("cannot destroy /dev/vduse/{name}: {e}");
-            result = result.and(Err(io_err("destroying")(e)));
-        }
+        Err(e) => first_error(&mut result, io_err("destroying")(e)),
     }
     drop(manager);
     result

@@ -49,12 +49,8 @@ pub fn demo(opts: &DemoOptions) -> Result<()> {
     let to_card = host.transfer(opts.mib, true)?;
     let to_host = host.transfer(opts.mib, false)?;
     let stats = host.stats()?;
-    let rc = host.stop_card("TERM")?;
-    let gone = host.check(
-        "wait_eth0_gone 20; [ -e /dev/vduse/$CARD ] && echo dev=present || echo dev=gone",
-        30,
-    )?;
-    let cleaned = rc == 0 && gone.contains("dev=gone");
+    let (rc, gone) = host.stop_card_and_wait_gone()?;
+    let cleaned = rc == 0 && gone;
     if let Ok(r) = host.sh("cat /run/vhc.log", 60) {
         std::fs::write(logs.join("daemon.log"), r.out).ok();
     }

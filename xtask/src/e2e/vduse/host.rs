@@ -261,6 +261,33 @@ impl Host {
             .context("no exit status")
     }
 
+    /// SIGTERM to the daemon; returns its exit status and whether the host interface and
+    /// /dev/vduse/$CARD went away with it.
+    pub fn stop_card_and_wait_gone(&mut self) -> Result<(i32, bool)> {
+        let rc = self.stop_card("TERM")?;
+        let gone = self.check(
+            "wait_eth0_gone 20 && echo eth0=gone
+             [ -e /dev/vduse/$CARD ] && echo dev=present || echo dev=gone",
+            30,
+        )?;
+        Ok((rc, gone.contains("eth0=gone") && gone.contains("dev=gone")))
+    }
+
+    /// Runs `vhost-card ARGS` expecting a refusal; returns its exit status and the last line
+    /// it printed (the error).
+    pub fn refusal(&mut self, args: &str) -> Result<(String, String)> {
+        let out = self.check(
+            &format!(
+                "vhost-card {args} > /tmp/refusal.log 2>&1; echo rc=$?
+                 tail -n 1 /tmp/refusal.log | sed 's/^/message=/'"
+            ),
+            30,
+        )?;
+        let kv = key_values(&out);
+        let field = |k: &str| kv.get(k).cloned().unwrap_or_default();
+        Ok((field("rc"), field("message")))
+    }
+
     /// The last `n` lines of the daemon's log.
     pub fn daemon_log(&mut self, n: usize) -> String {
         self.sh(&format!("tail -n {n} /run/vhc.log"), 10)

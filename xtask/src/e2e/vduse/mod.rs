@@ -316,22 +316,11 @@ fn toggles(host: &mut Host, mib: usize) -> Result<(bool, String)> {
 /// the device back.
 fn lifecycle(host: &mut Host) -> Result<(bool, String)> {
     // Back to the defaults first.
-    let rc = host.stop_card("TERM")?;
-    host.check("wait_eth0_gone 20", 30)?;
-    let gone = host.check(
-        "[ -e /dev/vduse/$CARD ] && echo dev=present || echo dev=gone",
-        10,
-    )?;
-    let removed = rc == 0 && gone.contains("dev=gone");
+    let (rc, gone) = host.stop_card_and_wait_gone()?;
+    let removed = rc == 0 && gone;
     let t = host.start_card("")?;
-    let second = host.check(
-        "vhost-card --vduse $CARD --netns $NS --tap other0 > /tmp/second.log 2>&1; echo rc=$?
-         tail -n 1 /tmp/second.log | sed 's/^/message=/'",
-        30,
-    )?;
-    let kv = key_values(&second);
-    let refused = kv.get("rc").map(String::as_str) == Some("1")
-        && kv.get("message").is_some_and(|m| m.contains("in use"));
+    let (second_rc, message) = host.refusal("--vduse $CARD --netns $NS --tap other0")?;
+    let refused = second_rc == "1" && message.contains("in use");
     let ifindex = host.check("cat /sys/class/net/eth0/ifindex", 10)?;
     // Crash: the device and the interface stay; the restarted daemon takes the device back.
     let killed = host.stop_card("KILL")?;
@@ -419,14 +408,8 @@ fn limits(host: &mut Host) -> Result<(bool, String)> {
     let kv = key_values(&probe);
     let refused = kv.get("refused").cloned().unwrap_or_default();
     let required = kv.get("required").cloned().unwrap_or_default();
-    let mq = host.check(
-        "vhost-card --vduse mq0 --netns $NS --tap mq0 --queues 2 > /tmp/mq.log 2>&1; echo rc=$?
-         tail -n 1 /tmp/mq.log | sed 's/^/message=/'",
-        30,
-    )?;
-    let mq = key_values(&mq);
-    let mq_refused = mq.get("rc").map(String::as_str) == Some("1")
-        && mq.get("message").is_some_and(|m| m.contains("CTRL_VQ"));
+    let (mq_rc, message) = host.refusal("--vduse mq0 --netns $NS --tap mq0 --queues 2")?;
+    let mq_refused = mq_rc == "1" && message.contains("CTRL_VQ");
     host.stop_card("TERM")?;
     host.check("wait_eth0_gone 20", 30)?;
     host.start_card("--mtu 65535")?;
@@ -536,12 +519,8 @@ fn vdpa_binding(host: &mut Host) -> Result<(bool, String)> {
     let added = t.elapsed();
     let user_ok = before.contains("eth0=no") && host.binding()?.ok(super::DEFAULT_MTU);
     let pinged = host.pings(2)?.iter().all(|(_, p)| p.ok());
-    let rc = host.stop_card("TERM")?;
-    let gone = host.check(
-        "wait_eth0_gone 20; [ -e /dev/vduse/$CARD ] && echo dev=present || echo dev=gone",
-        30,
-    )?;
-    let user_cleaned = rc == 0 && gone.contains("dev=gone");
+    let (rc, gone) = host.stop_card_and_wait_gone()?;
+    let user_cleaned = rc == 0 && gone;
     let vhost = host.check(
         "card_start --vduse-bind vhost
          n=0; until [ -e /sys/bus/vdpa/devices/$CARD/driver ]; do n=$((n + 1)); [ $n -gt 300 ] && break; sleep 0.1; done
