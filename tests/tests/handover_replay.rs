@@ -1,17 +1,23 @@
 //! Live handover, the core of it (issue 12, `docs/handover.md`), in one process: a session the
 //! harness's frontend sets up through a gate in front of one backend instance; the gate pauses
 //! at the stop point (rings stopped with GET_VRING_BASE, every request answered) and hands back
-//! its record of the session with duplicated descriptors. First the handover fails and the gate
-//! restarts the rings where they stopped; then the session is rebuilt in a second, fresh
-//! instance by replaying `handover::replay::rebuild` into its `vhost` crate handler, the old gate
-//! detaches, and a new gate resumes from the record on the same frontend connection. The
-//! frontend never reconnects: traffic goes on both ways, the connection still answers, and a
-//! ring disabled and enabled again after the handover behaves as the new gate must. No chain is
-//! completed twice (the driver refuses a used head it did not post) or lost (used indices end at
-//! what was made available).
+//! its record of the session with duplicated descriptors. The state blob and every descriptor
+//! (memory, eventfds, the listening socket, the frontend's connection, the tap queue) go through
+//! `handover::wire` on a socket pair, and the receiving side parses and checks the blob, its
+//! device and each descriptor's kind.
 //!
-//! What this leaves to the daemon: moving the state and descriptors between two processes
-//! (`handover::wire`, tested on its own).
+//! First the handover fails (the frontend's connection and the tap queue arrive swapped, and the
+//! receiver refuses them) and the gate restarts the rings where they stopped; then the session
+//! is rebuilt in a second, fresh instance from what was received alone, by replaying
+//! `handover::replay::rebuild` into its `vhost` crate handler; the old gate detaches and a new
+//! gate resumes from the record on the received frontend connection. The frontend never
+//! reconnects: traffic goes on both ways, the connection still answers, and a ring disabled and
+//! enabled again after the handover behaves as the new gate must. No chain is completed twice
+//! (the driver refuses a used head it did not post) or lost (used indices end at what was made
+//! available).
+//!
+//! What this leaves to the daemon: the two ends in two processes (the control socket request,
+//! starting the new binary, the two-phase commit).
 
 use std::net::SocketAddrV4;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -30,8 +36,10 @@ use vhost::vhost_user::Listener;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost_card::backend::{BackendConfig, CardBackend};
 use vhost_card::gate::{Gate, GateConfig};
+use vhost_card::handover::pause::Paused;
 use vhost_card::handover::record::Recorder;
-use vhost_card::handover::replay;
+use vhost_card::handover::state::{DeviceState, FdKind, SessionState, Sockets, MAGIC, VERSION};
+use vhost_card::handover::{fdcheck, replay, wire};
 use vhost_card::stats::{DeviceInfo, Stats};
 use vhost_card::tap::{Tap, TapConfig};
 use vhost_user_backend::VhostUserDaemon;
@@ -162,6 +170,49 @@ fn gate(frontend: UnixStream, handler: UnixStream, backend: &Arc<CardBackend>) -
     )?)
 }
 
+/// The state blob the old process sends and the descriptors that go with it: the gate's record
+/// (memory, eventfds), then the listening socket, the frontend's connection and the tap queue.
+fn handover_blob<'a>(
+    paused: &'a Paused,
+    old: &CardBackend,
+    front: &'a std::os::unix::net::UnixListener,
+    moving: &'a UnixStream,
+    tap: &'a Tap,
+) -> (SessionState, Vec<BorrowedFd<'a>>) {
+    let n = paused.fds.len();
+    let regions = paused.state.regions.len();
+    let mut kinds = vec![FdKind::GuestMemory; regions];
+    kinds.extend(vec![FdKind::EventFd; n - regions]);
+    kinds.extend([FdKind::UnixListener, FdKind::UnixStream, FdKind::TapQueue]);
+    let blob = SessionState {
+        magic: MAGIC.into(),
+        version: VERSION,
+        sender: "test".into(),
+        device: DeviceState {
+            tap: TAP.into(),
+            pairs: 1,
+            queue_size: 1024,
+            mtu: MTU,
+            features: vhost_card::features::default_features(),
+        },
+        fds: kinds,
+        sockets: Sockets {
+            listener: n,
+            frontend: Some(n + 1),
+            control: None,
+            metrics: None,
+        },
+        taps: vec![n + 2],
+        session: Some(paused.state.clone()),
+        counters: old.stats().snapshot(),
+    };
+    let mut sent: Vec<BorrowedFd> = paused.fds.iter().map(|f| f.as_fd()).collect();
+    // SAFETY: the tap queue stays open while `tap`, borrowed for as long, lives.
+    let tap_queue = unsafe { BorrowedFd::borrow_raw(tap.queue_fd(0)) };
+    sent.extend([front.as_fd(), moving.as_fd(), tap_queue]);
+    (blob, sent)
+}
+
 #[test]
 fn a_session_moves_to_a_fresh_backend_and_traffic_goes_on() -> Result<()> {
     let ns = Card::namespace()?;
@@ -203,6 +254,18 @@ fn a_session_moves_to_a_fresh_backend_and_traffic_goes_on() -> Result<()> {
         "stopped at next available {bases:?} but used {used:?}: chains in flight"
     );
     ensure!(bases[1] == 3, "TX stopped at {} after 3 frames", bases[1]);
+    // The new side refuses what it got: the frontend's connection and the tap queue swapped.
+    let (blob, mut sent) = handover_blob(&paused, &old, &front, &moving, &tap);
+    let n = paused.fds.len();
+    sent.swap(n + 1, n + 2);
+    let (old_end, new_end) = UnixStream::pair()?;
+    wire::send(&old_end, &blob.to_json(), &sent)?;
+    let (payload, got) = wire::recv(&new_end)?;
+    let why = fdcheck::check_all(&SessionState::parse(&payload)?, &got)
+        .expect_err("a tap queue was taken for the frontend's connection")
+        .to_string();
+    ensure!(why.contains("not a socket"), "refused for: {why}");
+    drop(got);
     paused.restart();
     host_to_card(&ns, mac, &mut dev, 4)?;
     card_to_host(&ns, mac, &mut dev, 3)?;
@@ -218,35 +281,45 @@ fn a_session_moves_to_a_fresh_backend_and_traffic_goes_on() -> Result<()> {
         "TX stopped at {}",
         paused.state.rings[1].base
     );
+    // What the old process sends: the state blob with every descriptor, over a socket pair
+    // here (the control socket between two processes in the daemon).
+    let (blob, sent) = handover_blob(&paused, &old, &front, &moving, &tap);
+    let device = blob.device.clone();
+    let n = paused.fds.len();
+    let (old_end, new_end) = UnixStream::pair()?;
+    wire::send(&old_end, &blob.to_json(), &sent)?;
+    drop(moving);
+
+    // What the new process does with it: parse and check the blob, its device against its own,
+    // every descriptor's kind; then rebuild the session from that alone.
+    let (payload, got) = wire::recv(&new_end)?;
+    let received = SessionState::parse(&payload)?;
+    received.check_device(&device)?;
+    fdcheck::check_all(&received, &got)?;
+    let state = received.session.clone().context("no session in the blob")?;
+    let fds: Vec<BorrowedFd> = got.iter().map(|f| f.as_fd()).collect();
     let new = backend(&tap)?;
     let (new_daemon, handler) = serve(&new, &dir.path().join("new.sock"), |p| {
         Ok(UnixStream::connect(p)?)
     })?;
     handler.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let fds: Vec<BorrowedFd> = paused.fds.iter().map(|f| f.as_fd()).collect();
-    let answers = replay::send(&handler, &replay::rebuild(&paused.state), &fds)?;
+    let answers = replay::send(&handler, &replay::rebuild(&state), &fds)?;
     ensure!(answers.len() == 3, "answers: {answers:?}");
     handler.set_read_timeout(None)?;
-    let state = paused.state.clone();
-    let fds: Vec<_> = paused
-        .fds
-        .iter()
-        .map(|f| f.try_clone())
-        .collect::<std::io::Result<_>>()?;
     paused.detach();
     // The new gate takes the same frontend connection with the record; the old instance goes
     // away.
     let steer = new.clone();
-    let fds_now: Vec<BorrowedFd> = fds.iter().map(|f| f.as_fd()).collect();
+    let frontend = UnixStream::from(got[n + 1].try_clone()?);
     let new_gate = Gate::resume(
-        moving,
+        frontend,
         handler,
         GateConfig {
             mtu: MTU,
             num_queues: 2,
         },
         Box::new(move |pair, on| steer.pair_enabled(pair, on)),
-        Recorder::restore(&state, &fds_now)?,
+        Recorder::restore(&state, &fds)?,
     )?;
     ensure!(
         new.stats().snapshot().state.pairs_in_use == 1,
@@ -304,10 +377,6 @@ fn a_session_moves_to_a_fresh_backend_and_traffic_goes_on() -> Result<()> {
         Ok(UnixStream::connect(p)?)
     })?;
     sock.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let fds: Vec<BorrowedFd> = fds
-        .iter()
-        .map(|f: &std::os::fd::OwnedFd| f.as_fd())
-        .collect();
     let err = replay::send(&sock, &replay::rebuild(&bad), &fds)
         .expect_err("a ring beyond the queue size was taken");
     ensure!(
