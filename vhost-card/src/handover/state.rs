@@ -740,6 +740,25 @@ mod tests {
         }
     }
 
+    /// The fuzz target's seeds stay what their names say as the state evolves.
+    #[test]
+    fn the_fuzz_seeds_parse_as_named() {
+        let seed = |name: &str| {
+            let path = format!(
+                "{}/../fuzz/corpus/handover_state/{name}",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+        };
+        assert!(SessionState::parse(&seed("running-session.json")).is_ok());
+        assert_eq!(
+            SessionState::parse(&seed("version-2.json")).unwrap_err(),
+            StateError::Version { found: 2 }
+        );
+        let e = SessionState::parse(&seed("session-without-frontend-fds.json")).unwrap_err();
+        assert!(e.to_string().contains("is not used"), "{e}");
+    }
+
     #[test]
     fn a_state_for_another_card_is_refused() {
         let s = sample();
