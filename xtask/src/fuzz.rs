@@ -1,5 +1,5 @@
 //! `cargo xtask fuzz`: runs the cargo-fuzz targets in `fuzz/` (vnet header and frame handling,
-//! descriptor chains over mock guest memory, vhost-user and VDUSE messages) for a time budget, installing cargo-fuzz first if
+//! descriptor chains over mock guest memory, vhost-user and VDUSE messages, the handover state) for a time budget, installing cargo-fuzz first if
 //! it is missing. The stable toolchain builds them with `RUSTC_BOOTSTRAP=1`.
 //!
 //! New inputs go to a scratch corpus under `target/fuzz-corpus/`; the committed seeds in
