@@ -297,7 +297,18 @@ fn a_session_moves_to_a_fresh_backend_and_traffic_goes_on() -> Result<()> {
     received.check_device(&device)?;
     fdcheck::check_all(&received, &got)?;
     let state = received.session.clone().context("no session in the blob")?;
-    let new = backend(&tap)?;
+    // The new instance's tap is the received queue, not one it opens.
+    let queues = received
+        .taps
+        .iter()
+        .map(|&i| got[i].try_clone())
+        .collect::<std::io::Result<Vec<_>>>()?;
+    ensure!(
+        Tap::adopt(TAP, vec![got[0].try_clone()?], false).is_err(),
+        "a memory file was adopted as a tap queue"
+    );
+    let adopted = Arc::new(Tap::adopt(&received.device.tap, queues, false)?);
+    let new = backend(&adopted)?;
     new.stats().carry_over(&received.counters);
     let fds: Vec<BorrowedFd> = got.iter().map(|f| f.as_fd()).collect();
     let (new_daemon, handler) = serve(&new, &dir.path().join("new.sock"), |p| {

@@ -429,6 +429,33 @@ impl Tap {
         Ok(tap)
     }
 
+    /// The tap whose queue descriptors another vhost-card process handed over (a live
+    /// handover): the same device, nothing opened or changed. Each queue must be attached, or
+    /// detached, to tap `name` (TUNGETIFF answers for a detached queue too and says so with
+    /// IFF_DETACH_QUEUE, which gives each queue's attach state). `created`: the daemon created
+    /// the tap, so it goes when the daemon ends (unless `--keep-tap`).
+    pub fn adopt(name: &str, queues: Vec<OwnedFd>, created: bool) -> Result<Tap, TapError> {
+        check_name(name)?;
+        let mut attached = Vec::with_capacity(queues.len());
+        for q in &queues {
+            let (of, flags) = queue_identity(q.as_raw_fd()).map_err(io_err("TUNGETIFF", name))?;
+            if of != name || i32::from(flags) & libc::IFF_TAP == 0 {
+                return Err(TapError::NotATap(name.to_string()));
+            }
+            attached.push(i32::from(flags) & libc::IFF_DETACH_QUEUE == 0);
+        }
+        if queues.is_empty() {
+            return Err(TapError::NotATap(name.to_string()));
+        }
+        Ok(Tap {
+            name: name.to_string(),
+            attached: Mutex::new(attached),
+            queues: queues.into_iter().map(File::from).collect(),
+            created,
+            keep: false.into(),
+        })
+    }
+
     /// Keeps the tap this daemon created when it exits (`--keep-tap`), from now on.
     pub fn keep_when_done(&self, keep: bool) {
         self.keep.store(keep, std::sync::atomic::Ordering::Relaxed);
