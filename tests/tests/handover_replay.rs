@@ -1,8 +1,9 @@
 //! Live handover, the core of it (issue 12, `docs/handover.md`), in one process: a session the
-//! harness's frontend sets up through a gate in front of one backend instance; the gate pauses
+//! harness's frontend sets up (on the first of two queue pairs) through a gate in front of one
+//! backend instance; the gate pauses
 //! at the stop point (rings stopped with GET_VRING_BASE, every request answered) and hands back
 //! its record of the session with duplicated descriptors. The state blob and every descriptor
-//! (memory, eventfds, the listening socket, the frontend's connection, the tap queue) go through
+//! (memory, eventfds, the listening socket, the frontend's connection, the tap queues) go through
 //! `handover::wire` on a socket pair, and the receiving side parses and checks the blob, its
 //! device and each descriptor's kind.
 //!
@@ -48,11 +49,14 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 type Daemon = VhostUserDaemon<Arc<CardBackend>>;
 
 const MTU: u16 = 65520;
+/// Two queue pairs, of which the harness's driver uses the first: the second's tap queue is
+/// detached when the session moves.
+const PAIRS: usize = 2;
 
 fn backend(tap: &Arc<Tap>) -> Result<Arc<CardBackend>> {
     let features = vhost_card::features::default_features();
     let stats = Arc::new(Stats::new(
-        1,
+        PAIRS,
         DeviceInfo {
             mtu: MTU,
             offered: features,
@@ -61,7 +65,7 @@ fn backend(tap: &Arc<Tap>) -> Result<Arc<CardBackend>> {
     ));
     Ok(Arc::new(CardBackend::new(
         BackendConfig {
-            pairs: 1,
+            pairs: PAIRS,
             queue_size: 1024,
             mtu: MTU,
             features,
@@ -164,7 +168,7 @@ fn gate(frontend: UnixStream, handler: UnixStream, backend: &Arc<CardBackend>) -
         handler,
         GateConfig {
             mtu: MTU,
-            num_queues: 2,
+            num_queues: 2 * PAIRS as u32,
         },
         Box::new(move |pair, on| steer.pair_enabled(pair, on)),
     )?)
@@ -183,14 +187,15 @@ fn handover_blob<'a>(
     let regions = paused.state.regions.len();
     let mut kinds = vec![FdKind::GuestMemory; regions];
     kinds.extend(vec![FdKind::EventFd; n - regions]);
-    kinds.extend([FdKind::UnixListener, FdKind::UnixStream, FdKind::TapQueue]);
+    kinds.extend([FdKind::UnixListener, FdKind::UnixStream]);
+    kinds.extend(vec![FdKind::TapQueue; PAIRS]);
     let blob = SessionState {
         magic: MAGIC.into(),
         version: VERSION,
         sender: "test".into(),
         device: DeviceState {
             tap: TAP.into(),
-            pairs: 1,
+            pairs: PAIRS as u16,
             queue_size: 1024,
             mtu: MTU,
             features: vhost_card::features::default_features(),
@@ -202,14 +207,14 @@ fn handover_blob<'a>(
             control: None,
             metrics: None,
         },
-        taps: vec![n + 2],
+        taps: (n + 2..n + 2 + PAIRS).collect(),
         session: Some(paused.state.clone()),
         counters: old.stats().snapshot(),
     };
     let mut sent: Vec<BorrowedFd> = paused.fds.iter().map(|f| f.as_fd()).collect();
-    // SAFETY: the tap queue stays open while `tap`, borrowed for as long, lives.
-    let tap_queue = unsafe { BorrowedFd::borrow_raw(tap.queue_fd(0)) };
-    sent.extend([front.as_fd(), moving.as_fd(), tap_queue]);
+    sent.extend([front.as_fd(), moving.as_fd()]);
+    // SAFETY: the tap's queues stay open while `tap`, borrowed for as long, lives.
+    sent.extend((0..PAIRS).map(|i| unsafe { BorrowedFd::borrow_raw(tap.queue_fd(i)) }));
     (blob, sent)
 }
 
@@ -221,7 +226,7 @@ fn a_session_moves_to_a_fresh_backend_and_traffic_goes_on() -> Result<()> {
         netns: Some(ns.name().into()),
         mtu: MTU,
         mac: None,
-        queues: 1,
+        queues: PAIRS,
     })?);
     let mac = card::address(&ns)?;
     let dir = TempDir::new("handover")?;
@@ -308,6 +313,10 @@ fn a_session_moves_to_a_fresh_backend_and_traffic_goes_on() -> Result<()> {
         "a memory file was adopted as a tap queue"
     );
     let adopted = Arc::new(Tap::adopt(&received.device.tap, queues, false)?);
+    ensure!(
+        adopted.queue_attached(0) && !adopted.queue_attached(1),
+        "the adopted tap does not know pair 1's queue is detached"
+    );
     let new = backend(&adopted)?;
     new.stats().carry_over(&received.counters);
     let fds: Vec<BorrowedFd> = got.iter().map(|f| f.as_fd()).collect();
@@ -328,7 +337,7 @@ fn a_session_moves_to_a_fresh_backend_and_traffic_goes_on() -> Result<()> {
         handler,
         GateConfig {
             mtu: MTU,
-            num_queues: 2,
+            num_queues: 2 * PAIRS as u32,
         },
         Box::new(move |pair, on| steer.pair_enabled(pair, on)),
         Recorder::restore(&state, &fds)?,

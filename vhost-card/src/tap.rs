@@ -465,6 +465,12 @@ impl Tap {
         &self.name
     }
 
+    /// Whether queue pair `i`'s queue is attached to the device.
+    pub fn queue_attached(&self, i: usize) -> bool {
+        let attached = self.attached.lock().unwrap_or_else(|p| p.into_inner());
+        attached.get(i).copied().unwrap_or(false)
+    }
+
     /// The descriptor of queue pair `i`.
     pub fn queue_fd(&self, i: usize) -> RawFd {
         self.queues[i].as_raw_fd()
