@@ -208,6 +208,7 @@ fn handover_blob<'a>(
             metrics: None,
         },
         taps: (n + 2..n + 2 + PAIRS).collect(),
+        tap_created: true,
         session: Some(paused.state.clone()),
         counters: old.stats().snapshot(),
     };
@@ -312,6 +313,7 @@ fn a_session_moves_to_a_fresh_backend_and_traffic_goes_on() -> Result<()> {
         Tap::adopt(TAP, vec![got[0].try_clone()?], false).is_err(),
         "a memory file was adopted as a tap queue"
     );
+    // Not `received.tap_created`: the test's own `tap` removes the device at the end.
     let adopted = Arc::new(Tap::adopt(&received.device.tap, queues, false)?);
     ensure!(
         adopted.queue_attached(0) && !adopted.queue_attached(1),

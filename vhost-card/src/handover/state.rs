@@ -157,6 +157,9 @@ pub struct SessionState {
     pub sockets: Sockets,
     /// The tap's queues, one per pair, in order.
     pub taps: Vec<usize>,
+    /// The old process created the tap (rather than attaching to one that existed), so the tap
+    /// goes when the daemon ends, unless `--keep-tap` (`Tap::adopt`).
+    pub tap_created: bool,
     /// Absent when no frontend is connected.
     pub session: Option<ProtocolState>,
     /// The counters, so they continue rather than restart at zero.
@@ -543,6 +546,7 @@ pub(crate) fn sample() -> SessionState {
             metrics: Some(3),
         },
         taps: vec![4],
+        tap_created: true,
         session: Some(ProtocolState {
             owner: true,
             features: Some(features | 1 << VHOST_USER_F_PROTOCOL_FEATURES),
