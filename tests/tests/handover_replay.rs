@@ -163,18 +163,23 @@ fn card_to_host(
 }
 
 /// A gate between a frontend connection and a backend instance's handler, steering its tap
-/// queue as the daemon does.
-fn gate(frontend: UnixStream, handler: UnixStream, backend: &Arc<CardBackend>) -> Result<Gate> {
+/// queues as the daemon does; with a record, a gate for a session taken over.
+fn gate(
+    frontend: UnixStream,
+    handler: UnixStream,
+    backend: &Arc<CardBackend>,
+    record: Option<Recorder>,
+) -> Result<Gate> {
     let steer = backend.clone();
-    Ok(Gate::start(
-        frontend,
-        handler,
-        GateConfig {
-            mtu: MTU,
-            num_queues: 2 * PAIRS as u32,
-        },
-        Box::new(move |pair, on| steer.pair_enabled(pair, on)),
-    )?)
+    let cfg = GateConfig {
+        mtu: MTU,
+        num_queues: 2 * PAIRS as u32,
+    };
+    let hook = Box::new(move |pair, on| steer.pair_enabled(pair, on));
+    Ok(match record {
+        None => Gate::start(frontend, handler, cfg, hook)?,
+        Some(r) => Gate::resume(frontend, handler, cfg, hook, r)?,
+    })
 }
 
 /// The state blob the old process sends and the descriptors that go with it: the gate's record
@@ -245,7 +250,7 @@ fn a_session_moves_to_a_fresh_backend_and_traffic_goes_on() -> Result<()> {
     let (old_daemon, handler) = serve(&old, &dir.path().join("old.sock"), |p| {
         Ok(UnixStream::connect(p)?)
     })?;
-    let old_gate = gate(frontend, handler, &old)?;
+    let old_gate = gate(frontend, handler, &old, None)?;
     let mut ctl = ctl;
     let offer = ctl.handshake()?;
     let mut dev = VirtioNet::start(ctl, offer.features, &Options::for_features(offer.features))?;
@@ -355,17 +360,12 @@ fn a_session_moves_to_a_fresh_backend_and_traffic_goes_on() -> Result<()> {
     paused.detach();
     // The new gate takes the same frontend connection with the record; the old instance goes
     // away.
-    let steer = new.clone();
     let frontend = UnixStream::from(got[n + 1].try_clone()?);
-    let new_gate = Gate::resume(
+    let new_gate = gate(
         frontend,
         handler,
-        GateConfig {
-            mtu: MTU,
-            num_queues: 2 * PAIRS as u32,
-        },
-        Box::new(move |pair, on| steer.pair_enabled(pair, on)),
-        Recorder::restore(&state, &fds)?,
+        &new,
+        Some(Recorder::restore(&state, &fds)?),
     )?;
     ensure!(
         new.stats().snapshot().state.pairs_in_use == 1,
