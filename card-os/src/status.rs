@@ -44,6 +44,8 @@ pub struct Daemon {
 #[derive(Serialize)]
 pub struct Link {
     pub dev: String,
+    /// `tap` (Ethernet frames), or `tun` for the IP-only link (`[daemon] link = "ip"`).
+    pub kind: &'static str,
     pub present: bool,
     /// `ip -br addr show dev TAP`.
     pub addresses: Vec<String>,
@@ -95,6 +97,10 @@ pub fn status(cfg: &Config) -> Status {
         },
         link: Link {
             dev: tap.to_string(),
+            kind: match cfg.daemon.link {
+                vhost_card::config::Link::Ethernet => "tap",
+                vhost_card::config::Link::Ip => "tun",
+            },
             present,
             addresses: if present {
                 addresses(ns, tap)
@@ -166,8 +172,13 @@ impl Status {
             }
         ));
         out.push(format!(
-            "host link: {} {}",
+            "host link: {} ({}) {}",
             self.link.dev,
+            if self.link.kind == "tun" {
+                "tun, IP-only link"
+            } else {
+                "tap"
+            },
             if self.link.present {
                 format!(
                     "{}{}",

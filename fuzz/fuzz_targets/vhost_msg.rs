@@ -14,6 +14,7 @@ fuzz_target!(|data: &[u8]| {
     let cfg = GateConfig {
         mtu: 65520,
         num_queues: u32::from(q % 8) + 1,
+        queue_size: 256,
     };
     let _ = screen_stream(stream, cfg);
     // The memory-table parser on its own, over the same bytes.

@@ -1,9 +1,11 @@
 //! Frame and vnet-header handling: TX header checks, RX header decisions, checksum
-//! verification and completion, on arbitrary bytes.
+//! verification and completion, and the IP-only link's classification of host frames (ARP and
+//! ND answers) and Ethernet headers, on arbitrary bytes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use vhost_card::csum;
+use vhost_card::link::{self, IpLink, TxClass};
 use vhost_card::features::Negotiated;
 use vhost_card::vnet::{self, VnetHdr, HDR_MAX};
 
@@ -38,7 +40,8 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let mut rx = hdr;
-    let action = vnet::rx_action(&mut rx, &neg, word & 1 == 0);
+    let mode = [vnet::RxCsum::Verify, vnet::RxCsum::Complete, vnet::RxCsum::Passthrough][(word % 3) as usize];
+    let action = vnet::rx_action(&mut rx, &neg, mode);
     if !neg.guest_csum && action != vnet::RxAction::DropGso {
         // A host without GUEST_CSUM only ever sees empty flags.
         assert_eq!(rx.flags, 0);
@@ -46,4 +49,16 @@ fuzz_target!(|data: &[u8]| {
     let _ = csum::verify(frame);
     let mut f = frame.to_vec();
     let _ = csum::complete(&mut f, usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
+
+    // The IP-only link: whatever the host sends, an answer is a well-formed ARP reply or
+    // neighbour advertisement from the card's MAC, within the reply buffer.
+    let ip_link = IpLink::new([2, 0xca, 0, 0, 0, 1]);
+    let mut reply = [0u8; link::REPLY_MAX];
+    let peek = &frame[..frame.len().min(link::PEEK)];
+    if let TxClass::Reply(_, n) = ip_link.classify_tx(peek, frame.len(), &mut reply) {
+        assert!(n <= link::REPLY_MAX && n >= 42);
+        assert_eq!(reply[6..12], [2, 0xca, 0, 0, 0, 1]);
+        assert_ne!(csum::verify(&reply[..n]), csum::Verdict::Invalid);
+    }
+    let _ = ip_link.eth_header(frame);
 });

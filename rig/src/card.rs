@@ -58,6 +58,8 @@ pub struct CardConfig {
     pub disable: String,
     /// `--queues`: queue pairs (1 for the default single pair).
     pub queues: u16,
+    /// More daemon arguments (e.g. `--link ip`, `--rx-csum complete`).
+    pub args: Vec<String>,
 }
 
 /// The card's namespace and daemon. Drop order: daemon, then namespace.
@@ -99,27 +101,7 @@ impl Card {
     }
 
     fn args(&self) -> Vec<String> {
-        let mut args = vec![
-            "--socket".to_string(),
-            self.socket.display().to_string(),
-            "--netns".into(),
-            self.ns.name().into(),
-            "--tap".into(),
-            TAP.into(),
-            "--mtu".into(),
-            self.cfg.mtu.to_string(),
-            "--stats-interval".into(),
-            "1".into(),
-        ];
-        if !self.cfg.disable.is_empty() {
-            args.push("--disable".into());
-            args.push(self.cfg.disable.clone());
-        }
-        if self.cfg.queues > 1 {
-            args.push("--queues".into());
-            args.push(self.cfg.queues.to_string());
-        }
-        args
+        daemon_args(&self.cfg, &self.socket, self.ns.name(), TAP)
     }
 
     /// The daemon's command line, for reports.
@@ -277,4 +259,30 @@ impl Card {
             + &String::from_utf8_lossy(&out.stderr);
         Ok(crate::report::Ping::parse(&text))
     }
+}
+
+/// The daemon's arguments for `cfg`, serving `socket` with tap `tap` in namespace `ns`.
+pub fn daemon_args(cfg: &CardConfig, socket: &Path, ns: &str, tap: &str) -> Vec<String> {
+    let mut args = vec![
+        "--socket".to_string(),
+        socket.display().to_string(),
+        "--netns".into(),
+        ns.into(),
+        "--tap".into(),
+        tap.into(),
+        "--mtu".into(),
+        cfg.mtu.to_string(),
+        "--stats-interval".into(),
+        "1".into(),
+    ];
+    if !cfg.disable.is_empty() {
+        args.push("--disable".into());
+        args.push(cfg.disable.clone());
+    }
+    if cfg.queues > 1 {
+        args.push("--queues".into());
+        args.push(cfg.queues.to_string());
+    }
+    args.extend(cfg.args.iter().cloned());
+    args
 }

@@ -87,6 +87,15 @@ impl Env {
         })
     }
 
+    /// The first `len` bytes of the payload, to send.
+    pub fn prefix(&self, len: usize) -> Arc<Vec<u8>> {
+        if len == self.payload_arc.len() {
+            self.payload_arc.clone()
+        } else {
+            Arc::new(self.payload_arc[..len].to_vec())
+        }
+    }
+
     /// SHA-256 of the first `len` bytes of the payload.
     pub fn sha_prefix(&self, len: usize) -> Result<String> {
         if len == self.payload.data.len() {
@@ -365,11 +374,7 @@ pub fn to_guest(env: &Env, vm: &mut Vm, ns: &str, len: usize) -> Result<Checked>
          done",
         Duration::from_secs(20),
     )?;
-    let data = if len == env.payload_arc.len() {
-        env.payload_arc.clone()
-    } else {
-        Arc::new(env.payload_arc[..len].to_vec())
-    };
+    let data = env.prefix(len);
     let tx = nsnet::tcp_send(
         ns,
         SocketAddrV4::new(card::GUEST4.parse()?, 5002),

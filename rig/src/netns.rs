@@ -107,29 +107,13 @@ impl Netns {
             .skip_while(|w| *w != "link/ether")
             .nth(1)
             .ok_or_else(|| anyhow!("no link/ether in `{out}`"))?;
-        let mut mac = [0u8; 6];
-        let parts: Vec<&str> = text.split(':').collect();
-        if parts.len() != 6 {
-            bail!("bad MAC '{text}'");
-        }
-        for (m, p) in mac.iter_mut().zip(parts) {
-            *m = u8::from_str_radix(p, 16).with_context(|| format!("bad MAC '{text}'"))?;
-        }
-        Ok(mac)
+        parse_mac(text)
     }
 
     /// Runs `f` on a thread that entered this namespace.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
         let file = open(&self.name)?;
-        let name = self.name.as_str();
-        std::thread::scope(|s| {
-            s.spawn(move || {
-                enter_thread(&file).with_context(|| format!("entering {name}"))?;
-                f()
-            })
-            .join()
-            .map_err(|_| anyhow!("thread inside namespace {name} panicked"))?
-        })
+        in_namespace(&file, f).with_context(|| format!("inside namespace {}", self.name))
     }
 
     /// A UDP socket bound to `addr` inside the namespace, with a receive timeout.
@@ -151,6 +135,13 @@ impl Netns {
         let dev = dev.to_string();
         self.enter(move || PacketSocket::open(&dev))
     }
+
+    /// An AF_PACKET socket that receives the frames of EtherType `ethertype` arriving on `dev`
+    /// in this namespace (from the time it is opened).
+    pub fn packet_listener(&self, dev: &str, ethertype: u16) -> Result<PacketListener> {
+        let dev = dev.to_string();
+        self.enter(move || PacketListener::open(&dev, ethertype))
+    }
 }
 
 impl Drop for Netns {
@@ -163,12 +154,44 @@ impl Drop for Netns {
     }
 }
 
+/// `aa:bb:cc:dd:ee:ff` as bytes.
+pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = text.split(':').collect();
+    if parts.len() != 6 {
+        bail!("bad MAC '{text}'");
+    }
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).with_context(|| format!("bad MAC '{text}'"))?;
+    }
+    Ok(mac)
+}
+
 /// Creates a veth pair with one end (`a_dev`) in `a` and the other (`b_dev`) in `b`.
 pub fn veth_pair(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<()> {
     a.ip(&[
         "link", "add", a_dev, "type", "veth", "peer", "name", b_dev, "netns", &b.name,
     ])
     .map(drop)
+}
+
+/// An AF_PACKET socket that sends out of `dev` in the namespace of `ns` (a namespace file
+/// opened by the caller, e.g. another mount namespace's `/run/netns/NAME` through
+/// `/proc/PID/root`).
+pub fn packet_socket_in(ns: &File, dev: &str) -> Result<PacketSocket> {
+    in_namespace(ns, || PacketSocket::open(dev))
+}
+
+/// Runs `f` on a thread that entered the namespace of `ns` (an open namespace file).
+pub fn in_namespace<T: Send>(ns: &File, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter_thread(ns)?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow!("thread inside a namespace panicked"))?
+    })
 }
 
 /// A raw AF_PACKET socket bound to one interface, for injecting frames.
@@ -230,5 +253,69 @@ impl PacketSocket {
             bail!("short send: {n} of {} bytes", frame.len());
         }
         Ok(())
+    }
+}
+
+/// A raw AF_PACKET socket bound to one interface and one EtherType, for watching frames.
+pub struct PacketListener {
+    fd: OwnedFd,
+}
+
+impl PacketListener {
+    fn open(dev: &str, ethertype: u16) -> Result<Self> {
+        let cdev = std::ffi::CString::new(dev)?;
+        // SAFETY: if_nametoindex reads a NUL-terminated string that outlives the call.
+        let ifindex = unsafe { libc::if_nametoindex(cdev.as_ptr()) };
+        if ifindex == 0 {
+            bail!("no interface {dev}: {}", std::io::Error::last_os_error());
+        }
+        let proto = i32::from(ethertype.to_be());
+        // SAFETY: plain socket(2); the result is checked before use.
+        let fd =
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
+        if fd < 0 {
+            bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = ethertype.to_be();
+        sll.sll_ifindex = i32::try_from(ifindex)?;
+        // SAFETY: binds our socket to a sockaddr_ll that outlives the call.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            bail!("binding to {dev}: {}", std::io::Error::last_os_error());
+        }
+        Ok(PacketListener { fd })
+    }
+
+    /// The next frame, or `None` after `timeout`.
+    pub fn recv(&self, timeout: Duration) -> Result<Option<Vec<u8>>> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd for the duration of the call.
+        if unsafe { libc::poll(&mut pfd, 1, ms) } <= 0 {
+            return Ok(None);
+        }
+        let mut buf = vec![0u8; 2048];
+        // SAFETY: reads into our own buffer of the length given.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            bail!("recv: {}", std::io::Error::last_os_error());
+        }
+        buf.truncate(n.unsigned_abs());
+        Ok(Some(buf))
     }
 }

@@ -301,8 +301,22 @@ pub fn capture_udp(
         let mut done_at: Option<Instant> = None;
         let mut buf = vec![0u8; 70_000];
         loop {
-            while let Some((len, outgoing)) = recv_frame(&packet, &mut buf)? {
-                let data = &buf[..len.min(buf.len())];
+            while let Some((len, outgoing, bare_ip)) = recv_frame(&packet, &mut buf)? {
+                let mut data = &buf[..len.min(buf.len())];
+                // A tun (the IP-only link) carries bare IP packets: seen with the Ethernet
+                // header the host receives them with.
+                let with_eth;
+                let len = if bare_ip {
+                    let ethertype: [u8; 2] = match data.first().map(|b| b >> 4) {
+                        Some(6) => [0x86, 0xdd],
+                        _ => [0x08, 0x00],
+                    };
+                    with_eth = [&[0u8; 12][..], &ethertype, data].concat();
+                    data = &with_eth;
+                    len + 14
+                } else {
+                    len
+                };
                 if let Some(frame) = parse_frame(data, len, a, b, outgoing) {
                     frames.push(frame);
                     if port.is_none() {
@@ -356,7 +370,7 @@ pub fn capture_udp(
 
 /// A non-blocking AF_PACKET socket bound to `ifname` (all protocols, both
 /// directions).
-fn packet_socket(ifname: &str) -> Result<OwnedFd> {
+pub fn packet_socket(ifname: &str) -> Result<OwnedFd> {
     let proto = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: plain socket(2) call; the result is checked before use.
     let fd = unsafe {
@@ -396,8 +410,9 @@ fn packet_socket(ifname: &str) -> Result<OwnedFd> {
     Ok(fd)
 }
 
-/// The next frame: its real length (MSG_TRUNC) and whether we sent it.
-fn recv_frame(fd: &OwnedFd, buf: &mut [u8]) -> Result<Option<(usize, bool)>> {
+/// The next frame: its real length (MSG_TRUNC), whether we sent it, and whether it is a bare IP
+/// packet (a tun has no link-layer header).
+pub fn recv_frame(fd: &OwnedFd, buf: &mut [u8]) -> Result<Option<(usize, bool, bool)>> {
     // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
     let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     let mut from_len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
@@ -421,7 +436,8 @@ fn recv_frame(fd: &OwnedFd, buf: &mut [u8]) -> Result<Option<(usize, bool)>> {
         return Err(err).context("receiving from the AF_PACKET socket");
     }
     let outgoing = from.sll_pkttype == libc::PACKET_OUTGOING;
-    Ok(Some((usize::try_from(n)?, outgoing)))
+    let bare_ip = from.sll_hatype == libc::ARPHRD_NONE;
+    Ok(Some((usize::try_from(n)?, outgoing, bare_ip)))
 }
 
 /// An IPv4 UDP frame (or fragment) between `a` and `b`, if `data` is one.

@@ -84,18 +84,41 @@ pub struct Vm {
     child: Guarded,
     console: Console,
     agent: Option<Channel>,
+    /// QEMU's stderr, for the error when it goes away.
+    qemu_log: PathBuf,
     /// QMP socket (server, no wait) for tests that want to poke the VM.
     pub qmp: PathBuf,
     pub started: Instant,
 }
 
+/// `err` from the agent's socket, with QEMU's exit status and the end of its stderr when it
+/// went away (it closes the socket as it exits: give it a moment).
+fn gone(child: &mut Guarded, qemu_log: &Path, err: anyhow::Error) -> anyhow::Error {
+    match child.wait_timeout(Duration::from_secs(2)) {
+        Ok(status) => err.context(format!(
+            "QEMU exited ({status}):\n{}",
+            crate::process::tail(qemu_log, 10)
+        )),
+        Err(_) => err,
+    }
+}
+
 /// Kernel command line. `mitigations=off` only spares the emulated CPU the
 /// speculation workarounds (page-table isolation on every system call is
-/// very slow under TCG); the kernel itself is Debian's, unmodified.
-const CMDLINE: &str = "console=ttyS0 panic=-1 quiet mitigations=off";
+/// very slow under TCG); `no_timer_check` skips the boot-time test that the
+/// IO-APIC delivers timer ticks, which an emulated CPU on a loaded host can
+/// miss ("IO-APIC + timer doesn't work!", a panic before any driver loads).
+/// The kernel itself is Debian's, unmodified.
+const CMDLINE: &str = "console=ttyS0 panic=-1 quiet mitigations=off no_timer_check";
 
 impl Vm {
     pub fn start(cfg: &VmConfig) -> Result<Vm> {
+        Vm::start_with(cfg, &[])
+    }
+
+    /// [`Vm::start`] with more QEMU arguments (e.g. `-incoming URI` for the destination of a
+    /// live migration, which starts paused until the guest arrives).
+    pub fn start_with(cfg: &VmConfig, extra: &[String]) -> Result<Vm> {
         let serial_log = cfg.log_dir.join("serial.log");
         let qmp = cfg.run_dir.join("qmp.sock");
         let agent_sock = cfg.run_dir.join("agent.sock");
@@ -162,7 +185,8 @@ impl Vm {
             cmd.args(["-chardev", &chardev])
                 .args(["-serial", "chardev:agent"]);
         }
-        cmd.arg("-qmp")
+        cmd.args(extra)
+            .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -204,6 +228,7 @@ impl Vm {
             child,
             console: Console::new(serial_log, cfg.echo),
             agent,
+            qemu_log: cfg.log_dir.join("qemu.log"),
             qmp,
             started,
         })
@@ -238,13 +263,14 @@ impl Vm {
             child,
             console,
             agent,
+            qemu_log,
             ..
         } = self;
         let agent = agent.as_mut().context("this VM has no agent port")?;
         wait_for("the guest agent", timeout, || {
             let exited = child.try_wait()?;
             console.poll()?;
-            if agent.ready()? {
+            if agent.ready().map_err(|e| gone(child, qemu_log, e))? {
                 return Ok(Some(()));
             }
             match exited {
@@ -255,6 +281,16 @@ impl Vm {
         Ok(self.started.elapsed())
     }
 
+    /// Talks to a guest agent that is already running, which does not announce itself again:
+    /// the guest arrived here by live migration.
+    pub fn adopt_agent(&mut self) -> Result<()> {
+        self.agent
+            .as_mut()
+            .context("this VM has no agent port")?
+            .assume_ready();
+        Ok(())
+    }
+
     /// Runs `script` in the guest (through the agent, with the helpers of
     /// the e2e shell library) and returns its status and output. The guest
     /// kills it after `timeout`; we give up a little later.
@@ -263,16 +299,19 @@ impl Vm {
             child,
             console,
             agent,
+            qemu_log,
             ..
         } = self;
         let agent = agent.as_mut().context("this VM has no agent port")?;
-        let id = agent.send(script, timeout)?;
+        let id = agent
+            .send(script, timeout)
+            .map_err(|e| gone(child, qemu_log, e))?;
         // TCG can be slow to even start the command: allow a margin.
         let what = format!("the guest to run `{}`", first_line(script));
         wait_for(&what, timeout + Duration::from_secs(30), || {
             let exited = child.try_wait()?;
             console.poll()?;
-            if let Some(reply) = agent.reply(id)? {
+            if let Some(reply) = agent.reply(id).map_err(|e| gone(child, qemu_log, e))? {
                 return Ok(Some(reply));
             }
             match exited {

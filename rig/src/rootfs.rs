@@ -5,7 +5,8 @@
 //! kernel unpacks as its initramfs (no disk, no loop mount). Cached in
 //! target/vm/networkd/<name>-<key>/, where the key covers the suite,
 //! mirror, package list and this recipe, so changing any of them builds
-//! anew.
+//! anew. [`ensure_tree`] keeps the same kind of Debian as a directory
+//! (target/vm/nspawn/<name>-<key>/root/) for `systemd-nspawn --boot`.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -40,7 +41,7 @@ pub struct Recipe {
     pub name: &'static str,
     /// Added to [`BASE_PACKAGES`].
     pub packages: &'static [&'static str],
-    /// `systemctl enable`d, as the host's administrator would.
+    /// `systemctl enable`d, as the host's administrator would ("": nothing).
     pub enable: &'static str,
 }
 
@@ -68,8 +69,8 @@ const TRIM: &[&str] = &[
 ];
 
 pub struct Rootfs {
-    /// The uncompressed newc archive.
-    pub cpio: PathBuf,
+    /// The uncompressed newc archive ([`ensure`]), or the tree's root ([`ensure_tree`]).
+    pub path: PathBuf,
     /// `package version` lines of what dpkg installed.
     pub versions: String,
     /// How long debootstrap and packing took, when this call built it.
@@ -107,13 +108,35 @@ fn key(recipe: &Recipe) -> String {
 
 /// The cached rootfs, built first if it is missing or its key changed.
 pub fn ensure(recipe: &Recipe) -> Result<Rootfs> {
-    let base = crate::paths::vm_dir().join("networkd");
+    ensure_as(recipe, Form::Cpio)
+}
+
+/// The cached tree of `recipe` (a directory to boot with `systemd-nspawn`; never written to:
+/// boot it with `--volatile=overlay`), made first if it is missing or its key changed.
+pub fn ensure_tree(recipe: &Recipe) -> Result<Rootfs> {
+    ensure_as(recipe, Form::Tree)
+}
+
+/// What is kept of a debootstrap.
+#[derive(Clone, Copy, PartialEq)]
+enum Form {
+    /// An initramfs: target/vm/networkd/<key>/rootfs.cpio.
+    Cpio,
+    /// The directory: target/vm/nspawn/<key>/root/.
+    Tree,
+}
+
+fn ensure_as(recipe: &Recipe, form: Form) -> Result<Rootfs> {
+    let (base, product) = match form {
+        Form::Cpio => (crate::paths::vm_dir().join("networkd"), "rootfs.cpio"),
+        Form::Tree => (crate::paths::vm_dir().join("nspawn"), "root"),
+    };
     let dir = base.join(key(recipe));
-    let cpio = dir.join("rootfs.cpio");
+    let path = dir.join(product);
     let versions_file = dir.join("VERSIONS");
-    if cpio.exists() && versions_file.exists() {
+    if path.exists() && versions_file.exists() {
         return Ok(Rootfs {
-            cpio,
+            path,
             versions: fs::read_to_string(&versions_file)?,
             built_in: None,
         });
@@ -129,14 +152,40 @@ pub fn ensure(recipe: &Recipe) -> Result<Rootfs> {
             }
         }
     }
-    crate::apt::install(&["debootstrap"])?;
+    remove(&dir);
+    crate::apt::install(match form {
+        Form::Cpio => &["debootstrap"][..],
+        Form::Tree => &["debootstrap", "systemd-container"],
+    })?;
     let build_dir = base.join(format!("build-{}-{}", recipe.name, std::process::id()));
     let root = build_dir.join("root");
-    let result = build(recipe, &root, &dir);
+    let result = bootstrap(recipe, &root, &dir).and_then(|versions| {
+        fs::create_dir_all(&dir)?;
+        match form {
+            Form::Cpio => {
+                let bytes = pack(&root)?;
+                let tmp = dir.join("rootfs.cpio.tmp");
+                fs::write(&tmp, &bytes)?;
+                fs::rename(&tmp, &path)?;
+                println!(
+                    "{}: rootfs {} MB in {}",
+                    recipe.name,
+                    bytes.len() / 1_000_000,
+                    dir.display()
+                );
+            }
+            Form::Tree => {
+                fs::rename(&root, &path)?;
+                println!("{}: tree in {}", recipe.name, path.display());
+            }
+        }
+        fs::write(&versions_file, versions + "\n")?;
+        Ok(())
+    });
     remove(&build_dir);
     result?;
     Ok(Rootfs {
-        cpio,
+        path,
         versions: fs::read_to_string(&versions_file)?,
         built_in: Some(t0.elapsed()),
     })
@@ -150,7 +199,8 @@ fn remove(path: &Path) {
     }
 }
 
-fn build(recipe: &Recipe, root: &Path, dir: &Path) -> Result<()> {
+/// debootstrap of `recipe` into `root`, its unit enabled, trimmed; the installed versions.
+fn bootstrap(recipe: &Recipe, root: &Path, dir: &Path) -> Result<String> {
     fs::create_dir_all(root)?;
     println!(
         "{}: debootstrap --variant=minbase --include={} {SUITE} (cached in {})",
@@ -180,9 +230,11 @@ fn build(recipe: &Recipe, root: &Path, dir: &Path) -> Result<()> {
     }
     // As a host's administrator would (networkd's Also= brings its socket
     // and wait-online).
-    run(Command::new("systemctl")
-        .arg(format!("--root={}", root.display()))
-        .args(["enable", recipe.enable]))?;
+    if !recipe.enable.is_empty() {
+        run(Command::new("systemctl")
+            .arg(format!("--root={}", root.display()))
+            .args(["enable", recipe.enable]))?;
+    }
     fs::write(
         root.join("etc/hostname"),
         format!("{}-guest\n", recipe.name),
@@ -194,27 +246,14 @@ fn build(recipe: &Recipe, root: &Path, dir: &Path) -> Result<()> {
             fs::create_dir(&path)?;
         }
     }
-    let versions = stdout(
+    stdout(
         Command::new("dpkg-query")
             .arg(format!(
                 "--admindir={}",
                 root.join("var/lib/dpkg").display()
             ))
             .args(["-W", "-f=${Package} ${Version}\\n"]),
-    )?;
-    let bytes = pack(root)?;
-    fs::create_dir_all(dir)?;
-    let tmp = dir.join("rootfs.cpio.tmp");
-    fs::write(&tmp, &bytes)?;
-    fs::rename(&tmp, dir.join("rootfs.cpio"))?;
-    fs::write(dir.join("VERSIONS"), versions + "\n")?;
-    println!(
-        "{}: rootfs {} MB in {}",
-        recipe.name,
-        bytes.len() / 1_000_000,
-        dir.display()
-    );
-    Ok(())
+    )
 }
 
 /// The tree as a newc archive with owners and modes; /dev, /proc, /sys and

@@ -91,6 +91,13 @@ impl Card {
     /// to the peer get their checksums computed in software by the card's kernel.
     pub fn start_with_peer(extra: &[&str]) -> Result<Card> {
         let mut card = Card::start(extra)?;
+        card.add_peer()?;
+        Ok(card)
+    }
+
+    /// Adds the peer namespace of [`Card::start_with_peer`] to a running card.
+    pub fn add_peer(&mut self) -> Result<()> {
+        let card = self;
         let peer = Netns::new("p")?;
         quiet_namespace(&peer)?;
         veth_pair(&card.ns, CARD_VETH, &peer, PEER_VETH)?;
@@ -116,7 +123,7 @@ impl Card {
             &CARD_VETH_IP.to_string(),
         ])?;
         card.peer = Some(peer);
-        Ok(card)
+        Ok(())
     }
 
     pub fn peer(&self) -> Result<&Netns> {

@@ -81,6 +81,11 @@ impl Control {
     /// GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_OWNER, GET_FEATURES.
     /// After REPLY_ACK is acked every request asks for a reply, so errors surface at once.
     pub fn handshake(&mut self) -> Result<Offer> {
+        self.handshake_with(wanted_protocol())
+    }
+
+    /// [`Control::handshake`] acking the offered protocol features among `wanted`.
+    pub fn handshake_with(&mut self, wanted: VhostUserProtocolFeatures) -> Result<Offer> {
         let features = self.vu.get_features().context("GET_FEATURES")?;
         ensure!(
             features & F_PROTOCOL_FEATURES != 0,
@@ -90,7 +95,7 @@ impl Control {
             .vu
             .get_protocol_features()
             .context("GET_PROTOCOL_FEATURES")?;
-        let acked_protocol = protocol & wanted_protocol();
+        let acked_protocol = protocol & wanted;
         self.vu
             .set_protocol_features(acked_protocol)
             .context("SET_PROTOCOL_FEATURES")?;
@@ -174,6 +179,33 @@ impl Control {
             .read_exact(&mut reply)
             .with_context(|| format!("no reply to request {request}"))?;
         Ok(Some(u64::from_le_bytes(reply[12..20].try_into()?)))
+    }
+
+    /// Sends one raw request with file descriptors attached and reads the reply it solicits
+    /// (whatever its size); returns the reply's body.
+    pub fn raw_request_reply(
+        &mut self,
+        request: u32,
+        flags: u32,
+        body: &[u8],
+        fds: &[std::os::fd::RawFd],
+    ) -> Result<Vec<u8>> {
+        ensure!(self
+            .raw_request_fds(request, flags & !FLAG_NEED_REPLY, body, fds)?
+            .is_none());
+        let mut hdr = [0u8; 12];
+        self.raw
+            .read_exact(&mut hdr)
+            .with_context(|| format!("no reply to request {request}"))?;
+        let w = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+        ensure!(
+            w(0) == request,
+            "reply to request {}, expected {request}",
+            w(0)
+        );
+        let mut reply = vec![0u8; w(8) as usize];
+        self.raw.read_exact(&mut reply)?;
+        Ok(reply)
     }
 
     /// Sends raw bytes on the connection (anything: a broken header, half a message).

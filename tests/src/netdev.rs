@@ -31,6 +31,9 @@ pub const F_HOST_TSO4: u64 = 1 << 11;
 pub const F_HOST_TSO6: u64 = 1 << 12;
 pub const F_HOST_UFO: u64 = 1 << 14;
 pub const F_MRG_RXBUF: u64 = 1 << 15;
+pub const F_GUEST_ANNOUNCE: u64 = 1 << 21;
+/// vhost's VHOST_F_LOG_ALL (live migration's dirty log).
+pub const F_LOG_ALL: u64 = 1 << 26;
 pub const F_INDIRECT_DESC: u64 = 1 << 28;
 pub const F_EVENT_IDX: u64 = 1 << 29;
 pub const F_VERSION_1: u64 = 1 << 32;
@@ -124,6 +127,8 @@ pub struct RxFrame {
     pub used_lens: Vec<u32>,
     /// Heads of the buffers the frame used, in order.
     pub heads: Vec<u16>,
+    /// The guest memory the device wrote: (address, bytes) of every buffer segment it filled.
+    pub written: Vec<(GuestAddress, u32)>,
 }
 
 /// A started virtio-net device.
@@ -376,6 +381,17 @@ impl VirtioNet {
                     .with_context(|| format!("RX head {h} not posted"))
             })
             .collect::<Result<Vec<_>>>()?;
+        let mut written = Vec::new();
+        for (chain, &(_, len)) in bufs.iter().zip(&used) {
+            let mut left = len;
+            for b in chain {
+                if left == 0 {
+                    break;
+                }
+                written.push((b.addr, left.min(b.len)));
+                left -= left.min(b.len);
+            }
+        }
         for b in bufs {
             let nh = self.rx.add(&self.mem, &b)?;
             self.rx_bufs.insert(nh, b);
@@ -386,6 +402,7 @@ impl VirtioNet {
             frame: data.split_off(VnetHdr::LEN),
             used_lens: used.iter().map(|&(_, l)| l).collect(),
             heads: used.iter().map(|&(h, _)| h).collect(),
+            written,
         })
     }
 

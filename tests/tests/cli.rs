@@ -107,6 +107,20 @@ fn errors_are_printed_once_with_the_systems_words() -> Result<()> {
         e.ends_with("'card0' exists and is not a tap (a tun device or another kind of link): choose another --tap name"),
         "{e}"
     );
+    // ... and a tap where --link ip wants a tun.
+    ns.ip(&["link", "del", TAP])?;
+    ns.ip(&["tuntap", "add", TAP, "mode", "tap"])?;
+    let e = one_error(
+        &[&["--socket", &sock, "--link", "ip"], &base[..]].concat(),
+        1,
+    )?;
+    ensure!(
+        e.ends_with(
+            "'card0' exists and is not a tun device (a tap or another kind of link), which \
+             --link ip needs: choose another --tap name"
+        ),
+        "{e}"
+    );
     ns.ip(&["link", "del", TAP])?;
 
     // A multi-queue tap with --queues 1, and a single-queue one with --queues 2: the hint says
@@ -328,6 +342,47 @@ fn runs_unprivileged_on_a_tap_made_for_its_user() -> Result<()> {
     ensure!(counters.get("tx_frames") == 1 && counters.get("rx_frames") == 1);
     // It was not the daemon's tap: it stays.
     ensure!(has_link(&card.ns, TAP)?, "the user's tap is gone");
+    Ok(())
+}
+
+/// `--link ip` unprivileged, as with a tap: a tun made beforehand for the daemon's user, with
+/// the MTU and up, needs no capability.
+#[test]
+fn runs_unprivileged_on_a_tun_made_for_its_user() -> Result<()> {
+    let ns = Card::namespace()?;
+    let dir = TempDir::new("card-tests")?;
+    let node = open_tun_node(dir.path())?;
+    let wrapper = as_nobody(&node, ns.name());
+    ns.ip(&[
+        "tuntap", "add", TAP, "mode", "tun", "user", USER, "vnet_hdr",
+    ])?;
+    // Creating a tun needs the capability; the hint makes a tun for this user.
+    let run = TempDir::new("card-tests")?;
+    std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o777))?;
+    let sock = run.path().join("s.sock").to_string_lossy().into_owned();
+    let (code, stderr) = run_wrapped(
+        &wrapper,
+        run.path(),
+        &["--socket", &sock, "--tap", "card2", "--link", "ip"],
+    )?;
+    ensure!(
+        code == Some(1)
+            && stderr.contains(&format!(
+                "creating tun 'card2' needs CAP_NET_ADMIN: run as root, or have root create it \
+                 once for this user: ip tuntap add card2 mode tun user {NOBODY} vnet_hdr"
+            )),
+        "{stderr}"
+    );
+    ns.ip(&["link", "set", TAP, "mtu", "65520", "up"])?;
+    let mut daemon = Daemon::start_via(&wrapper, None, &["--link", "ip"])?;
+    let log = daemon.log();
+    ensure!(
+        log.contains("tun card0 attached") && log.contains("(already as needed: nothing changed)"),
+        "{log}"
+    );
+    let (status, _) = daemon.stop()?;
+    ensure!(status.success(), "{status}");
+    ensure!(has_link(&ns, TAP)?, "the user's tun is gone");
     Ok(())
 }
 

@@ -22,7 +22,9 @@ const DEFAULT_OFFER: u64 = F_VERSION_1
     | F_GUEST_TSO6
     | F_MRG_RXBUF
     | F_EVENT_IDX
-    | F_INDIRECT_DESC;
+    | F_INDIRECT_DESC
+    | F_GUEST_ANNOUNCE
+    | F_LOG_ALL;
 
 fn show(word: u64) -> String {
     let bits: Vec<String> = (0..64)
@@ -44,7 +46,7 @@ fn default_offer_protocol_features_and_queue_num() -> Result<()> {
         show(offer.features),
         show(expected)
     );
-    for p in [P::MQ, P::REPLY_ACK, P::MTU] {
+    for p in [P::MQ, P::REPLY_ACK, P::MTU, P::LOG_SHMFD, P::RARP] {
         ensure!(
             offer.protocol.contains(p),
             "protocol features {:?} lack {p:?}",

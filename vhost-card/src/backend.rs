@@ -19,8 +19,9 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::datapath::{tap_offload, Pair, Pass};
-use crate::features::{self, Negotiated, VHOST_USER_F_PROTOCOL_FEATURES};
+use crate::datapath::{tap_offload, Pair, PairConfig, Pass};
+use crate::dirtylog;
+use crate::features::{self, Negotiated, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES};
 use crate::interrupt::Interrupt;
 use crate::stats::{add, Stats};
 use crate::tap::Tap;
@@ -33,14 +34,19 @@ pub struct BackendConfig {
     pub mtu: u16,
     /// The virtio feature word offered (without the vhost-user protocol bit).
     pub features: u64,
-    /// Verify checksums of unflagged RX frames and mark them DATA_VALID.
-    pub rx_verify: bool,
+    /// What the card does about checksums of frames going up (`--rx-csum`).
+    pub rx_csum: crate::vnet::RxCsum,
+    /// The IP-only link's state (`--link ip`), shared by the queue pairs; `None` on Ethernet.
+    pub link: Option<Arc<crate::link::IpLink>>,
 }
 
 /// The protocol features this daemon handles: MQ (several queue pairs), REPLY_ACK (answered by
-/// the `vhost` crate) and NET_MTU (answered by the gate in front of it, see `gate.rs`).
+/// the `vhost` crate), and NET_MTU, LOG_SHMFD (live migration's dirty log) and RARP (the
+/// announcement after a migration), answered by the gate in front of it (see `gate.rs`).
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::RARP
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::MTU
 }
@@ -78,9 +84,12 @@ impl CardBackend {
             workers.push(Worker {
                 pair: Mutex::new(Pair::new(
                     tap.queue_fd(i),
-                    usize::from(cfg.mtu),
-                    cfg.rx_verify,
-                    cfg.queue_size,
+                    &PairConfig {
+                        mtu: usize::from(cfg.mtu),
+                        rx_csum: cfg.rx_csum,
+                        queue_size: cfg.queue_size,
+                        link: cfg.link.clone(),
+                    },
                 )),
                 wake: new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?,
                 exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?,
@@ -131,6 +140,7 @@ impl CardBackend {
                 .reset(stats);
         }
         *self.mem.write().unwrap_or_else(|p| p.into_inner()) = None;
+        dirtylog::LOG.reset();
         let _ = self.tap.set_offload(0);
         self.tap.attach_all();
     }
@@ -140,6 +150,24 @@ impl CardBackend {
     pub fn pair_enabled(&self, pair: usize, enabled: bool) {
         self.stats.set_in_use(pair, enabled);
         self.tap.set_pair_enabled(pair, enabled);
+        if enabled {
+            if let Some(w) = self.workers.get(pair) {
+                w.pair
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .rings_started();
+            }
+        }
+    }
+
+    /// `VHOST_USER_SEND_RARP`: announces the guest's MAC to the card's network after a live
+    /// migration (for a guest without GUEST_ANNOUNCE), as QEMU's own announcement does: a RARP
+    /// "reverse request" from `mac` to everyone, written into the tap, so the card's switch or
+    /// bridge learns the port behind which the guest now lives.
+    pub fn send_rarp(&self, mac: [u8; 6]) -> io::Result<()> {
+        self.tap.inject(&crate::announce::rarp_frame(mac))?;
+        add(&self.stats.pairs[0].rarp_sent, 1);
+        Ok(())
     }
 
     /// Gives queue pair `pair` its own way to signal the driver (RX, TX), for a transport without
@@ -190,11 +218,12 @@ impl VhostUserBackend for CardBackend {
             word,
             features::names(word).join(" ")
         );
+        dirtylog::LOG.set_log_all(word & 1 << VHOST_F_LOG_ALL != 0);
         let hdr_len = if neg.hdr_len() == 12 { 12 } else { 10 };
         if let Err(e) = self.tap.set_vnet_hdr_len(hdr_len) {
             warn!("cannot set the tap's vnet header length to {hdr_len}: {e}");
         }
-        let offload = tap_offload(&neg);
+        let offload = tap_offload(&neg, self.cfg.rx_csum);
         if let Err(e) = self.tap.set_offload(offload) {
             warn!("cannot set tap offloads {offload:#x}: {e}; the card's kernel will segment and checksum instead");
             let _ = self.tap.set_offload(0);
@@ -213,6 +242,7 @@ impl VhostUserBackend for CardBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        dirtylog::LOG.set_memory(&mem.memory());
         for region in mem.memory().iter() {
             if let Ok(p) = region.get_host_address(MemoryRegionAddress(0)) {
                 crate::memguard::register(p as usize, region.len() as usize);

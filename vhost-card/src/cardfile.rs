@@ -234,6 +234,11 @@ pub fn resolve(argv: Vec<OsString>) -> Result<Args, ResolveError> {
     resolve_with(argv, None)
 }
 
+/// [`resolve`] with the file's text given instead of read (the systemd generator, card-os).
+pub fn resolve_text(argv: Vec<OsString>, text: &str) -> Result<Args, ResolveError> {
+    resolve_with(argv, Some(text))
+}
+
 /// [`resolve`], with the file's text given (`None`: read the file).
 fn resolve_with(argv: Vec<OsString>, text: Option<&str>) -> Result<Args, ResolveError> {
     let cmd = Args::command();
@@ -358,6 +363,8 @@ pub struct DaemonSettings {
     pub endpoint: Endpoint,
     pub control: Option<PathBuf>,
     pub mtu: u16,
+    /// `link = "ip"`: the card's end is a TUN device (the IP-only link).
+    pub link: crate::config::Link,
 }
 
 /// The daemon's settings as `vhost-card --config path` would resolve them, `text` being the
@@ -384,6 +391,7 @@ pub fn daemon_settings(path: &Path, text: &str) -> Result<DaemonSettings, Resolv
         endpoint,
         control: args.control.clone(),
         mtu: args.mtu,
+        link: args.link,
     })
 }
 

@@ -159,11 +159,25 @@ pub struct Args {
     #[arg(long, value_name = "LIST")]
     pub disable: Vec<String>,
 
-    /// Checksums of frames going up that carry neither DATA_VALID nor NEEDS_CSUM: `verify`
-    /// checks IPv4/IPv6 TCP/UDP/ICMP checksums and marks good frames DATA_VALID, so the host
-    /// never verifies one; `passthrough` hands them up untouched.
+    /// Checksums of frames going up (card to host). `verify`: frames without flags get their
+    /// IPv4/IPv6 TCP/UDP/ICMP checksums checked and good ones are marked DATA_VALID; partial
+    /// checksums of the card's kernel and GSO frames go up with NEEDS_CSUM (the host's stack
+    /// then needs none: a Linux host that ends the flow trusts them). `complete`: as verify, and
+    /// every partial checksum is computed by the card and marked DATA_VALID, so the host gets no
+    /// NEEDS_CSUM frame at all; the card's kernel is then told to hand over no GSO frame (it
+    /// segments to the link's MTU itself). `passthrough`: frames without flags go up untouched.
+    /// Each frame is counted as rx_data_valid, rx_needs_csum or rx_unmarked_<reason>.
     #[arg(long, value_enum, default_value_t = RxCsum::Verify)]
     pub rx_csum: RxCsum,
+
+    /// What the card's end of the link is. `ethernet`: a tap (IFF_TAP), Ethernet frames both
+    /// ways, ARP and neighbour discovery between the host and the card's kernel. `ip`: a TUN
+    /// device (IFF_TUN) named by --tap, so the card's kernel sees bare IP packets; the daemon
+    /// adds and strips the Ethernet header toward the host and itself answers the host's ARP
+    /// requests and IPv6 neighbour solicitations for every address behind the link (with
+    /// --mac, or a locally administered MAC derived from the tap's name).
+    #[arg(long, value_enum, default_value_t = Link::Ethernet)]
+    pub link: Link,
 
     /// Log per-queue counters every N seconds (0: only at exit).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
@@ -236,7 +250,26 @@ pub enum Command {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RxCsum {
     Verify,
+    Complete,
     Passthrough,
+}
+
+impl From<RxCsum> for crate::vnet::RxCsum {
+    fn from(m: RxCsum) -> Self {
+        match m {
+            RxCsum::Verify => crate::vnet::RxCsum::Verify,
+            RxCsum::Complete => crate::vnet::RxCsum::Complete,
+            RxCsum::Passthrough => crate::vnet::RxCsum::Passthrough,
+        }
+    }
+}
+
+/// The card's end of the link (`--link`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Link {
+    #[default]
+    Ethernet,
+    Ip,
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {
@@ -323,7 +356,8 @@ pub struct Config {
     pub queues: usize,
     pub queue_size: usize,
     pub features: u64,
-    pub rx_verify: bool,
+    pub rx_csum: crate::vnet::RxCsum,
+    pub link: Link,
     pub stats_interval: u64,
     pub keep_tap: bool,
     pub sandbox: Sandbox,
@@ -392,7 +426,8 @@ impl TryFrom<Args> for Config {
                 } else {
                     0
                 },
-            rx_verify: a.rx_csum == RxCsum::Verify,
+            rx_csum: a.rx_csum.into(),
+            link: a.link,
             stats_interval: a.stats_interval,
             keep_tap: a.keep_tap,
             sandbox: a.sandbox,
@@ -455,7 +490,22 @@ mod tests {
         assert_eq!(c.mtu, 65520);
         assert_eq!(c.tap, "card0");
         assert_eq!(c.queues, 1);
-        assert!(c.rx_verify);
+        assert_eq!(c.rx_csum, crate::vnet::RxCsum::Verify);
+        assert_eq!(c.link, Link::Ethernet);
+        let c = Config::try_from(
+            parse(&[
+                "--socket",
+                "/tmp/s",
+                "--rx-csum",
+                "complete",
+                "--link",
+                "ip",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(c.rx_csum, crate::vnet::RxCsum::Complete);
+        assert_eq!(c.link, Link::Ip);
         assert_eq!(c.features, features::default_features());
     }
 

@@ -16,21 +16,43 @@ pub enum Verdict {
     Valid,
     /// A checksum is wrong.
     Invalid,
-    /// Nothing the card can vouch for: not IP, a fragment, another L4 protocol, or unparsable.
-    NotApplicable,
+    /// Nothing the card can vouch for, and why.
+    NotApplicable(Unchecked),
+}
+
+/// Why a frame's checksums cannot be vouched for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unchecked {
+    /// An IP fragment: its L4 checksum covers the whole datagram.
+    Fragment,
+    /// Not IP (ARP, another EtherType).
+    NotIp,
+    /// An L4 protocol without a checksum the card knows (ESP, GRE, SCTP, ...).
+    NoL4Csum,
+    /// IP, but its headers do not parse (or their lengths disagree).
+    Malformed,
+}
+
+/// EtherTypes of IPv4, IPv6 and the VLAN tags that may precede them.
+fn claims_ip(frame: &[u8]) -> bool {
+    matches!(
+        frame.get(12..14),
+        Some([0x08, 0x00] | [0x86, 0xdd] | [0x81, 0x00] | [0x88, 0xa8])
+    )
 }
 
 /// Verifies the IPv4 header checksum and the TCP, UDP, ICMP or ICMPv6 checksum of an Ethernet
 /// frame (optionally VLAN-tagged).
 pub fn verify(frame: &[u8]) -> Verdict {
+    use Unchecked::*;
     let Ok(pkt) = SlicedPacket::from_ethernet(frame) else {
-        return Verdict::NotApplicable;
+        return Verdict::NotApplicable(if claims_ip(frame) { Malformed } else { NotIp });
     };
     let Some(ip) = pkt.ip_payload() else {
-        return Verdict::NotApplicable;
+        return Verdict::NotApplicable(NotIp);
     };
     if ip.fragmented {
-        return Verdict::NotApplicable;
+        return Verdict::NotApplicable(Fragment);
     }
     let l4 = ip.payload;
     let proto = ip.ip_number;
@@ -46,7 +68,7 @@ pub fn verify(frame: &[u8]) -> Verdict {
                 let s = sum16::add_4bytes(0, h.source());
                 let s = sum16::add_4bytes(s, h.destination());
                 let Ok(len) = u16::try_from(l4.len()) else {
-                    return Verdict::NotApplicable;
+                    return Verdict::NotApplicable(Malformed);
                 };
                 sum16::add_4bytes(s, [0, proto.0, len.to_be_bytes()[0], len.to_be_bytes()[1]])
             }
@@ -56,12 +78,12 @@ pub fn verify(frame: &[u8]) -> Verdict {
             let s = sum16::add_slice(0, &h.source());
             let s = sum16::add_slice(s, &h.destination());
             let Ok(len) = u32::try_from(l4.len()) else {
-                return Verdict::NotApplicable;
+                return Verdict::NotApplicable(Malformed);
             };
             let s = sum16::add_4bytes(s, len.to_be_bytes());
             sum16::add_4bytes(s, [0, 0, 0, proto.0])
         }
-        _ => return Verdict::NotApplicable,
+        _ => return Verdict::NotApplicable(NotIp),
     };
     let is_v4 = matches!(pkt.net, Some(NetSlice::Ipv4(_)));
     match proto {
@@ -77,7 +99,7 @@ pub fn verify(frame: &[u8]) -> Verdict {
         IpNumber::TCP | IpNumber::UDP | IpNumber::ICMP | IpNumber::IPV6_ICMP => {
             return Verdict::Invalid
         }
-        _ => return Verdict::NotApplicable,
+        _ => return Verdict::NotApplicable(NoL4Csum),
     }
     if sum16::ones_complement(sum16::add_slice(pseudo, l4)) == 0 {
         Verdict::Valid
@@ -112,11 +134,32 @@ pub fn partial_checksum(
     if field.checked_add(2).is_none_or(|end| end > frame.len()) {
         return Err(err);
     }
-    let sum = sum16::add_slice(0, &frame[start..]);
-    Ok((
-        field,
-        sum16::ones_complement_with_no_zero(sum).to_ne_bytes(),
-    ))
+    Ok((field, finish(sum16::add_slice(0, &frame[start..]))))
+}
+
+/// The two bytes that complete a partial checksum whose bytes (from `csum_start` to the end,
+/// the pseudo-header sum in the field included) add up to `sum` (etherparse's accumulator).
+pub fn finish(sum: u64) -> [u8; 2] {
+    sum16::ones_complement_with_no_zero(sum).to_ne_bytes()
+}
+
+/// The one's complement of `sum` as wire bytes: a checksum field's value (0 over data whose
+/// checksum is right).
+pub fn complement(sum: u64) -> [u8; 2] {
+    sum16::ones_complement(sum).to_ne_bytes()
+}
+
+/// Adds a 16-bit partial sum of bytes that start at an odd position of the summed range:
+/// one's complement sums commute with byte swaps (RFC 1071), so it goes in swapped.
+pub fn add_part(sum: u64, part: u64, odd: bool) -> u64 {
+    let folded = !sum16::ones_complement(part);
+    let folded = if odd { folded.swap_bytes() } else { folded };
+    sum16::add_2bytes(sum, folded.to_ne_bytes())
+}
+
+/// Sums a slice with etherparse's adder (native byte order, a trailing odd byte padded).
+pub fn sum_slice(bytes: &[u8]) -> u64 {
+    sum16::add_slice(0, bytes)
 }
 
 /// Completes a partial checksum in place.
@@ -212,11 +255,29 @@ mod tests {
         let mut arp = vec![0u8; 60];
         arp[12] = 0x08;
         arp[13] = 0x06;
-        assert_eq!(verify(&arp), Verdict::NotApplicable);
-        assert_eq!(verify(&[0u8; 5]), Verdict::NotApplicable);
+        assert_eq!(verify(&arp), Verdict::NotApplicable(Unchecked::NotIp));
+        assert_eq!(verify(&[0u8; 5]), Verdict::NotApplicable(Unchecked::NotIp));
+        let mut bad = udp4(b"x");
+        bad[14] = 0x4f; // IHL 15: longer than the packet
+        assert_eq!(verify(&bad), Verdict::NotApplicable(Unchecked::Malformed));
+        let mut esp = udp4(b"0123456789");
+        esp[14 + 9] = 50;
+        let c = sum16::ones_complement(sum16::add_slice(0, &{
+            let mut h = esp[14..34].to_vec();
+            h[10] = 0;
+            h[11] = 0;
+            h
+        }));
+        esp[24..26].copy_from_slice(&c.to_ne_bytes());
+        assert_eq!(verify(&esp), Verdict::NotApplicable(Unchecked::NoL4Csum));
         let mut f = udp4(b"fragment");
         f[14 + 6] = 0x20; // more fragments
         assert_ne!(verify(&f), Verdict::Valid);
+        f[24] = 0;
+        f[25] = 0;
+        let c = sum16::ones_complement(sum16::add_slice(0, &f[14..34]));
+        f[24..26].copy_from_slice(&c.to_ne_bytes());
+        assert_eq!(verify(&f), Verdict::NotApplicable(Unchecked::Fragment));
     }
 
     /// The pseudo-header sum the kernel leaves in the checksum field of a CHECKSUM_PARTIAL
@@ -255,6 +316,27 @@ mod tests {
             complete(&mut f, start, offset).unwrap();
             assert_eq!(verify(&f), Verdict::Valid);
             assert_eq!(f, good);
+        }
+    }
+
+    #[test]
+    fn split_sums_equal_the_whole() {
+        let data: Vec<u8> = (0..1001u32).map(|i| (i * 7 + i / 5) as u8).collect();
+        let whole = finish(sum_slice(&data));
+        for cuts in [
+            [0, 1, 2],
+            [1, 3, 999],
+            [2, 500, 501],
+            [7, 8, 1000],
+            [13, 13, 600],
+        ] {
+            let mut sum = 0;
+            let mut at = 0;
+            for &end in cuts.iter().chain([data.len()].iter()) {
+                sum = add_part(sum, sum_slice(&data[at..end]), at % 2 == 1);
+                at = end;
+            }
+            assert_eq!(finish(sum), whole, "cuts {cuts:?}");
         }
     }
 

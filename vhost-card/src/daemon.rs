@@ -22,7 +22,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::backend::{BackendConfig, CardBackend};
 use crate::config::{Config, Listen, Sandbox, TAP_MAX_MTU};
 use crate::features::Negotiated;
-use crate::gate::{Gate, GateConfig};
+use crate::gate::{Gate, GateConfig, Hooks};
 use crate::sandbox::{self, SandboxError};
 use crate::stats::{DeviceInfo, Stats};
 use crate::tap::{Tap, TapConfig, TapError, TUN_F_CSUM, TUN_F_USO4, TUN_F_USO6};
@@ -370,7 +370,17 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 queue_size: cfg.queue_size,
                 mtu: cfg.mtu,
                 features: cfg.features,
-                rx_verify: cfg.rx_verify,
+                rx_csum: cfg.rx_csum,
+                link: (cfg.link == crate::config::Link::Ip).then(|| {
+                    let mac = cfg
+                        .mac
+                        .unwrap_or_else(|| crate::link::default_mac(&cfg.tap));
+                    info!(
+                        "IP-only link: the card answers ARP and neighbour solicitations as {}",
+                        crate::tap::mac_string(&mac)
+                    );
+                    Arc::new(crate::link::IpLink::new(mac))
+                }),
             },
             tap.clone(),
             stats.clone(),
@@ -441,12 +451,17 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         },
         cfg.mtu,
         cfg.queues,
-        crate::features::names(cfg.features).join(" ")
+        crate::features::names(match &cfg.listen {
+            Listen::Vduse(_) => crate::vduse::offer(cfg.features),
+            _ => cfg.features,
+        })
+        .join(" ")
     );
 
     let gate_cfg = GateConfig {
         mtu: cfg.mtu,
         num_queues: (cfg.queues * 2) as u32,
+        queue_size: cfg.queue_size as u32,
     };
     let result = match (vduse, &listener) {
         (Some(prepared), _) => {
@@ -504,7 +519,13 @@ fn confine(cfg: &Config, owned: &[&Path]) -> Result<(), DaemonError> {
 
 /// Opens the tap and checks that the kernel supports what is offered.
 fn open_tap(cfg: &Config) -> Result<Arc<Tap>, DaemonError> {
-    let tap_mtu = cfg.mtu.min(TAP_MAX_MTU);
+    let ip_link = cfg.link == crate::config::Link::Ip;
+    // A tun carries IP packets up to 65535 bytes; a tap adds its Ethernet header to that.
+    let tap_mtu = if ip_link {
+        cfg.mtu
+    } else {
+        cfg.mtu.min(TAP_MAX_MTU)
+    };
     if tap_mtu != cfg.mtu {
         warn!("a tap takes at most MTU {TAP_MAX_MTU}; the card side uses {tap_mtu}, the host is offered {}", cfg.mtu);
     }
@@ -512,8 +533,10 @@ fn open_tap(cfg: &Config) -> Result<Arc<Tap>, DaemonError> {
         name: cfg.tap.clone(),
         netns: cfg.netns.clone(),
         mtu: tap_mtu,
-        mac: cfg.mac,
+        // On the IP-only link --mac is the card's MAC toward the host; a tun has none.
+        mac: if ip_link { None } else { cfg.mac },
         queues: cfg.queues,
+        tun: ip_link,
     })?);
     let offered = Negotiated::from_word(cfg.features);
     for (on, name) in [
@@ -598,10 +621,13 @@ fn serve_one(
     daemon.start(&mut inner_listener).map_err(vhost)?;
     drop(inner_listener);
 
-    let steer = backend.clone();
-    let on_pair = Box::new(move |pair: usize, enabled: bool| steer.pair_enabled(pair, enabled));
+    let (steer, announce) = (backend.clone(), backend.clone());
+    let hooks = Hooks {
+        pair: Box::new(move |pair: usize, enabled: bool| steer.pair_enabled(pair, enabled)),
+        rarp: Box::new(move |mac| announce.send_rarp(mac)),
+    };
     let gate =
-        Gate::start(frontend, gate_side, gate_cfg, on_pair).map_err(io_err("starting the gate"))?;
+        Gate::start(frontend, gate_side, gate_cfg, hooks).map_err(io_err("starting the gate"))?;
     *stop.frontend.lock().unwrap_or_else(|p| p.into_inner()) = gate.frontend_handle().ok();
     if stop.requested() {
         gate.shutdown();

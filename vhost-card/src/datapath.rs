@@ -7,8 +7,14 @@
 //!   io_uring (see [`preopen_tx_rings`]); one `writev` system call per frame otherwise.
 //! * RX: enough host buffers for the largest possible frame become one iovec array and the tap is
 //!   read straight into them with one `readv`; with MRG_RXBUF one frame may fill several buffers.
-//!   The header the kernel wrote is then fixed up in place (flags, checksum verification,
-//!   `num_buffers`).
+//!   The header the kernel wrote is then fixed up in place (flags, checksum verification or
+//!   completion, `num_buffers`) and the frame counted by how it went up (`rxmark`). A frame
+//!   that may be an IP fragment is offered to the reassembly table (`reasm`) instead of going
+//!   up; whole datagrams and the card's own answers wait in `local` and go up through the
+//!   bounce buffer.
+//! * The IP-only link (`link`): TX strips the Ethernet header by starting the iovecs 14 bytes
+//!   later (ARP and ND are answered instead of written); RX reads the tun into the guest's
+//!   buffers after room for the Ethernet header, then writes it there.
 //!
 //! Every guest-controlled value is checked; a bad chain is returned to the guest with length 0 and
 //! counted, and the worker keeps serving.
@@ -17,6 +23,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Instant;
 
 use log::{debug, warn};
 use vhost_user_backend::VringState;
@@ -24,14 +31,24 @@ use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::csum::{self, Verdict};
+use crate::dirtylog::{LoggedMem, LOG};
 use crate::features::Negotiated;
 use crate::interrupt::Interrupt;
 use crate::iov::{self, ChainError, IovBuf, IOV_MAX};
+use crate::link::{self, Ignored, IpLink, Proto, TxClass};
+use crate::localq::LocalFrames;
+use crate::reasm::{self, Discard, Outcome, Reassembler};
+use crate::rxmark::{Mark, Unmarked};
 use crate::stats::{add, PairStats};
-use crate::vnet::{self, RxAction, TxDrop, VnetHdr, ETH_HLEN, GSO_MAX_FRAME, HDR_MAX, VLAN_HLEN};
+use crate::vnet::{
+    self, RxAction, RxCsum, TxDrop, VnetHdr, ETH_HLEN, GSO_MAX_FRAME, HDR_MAX, VLAN_HLEN,
+};
 
 type Mem = GuestMemoryMmap;
 type State = VringState<GuestMemoryAtomic<Mem>>;
+
+/// Bytes of an IP packet from the card's kernel read to choose its Ethernet header.
+const IP_PEEK: usize = 40;
 
 /// Frames handled per queue per wake-up before yielding to the other events of the worker.
 pub const BUDGET: usize = 256;
@@ -48,12 +65,28 @@ pub enum Pass {
     More,
 }
 
+/// What a queue pair's worker is configured with, fixed for the daemon's life.
+#[derive(Debug, Clone)]
+pub struct PairConfig {
+    pub mtu: usize,
+    pub rx_csum: RxCsum,
+    pub queue_size: usize,
+    /// The IP-only link (`--link ip`): Ethernet headers added and stripped here, ARP and ND
+    /// answered here; `None` for an Ethernet tap.
+    pub link: Option<Arc<IpLink>>,
+}
+
+/// Bytes of frames the card makes for the host that may wait for RX buffers (replies and
+/// reassembled datagrams: room for two of 64 KiB).
+const LOCAL_BYTES: usize = 2 * (GSO_MAX_FRAME + HDR_MAX) + 16384;
+const LOCAL_FRAMES: usize = 64;
+
 /// State of one queue pair, owned by its worker thread.
 pub struct Pair {
     pub tap_fd: RawFd,
     pub neg: Negotiated,
     pub mtu: usize,
-    pub rx_verify: bool,
+    pub rx_csum: RxCsum,
     /// The tap may have frames to read (edge seen, EAGAIN not yet).
     pub rx_pending: bool,
     /// TX is waiting for EPOLLOUT on the tap.
@@ -72,10 +105,27 @@ pub struct Pair {
     bounce: Vec<u8>,
     /// Length of a frame waiting in `bounce` for the guest to post enough buffers (0: none).
     rx_held: usize,
+    /// The frame in `bounce` was made by the card (from `local`), not read from the tap.
+    rx_local: bool,
+    /// Frames the card made for the host, waiting for the bounce buffer.
+    local: LocalFrames,
+    link: Option<Arc<IpLink>>,
+    /// The RX iovecs minus the room for the Ethernet header (IP-only link).
+    gap: IovBuf,
+    /// IP fragments going up, put together before they cross (see `reasm`).
+    reasm: Reassembler,
     /// The ring's available index ran more than a ring ahead of us: the queue is ignored until
     /// the driver puts it right (virtio 1.2, 2.7.13.1: the device needs a reset).
     tx_ring_broken: bool,
     rx_ring_broken: bool,
+    /// While the frontend logs: the logged view of guest memory this pass writes used rings
+    /// through (see `dirtylog`).
+    logged: Option<Arc<LoggedMem>>,
+    /// Signal the next used buffers of each queue (RX, TX) whatever EVENT_IDX says, as Linux's
+    /// vhost does after a ring (re)starts (`signalled_used_valid`): the guest may be waiting for
+    /// a notification a previous backend sent and that was lost on the way, e.g. across a
+    /// live migration, and EVENT_IDX would otherwise skip it for good.
+    signal_next: [bool; 2],
 }
 
 /// Whether the driver's available index is at most one ring ahead of what the device consumed
@@ -104,12 +154,13 @@ fn ring_ok(broken: &mut bool, vring: &State, mem: &Mem, counter: &AtomicU64, wha
 }
 
 impl Pair {
-    pub fn new(tap_fd: RawFd, mtu: usize, rx_verify: bool, queue_size: usize) -> Self {
+    pub fn new(tap_fd: RawFd, cfg: &PairConfig) -> Self {
+        let (mtu, queue_size) = (cfg.mtu, cfg.queue_size);
         Pair {
             tap_fd,
             neg: Negotiated::default(),
             mtu,
-            rx_verify,
+            rx_csum: cfg.rx_csum,
             rx_pending: true,
             tx_blocked: false,
             tap_gone: false,
@@ -120,8 +171,15 @@ impl Pair {
             scratch: vec![0; GSO_MAX_FRAME.max(mtu + ETH_HLEN + VLAN_HLEN)],
             bounce: vec![0; HDR_MAX + GSO_MAX_FRAME.max(mtu + ETH_HLEN + VLAN_HLEN)],
             rx_held: 0,
+            rx_local: false,
+            local: LocalFrames::new(LOCAL_BYTES, LOCAL_FRAMES),
+            link: cfg.link.clone(),
+            gap: IovBuf::with_capacity(IOV_MAX),
+            reasm: Reassembler::new(),
             tx_ring_broken: false,
             rx_ring_broken: false,
+            logged: None,
+            signal_next: [true; 2],
         }
         .with_tx_slots()
     }
@@ -148,11 +206,20 @@ impl Pair {
         self.tx_blocked = false;
         self.rx.clear();
         self.rx_held = 0;
+        self.rx_local = false;
+        self.local.clear();
+        self.reasm.clear();
         self.tx_ring_broken = false;
         self.rx_ring_broken = false;
+        self.rings_started();
         for t in &mut self.tx {
             t.iovs.0.clear();
         }
+    }
+
+    /// The pair's rings (re)started: their next used buffers are signalled unconditionally.
+    pub fn rings_started(&mut self) {
+        self.signal_next = [true; 2];
     }
 
     /// Largest frame (header included) the tap may hand over, given what was negotiated.
@@ -180,11 +247,12 @@ impl Pair {
         {
             return Pass::Idle;
         }
+        self.begin_logging(mem);
         let mut used = false;
         let mut done = 0;
         let batch = self.tx.len();
         let pass = 'outer: loop {
-            let _ = vring.disable_notification();
+            let _ = set_notification(vring, mem, self.logged.as_deref(), false);
             loop {
                 let mut n = 0;
                 while n < batch && done + n < BUDGET {
@@ -208,14 +276,20 @@ impl Pair {
                     break 'outer Pass::More;
                 }
             }
-            match vring.enable_notification() {
+            match set_notification(vring, mem, self.logged.as_deref(), true) {
                 // More arrived while notifications were off (unless the index is garbage).
                 Ok(true) if ring_sane(vring, mem) => continue,
                 _ => break Pass::Idle,
             }
         };
+        self.end_logging();
         if used {
-            notify(vring, self.irq[1].as_deref(), stats);
+            notify(
+                vring,
+                self.irq[1].as_deref(),
+                stats,
+                &mut self.signal_next[1],
+            );
         }
         pass
     }
@@ -258,8 +332,31 @@ impl Pair {
                 });
             }
         };
+        let mut hdr = hdr;
+        let mut strip = 0;
+        if let Some(link) = &self.link {
+            let mut peek = [0u8; link::PEEK];
+            let mut n = frame_len.min(link::SNIFF);
+            // SAFETY: as above.
+            unsafe { iov::read_iovs(&iovs[1..], hdr_len, &mut peek[..n]) };
+            if link::is_neighbour_solicitation(&peek[..n]) {
+                n = frame_len.min(link::PEEK);
+                // SAFETY: as above.
+                unsafe { iov::read_iovs(&iovs[1..], hdr_len, &mut peek[..n]) };
+            }
+            match link.classify_tx(&peek[..n], frame_len, &mut slot.reply) {
+                TxClass::Ip => {
+                    strip = ETH_HLEN;
+                    hdr = hdr.without_ethernet();
+                }
+                TxClass::Reply(proto, len) => return TxVerdict::Reply(proto, len),
+                TxClass::Ignored(why) => return TxVerdict::Drop(TxDropKind::Ignored(why)),
+                TxClass::NotIp => return TxVerdict::Drop(TxDropKind::NotIp),
+                TxClass::Malformed => return TxVerdict::Drop(TxDropKind::Malformed),
+            }
+        }
         slot.hdr = hdr.encode();
-        let first = iov::advance(iovs, 1, hdr_len);
+        let first = iov::advance(iovs, 1, hdr_len + strip);
         // `first >= 2` whenever the header filled whole iovecs; otherwise entry 0 is free.
         let hdr_at = first - 1;
         iovs[hdr_at] = libc::iovec {
@@ -320,6 +417,20 @@ impl Pair {
         for t in &self.tx[..end] {
             match t.verdict {
                 TxVerdict::Drop(kind) => add(kind.counter(stats), 1),
+                TxVerdict::Reply(proto, len) => {
+                    let reply = &t.reply[..len];
+                    if self.local.push_with(len, |b| b.copy_from_slice(reply)) {
+                        add(
+                            match proto {
+                                Proto::Arp => &stats.arp_replies,
+                                Proto::Nd => &stats.nd_replies,
+                            },
+                            1,
+                        );
+                    } else {
+                        add(&stats.rx_drop_local_full, 1);
+                    }
+                }
                 TxVerdict::Frame(len) if t.result >= 0 => {
                     add(&stats.tx_frames, 1);
                     add(&stats.tx_bytes, len as u64);
@@ -333,7 +444,7 @@ impl Pair {
                     }
                 }
             }
-            if vring.get_queue_mut().add_used(mem, t.head, 0).is_err() {
+            if add_used(vring, mem, self.logged.as_deref(), t.head, 0).is_err() {
                 warn!("TX used ring is outside guest memory");
                 return n;
             }
@@ -356,12 +467,13 @@ impl Pair {
         ) {
             return Pass::Idle;
         }
+        self.begin_logging(mem);
         let mut used = false;
         let mut frames = 0;
-        let _ = vring.disable_notification();
+        let _ = set_notification(vring, mem, self.logged.as_deref(), false);
         self.rx.clear();
         let pass = loop {
-            if !self.rx_pending {
+            if !self.rx_pending && self.local.is_empty() {
                 break Pass::Idle;
             }
             if frames == BUDGET {
@@ -386,9 +498,15 @@ impl Pair {
             }
         };
         // Buffers gathered but not filled go back to the guest before the pass ends.
-        used |= self.rx.release(vring, mem);
+        used |= self.rx.release(vring, mem, self.logged.as_deref());
+        self.end_logging();
         if used {
-            notify(vring, self.irq[0].as_deref(), stats);
+            notify(
+                vring,
+                self.irq[0].as_deref(),
+                stats,
+                &mut self.signal_next[0],
+            );
         }
         pass
     }
@@ -426,7 +544,7 @@ impl Pair {
                     debug!("RX chain dropped: {other:?}");
                     self.rx.iovs.0.truncate(before);
                     add(&stats.rx_drop_bad_chain, 1);
-                    vring.get_queue_mut().add_used(mem, head, 0).ok()?;
+                    add_used(vring, mem, self.logged.as_deref(), head, 0).ok()?;
                     consumed_bad = true;
                     self.rx.barrier = self.rx.chains.len();
                 }
@@ -472,16 +590,32 @@ impl Pair {
         // frame that does not fit is dropped.
         let queue_size = usize::from(vring.get_queue().size());
         let can_wait = self.neg.mrg_rxbuf && !iov_full && self.rx.live().len() < queue_size;
+        // A frame the card made goes up like a held one once the bounce buffer is free and the
+        // host has buffers (without any, it waits in `local` for the host's kick).
+        if self.rx_held == 0 && !self.rx.live().is_empty() {
+            if let Some(f) = self.local.front() {
+                let n = hdr_len + f.len();
+                if n <= self.bounce.len() {
+                    self.bounce[..hdr_len].fill(0);
+                    self.bounce[hdr_len..n].copy_from_slice(f);
+                    self.rx_held = n;
+                    self.rx_local = true;
+                }
+                self.local.pop();
+            }
+        }
         if self.rx_held > self.rx.cap && !can_wait {
             self.rx_held = 0;
+            self.rx_local = false;
             add(&stats.rx_drop_truncated, 1);
             return Rx::Retry;
         }
         if self.rx.live().is_empty() || self.rx_held > self.rx.cap {
             // Every available chain is popped at this point, so enabling notifications now
             // asks for a kick when the guest posts more.
-            let more = vring.enable_notification().unwrap_or(false) && ring_sane(vring, mem);
-            self.rx.release(vring, mem);
+            let more = set_notification(vring, mem, self.logged.as_deref(), true).unwrap_or(false)
+                && ring_sane(vring, mem);
+            self.rx.release(vring, mem, self.logged.as_deref());
             return if more {
                 Rx::Retry
             } else if consumed_bad {
@@ -495,18 +629,51 @@ impl Pair {
         let (n, bounced) = if self.rx_held > 0 {
             (std::mem::take(&mut self.rx_held), true)
         } else if cap < need && can_wait {
-            // SAFETY: reads into our own bounce buffer, valid for its whole length.
-            let n = unsafe {
-                libc::read(
-                    self.tap_fd,
-                    self.bounce.as_mut_ptr().cast(),
-                    self.bounce.len(),
-                )
+            let n = match &self.link {
+                None => {
+                    // SAFETY: reads into our own bounce buffer, valid for its whole length.
+                    unsafe {
+                        libc::read(
+                            self.tap_fd,
+                            self.bounce.as_mut_ptr().cast(),
+                            self.bounce.len(),
+                        )
+                    }
+                }
+                Some(_) => {
+                    // The IP packet goes after room for the Ethernet header.
+                    let (head, rest) = self.bounce.split_at_mut(hdr_len);
+                    let segs = [
+                        libc::iovec {
+                            iov_base: head.as_mut_ptr().cast(),
+                            iov_len: hdr_len,
+                        },
+                        libc::iovec {
+                            iov_base: rest[ETH_HLEN..].as_mut_ptr().cast(),
+                            iov_len: rest.len() - ETH_HLEN,
+                        },
+                    ];
+                    // SAFETY: both iovecs lie in our own bounce buffer.
+                    unsafe { libc::readv(self.tap_fd, segs.as_ptr(), 2) }
+                }
             };
             if n < 0 {
                 return self.tap_read_error(io::Error::last_os_error(), stats);
             }
-            let n = n.unsigned_abs();
+            let mut n = n.unsigned_abs();
+            if let Some(link) = &self.link {
+                if n <= hdr_len {
+                    add(&stats.rx_drop_runt, 1);
+                    return Rx::Retry;
+                }
+                let ip = &self.bounce[hdr_len + ETH_HLEN..(n + ETH_HLEN).min(self.bounce.len())];
+                let Some(eth) = link.eth_header(&ip[..ip.len().min(IP_PEEK)]) else {
+                    add(&stats.rx_drop_not_ip, 1);
+                    return Rx::Retry;
+                };
+                self.bounce[hdr_len..hdr_len + ETH_HLEN].copy_from_slice(&eth);
+                n += ETH_HLEN;
+            }
             if n > self.bounce.len() {
                 add(&stats.rx_drop_truncated, 1);
                 return Rx::Retry;
@@ -518,18 +685,47 @@ impl Pair {
             }
             (n, true)
         } else {
-            // SAFETY: the iovecs point into guest memory held by `mem` for this call, all
-            // device-writable buffers of chains we popped and own until they are used or
-            // released.
-            let n = unsafe { libc::readv(self.tap_fd, iovs.as_ptr(), iov_count(iovs.len())) };
+            let n = match &self.link {
+                // SAFETY: the iovecs point into guest memory held by `mem` for this call, all
+                // device-writable buffers of chains we popped and own until they are used or
+                // released.
+                None => unsafe { libc::readv(self.tap_fd, iovs.as_ptr(), iov_count(iovs.len())) },
+                Some(_) => {
+                    // Zero-copy on the IP-only link too: the packet lands after room for the
+                    // Ethernet header, written below.
+                    iov::with_gap(iovs, hdr_len, ETH_HLEN, &mut self.gap.0, IOV_MAX);
+                    let segs = &self.gap.0;
+                    // SAFETY: as above; `gap` is a subset of those iovecs.
+                    unsafe { libc::readv(self.tap_fd, segs.as_ptr(), iov_count(segs.len())) }
+                }
+            };
             if n < 0 {
                 return self.tap_read_error(io::Error::last_os_error(), stats);
             }
-            (n.unsigned_abs(), false)
+            let mut n = n.unsigned_abs();
+            if let Some(link) = &self.link {
+                if n <= hdr_len {
+                    add(&stats.rx_drop_runt, 1);
+                    return Rx::Retry;
+                }
+                let mut ip = [0u8; IP_PEEK];
+                let len = (n - hdr_len).min(IP_PEEK);
+                // SAFETY: see the readv above.
+                unsafe { iov::read_iovs(iovs, hdr_len + ETH_HLEN, &mut ip[..len]) };
+                let Some(eth) = link.eth_header(&ip[..len]) else {
+                    add(&stats.rx_drop_not_ip, 1);
+                    return Rx::Retry;
+                };
+                // SAFETY: see the readv above.
+                unsafe { iov::write_iovs(iovs, hdr_len, &eth) };
+                n += ETH_HLEN;
+            }
+            (n, false)
         };
+        let local = std::mem::take(&mut self.rx_local);
         if bounced {
             // SAFETY: the iovecs point into guest memory held by `mem`; `n <= cap` bytes fit.
-            unsafe { iov::write_iovs(iovs, 0, &self.bounce[..n]) };
+            unsafe { iov::write_iovs(iovs, 0, &self.bounce[..n.min(cap)]) };
             add(&stats.rx_bounced, 1);
         }
         if n > cap {
@@ -542,12 +738,39 @@ impl Pair {
             return Rx::Retry;
         }
         let frame_len = n - hdr_len;
+        if !local {
+            let mut sniff = [0u8; reasm::SNIFF];
+            // SAFETY: see the readv above.
+            let got = unsafe { iov::read_iovs(iovs, hdr_len, &mut sniff) };
+            if reasm::may_be_fragment(&sniff[..got]) {
+                let (reasm, local, mtu) = (&mut self.reasm, &mut self.local, self.mtu);
+                // SAFETY: the iovecs stay valid for the call (see the readv above).
+                let taken =
+                    unsafe { reassemble(reasm, local, mtu, iovs, hdr_len, frame_len, stats) };
+                if let Some(rx) = taken {
+                    return rx;
+                }
+            }
+        }
         let mut raw = [0u8; HDR_MAX];
         // SAFETY: see the readv above.
         unsafe { iov::read_iovs(iovs, 0, &mut raw[..hdr_len]) };
         let mut hdr = VnetHdr::decode(&raw);
-        match vnet::rx_action(&mut hdr, &self.neg, self.rx_verify) {
-            RxAction::Deliver => {}
+        if self.link.is_some() && !local {
+            // The kernel's offsets count from the IP header.
+            hdr = hdr.with_ethernet();
+        }
+        let mut why = if self.neg.guest_csum {
+            Unmarked::Passthrough
+        } else {
+            Unmarked::NoGuestCsum
+        };
+        match vnet::rx_action(&mut hdr, &self.neg, self.rx_csum) {
+            RxAction::Deliver => {
+                if hdr.gso_type != vnet::GSO_NONE {
+                    why = Unmarked::Malformed;
+                }
+            }
             RxAction::DropGso => {
                 add(&stats.rx_drop_gso, 1);
                 return Rx::Retry;
@@ -560,21 +783,23 @@ impl Pair {
                         hdr.flags = vnet::F_DATA_VALID;
                         add(&stats.rx_csum_verified, 1);
                     }
-                    Verdict::Invalid => add(&stats.rx_csum_bad, 1),
-                    Verdict::NotApplicable => {}
+                    Verdict::Invalid => {
+                        add(&stats.rx_csum_bad, 1);
+                        why = Unmarked::BadCsum;
+                    }
+                    Verdict::NotApplicable(u) => why = u.into(),
                 }
             }
-            RxAction::Complete => {
+            RxAction::Complete | RxAction::CompleteAndMark => {
+                let mark = hdr.flags & vnet::F_NEEDS_CSUM != 0;
                 // SAFETY: see the readv above.
-                unsafe { iov::read_iovs(iovs, hdr_len, &mut self.scratch[..frame_len]) };
-                let start = usize::from(hdr.csum_start);
-                let offset = usize::from(hdr.csum_offset);
-                if let Ok((at, value)) =
-                    csum::partial_checksum(&self.scratch[..frame_len], start, offset)
-                {
-                    // SAFETY: see the readv above.
-                    unsafe { iov::write_iovs(iovs, hdr_len + at, &value) };
+                let done = unsafe { complete_in_place(iovs, hdr_len, frame_len, &hdr) };
+                if done {
                     add(&stats.rx_csum_completed, 1);
+                }
+                hdr.flags = if done && mark { vnet::F_DATA_VALID } else { 0 };
+                if !done {
+                    why = Unmarked::Malformed;
                 }
             }
         }
@@ -587,18 +812,17 @@ impl Pair {
             k += 1;
         }
         hdr.num_buffers = u16::try_from(k).unwrap_or(u16::MAX);
-        if hdr.flags & vnet::F_DATA_VALID != 0 {
-            add(&stats.rx_data_valid, 1);
-        }
+        let mark = Mark::of(hdr.flags, why);
         // SAFETY: see the readv above.
         unsafe { iov::write_iovs(iovs, 0, &hdr.encode()[..hdr_len]) };
+        log_written(mem, iovs, n);
         let mut left = n;
         for c in &live[..k] {
             let this = left.min(c.len);
             left -= this;
             // `this` is at most one chain's length, which the chain iterator keeps below 2^32.
             let this = u32::try_from(this).unwrap_or(u32::MAX);
-            if vring.get_queue_mut().add_used(mem, c.head, this).is_err() {
+            if add_used(vring, mem, self.logged.as_deref(), c.head, this).is_err() {
                 return Rx::Broken;
             }
         }
@@ -609,10 +833,90 @@ impl Pair {
         );
         self.rx.consume_front(k);
         add(&stats.rx_frames, 1);
+        add(mark.counter(stats), 1);
         add(&stats.rx_bytes, frame_len as u64);
         add(&stats.rx_buffers, k as u64);
         Rx::Frame
     }
+}
+
+/// Offers a frame that may be a fragment to the reassembly table: `None` if it goes up as it
+/// is, else what the RX loop does next (the frame was taken in; a completed datagram waits in
+/// `local`, cut to `mtu` if larger). The frame's chains stay with the stash for the next frame.
+///
+/// # Safety
+/// `iovs` must be mapped and readable for the call.
+unsafe fn reassemble(
+    reasm: &mut Reassembler,
+    local: &mut LocalFrames,
+    mtu: usize,
+    iovs: &[libc::iovec],
+    hdr_len: usize,
+    frame_len: usize,
+    stats: &PairStats,
+) -> Option<Rx> {
+    let mut head = [0u8; reasm::HEAD];
+    let h = frame_len.min(reasm::HEAD);
+    // SAFETY: the caller's guarantee.
+    unsafe { iov::read_iovs(iovs, hdr_len, &mut head[..h]) };
+    let outcome = reasm.offer(Instant::now(), &head[..h], frame_len, |from, dst| {
+        // SAFETY: the caller's guarantee.
+        unsafe { iov::read_iovs(iovs, hdr_len + from, dst) };
+    });
+    let lost = reasm.take_lost();
+    add(&stats.reasm_timeout, lost.timed_out);
+    add(&stats.reasm_evicted, lost.evicted);
+    match outcome {
+        Outcome::NotFragment => return None,
+        Outcome::Held => add(&stats.reasm_fragments, 1),
+        Outcome::Duplicate => add(&stats.reasm_duplicate, 1),
+        Outcome::Discarded(Discard::Overlap) => add(&stats.reasm_overlap, 1),
+        Outcome::Discarded(Discard::Malformed) => add(&stats.reasm_malformed, 1),
+        Outcome::Complete(slot) => {
+            add(&stats.reasm_fragments, 1);
+            let dgram = reasm.datagram(slot);
+            let queued = if dgram.len() - ETH_HLEN <= mtu {
+                local.push_with(dgram.len(), |b| b.copy_from_slice(dgram))
+            } else {
+                let n = reasm.split(slot, mtu, |len, fill| local.push_with(len, |b| fill(b)));
+                add(&stats.reasm_split, 1);
+                n >= 2
+            };
+            reasm.release(slot);
+            if queued {
+                add(&stats.reasm_datagrams, 1);
+            } else {
+                add(&stats.rx_drop_local_full, 1);
+            }
+        }
+    }
+    Some(Rx::Retry)
+}
+
+/// Completes the partial checksum of the frame that follows a `hdr_len`-byte header in `iovs`,
+/// where it lies: one pass over the bytes from `csum_start` on, no copy. False when the header's
+/// range does not fit the frame.
+///
+/// # Safety
+/// Every iovec must describe memory that is mapped, readable and writable for the call.
+unsafe fn complete_in_place(
+    iovs: &[libc::iovec],
+    hdr_len: usize,
+    frame_len: usize,
+    hdr: &VnetHdr,
+) -> bool {
+    let start = usize::from(hdr.csum_start);
+    let field = start + usize::from(hdr.csum_offset);
+    if field + 2 > frame_len {
+        return false;
+    }
+    // SAFETY: the caller's guarantee, passed on.
+    let Some(sum) = (unsafe { iov::sum_iovs(iovs, hdr_len + start, frame_len - start) }) else {
+        return false;
+    };
+    // SAFETY: as above; the field lies inside the frame.
+    unsafe { iov::write_iovs(iovs, hdr_len + field, &csum::finish(sum)) };
+    true
 }
 
 /// One RX chain held for frames to come.
@@ -705,7 +1009,7 @@ impl RxStash {
 
     /// Gives every live chain back: rewinds the ring over the ones after the barrier and
     /// returns the others empty. Returns whether the used ring changed.
-    fn release(&mut self, vring: &mut State, mem: &Mem) -> bool {
+    fn release(&mut self, vring: &mut State, mem: &Mem, logged: Option<&LoggedMem>) -> bool {
         log::trace!(
             "rx: releasing {:?} (barrier {})",
             self.live().iter().map(|c| c.head).collect::<Vec<_>>(),
@@ -715,7 +1019,7 @@ impl RxStash {
         let mut used = false;
         for (i, c) in self.chains.iter().enumerate().skip(self.first) {
             if i < self.barrier {
-                let _ = vring.get_queue_mut().add_used(mem, c.head, 0);
+                let _ = add_used(vring, mem, logged, c.head, 0);
                 used = true;
             } else {
                 rewind = rewind.wrapping_add(1);
@@ -734,6 +1038,9 @@ enum TxVerdict {
     /// A good frame of this many bytes (header excluded).
     Frame(usize),
     Drop(TxDropKind),
+    /// An ARP or ND request the card answers (IP-only link): the reply, this long, is in the
+    /// slot's `reply`.
+    Reply(Proto, usize),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -743,6 +1050,9 @@ enum TxDropKind {
     Runt,
     Oversize,
     BadVnetHdr,
+    NotIp,
+    Malformed,
+    Ignored(Ignored),
 }
 
 impl TxDropKind {
@@ -753,6 +1063,16 @@ impl TxDropKind {
             TxDropKind::Runt => &stats.tx_drop_runt,
             TxDropKind::Oversize => &stats.tx_drop_oversize,
             TxDropKind::BadVnetHdr => &stats.tx_drop_bad_vnet_hdr,
+            TxDropKind::NotIp => &stats.tx_drop_not_ip,
+            TxDropKind::Malformed => &stats.tx_drop_malformed,
+            TxDropKind::Ignored(why) => match why {
+                Ignored::ArpMalformed => &stats.arp_ignored_malformed,
+                Ignored::ArpNotBehind => &stats.arp_ignored_not_behind,
+                Ignored::ArpGratuitous => &stats.arp_ignored_gratuitous,
+                Ignored::NdMalformed => &stats.nd_ignored_malformed,
+                Ignored::NdNotBehind => &stats.nd_ignored_not_behind,
+                Ignored::NdDad => &stats.nd_ignored_dad,
+            },
         }
     }
 }
@@ -762,6 +1082,8 @@ impl TxDropKind {
 struct TxSlot {
     iovs: IovBuf,
     hdr: [u8; HDR_MAX],
+    /// The card's answer to an ARP or ND request (IP-only link).
+    reply: [u8; link::REPLY_MAX],
     head: u16,
     /// First iovec of the frame (our header).
     first: usize,
@@ -775,6 +1097,7 @@ impl TxSlot {
         TxSlot {
             iovs: IovBuf::with_capacity(IOV_MAX + 1),
             hdr: [0; HDR_MAX],
+            reply: [0; link::REPLY_MAX],
             head: 0,
             first: 0,
             verdict: TxVerdict::Drop(TxDropKind::BadChain),
@@ -934,13 +1257,88 @@ fn iov_count(n: usize) -> libc::c_int {
     libc::c_int::try_from(n.min(IOV_MAX)).unwrap_or(0)
 }
 
-fn notify(vring: &mut State, irq: Option<&dyn Interrupt>, stats: &PairStats) {
-    if !vring.needs_notification().unwrap_or(true) {
+/// Live migration: logs the `n` bytes a frame took in the guest's buffers, after writing them
+/// and before the used entries that hand them over (see `dirtylog`). One relaxed load when the
+/// frontend is not logging.
+#[inline]
+fn log_written(mem: &Mem, iovs: &[libc::iovec], n: usize) {
+    if LOG.active() {
+        LOG.mark_iovs(mem, iovs, n);
+    }
+}
+
+impl Pair {
+    /// Live migration: while the frontend logs, this pass writes used rings through the logged
+    /// view of guest memory (see `dirtylog`). One relaxed load otherwise.
+    fn begin_logging(&mut self, mem: &Mem) {
+        self.logged = None;
+        if LOG.active() {
+            self.logged = LOG.view_for(mem);
+        }
+    }
+
+    /// Ends a pass's logging; a pass that could not use the logged view marks the used rings
+    /// it wrote now, after writing them.
+    fn end_logging(&mut self) {
+        if self.logged.take().is_none() && LOG.active() {
+            LOG.mark_logged_rings();
+        }
+    }
+}
+
+/// Adds a used element through the logged view of guest memory while the frontend logs, through
+/// `mem` otherwise (the same memory).
+#[inline]
+fn add_used(
+    vring: &mut State,
+    mem: &Mem,
+    logged: Option<&LoggedMem>,
+    head: u16,
+    len: u32,
+) -> Result<(), virtio_queue::Error> {
+    match logged {
+        Some(view) => vring.get_queue_mut().add_used(view, head, len),
+        None => vring.get_queue_mut().add_used(mem, head, len),
+    }
+}
+
+/// Enables or disables the guest's notifications (used flags or avail_event, in the used ring),
+/// like `VringState::{enable,disable}_notification`, through the logged view while the frontend
+/// logs. Returns whether more buffers arrived (when enabling).
+#[inline]
+fn set_notification(
+    vring: &mut State,
+    mem: &Mem,
+    logged: Option<&LoggedMem>,
+    enable: bool,
+) -> Result<bool, virtio_queue::Error> {
+    let q = vring.get_queue_mut();
+    match (logged, enable) {
+        (Some(view), true) => q.enable_notification(view),
+        (Some(view), false) => q.disable_notification(view).map(|()| false),
+        (None, true) => q.enable_notification(mem),
+        (None, false) => q.disable_notification(mem).map(|()| false),
+    }
+}
+
+/// Signals used buffers to the guest when EVENT_IDX (or the used flags) ask for it, or when
+/// `unconditional` (cleared once a signal went out; see `Pair::signal_next`).
+fn notify(
+    vring: &mut State,
+    irq: Option<&dyn Interrupt>,
+    stats: &PairStats,
+    unconditional: &mut bool,
+) {
+    LOG.notify();
+    if !vring.needs_notification().unwrap_or(true) && !*unconditional {
         return;
     }
     if let Some(irq) = irq {
         match irq.raise() {
-            Ok(()) => add(&stats.notifications, 1),
+            Ok(()) => {
+                *unconditional = false;
+                add(&stats.notifications, 1);
+            }
             Err(e) => {
                 debug!("cannot notify the driver: {e}");
                 add(&stats.notifications_blocked, 1);
@@ -962,6 +1360,7 @@ fn notify(vring: &mut State, irq: Option<&dyn Interrupt>, stats: &PairStats) {
         add(&stats.notifications_blocked, 1);
         return;
     }
+    *unconditional = false;
     add(&stats.notifications, 1);
 }
 
@@ -979,13 +1378,18 @@ fn writable_now(fd: RawFd) -> bool {
         && pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) == 0
 }
 
-/// The `TUNSETOFFLOAD` bits for what the host accepts on its RX queue.
-pub fn tap_offload(neg: &Negotiated) -> u32 {
+/// The `TUNSETOFFLOAD` bits for what the host accepts on its RX queue. With `--rx-csum complete`
+/// only partial checksums (which the card completes): no GSO frame, since the spec wants
+/// NEEDS_CSUM on each.
+pub fn tap_offload(neg: &Negotiated, mode: RxCsum) -> u32 {
     use crate::tap::*;
     if !neg.guest_csum {
         return 0;
     }
     let mut f = TUN_F_CSUM;
+    if mode == RxCsum::Complete {
+        return f;
+    }
     if neg.guest_tso4 {
         f |= TUN_F_TSO4;
     }
@@ -1015,14 +1419,18 @@ mod tests {
     #[test]
     fn offload_bits_follow_guest_features() {
         let n = Negotiated::from_word(default_features());
-        assert_eq!(tap_offload(&n), TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6);
+        assert_eq!(
+            tap_offload(&n, RxCsum::Verify),
+            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+        );
+        assert_eq!(tap_offload(&n, RxCsum::Complete), TUN_F_CSUM);
         let mut n2 = n;
         n2.guest_csum = false;
-        assert_eq!(tap_offload(&n2), 0);
+        assert_eq!(tap_offload(&n2, RxCsum::Verify), 0);
         n2 = n;
         n2.guest_tso4 = false;
         n2.guest_tso6 = false;
         n2.guest_ecn = true;
-        assert_eq!(tap_offload(&n2), TUN_F_CSUM);
+        assert_eq!(tap_offload(&n2, RxCsum::Verify), TUN_F_CSUM);
     }
 }

@@ -12,6 +12,10 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 /// vhost-user's own bit, offered alongside the device bits.
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
 
+/// vhost's `VHOST_F_LOG_ALL`: the backend logs the guest pages it writes while the frontend
+/// asks (live migration, see `dirtylog`).
+pub const VHOST_F_LOG_ALL: u32 = 26;
+
 /// One feature bit as the card knows it.
 #[derive(Debug)]
 pub struct Feature {
@@ -98,6 +102,17 @@ pub static FEATURES: &[Feature] = &[
         needs_any: &[],
         help: "several queue pairs (offered exactly when --queues > 1)",
     },
+    f("guest-announce", VIRTIO_NET_F_GUEST_ANNOUNCE, true, &[], &[],
+      "the guest announces itself after a live migration (QEMU serves the control queue it needs); without it QEMU asks the card for a RARP (SEND_RARP)"),
+    Feature {
+        name: "log-all",
+        bit: VHOST_F_LOG_ALL,
+        default: true,
+        toggle: false,
+        needs_all: &[],
+        needs_any: &[],
+        help: "VHOST_F_LOG_ALL: guest pages the card writes are logged during live migration (always offered)",
+    },
     f("guest-uso4", VIRTIO_NET_F_GUEST_USO4, false, &["guest-csum"], &[],
       "card may send UDPv4 segmentation (USO) frames to the host (needs Linux >= 6.2 on the card)"),
     f("guest-uso6", VIRTIO_NET_F_GUEST_USO6, false, &["guest-csum"], &[],
@@ -112,7 +127,7 @@ pub enum FeatureError {
     #[error("unknown feature '{name}'; valid names: {valid}")]
     Unknown { name: String, valid: String },
     #[error(
-        "feature '{0}' is not chosen by name (version-1 is always offered, mq follows --queues)"
+        "feature '{0}' is not chosen by name (version-1 and log-all are always offered, mq follows --queues)"
     )]
     NotToggleable(&'static str),
     #[error("feature '{0}' is both enabled and disabled")]
@@ -246,7 +261,7 @@ pub fn table() -> String {
         "(protocol)",
         VHOST_USER_F_PROTOCOL_FEATURES,
         "always",
-        "VHOST_USER_F_PROTOCOL_FEATURES: MQ, REPLY_ACK and NET_MTU protocol features"
+        "VHOST_USER_F_PROTOCOL_FEATURES: MQ, LOG_SHMFD, RARP, REPLY_ACK and NET_MTU protocol features"
     ));
     s
 }
@@ -345,7 +360,9 @@ mod tests {
                 "mrg-rxbuf",
                 "indirect-desc",
                 "event-idx",
-                "version-1"
+                "version-1",
+                "guest-announce",
+                "log-all"
             ]
         );
     }

@@ -35,6 +35,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use crate::features::VHOST_USER_F_PROTOCOL_FEATURES;
 use crate::handover::pause::{self, Inflight, Link, PauseRequest, Paused};
 use crate::handover::record::Recorder;
+use crate::migrate::{Migration, Negotiation, RarpHook, Verdict};
 
 const HDR_SIZE: usize = 12;
 const FLAG_VERSION: u32 = 0x1;
@@ -52,6 +53,8 @@ pub enum GateError {
     BadMemTable(&'static str),
     #[error("handover: {0}")]
     Handover(String),
+    #[error("refused a request the frontend cannot be told about (no REPLY_ACK): {0}")]
+    Refused(&'static str),
 }
 
 /// Most regions one SET_MEM_TABLE may carry (QEMU's VHOST_MEMORY_BASELINE_NREGIONS).
@@ -226,9 +229,15 @@ pub fn send_msg(sock: &UnixStream, hdr: &Hdr, body: &[u8], fds: &[RawFd]) -> io:
 }
 
 /// The little-endian u32 at `at` in a message body, if the body is that long.
-fn le_u32(body: &[u8], at: usize) -> Option<u32> {
+pub(crate) fn le_u32(body: &[u8], at: usize) -> Option<u32> {
     body.get(at..at + 4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// The little-endian u64 at `at` in a message body, if the body is that long.
+pub(crate) fn le_u64(body: &[u8], at: usize) -> Option<u64> {
+    let b: [u8; 8] = body.get(at..at + 8)?.try_into().ok()?;
+    Some(u64::from_le_bytes(b))
 }
 
 /// What the gate knows of the card.
@@ -236,6 +245,16 @@ fn le_u32(body: &[u8], at: usize) -> Option<u32> {
 pub struct GateConfig {
     pub mtu: u16,
     pub num_queues: u32,
+    /// Largest ring size the card takes (the size of a ring the frontend did not size).
+    pub queue_size: u32,
+}
+
+/// What the gate tells the backend.
+pub struct Hooks {
+    /// Whether each queue pair is in use, after every change of ring state.
+    pub pair: PairHook,
+    /// `SEND_RARP`: announce a guest MAC into the card's network.
+    pub rarp: RarpHook,
 }
 
 /// A running gate.
@@ -257,9 +276,9 @@ impl Gate {
         frontend: UnixStream,
         backend: UnixStream,
         cfg: GateConfig,
-        on_pair: PairHook,
+        hooks: Hooks,
     ) -> io::Result<Gate> {
-        Self::start_from(frontend, backend, cfg, on_pair, ReqState::new(cfg), false)
+        Self::start_from(frontend, backend, cfg, hooks, ReqState::new(cfg), false)
     }
 
     /// Starts relaying for a session taken over from another process, whose handler was rebuilt
@@ -268,14 +287,14 @@ impl Gate {
         frontend: UnixStream,
         backend: UnixStream,
         cfg: GateConfig,
-        on_pair: PairHook,
+        hooks: Hooks,
         record: Recorder,
     ) -> io::Result<Gate> {
         Self::start_from(
             frontend,
             backend,
             cfg,
-            on_pair,
+            hooks,
             ReqState::restored(cfg, record),
             true,
         )
@@ -285,11 +304,12 @@ impl Gate {
         frontend: UnixStream,
         backend: UnixStream,
         cfg: GateConfig,
-        on_pair: PairHook,
+        hooks: Hooks,
         mut st: ReqState,
         resumed: bool,
     ) -> io::Result<Gate> {
-        st.on_pair = Some(on_pair);
+        st.on_pair = Some(hooks.pair);
+        st.migration.set_rarp(hooks.rarp);
         if resumed {
             // Before this returns: the pairs in use are known when the caller goes on.
             st.sync_pairs();
@@ -418,6 +438,8 @@ struct ReqState {
     record: Recorder,
     /// Pause requests for a handover (none in `screen_stream`).
     link: Option<Link>,
+    /// Live migration's requests (dirty log, announcement).
+    migration: Migration,
 }
 
 impl ReqState {
@@ -432,6 +454,7 @@ impl ReqState {
             on_pair: None,
             record: Recorder::new(cfg.num_queues as usize),
             link: None,
+            migration: Migration::new(cfg.num_queues, cfg.queue_size, None),
         }
     }
 
@@ -447,6 +470,13 @@ impl ReqState {
             st.enabled[i] = r.enabled;
             st.started[i] = r.started;
         }
+        let rings: Vec<_> = p
+            .rings
+            .iter()
+            .map(|r| (r.num, r.addr.map(|a| [a.desc, a.used, a.avail])))
+            .collect();
+        st.migration
+            .resume(p.regions.iter().map(|r| r.region()).collect(), &rings);
         st.record = record;
         st
     }
@@ -502,9 +532,29 @@ impl ReqState {
             let Some(hdr) = recv_msg(frontend, &mut msg)? else {
                 break;
             };
-            let action = if hdr.request == FrontendReq::SET_MEM_TABLE as u32 {
+            let neg = Negotiation {
+                features: self.acked_features,
+                protocol: self.acked_protocol,
+            };
+            let screened =
+                self.migration
+                    .request(hdr.request, &msg.body, &mut msg.fds, neg, &self.started);
+            let action = if let Some(verdict) = screened {
+                match verdict {
+                    Verdict::Forward => self.filter(&hdr, &msg.body),
+                    Verdict::Answer(v) => Action::Answer(v),
+                    Verdict::LogReply(ok) => Action::LogReply(ok),
+                    Verdict::Refuse(_) if self.can_reply(&hdr) => Action::Answer(1),
+                    Verdict::Refuse(why) => return Err(GateError::Refused(why)),
+                }
+            } else if hdr.request == FrontendReq::SET_MEM_TABLE as u32 {
                 match check_mem_table(&msg.body, &msg.fds) {
-                    Ok(()) => Action::Forward,
+                    Ok(()) => {
+                        if let Ok(regions) = parse_mem_table(&msg.body) {
+                            self.migration.mem_table(regions);
+                        }
+                        Action::Forward
+                    }
                     Err(why) => {
                         warn!("refused SET_MEM_TABLE: {why}");
                         if !self.can_reply(&hdr) {
@@ -536,20 +586,26 @@ impl ReqState {
                 }
                 Action::Answer(value) => {
                     if self.can_reply(&hdr) {
-                        let reply = Hdr {
-                            request: hdr.request,
-                            flags: FLAG_VERSION | FLAG_REPLY,
-                            size: 8,
-                        };
-                        let w = writer.lock().unwrap_or_else(|p| p.into_inner());
-                        send_msg(&w, &reply, &value.to_le_bytes(), &[])?;
+                        reply_u64(writer, &hdr, value)?;
                     }
+                }
+                Action::LogReply(ok) => {
+                    // The log description back, or a zero-sized one (see `migrate`).
+                    let body = if ok { msg.body.clone() } else { vec![0u8; 16] };
+                    let reply = Hdr {
+                        request: hdr.request,
+                        flags: FLAG_VERSION | FLAG_REPLY,
+                        size: body.len() as u32,
+                    };
+                    let w = writer.lock().unwrap_or_else(|p| p.into_inner());
+                    send_msg(&w, &reply, &body, &[])?;
                 }
             }
             if taken {
                 self.record.observe(&hdr, &msg.body, &msg.fds);
             }
-            if hdr.request == FrontendReq::SET_FEATURES as u32 {
+            if hdr.request == FrontendReq::SET_FEATURES as u32 && matches!(action, Action::Forward)
+            {
                 self.after_set_features(backend)?;
             }
         }
@@ -714,6 +770,19 @@ enum Action {
     Forward,
     /// Answer here with this REPLY_ACK value (0 is success) when the frontend asked for one.
     Answer(u64),
+    /// SET_LOG_BASE's own reply: whether the log is in place (see `migrate`).
+    LogReply(bool),
+}
+
+/// Sends the frontend a reply to `req` carrying one u64.
+fn reply_u64(writer: &Mutex<UnixStream>, req: &Hdr, value: u64) -> io::Result<()> {
+    let reply = Hdr {
+        request: req.request,
+        flags: FLAG_VERSION | FLAG_REPLY,
+        size: 8,
+    };
+    let w = writer.lock().unwrap_or_else(|p| p.into_inner());
+    send_msg(&w, &reply, &value.to_le_bytes(), &[])
 }
 
 #[cfg(test)]
@@ -724,6 +793,7 @@ mod tests {
         GateConfig {
             mtu: 65520,
             num_queues: 2,
+            queue_size: 256,
         }
     }
 

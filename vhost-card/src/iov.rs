@@ -175,6 +175,72 @@ pub unsafe fn write_iovs(iovs: &[libc::iovec], mut offset: usize, src: &[u8]) ->
     done
 }
 
+/// The one's complement sum (see `csum::finish`) of `len` bytes starting `offset` bytes into
+/// `iovs`, summed where they lie (no copy); `None` if the iovecs hold fewer bytes.
+///
+/// # Safety
+/// Every iovec must describe memory that is mapped and readable for the duration of the call.
+pub unsafe fn sum_iovs(iovs: &[libc::iovec], mut offset: usize, len: usize) -> Option<u64> {
+    let mut sum = 0u64;
+    let mut done = 0;
+    for iov in iovs {
+        if done == len {
+            break;
+        }
+        if offset >= iov.iov_len {
+            offset -= iov.iov_len;
+            continue;
+        }
+        let n = (iov.iov_len - offset).min(len - done);
+        // SAFETY: the caller guarantees the iovec is mapped and readable; `offset + n <= iov_len`.
+        // Guest memory may change under us: u8 has no invalid values, so a racing write only
+        // changes the sum (the host then gets the checksum of what it wrote).
+        let part = unsafe {
+            std::slice::from_raw_parts(iov.iov_base.cast::<u8>().add(offset).cast_const(), n)
+        };
+        sum = crate::csum::add_part(sum, crate::csum::sum_slice(part), done % 2 == 1);
+        done += n;
+        offset = 0;
+    }
+    (done == len).then_some(sum)
+}
+
+/// Fills `dst` with the iovecs of `src` minus the bytes `[at, at + gap)`: a `readv` into `dst`
+/// leaves that range of `src` untouched (where the IP-only link writes the Ethernet header).
+/// Returns how many bytes `dst` covers. `dst` keeps at most `max` entries.
+pub fn with_gap(
+    src: &[libc::iovec],
+    at: usize,
+    gap: usize,
+    dst: &mut Vec<libc::iovec>,
+    max: usize,
+) -> usize {
+    dst.clear();
+    let mut pos = 0usize;
+    let mut total = 0usize;
+    let mut push = |dst: &mut Vec<libc::iovec>, base: *mut u8, len: usize| {
+        if len > 0 && dst.len() < max {
+            dst.push(libc::iovec {
+                iov_base: base.cast(),
+                iov_len: len,
+            });
+            total += len;
+        }
+    };
+    for iov in src {
+        let (start, end) = (pos, pos + iov.iov_len);
+        pos = end;
+        let base = iov.iov_base.cast::<u8>();
+        // The parts of [start, end) before `at` and after `at + gap`.
+        let before = at.clamp(start, end) - start;
+        push(dst, base, before);
+        let after = (at + gap).clamp(start, end) - start;
+        // SAFETY: `after <= iov_len`: pointer arithmetic within the iovec's own range.
+        push(dst, unsafe { base.add(after) }, iov.iov_len - after);
+    }
+    total
+}
+
 /// Drops the first `skip` bytes from `iovs[from..]` in place and returns the index of the first
 /// iovec that still holds data (`iovs.len()` if none does).
 pub fn advance(iovs: &mut [libc::iovec], from: usize, mut skip: usize) -> usize {
@@ -207,6 +273,60 @@ mod tests {
     const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
     const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
     const F_INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
+
+    fn iov_of(b: &mut [u8]) -> libc::iovec {
+        libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        }
+    }
+
+    #[test]
+    fn sums_over_iovecs_match_a_contiguous_sum() {
+        let data: Vec<u8> = (0..3000u32).map(|i| (i * 31 + i / 7) as u8).collect();
+        for cuts in [[1usize, 2], [333, 334], [1000, 2999], [7, 1500]] {
+            let mut a = data[..cuts[0]].to_vec();
+            let mut b = data[cuts[0]..cuts[1]].to_vec();
+            let mut c = data[cuts[1]..].to_vec();
+            let iovs = [iov_of(&mut a), iov_of(&mut b), iov_of(&mut c)];
+            for (off, len) in [(0, 3000), (1, 2999), (34, 1000), (2999, 1)] {
+                let want = crate::csum::finish(crate::csum::sum_slice(&data[off..off + len]));
+                // SAFETY: the iovecs point into the three live vectors above.
+                let got = unsafe { sum_iovs(&iovs, off, len) }.unwrap();
+                assert_eq!(
+                    crate::csum::finish(got),
+                    want,
+                    "cuts {cuts:?} at {off}+{len}"
+                );
+            }
+            // SAFETY: as above.
+            assert!(unsafe { sum_iovs(&iovs, 10, 2991) }.is_none());
+        }
+    }
+
+    #[test]
+    fn a_gap_is_left_out_of_the_iovecs() {
+        let mut a = vec![0u8; 10];
+        let mut b = vec![0u8; 10];
+        let mut c = vec![0u8; 30];
+        let src = [iov_of(&mut a), iov_of(&mut b), iov_of(&mut c)];
+        let mut dst = Vec::new();
+        for (at, gap) in [(12, 14), (0, 14), (10, 10), (5, 40), (45, 14)] {
+            let total = with_gap(&src, at, gap, &mut dst, 16);
+            assert_eq!(total, 50 - gap.min(50 - at), "{at}+{gap}");
+            let mut marks = vec![1u8; total];
+            // SAFETY: dst points into a, b and c.
+            unsafe { write_iovs(&dst, 0, &marks) };
+            let all: Vec<u8> = [&a[..], &b[..], &c[..]].concat();
+            for (i, &v) in all.iter().enumerate() {
+                assert_eq!(v == 0, (at..at + gap).contains(&i), "{at}+{gap}: byte {i}");
+            }
+            a.fill(0);
+            b.fill(0);
+            c.fill(0);
+            marks.clear();
+        }
+    }
 
     /// Two adjacent regions, then a hole, then a third region.
     fn memory() -> GuestMemoryMmap {

@@ -55,6 +55,29 @@ pub const FAMILIES: &[(&str, &str)] = &[
          unmarked), completed (partial checksum filled in for a host without GUEST_CSUM).",
     ),
     (
+        "rx_unmarked_frames",
+        "RX frames handed up with neither DATA_VALID nor NEEDS_CSUM, by reason: fragment, not_ip, \
+         no_l4_csum (ESP, GRE, ...), malformed, bad_csum, passthrough (--rx-csum passthrough), \
+         no_guest_csum (the host did not negotiate GUEST_CSUM).",
+    ),
+    (
+        "rx_reassembly",
+        "IP fragments going up reassembled by the card: fragments taken in, datagrams handed up \
+         whole, datagrams above the host's MTU cut to it (split), duplicate fragments dropped, and \
+         datagrams discarded (overlap, malformed, timeout, evicted from a full table).",
+    ),
+    (
+        "neighbour_replies",
+        "ARP requests and IPv6 neighbour solicitations from the host the card answered itself \
+         (--link ip).",
+    ),
+    (
+        "neighbour_ignored",
+        "ARP and neighbour discovery packets from the host counted and not answered, by \
+         protocol and reason: malformed, not_behind (an address that cannot be behind the link), \
+         gratuitous (ARP announcements and probes), dad (IPv6 duplicate address detection).",
+    ),
+    (
         "kicks",
         "Kicks from the guest: on the TX queue (frames to send), on the RX queue (buffers posted).",
     ),

@@ -84,6 +84,11 @@ counters! {
     tx_drop_oversize => dropped_frames[direction = "tx", reason = "oversize"],
     /// TX frames the tap refused.
     tx_drop_tap_error => dropped_frames[direction = "tx", reason = "tap_error"],
+    /// TX frames an IP-only link cannot carry: neither IPv4, IPv6 nor ARP (`--link ip`).
+    tx_drop_not_ip => dropped_frames[direction = "tx", reason = "not_ip"],
+    /// TX frames too short for the IP header they claim, or whose IP version contradicts their
+    /// EtherType (`--link ip`).
+    tx_drop_malformed => dropped_frames[direction = "tx", reason = "malformed"],
     /// Times the tap said EAGAIN and TX waited for EPOLLOUT.
     tx_tap_full => tx_tap_full[],
     /// Frames from the card written to the host.
@@ -102,6 +107,47 @@ counters! {
     rx_drop_runt => dropped_frames[direction = "rx", reason = "runt"],
     /// RX frames waiting in the bounce buffer for host buffers when the host disconnected.
     rx_drop_disconnect => dropped_frames[direction = "rx", reason = "disconnect"],
+    /// Packets from the card's kernel of a protocol an IP-only link cannot carry (neither IPv4
+    /// nor IPv6), or too short for one (`--link ip`).
+    rx_drop_not_ip => dropped_frames[direction = "rx", reason = "not_ip"],
+    /// Frames the card made for the host (replies, reassembled datagrams) with no room left in
+    /// its queue.
+    rx_drop_local_full => dropped_frames[direction = "rx", reason = "local_full"],
+    /// IP fragments from the card's kernel taken into the reassembly table.
+    reasm_fragments => rx_reassembly[event = "fragment"],
+    /// Datagrams reassembled from those fragments and handed up whole.
+    reasm_datagrams => rx_reassembly[event = "datagram"],
+    /// Reassembled datagrams larger than the host's MTU, handed up cut to it.
+    reasm_split => rx_reassembly[event = "split"],
+    /// Exact duplicate fragments dropped (their datagram kept).
+    reasm_duplicate => rx_reassembly[event = "duplicate"],
+    /// Datagrams discarded because fragments overlapped (RFC 5722, and the same for IPv4).
+    reasm_overlap => rx_reassembly[event = "overlap"],
+    /// Datagrams discarded for bad fragments (lengths, offsets, size, count, ECN).
+    reasm_malformed => rx_reassembly[event = "malformed"],
+    /// Datagrams still incomplete after 30 s (IPv4) or 60 s (IPv6), discarded.
+    reasm_timeout => rx_reassembly[event = "timeout"],
+    /// Incomplete datagrams discarded to make room in a full table.
+    reasm_evicted => rx_reassembly[event = "evicted"],
+    /// ARP requests from the host the card answered (`--link ip`).
+    arp_replies => neighbour_replies[protocol = "arp"],
+    /// Neighbour solicitations from the host the card answered (`--link ip`).
+    nd_replies => neighbour_replies[protocol = "nd"],
+    /// ARP packets from the host that were malformed (not Ethernet/IPv4, bad lengths or
+    /// opcode, a multicast sender), counted and not answered.
+    arp_ignored_malformed => neighbour_ignored[protocol = "arp", reason = "malformed"],
+    /// ARP requests for an address that cannot be behind the link (the host's own, unspecified,
+    /// broadcast, multicast, loopback), not answered.
+    arp_ignored_not_behind => neighbour_ignored[protocol = "arp", reason = "not_behind"],
+    /// Gratuitous ARP, ARP probes and unsolicited ARP replies from the host, not answered.
+    arp_ignored_gratuitous => neighbour_ignored[protocol = "arp", reason = "gratuitous"],
+    /// Neighbour solicitations failing RFC 4861's checks (hop limit, checksum, code, length,
+    /// options, multicast target), not answered.
+    nd_ignored_malformed => neighbour_ignored[protocol = "nd", reason = "malformed"],
+    /// Neighbour solicitations for an address that cannot be behind the link, not answered.
+    nd_ignored_not_behind => neighbour_ignored[protocol = "nd", reason = "not_behind"],
+    /// Duplicate address detection probes from the host (source ::), not answered.
+    nd_ignored_dad => neighbour_ignored[protocol = "nd", reason = "dad"],
     /// RX reads that failed with an error other than EAGAIN.
     rx_tap_error => rx_tap_errors[],
     /// Times RX stopped reading the tap because the host had no buffers.
@@ -116,8 +162,29 @@ counters! {
     rx_csum_bad => rx_checksums[result = "bad"],
     /// RX frames with a partial checksum the card completed for a host without GUEST_CSUM.
     rx_csum_completed => rx_checksums[result = "completed"],
-    /// RX frames handed up marked DATA_VALID (verified here or by the card's kernel).
+    /// RX frames handed up marked DATA_VALID (verified or completed here, or vouched for by the
+    /// card's kernel). Every frame handed up counts once in exactly one of `rx_data_valid`,
+    /// `rx_needs_csum` and the `rx_unmarked_*` counters, which add up to `rx_frames`.
     rx_data_valid => rx_data_valid_frames[],
+    /// RX frames handed up with NEEDS_CSUM: a partial checksum left for the host (every GSO
+    /// frame; with `--rx-csum verify` also the card's kernel's partial checksums).
+    rx_needs_csum => rx_needs_csum_frames[],
+    /// RX frames handed up unmarked because they are IP fragments (not reassembled).
+    rx_unmarked_fragment => rx_unmarked_frames[reason = "fragment"],
+    /// RX frames handed up unmarked because they are not IP (ARP, other EtherTypes).
+    rx_unmarked_not_ip => rx_unmarked_frames[reason = "not_ip"],
+    /// RX frames handed up unmarked because their L4 protocol has no checksum the card knows
+    /// (ESP, GRE, SCTP, ...).
+    rx_unmarked_no_l4_csum => rx_unmarked_frames[reason = "no_l4_csum"],
+    /// RX frames handed up unmarked because their IP or L4 header does not parse.
+    rx_unmarked_malformed => rx_unmarked_frames[reason = "malformed"],
+    /// RX frames handed up unmarked because a checksum is wrong (the host drops them).
+    rx_unmarked_bad_csum => rx_unmarked_frames[reason = "bad_csum"],
+    /// RX frames handed up unmarked, unchecked, because of `--rx-csum passthrough`.
+    rx_unmarked_passthrough => rx_unmarked_frames[reason = "passthrough"],
+    /// RX frames handed up unmarked because the host did not negotiate GUEST_CSUM (the spec
+    /// then forbids every flag; partial checksums were completed by the card).
+    rx_unmarked_no_guest_csum => rx_unmarked_frames[reason = "no_guest_csum"],
     /// Kicks from the guest on the RX queue (buffers posted).
     rx_kicks => kicks[direction = "rx"],
     /// Kicks from the guest on the TX queue (frames to send).
@@ -131,6 +198,9 @@ counters! {
     tx_ring_broken => ring_broken[direction = "tx"],
     /// Times the RX ring's available index ran more than a ring ahead (queue ignored until reset).
     rx_ring_broken => ring_broken[direction = "rx"],
+    /// RARP announcements written to the tap for the frontend (`VHOST_USER_SEND_RARP`, after a
+    /// live migration).
+    rarp_sent => rarp_announcements[],
 }
 
 /// Every counter's name with its description.
@@ -251,6 +321,13 @@ impl Stats {
         let faults = crate::memguard::faults();
         if faults != 0 {
             let _ = writeln!(s, "device: guest_memory_faults={faults}");
+        }
+        let (marks, misses) = crate::dirtylog::LOG.counts();
+        if marks + misses != 0 {
+            let _ = writeln!(
+                s,
+                "device: dirty_log_marks={marks} dirty_log_misses={misses}"
+            );
         }
         s
     }

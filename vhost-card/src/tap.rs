@@ -9,6 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use log::{debug, info, warn};
@@ -32,23 +33,27 @@ pub enum TapError {
     #[error("invalid tap name '{0}': 1 to 15 characters, no '/', ':' or whitespace")]
     BadName(String),
     #[error(
-        "creating tap '{name}' needs CAP_NET_ADMIN: run as root, or have root create it once \
-         for this user: ip tuntap add {name} mode tap user {uid} vnet_hdr{mq}"
+        "creating {mode} '{name}' needs CAP_NET_ADMIN: run as root, or have root create it once \
+         for this user: ip tuntap add {name} mode {mode} user {uid} vnet_hdr{mq}"
     )]
     CannotCreate {
         name: String,
         uid: u32,
         mq: &'static str,
+        /// `tap`, or `tun` for `--link ip`.
+        mode: &'static str,
     },
     #[error(
-        "tap '{name}' belongs to another user (this process runs as uid {uid} without \
+        "{mode} '{name}' belongs to another user (this process runs as uid {uid} without \
          CAP_NET_ADMIN): run as its owner, or have root give it to this user: \
-         ip tuntap del {name} mode tap{mq}; ip tuntap add {name} mode tap user {uid} vnet_hdr{mq}"
+         ip tuntap del {name} mode {mode}{mq}; ip tuntap add {name} mode {mode} user {uid} \
+         vnet_hdr{mq}"
     )]
     NotOwner {
         name: String,
         uid: u32,
         mq: &'static str,
+        mode: &'static str,
     },
     #[error("permission denied opening /dev/net/tun (its mode or a device cgroup forbids it)")]
     TunPermission,
@@ -70,6 +75,8 @@ pub enum TapError {
     SingleQueueTap { name: String, queues: usize },
     #[error("'{0}' exists and is not a tap (a tun device or another kind of link): choose another --tap name")]
     NotATap(String),
+    #[error("'{0}' exists and is not a tun device (a tap or another kind of link), which --link ip needs: choose another --tap name")]
+    NotATun(String),
     #[error(
         "tap '{name}' is not as the card needs it and this process may not change it (no \
          CAP_NET_ADMIN in its namespace): {differs}; fix it once as root: ip link set {name} {fix}"
@@ -97,6 +104,8 @@ pub struct TapConfig {
     pub mtu: u16,
     pub mac: Option<[u8; 6]>,
     pub queues: usize,
+    /// A TUN device (IFF_TUN: bare IP packets, `--link ip`) instead of a tap.
+    pub tun: bool,
 }
 
 /// An open tap with one file descriptor per queue pair.
@@ -106,6 +115,8 @@ pub struct Tap {
     queues: Vec<File>,
     /// Whether each queue is attached to the device (`TUNSETQUEUE`); a new queue is.
     attached: Mutex<Vec<bool>>,
+    /// The vnet header length the tap reads and writes (`TUNSETVNETHDRSZ`).
+    hdr_len: AtomicUsize,
     created: bool,
     /// Keep a tap this daemon created when it is dropped (set once the daemon serves: a start
     /// that fails never leaves a tap behind).
@@ -208,7 +219,7 @@ enum Attach {
 
 /// Opens one queue of tap `name` (creating the tap if there is none): `/dev/net/tun` and
 /// `TUNSETIFF` with a vnet header, multi-queue or not.
-fn attach(name: &str, multi_queue: bool) -> Result<File, Attach> {
+fn attach(name: &str, multi_queue: bool, tun: bool) -> Result<File, Attach> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -216,7 +227,8 @@ fn attach(name: &str, multi_queue: bool) -> Result<File, Attach> {
         .open("/dev/net/tun")
         .map_err(Attach::Open)?;
     let mut ifr = ifreq_with_name(name);
-    let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+    let kind = if tun { libc::IFF_TUN } else { libc::IFF_TAP };
+    let mut flags = kind | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
     if multi_queue {
         flags |= libc::IFF_MULTI_QUEUE;
     }
@@ -233,13 +245,28 @@ fn why_not_attached(cfg: &TapConfig, existed: bool, e: io::Error) -> TapError {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let uid = unsafe { libc::geteuid() };
     let mq = if cfg.queues > 1 { " multi_queue" } else { "" };
+    let mode = if cfg.tun { "tun" } else { "tap" };
     match e.raw_os_error() {
         Some(libc::EBUSY) => TapError::Busy(name),
-        Some(libc::EPERM | libc::EACCES) if existed => TapError::NotOwner { name, uid, mq },
-        Some(libc::EPERM | libc::EACCES) => TapError::CannotCreate { name, uid, mq },
+        Some(libc::EPERM | libc::EACCES) if existed => TapError::NotOwner {
+            name,
+            uid,
+            mq,
+            mode,
+        },
+        Some(libc::EPERM | libc::EACCES) => TapError::CannotCreate {
+            name,
+            uid,
+            mq,
+            mode,
+        },
         Some(libc::EINVAL) if existed => {
-            if !is_multi_queue_mismatch(&cfg.name, cfg.queues) {
-                TapError::NotATap(name)
+            if !is_multi_queue_mismatch(&cfg.name, cfg.queues, cfg.tun) {
+                if cfg.tun {
+                    TapError::NotATun(name)
+                } else {
+                    TapError::NotATap(name)
+                }
             } else if cfg.queues > 1 {
                 TapError::SingleQueueTap {
                     name,
@@ -260,8 +287,8 @@ fn why_not_attached(cfg: &TapConfig, existed: bool, e: io::Error) -> TapError {
 /// Whether tap `name` takes the multi-queue flag opposite to what `queues` asks for: attaching
 /// with it works, or fails with something other than EINVAL (a single-queue tap another process
 /// holds says EBUSY).
-fn is_multi_queue_mismatch(name: &str, queues: usize) -> bool {
-    match attach(name, queues <= 1) {
+fn is_multi_queue_mismatch(name: &str, queues: usize, tun: bool) -> bool {
+    match attach(name, queues <= 1, tun) {
         Ok(_) => true,
         Err(Attach::SetIff(e)) => e.raw_os_error() != Some(libc::EINVAL),
         Err(Attach::Open(_)) => false,
@@ -359,7 +386,8 @@ fn set_link(ctl: RawFd, cfg: &TapConfig) -> Result<Vec<String>, TapError> {
     Ok(changed)
 }
 
-fn mac_string(m: &[u8; 6]) -> String {
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn mac_string(m: &[u8; 6]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
@@ -382,7 +410,7 @@ impl Tap {
         let multi_queue = cfg.queues > 1;
         let mut queues = Vec::with_capacity(cfg.queues);
         for _ in 0..cfg.queues.max(1) {
-            let file = attach(&cfg.name, multi_queue).map_err(|e| match e {
+            let file = attach(&cfg.name, multi_queue, cfg.tun).map_err(|e| match e {
                 Attach::Open(e) => match e.kind() {
                     io::ErrorKind::NotFound => TapError::NoTunDevice,
                     io::ErrorKind::PermissionDenied => TapError::TunPermission,
@@ -399,6 +427,7 @@ impl Tap {
         let tap = Tap {
             name: cfg.name.clone(),
             attached: Mutex::new(vec![true; queues.len()]),
+            hdr_len: AtomicUsize::new(0),
             queues,
             created: !existed,
             keep: false.into(),
@@ -412,7 +441,8 @@ impl Tap {
         tap.set_offload(0).map_err(io_err("TUNSETOFFLOAD"))?;
         let changed = set_link(ctl.as_raw_fd(), cfg)?;
         info!(
-            "tap {} {} in {} with {} queue(s), MTU {}{}",
+            "{} {} {} in {} with {} queue(s), MTU {}{}",
+            if cfg.tun { "tun" } else { "tap" },
             cfg.name,
             if existed { "attached" } else { "created" },
             cfg.netns.as_deref().unwrap_or("the daemon's namespace"),
@@ -444,12 +474,19 @@ impl Tap {
             }
             attached.push(i32::from(flags) & libc::IFF_DETACH_QUEUE == 0);
         }
-        if queues.is_empty() {
+        let Some(first) = queues.first() else {
             return Err(TapError::NotATap(name.to_string()));
+        };
+        let mut len: i32 = 0;
+        // SAFETY: TUNGETVNETHDRSZ writes one c_int to the pointer, valid for the call.
+        let rc = unsafe { libc::ioctl(first.as_raw_fd(), libc::TUNGETVNETHDRSZ, &mut len) };
+        if rc < 0 {
+            return Err(io_err("TUNGETVNETHDRSZ", name)(io::Error::last_os_error()));
         }
         Ok(Tap {
             name: name.to_string(),
             attached: Mutex::new(attached),
+            hdr_len: AtomicUsize::new(usize::try_from(len).unwrap_or(0)),
             queues: queues.into_iter().map(File::from).collect(),
             created,
             keep: false.into(),
@@ -537,8 +574,33 @@ impl Tap {
         if rc < 0 {
             Err(io::Error::last_os_error())
         } else {
+            self.hdr_len
+                .store(usize::try_from(len).unwrap_or(0), Ordering::Relaxed);
             Ok(())
         }
+    }
+
+    /// Writes one frame of the card's own (not the host's) into the card's network, as if the
+    /// host had sent it: behind a vnet header with no offload requested.
+    pub fn inject(&self, frame: &[u8]) -> io::Result<()> {
+        let hdr = [0u8; crate::vnet::HDR_MAX];
+        let hdr_len = self.hdr_len.load(Ordering::Relaxed).min(hdr.len());
+        let iov = [
+            libc::iovec {
+                iov_base: hdr.as_ptr() as *mut libc::c_void,
+                iov_len: hdr_len,
+            },
+            libc::iovec {
+                iov_base: frame.as_ptr() as *mut libc::c_void,
+                iov_len: frame.len(),
+            },
+        ];
+        // SAFETY: two iovecs over buffers that outlive the call; the kernel only reads them.
+        let n = unsafe { libc::writev(self.queues[0].as_raw_fd(), iov.as_ptr(), 2) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Tells the kernel which partial-checksum and GSO frames the reader (the host) accepts.

@@ -57,6 +57,30 @@ impl VnetHdr {
         }
     }
 
+    /// The header for the same frame without its Ethernet header (IP-only link, host to card):
+    /// the offsets count from the IP header. `check_tx` made sure `csum_start >= ETH_HLEN`.
+    pub fn without_ethernet(&self) -> VnetHdr {
+        self.offsets_moved(|v| v.saturating_sub(ETH_HLEN as u16))
+    }
+
+    /// The header for the same frame with an Ethernet header put in front (IP-only link, card
+    /// to host).
+    pub fn with_ethernet(&self) -> VnetHdr {
+        self.offsets_moved(|v| v.saturating_add(ETH_HLEN as u16))
+    }
+
+    /// `csum_start` (with NEEDS_CSUM) and `hdr_len` (with GSO) moved by `f`.
+    fn offsets_moved(&self, f: impl Fn(u16) -> u16) -> VnetHdr {
+        let mut h = *self;
+        if h.flags & F_NEEDS_CSUM != 0 {
+            h.csum_start = f(h.csum_start);
+        }
+        if h.gso_type != GSO_NONE {
+            h.hdr_len = f(h.hdr_len);
+        }
+        h
+    }
+
     pub fn encode(&self) -> [u8; HDR_MAX] {
         let mut b = [0u8; HDR_MAX];
         b[0] = self.flags;
@@ -160,6 +184,20 @@ pub fn check_tx(
     Ok(out)
 }
 
+/// What the card does about checksums of frames going up (`--rx-csum`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RxCsum {
+    /// Frames without flags are verified and marked DATA_VALID when good; the kernel's partial
+    /// checksums and GSO frames go up with NEEDS_CSUM.
+    #[default]
+    Verify,
+    /// As `Verify`, and every partial checksum is completed and marked DATA_VALID; the tap is
+    /// told to hand over no GSO frame (the spec wants NEEDS_CSUM on every GSO frame).
+    Complete,
+    /// Frames without flags go up untouched.
+    Passthrough,
+}
+
 /// What the RX path must do with a header the card's kernel wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RxAction {
@@ -169,12 +207,14 @@ pub enum RxAction {
     Verify,
     /// The kernel left a partial checksum the host cannot take: complete it, clear flags.
     Complete,
+    /// `--rx-csum complete`: complete the partial checksum and mark the frame DATA_VALID.
+    CompleteAndMark,
     /// A GSO type the host did not negotiate: drop.
     DropGso,
 }
 
 /// Decides what the RX path does with `hdr` (from the tap) and rewrites it for the host.
-pub fn rx_action(hdr: &mut VnetHdr, neg: &Negotiated, verify: bool) -> RxAction {
+pub fn rx_action(hdr: &mut VnetHdr, neg: &Negotiated, mode: RxCsum) -> RxAction {
     let base = hdr.gso_type & !GSO_ECN;
     if base != GSO_NONE {
         let ok = neg.guest_csum
@@ -203,10 +243,11 @@ pub fn rx_action(hdr: &mut VnetHdr, neg: &Negotiated, verify: bool) -> RxAction 
         };
     }
     hdr.flags &= F_NEEDS_CSUM | F_DATA_VALID;
-    if hdr.flags == 0 && base == GSO_NONE && verify {
-        RxAction::Verify
-    } else {
-        RxAction::Deliver
+    match mode {
+        _ if base != GSO_NONE => RxAction::Deliver,
+        RxCsum::Verify | RxCsum::Complete if hdr.flags == 0 => RxAction::Verify,
+        RxCsum::Complete if hdr.flags & F_NEEDS_CSUM != 0 => RxAction::CompleteAndMark,
+        _ => RxAction::Deliver,
     }
 }
 
@@ -229,6 +270,22 @@ mod tests {
             csum_offset: 16,
             num_buffers: 0,
         }
+    }
+
+    #[test]
+    fn ethernet_header_moves_the_offsets() {
+        let h = tcp_gso(1448);
+        let ip = h.without_ethernet();
+        assert_eq!((ip.csum_start, ip.hdr_len), (20, 40));
+        assert_eq!(ip.with_ethernet(), h);
+        // Without NEEDS_CSUM or GSO the fields mean nothing and stay as they are.
+        let plain = VnetHdr {
+            csum_start: 3,
+            hdr_len: 5,
+            ..Default::default()
+        };
+        assert_eq!(plain.without_ethernet(), plain);
+        assert_eq!(plain.with_ethernet(), plain);
     }
 
     #[test]
@@ -313,17 +370,38 @@ mod tests {
     fn rx_actions() {
         let n = neg();
         let mut h = VnetHdr::default();
-        assert_eq!(rx_action(&mut h, &n, true), RxAction::Verify);
-        assert_eq!(rx_action(&mut h, &n, false), RxAction::Deliver);
+        assert_eq!(rx_action(&mut h, &n, RxCsum::Verify), RxAction::Verify);
+        assert_eq!(rx_action(&mut h, &n, RxCsum::Complete), RxAction::Verify);
+        assert_eq!(
+            rx_action(&mut h, &n, RxCsum::Passthrough),
+            RxAction::Deliver
+        );
+        // A partial checksum: left to the host, or completed and marked.
+        let partial = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            csum_start: 34,
+            csum_offset: 6,
+            ..Default::default()
+        };
+        let mut h = partial;
+        assert_eq!(rx_action(&mut h, &n, RxCsum::Verify), RxAction::Deliver);
+        let mut h = partial;
+        assert_eq!(
+            rx_action(&mut h, &n, RxCsum::Complete),
+            RxAction::CompleteAndMark
+        );
+        // GSO frames keep NEEDS_CSUM whatever the mode.
+        let mut h = tcp_gso(1448);
+        assert_eq!(rx_action(&mut h, &n, RxCsum::Complete), RxAction::Deliver);
         let mut h = VnetHdr {
             flags: F_DATA_VALID,
             ..Default::default()
         };
-        assert_eq!(rx_action(&mut h, &n, true), RxAction::Deliver);
+        assert_eq!(rx_action(&mut h, &n, RxCsum::Verify), RxAction::Deliver);
         let mut h = tcp_gso(1448);
-        assert_eq!(rx_action(&mut h, &n, true), RxAction::Deliver);
+        assert_eq!(rx_action(&mut h, &n, RxCsum::Verify), RxAction::Deliver);
         h.gso_type = GSO_UDP;
-        assert_eq!(rx_action(&mut h, &n, true), RxAction::DropGso);
+        assert_eq!(rx_action(&mut h, &n, RxCsum::Verify), RxAction::DropGso);
         // Without GUEST_CSUM the flags must be zero and partial checksums completed.
         let n = Negotiated::from_word(1 << 32);
         let mut h = VnetHdr {
@@ -332,13 +410,13 @@ mod tests {
             csum_offset: 6,
             ..Default::default()
         };
-        assert_eq!(rx_action(&mut h, &n, true), RxAction::Complete);
+        assert_eq!(rx_action(&mut h, &n, RxCsum::Verify), RxAction::Complete);
         assert_eq!(h.flags, 0);
         let mut h = VnetHdr {
             flags: F_DATA_VALID,
             ..Default::default()
         };
-        assert_eq!(rx_action(&mut h, &n, true), RxAction::Deliver);
+        assert_eq!(rx_action(&mut h, &n, RxCsum::Verify), RxAction::Deliver);
         assert_eq!(h.flags, 0);
     }
 }

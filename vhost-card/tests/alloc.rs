@@ -10,11 +10,14 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use etherparse::PacketBuilder;
-use vhost_card::datapath::{preopen_tx_rings, Pair};
+use vhost_card::datapath::{preopen_tx_rings, Pair, PairConfig};
 use vhost_card::features::{default_features, Negotiated};
+use vhost_card::link::IpLink;
 use vhost_card::stats::PairStats;
+use vhost_card::vnet::RxCsum;
 use vhost_user_backend::{VringRwLock, VringT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -169,6 +172,19 @@ fn socketpair() -> (OwnedFd, OwnedFd) {
     unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
 }
 
+/// A queue pair's data path on `fd` (the "tap"), MTU 1500, on the IP-only link or not.
+fn pair_on(fd: std::os::fd::RawFd, ip_link: bool) -> Pair {
+    Pair::new(
+        fd,
+        &PairConfig {
+            mtu: 1500,
+            rx_csum: RxCsum::Verify,
+            queue_size: usize::from(QSIZE),
+            link: ip_link.then(|| Arc::new(IpLink::new([2, 0, 0, 0, 0, 2]))),
+        },
+    )
+}
+
 /// A UDP frame with valid checksums (so RX verifies it and marks it DATA_VALID).
 fn udp_frame(payload: usize) -> Vec<u8> {
     let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
@@ -179,7 +195,7 @@ fn udp_frame(payload: usize) -> Vec<u8> {
     v
 }
 
-fn steady_state(uring: bool) {
+fn steady_state(uring: bool, ip_link: bool) {
     let mem = GuestMemoryAtomic::new(
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap(),
     );
@@ -192,7 +208,7 @@ fn steady_state(uring: bool) {
     if uring {
         preopen_tx_rings(1);
     }
-    let mut pair = Pair::new(dp.as_raw_fd(), 1500, true, usize::from(QSIZE));
+    let mut pair = pair_on(dp.as_raw_fd(), ip_link);
     pair.neg = Negotiated::from_word(default_features());
     let stats = PairStats::default();
 
@@ -213,8 +229,35 @@ fn steady_state(uring: bool) {
         rxd.push(&m, i);
     }
     let mut rx_frame = vec![0u8; HDR];
-    rx_frame.extend(udp_frame(500));
+    // A tun hands over the IP packet alone.
+    rx_frame.extend(&udp_frame(500)[if ip_link { 14 } else { 0 }..]);
     let mut sink = vec![0u8; 4096];
+    // Two fragments of a 1400-byte datagram, reassembled by the card each round.
+    let whole = udp_frame(1400 - 28);
+    let frag = |first: bool, id: u16| {
+        let mut f = vec![0u8; HDR];
+        let eth_ip = &whole[..34];
+        let payload = if first {
+            &whole[34..34 + 800]
+        } else {
+            &whole[34 + 800..]
+        };
+        let mut h = eth_ip.to_vec();
+        h[16..18].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+        h[18..20].copy_from_slice(&id.to_be_bytes());
+        h[20..22].copy_from_slice(&(if first { 0x2000u16 } else { 800 / 8 }).to_be_bytes());
+        h[24] = 0;
+        h[25] = 0;
+        let c = etherparse::checksum::u64_16bit_word::ones_complement(
+            etherparse::checksum::u64_16bit_word::add_slice(0, &h[14..34]),
+        );
+        h[24..26].copy_from_slice(&c.to_ne_bytes());
+        f.extend(&h[if ip_link { 14 } else { 0 }..]);
+        f.extend(payload);
+        f
+    };
+    // Built once: the same identification again is a new datagram once the last one completed.
+    let frags = [frag(true, 7), frag(false, 7)];
 
     let mut round = |n: usize| {
         for _ in 0..n {
@@ -246,6 +289,11 @@ fn steady_state(uring: bool) {
                 };
                 assert_eq!(r as usize, rx_frame.len());
             }
+            for f in &frags {
+                // SAFETY: `f` is valid for reads of its length.
+                let r = unsafe { libc::send(peer.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+                assert_eq!(r as usize, f.len());
+            }
             pair.rx_pending = true;
             pair.process_rx(&mut rx_vring.get_mut(), &m, &stats);
             // Used buffers are posted again (the others went back to the ring unused).
@@ -261,10 +309,12 @@ fn steady_state(uring: bool) {
     let tx = stats.tx_frames.load(Ordering::Relaxed) - tx0;
     let rx = stats.rx_frames.load(Ordering::Relaxed) - rx0;
     assert_eq!(tx, 6400, "TX frames moved: {:?}", stats.snapshot());
-    assert_eq!(rx, 3200, "RX frames moved: {:?}", stats.snapshot());
+    assert_eq!(rx, 3300, "RX frames moved: {:?}", stats.snapshot());
+    assert!(stats.reasm_datagrams.load(Ordering::Relaxed) >= 100);
     assert!(stats.rx_csum_verified.load(Ordering::Relaxed) > 0);
     eprintln!(
-        "{tx} TX and {rx} RX frames, {n} allocations (TX through io_uring: {})",
+        "{tx} TX and {rx} RX frames, {n} allocations (TX through io_uring: {}, IP-only link: \
+         {ip_link})",
         pair.tx_uring()
     );
     assert_eq!(
@@ -283,8 +333,10 @@ fn no_allocation_per_frame() {
     let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
     // The counter sees an allocation when there is one.
     assert_eq!(allocations(|| drop(std::hint::black_box(vec![1u8; 10]))), 1);
-    steady_state(false);
-    steady_state(true);
+    steady_state(false, false);
+    steady_state(true, false);
+    steady_state(false, true);
+    steady_state(true, true);
 }
 
 fn backpressure(uring: bool) {
@@ -311,7 +363,7 @@ fn backpressure(uring: bool) {
     if uring {
         preopen_tx_rings(1);
     }
-    let mut pair = Pair::new(dp.as_raw_fd(), 1500, true, usize::from(QSIZE));
+    let mut pair = pair_on(dp.as_raw_fd(), false);
     pair.neg = Negotiated::from_word(default_features());
     let stats = PairStats::default();
     // 100 frames, each numbered in its first payload byte.

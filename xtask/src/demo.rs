@@ -69,6 +69,7 @@ pub fn run(opts: &Options) -> Result<()> {
         mtu: opts.mtu,
         disable: opts.disable.clone(),
         queues: 1,
+        args: Vec::new(),
     };
     println!(
         "demo: booting {} under {} ({}) against {}",

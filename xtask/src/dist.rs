@@ -7,6 +7,9 @@
 //! target/dist/completions/vhost-card.bash, _vhost-card, vhost-card.fish, and card-os's (clap_complete)
 //! target/dist/50-vhost-card.json                  vhost-user backend discovery file
 //! target/dist/systemd/vhost-card@.{service,socket}, card-os@.service, vhost-card-vduse@.service
+//! target/dist/vhost-card-generator                the systemd generator (each card's socket settings from its file)
+//! target/dist/prometheus/vhost-card.rules.yml      alert rules (promtool check rules + test rules)
+//! target/dist/grafana/vhost-card.json             the Grafana dashboard
 //! target/dist/card.toml                           the example card (/etc/vhost-card/card.toml, never overwritten)
 //! target/dist/share/templates/*.in, share/www/    card-os's templates and web pages (<prefix>/share/vhost-card/)
 //! target/dist/host-config/...                    the VM side's files (<prefix>/share/vhost-card/host-config/)
@@ -16,7 +19,12 @@
 //!
 //! The man pages and completions come from `vhost_card::config::Args` and `card_os::cli::Cli`
 //! (the programs' own command lines), so they cannot drift from `--help`. The paths inside the
-//! JSON file and the service units follow `--prefix`.
+//! JSON file and the service units follow `--prefix`, and so do the system directories: with
+//! `--prefix /usr` (a distribution's package) the units and the generator go to
+//! `/usr/lib/systemd/system{,-generators}` and the discovery file to `/usr/share/qemu/vhost-user`;
+//! with any other prefix (`/usr/local`, `/opt/...`: the administrator's own install) to
+//! `/etc/systemd/system{,-generators}` and `/etc/qemu/vhost-user`, the places systemd and QEMU's
+//! `docs/interop/vhost-user.json` give the system administrator.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -32,8 +40,39 @@ use crate::schema;
 
 /// The binaries' directory written in the checked-in JSON file and service units.
 const DEFAULT_BIN_DIR: &str = "/usr/local/bin/";
-/// Where QEMU's vhost-user.json says packaged backends put their discovery files.
-pub const VHOST_USER_DIR: &str = "usr/share/qemu/vhost-user";
+/// The system directories a prefix installs into (relative to DESTDIR).
+pub struct SystemDirs {
+    /// systemd units.
+    pub units: PathBuf,
+    /// systemd generators.
+    pub generators: PathBuf,
+    /// vhost-user backend discovery files (QEMU's docs/interop/vhost-user.json).
+    pub vhost_user: PathBuf,
+}
+
+impl SystemDirs {
+    /// A distribution's directories for `--prefix /usr`, the administrator's (/etc) otherwise.
+    pub fn of(prefix: &Path) -> SystemDirs {
+        let (units, generators, vhost_user) = if prefix == Path::new("/usr") {
+            (
+                "usr/lib/systemd/system",
+                "usr/lib/systemd/system-generators",
+                "usr/share/qemu/vhost-user",
+            )
+        } else {
+            (
+                "etc/systemd/system",
+                "etc/systemd/system-generators",
+                "etc/qemu/vhost-user",
+            )
+        };
+        SystemDirs {
+            units: units.into(),
+            generators: generators.into(),
+            vhost_user: vhost_user.into(),
+        }
+    }
+}
 const UNITS: [&str; 4] = [
     "vhost-card@.service",
     "vhost-card@.socket",
@@ -42,6 +81,13 @@ const UNITS: [&str; 4] = [
 ];
 /// The programs, built with `cargo build --release -p NAME`.
 const PROGRAMS: [&str; 2] = ["vhost-card", "card-os"];
+/// The systemd generator (built with vhost-card).
+const GENERATOR: &str = "vhost-card-generator";
+/// The operators' files: alert rules (with their promtool test) and the Grafana dashboard,
+/// installed in <prefix>/share/vhost-card/.
+const MONITORING: [&str; 2] = ["prometheus/vhost-card.rules.yml", "grafana/vhost-card.json"];
+/// The alert rules' unit test (`promtool test rules`), checked here, not installed.
+const RULES_TEST: &str = "prometheus/vhost-card.rules.test.yml";
 /// host-config's files for the VM side, installed in <prefix>/share/vhost-card/host-config/.
 const HOST_CONFIG: [(&str, u32); 5] = [
     ("README.md", 0o644),
@@ -56,10 +102,12 @@ const EXAMPLE: &str = "etc/vhost-card/card.toml";
 #[derive(clap::Args)]
 pub struct Options {
     /// Also install: vhost-card and card-os, their man pages and completions under --prefix,
-    /// card-os's templates and www/ in <prefix>/share/vhost-card, 50-vhost-card.json in
-    /// /usr/share/qemu/vhost-user, the units in /etc/systemd/system, the example card
-    /// /etc/vhost-card/card.toml (never overwritten), host-config's files for the VM in
-    /// <prefix>/share/vhost-card/host-config, the libvirt XML and the docs in
+    /// card-os's templates and www/, the alert rules and the Grafana dashboard in
+    /// <prefix>/share/vhost-card, 50-vhost-card.json in /etc/qemu/vhost-user, the units in
+    /// /etc/systemd/system and the generator in /etc/systemd/system-generators (with --prefix
+    /// /usr: /usr/share/qemu/vhost-user, /usr/lib/systemd/system and system-generators), the
+    /// example card /etc/vhost-card/card.toml (never overwritten), host-config's files for the
+    /// VM in <prefix>/share/vhost-card/host-config, the libvirt XML and the docs in
     /// <prefix>/share/doc/vhost-card.
     #[arg(long)]
     pub install: bool,
@@ -119,6 +167,7 @@ fn layout(prefix: &Path) -> Result<Vec<Entry>> {
         dest,
         mode,
     };
+    let dirs = SystemDirs::of(prefix);
     let mut out = Vec::new();
     for program in PROGRAMS {
         out.push(e(program, p(&format!("bin/{program}")), 0o755));
@@ -152,15 +201,15 @@ fn layout(prefix: &Path) -> Result<Vec<Entry>> {
     }
     out.push(e(
         "50-vhost-card.json",
-        Path::new(VHOST_USER_DIR).join("50-vhost-card.json"),
+        dirs.vhost_user.join("50-vhost-card.json"),
         0o644,
     ));
     for unit in UNITS {
-        out.push(e(
-            &format!("systemd/{unit}"),
-            Path::new("etc/systemd/system").join(unit),
-            0o644,
-        ));
+        out.push(e(&format!("systemd/{unit}"), dirs.units.join(unit), 0o644));
+    }
+    out.push(e(GENERATOR, dirs.generators.join(GENERATOR), 0o755));
+    for file in MONITORING {
+        out.push(e(file, p(&format!("share/vhost-card/{file}")), 0o644));
     }
     out.push(e("card.toml", PathBuf::from(EXAMPLE), 0o644));
     for file in card_os_share()? {
@@ -249,13 +298,26 @@ fn build_dist(release: &Path, out: &Path, prefix: &Path) -> Result<()> {
     if out.exists() {
         fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
     }
-    for dir in ["man", "completions", "systemd", "libvirt", "share"] {
+    for dir in [
+        "man",
+        "completions",
+        "systemd",
+        "libvirt",
+        "share",
+        "prometheus",
+        "grafana",
+    ] {
         fs::create_dir_all(out.join(dir))?;
     }
     for program in PROGRAMS {
         fs::copy(release.join(program), out.join(program))
             .with_context(|| format!("copying {program}"))?;
         fs::set_permissions(out.join(program), fs::Permissions::from_mode(0o755))?;
+    }
+    fs::copy(release.join(GENERATOR), out.join(GENERATOR))
+        .with_context(|| format!("copying {GENERATOR}"))?;
+    for file in MONITORING.into_iter().chain([RULES_TEST]) {
+        fs::copy(host_config(file), out.join(file)).with_context(|| format!("copying {file}"))?;
     }
 
     write_man_pages(&out.join("man"))?;
@@ -337,7 +399,7 @@ Runtime files: generated configs, pid files, logs, what \fBup\fR made.
 \fI/var/lib/vhost\-card/<card>/\fR
 State kept across reboots: the IPsec keys.
 .TP
-\fI/etc/systemd/system/card\-os@.service\fR
+\fI/etc/systemd/system/card\-os@.service\fR (\fI/usr/lib/systemd/system/\fR when installed with prefix /usr)
 \fBcard\-os run\fR for card \fIN\fR, with \fBvhost\-card@N.socket\fR.
 .SH EXAMPLES
 .nf
@@ -360,13 +422,17 @@ namespace missing, tap busy or not as needed, permission denied, invalid feature
 (named on stderr).
 .SH FILES
 .TP
-\fI/usr/share/qemu/vhost\-user/50\-vhost\-card.json\fR
-vhost\-user backend discovery file (QEMU's docs/interop/vhost\-user.json).
+\fI/etc/qemu/vhost\-user/50\-vhost\-card.json\fR
+vhost\-user backend discovery file (QEMU's docs/interop/vhost\-user.json);
+\fI/usr/share/qemu/vhost\-user/\fR when installed with prefix /usr.
 .TP
 \fI/etc/systemd/system/vhost\-card@.socket\fR, \fIvhost\-card@.service\fR
 Socket activation: instance \fIN\fR listens on \fI/run/vhost\-card/N.sock\fR and runs
 \fBvhost\-card \-\-fd 3 \-\-config /etc/vhost\-card/N.toml\fR on the first connection; the
-socket's group and mode are the socket unit's (group kvm, mode 0660).
+socket's group and mode are the socket unit's (group kvm, mode 0660) unless the card's file
+sets socket, socket\-group or socket\-mode, which \fBvhost\-card\-generator\fR (in
+\fI/etc/systemd/system\-generators/\fR) turns into a drop\-in for that card's socket unit at
+every \fBsystemctl daemon\-reload\fR. With prefix /usr both are under \fI/usr/lib/systemd/\fR.
 .TP
 \fI/etc/vhost\-card/<card>.toml\fR
 The card's file: \fB\-\-config\fR reads its [daemon] table (keys: the long options, without
@@ -487,6 +553,8 @@ fn check_dist(out: &Path, prefix: &Path) -> Result<()> {
     )
     .with_context(|| format!("{}", example.display()))?;
 
+    check_monitoring(out)?;
+
     // systemd units: `systemd-analyze verify` with ExecStart pointing at the dist binaries
     // (the prefix path need not exist yet).
     if process::have("systemd-analyze") {
@@ -513,6 +581,53 @@ fn check_dist(out: &Path, prefix: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The alert rules through `promtool check rules` and `promtool test rules` (Debian's
+/// `prometheus` package ships promtool; installed when missing), the dashboard as JSON.
+fn check_monitoring(out: &Path) -> Result<()> {
+    if !process::have("promtool") {
+        ensure!(
+            rig::process::require_root().is_ok(),
+            "promtool is missing: apt-get install prometheus (or run dist as root, which does)"
+        );
+        rig::apt::install(&["prometheus"])?;
+    }
+    let dir = out.join("prometheus");
+    for args in [
+        ["check", "rules", "vhost-card.rules.yml"],
+        ["test", "rules", "vhost-card.rules.test.yml"],
+    ] {
+        let o = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        ensure!(
+            o.status.success(),
+            "promtool {} failed:\n{text}",
+            args.join(" ")
+        );
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            println!("dist: promtool {}: {}", args[0], line.trim());
+        }
+    }
+    let dashboard = out.join("grafana/vhost-card.json");
+    let doc: serde_json::Value = serde_json::from_str(&fs::read_to_string(&dashboard)?)
+        .with_context(|| format!("{} is not JSON", dashboard.display()))?;
+    let panels = doc["panels"].as_array().map_or(0, Vec::len);
+    ensure!(panels > 0, "{} has no panels", dashboard.display());
+    let names = rig::monitoring::dashboard_names(&fs::read_to_string(&dashboard)?)?;
+    println!(
+        "dist: grafana/vhost-card.json: {panels} panels over {} metrics (checked against a real \
+         scrape by tests/tests/metrics.rs)",
+        names.len()
+    );
+    Ok(())
+}
+
 fn install(out: &Path, destdir: &Path, prefix: &Path) -> Result<()> {
     for entry in layout(prefix)? {
         let dest = destdir.join(&entry.dest);
@@ -533,7 +648,9 @@ fn install(out: &Path, destdir: &Path, prefix: &Path) -> Result<()> {
         println!("dist: installed {}", dest.display());
     }
     // What QEMU and libvirt find there is what we checked.
-    let installed = destdir.join(VHOST_USER_DIR).join("50-vhost-card.json");
+    let installed = destdir
+        .join(SystemDirs::of(prefix).vhost_user)
+        .join("50-vhost-card.json");
     schema::validate("VhostUserBackend", &fs::read_to_string(&installed)?)
         .with_context(|| format!("{}", installed.display()))?;
     if destdir == Path::new("/") && Path::new("/run/systemd/system").exists() {

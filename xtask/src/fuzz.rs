@@ -1,5 +1,5 @@
 //! `cargo xtask fuzz`: runs the cargo-fuzz targets in `fuzz/` (vnet header and frame handling,
-//! descriptor chains over mock guest memory, vhost-user and VDUSE messages, the handover state) for a time budget, installing cargo-fuzz first if
+//! descriptor chains over mock guest memory, vhost-user and VDUSE messages) for a time budget, installing cargo-fuzz first if
 //! it is missing. The stable toolchain builds them with `RUSTC_BOOTSTRAP=1`.
 //!
 //! New inputs go to a scratch corpus under `target/fuzz-corpus/`; the committed seeds in
@@ -14,6 +14,7 @@ const TARGETS: &[&str] = &[
     "vnet_frame",
     "desc_chain",
     "vhost_msg",
+    "reasm",
     "vduse_msg",
     "handover_state",
 ];
@@ -71,8 +72,12 @@ pub fn run(opts: &Options) -> Result<()> {
         None => TARGETS.to_vec(),
     };
     let mut failed = 0;
+    // Each target: the build (quick once cached) and its time budget.
+    let mut progress =
+        rig::progress::Progress::new("fuzz", targets.len(), targets.len() as u64 * (seconds + 10));
     for t in &targets {
         rig::interrupt::check_interrupted()?;
+        progress.start(&format!("{t} for {seconds} s"), seconds + 10);
         let scratch = rig::paths::target_dir().join("fuzz-corpus").join(t);
         std::fs::create_dir_all(&scratch)?;
         let seeds = fuzz_dir.join("corpus").join(t);
@@ -99,17 +104,24 @@ pub fn run(opts: &Options) -> Result<()> {
         let took = started.elapsed().as_secs();
         match (out.status.success(), executions(&stderr)) {
             (true, Some((runs, secs))) => {
-                println!("PASS fuzz {t}: {runs} executions in {secs} s, no crash");
+                progress.println(format!(
+                    "PASS fuzz {t}: {runs} executions in {secs} s, no crash"
+                ));
             }
-            (true, None) => println!("PASS fuzz {t}: finished in {took} s, no crash"),
+            (true, None) => {
+                progress.println(format!("PASS fuzz {t}: finished in {took} s, no crash"))
+            }
             (false, _) => {
                 failed += 1;
                 let tail: Vec<&str> = stderr.lines().rev().take(40).collect();
-                eprintln!("{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
-                println!("FAIL fuzz {t}: see the output above and fuzz/artifacts/{t}/");
+                progress.suspend(|| {
+                    eprintln!("{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+                    println!("FAIL fuzz {t}: see the output above and fuzz/artifacts/{t}/");
+                });
             }
         }
     }
+    progress.finish();
     println!("{} passed, {failed} failed", targets.len() - failed);
     if failed > 0 {
         bail!("{failed} fuzz target(s) failed");

@@ -32,11 +32,14 @@ pub enum Helper {
         pmtu: bool,
     },
     /// Receive one UDP datagram on PORT (creating READY once bound) and
-    /// print its size; fail after SECS seconds.
+    /// print its size; fail after SECS seconds. With --hello ADDR:PORT, first
+    /// send a small datagram there from PORT (so a firewall lets the answer in).
     UdpRecv {
         port: u16,
         ready: PathBuf,
         secs: u64,
+        #[arg(long)]
+        hello: Option<SocketAddrV4>,
     },
     /// Play a vhost-vdpa frontend on DEV (a VMM's part): one UDP datagram to CARD_MAC, one
     /// received after running SEND_CMD (MAC in it is replaced by the frontend's), ring bases.
@@ -124,8 +127,16 @@ pub fn helper(cmd: &Helper) -> Result<()> {
             fragment,
             pmtu,
         } => udp_send(*addr, *port, *size, *fragment, *pmtu)?,
-        Helper::UdpRecv { port, ready, secs } => {
+        Helper::UdpRecv {
+            port,
+            ready,
+            secs,
+            hello,
+        } => {
             let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, *port))?;
+            if let Some(to) = hello {
+                sock.send_to(b"hello", to).context("sending the hello")?;
+            }
             std::fs::write(ready, b"")?;
             let deadline = Instant::now() + Duration::from_secs(*secs);
             let mut buf = vec![0u8; 70_000];

@@ -11,6 +11,7 @@
 //! is the `rig` crate; the card's node is the `card-os` crate. Nothing here is product code.
 
 mod bench;
+mod cards;
 mod demo;
 mod dist;
 mod e2e;
@@ -55,9 +56,11 @@ enum Task {
     /// exits non-zero on FAIL.
     Smoke(smoke::Options),
     /// The end-to-end scenarios (binding, traffic, feature toggles, large
-    /// frames, hot-plug, card restart); one PASS/FAIL line each, exits
-    /// non-zero if any fails. With --vduse: the card as a VDUSE device of a
-    /// VM's own kernel (Debian 13) instead.
+    /// frames, hot-plug, card restart, multiqueue, device reset, fewer pairs,
+    /// checksum honesty, IP-only link; live migration with --only 12); one
+    /// PASS/FAIL line each, exits non-zero if any fails.
+    /// With --vduse: the card as a VDUSE device of a VM's own kernel (Debian
+    /// 13) instead.
     E2e(e2e::Options),
     /// Runs the cargo-fuzz targets in fuzz/ for a time budget (--smoke: 20 s each).
     Fuzz(fuzz::Options),
@@ -79,12 +82,16 @@ enum Task {
     /// completions, 50-vhost-card.json, systemd units, the example card, card-os's templates,
     /// libvirt XML), checked; --install puts it in place.
     Dist(dist::Options),
+    /// Four cards from the installed template units under systemd as PID 1 (a debootstrapped
+    /// Debian 12 booted by systemd-nspawn): one file per card, four frontends, four metrics
+    /// endpoints, each with its own settings and values.
+    Cards(cards::Options),
     /// The libvirt domain in host-config/libvirt/ under libvirt from apt: define, start,
     /// traffic both ways with the card's counters, undefine.
     Libvirt(libvirt::Options),
     /// Every test, as CI runs them: `cargo test --workspace` (unit tests and the in-process
     /// vhost-user frontend against the real daemon, card-os against the real programs), then
-    /// the VM smoke test, `e2e` and `cardos-e2e`.
+    /// the VM smoke test, `e2e`, `cardos-e2e` and `cards`.
     Test(smoke::Options),
 }
 
@@ -108,6 +115,7 @@ fn main() {
         Task::CardosE2e(opts) => e2e::cardos::run(&opts),
         Task::Dist(opts) => dist::run(&opts),
         Task::Libvirt(opts) => libvirt::run(&opts),
+        Task::Cards(opts) => cards::run(&opts),
         Task::Test(opts) => run_tests(&opts),
     };
     if let Err(err) = result {
@@ -117,7 +125,7 @@ fn main() {
 }
 
 /// `cargo xtask test`: host packages first (the tests use ip, ethtool and QEMU), then the
-/// cargo test suites, then the VM smoke test and the e2e suite.
+/// cargo test suites, then the VM smoke test, the e2e suites and the four cards under systemd.
 fn run_tests(opts: &smoke::Options) -> Result<()> {
     assets::ensure(&assets::Options { refresh: false })?;
     // card-os's tests (in `cargo test --workspace`) run its programs: nft, nginx, strongSwan.
@@ -150,5 +158,8 @@ fn run_tests(opts: &smoke::Options) -> Result<()> {
         #[command(flatten)]
         opts: e2e::cardos::Options,
     }
-    e2e::cardos::run(&CardosDefaults::parse_from(["cardos-e2e"]).opts)
+    e2e::cardos::run(&CardosDefaults::parse_from(["cardos-e2e"]).opts)?;
+    check_interrupted()?;
+    // Four cards from the installed units under systemd as PID 1.
+    cards::run(&cards::Options { no_build: false })
 }

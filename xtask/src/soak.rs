@@ -104,6 +104,18 @@ const INFO: &[&str] = &[
     "rx_csum_verified",
     "rx_csum_completed",
     "rx_data_valid",
+    // How frames went up (bad_csum and malformed stay out: they would be unexpected).
+    "rx_needs_csum",
+    "rx_unmarked_fragment",
+    "rx_unmarked_not_ip",
+    "rx_unmarked_no_l4_csum",
+    "rx_unmarked_passthrough",
+    "rx_unmarked_no_guest_csum",
+    "reasm_fragments",
+    "reasm_datagrams",
+    "reasm_split",
+    "arp_replies",
+    "nd_replies",
     "rx_kicks",
     "tx_kicks",
     "notifications",
@@ -823,7 +835,10 @@ pub fn run(opts: &Options) -> Result<()> {
     rig.start_send()?;
     let t0 = Instant::now();
     let mut samples = vec![rig.sample(0.0)?];
-    println!("{}", line(&samples[0], None));
+    let steps = plan.samples.len().saturating_sub(1);
+    let mut progress =
+        rig::progress::Progress::new("soak", steps, (steps as f64 * plan.interval) as u64);
+    progress.println(line(&samples[0], None));
     let mut died: Option<String> = None;
     let wait_until = |rig: &mut Soak, at: f64| -> Result<bool> {
         loop {
@@ -838,8 +853,12 @@ pub fn run(opts: &Options) -> Result<()> {
             std::thread::sleep(Duration::from_secs_f64(left.min(0.2)));
         }
     };
-    for w in plan.samples.windows(2) {
+    for (i, w) in plan.samples.windows(2).enumerate() {
         let (from, to) = (w[0], w[1]);
+        progress.start(
+            &format!("interval {} of {steps}, until {}", i + 1, mmss(to)),
+            (to - from) as u64,
+        );
         if !opts.no_reconnect {
             if !wait_until(&mut rig, (from + to) / 2.0)? {
                 break;
@@ -851,9 +870,10 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         let s = rig.sample(t0.elapsed().as_secs_f64())?;
         let prev = samples.last().context("no sample")?;
-        println!("{}", line(&s, Some(&interval(prev, &s))));
+        progress.println(line(&s, Some(&interval(prev, &s))));
         samples.push(s);
     }
+    progress.finish();
     if !rig.daemon_alive() {
         died = Some(format!(
             "vhost-card died ({:?}) at {}: {}",

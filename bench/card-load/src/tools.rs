@@ -266,9 +266,68 @@ fn udp_in(ns: &str, addr: SocketAddrV4, reuse: bool) -> Result<UdpSocket> {
     })
 }
 
-/// UDP sink: `--threads` sockets sharing `--addr` (SO_REUSEPORT), recvmmsg with MSG_TRUNC (the
-/// payload is not copied out; only lengths are counted). Bytes count each datagram with its
-/// Ethernet, IPv4 and UDP headers, so a GSO frame split by the card counts as its segments.
+/// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic/socket.h; the libc crate has it only for Android).
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+
+/// Picks the socket of a SO_REUSEPORT group for each datagram by its IPv4 source address and
+/// UDP source port, `(saddr ^ sport) % n`, instead of the kernel's hash, which is salted per
+/// network namespace: every bench run builds a new namespace, so with the kernel's choice two
+/// flows shared one socket in about half the runs (one sink thread doing all the work while the
+/// other idled) and the h2c rows at 2 queue pairs were bimodal. card-load's flows come from
+/// ports 40000 + queue, so queue q always lands on socket q; testpmd's multi-flow traffic varies
+/// the source address and spreads as well. (The filter runs with the UDP payload at offset 0;
+/// the headers are reached relative to the network header, SKF_NET_OFF.)
+fn steer_by_flow(fd: RawFd, n: u32) -> Result<()> {
+    let op = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    // Negative offsets are how classic BPF reaches the headers: two's complement in `k`.
+    let net = libc::SKF_NET_OFF.cast_unsigned();
+    let prog = [
+        op(
+            libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+            net.wrapping_add(12),
+        ), // A = saddr
+        op(libc::BPF_MISC | libc::BPF_TAX, 0), // X = A
+        op(
+            libc::BPF_LD | libc::BPF_H | libc::BPF_ABS,
+            net.wrapping_add(20),
+        ), // A = UDP sport (no IP options)
+        op(libc::BPF_ALU | libc::BPF_XOR | libc::BPF_X, 0), // A ^= X
+        op(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, n), // A %= n
+        op(libc::BPF_RET | libc::BPF_A, 0),    // socket index A
+    ];
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr().cast_mut(),
+    };
+    // SAFETY: `fprog` points at `prog`, both alive for the duration of the call, which copies
+    // the program into the kernel.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "SO_ATTACH_REUSEPORT_CBPF: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// UDP sink: `--threads` sockets sharing `--addr` (SO_REUSEPORT, steered by flow, see
+/// [`steer_by_flow`]), recvmmsg with MSG_TRUNC (the payload is not copied out; only lengths are
+/// counted). Bytes count each datagram with its Ethernet, IPv4 and UDP headers, so a GSO frame
+/// split by the card counts as its segments.
 pub fn sink(o: &SinkOpts) -> Result<()> {
     let ns = o.netns.as_str();
     let addr = o.addr;
@@ -285,7 +344,11 @@ pub fn sink(o: &SinkOpts) -> Result<()> {
         s.set_read_timeout(Some(Duration::from_millis(100)))?;
         socks.push(s);
     }
+    if threads > 1 {
+        steer_by_flow(socks[0].as_raw_fd(), threads as u32)?;
+    }
     let counts: Vec<Arc<Counts>> = (0..threads).map(|_| Arc::default()).collect();
+    let each = counts.clone();
     run_threads(socks, &counts, |s, c, stop| {
         const BATCH: usize = 64;
         let mut bufs = vec![[0u8; 64]; BATCH];
@@ -326,7 +389,14 @@ pub fn sink(o: &SinkOpts) -> Result<()> {
             c.bytes.fetch_add(bytes, Ordering::Relaxed);
         }
         Ok(())
-    })
+    })?;
+    // Which socket of the SO_REUSEPORT group got what, in the log (see `steer_by_flow`).
+    let per: Vec<String> = each
+        .iter()
+        .map(|c| c.frames.load(Ordering::Relaxed).to_string())
+        .collect();
+    eprintln!("sink: datagrams per socket: {}", per.join(" "));
+    Ok(())
 }
 
 /// UDP sender inside the card's namespace: `--flows` sockets (one thread each, source ports
@@ -420,6 +490,7 @@ fn attach_tap(o: &TapOpts) -> Result<Tap> {
         mtu: o.mtu,
         mac: None,
         queues: o.queues,
+        tun: false,
     };
     let tap = Tap::open(&cfg)?;
     tap.keep_when_done(true);

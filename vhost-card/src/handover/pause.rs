@@ -222,6 +222,11 @@ pub(crate) fn serve(
     let Ok(PauseRequest(reply)) = link.requests.try_recv() else {
         return Ok(false);
     };
+    if let Some(why) = record.state().logging() {
+        // Refused before anything stops: the session goes on as it was.
+        let _ = reply.send(Err(format!("cannot hand over now: {why}")));
+        return Ok(false);
+    }
     if let Err(why) = stop(record, backend, &link.answers) {
         // Some rings may be stopped and where they stopped unknown: the session cannot go on.
         let _ = reply.send(Err(why.clone()));

@@ -355,7 +355,8 @@ mod tests {
 
     #[test]
     fn a_qemu_session_is_recorded_as_the_handler_holds_it() {
-        let features = crate::features::default_features() | 1 << VHOST_USER_F_PROTOCOL_FEATURES;
+        let features =
+            crate::handover::state::running_features() | 1 << VHOST_USER_F_PROTOCOL_FEATURES;
         let mut r = Recorder::new(2);
         qemu_session(&mut r, features);
         let (s, nfds) = whole(&r);
@@ -386,7 +387,8 @@ mod tests {
 
     #[test]
     fn stops_resets_and_odd_requests() {
-        let features = crate::features::default_features() | 1 << VHOST_USER_F_PROTOCOL_FEATURES;
+        let features =
+            crate::handover::state::running_features() | 1 << VHOST_USER_F_PROTOCOL_FEATURES;
         let mut r = Recorder::new(2);
         qemu_session(&mut r, features);
         // The stop point: GET_VRING_BASE, then the index it answered.

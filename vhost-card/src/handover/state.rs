@@ -331,6 +331,30 @@ impl ProtocolState {
             .is_some_and(|f| f & (1 << VHOST_USER_F_PROTOCOL_FEATURES) != 0)
     }
 
+    /// Why the session cannot be handed over while a live migration logs its writes, if it
+    /// does: the dirty log (its area, the rings' log addresses) is not carried, so a handover
+    /// would lose the writes the new process makes from the migration's log.
+    pub fn logging(&self) -> Option<&'static str> {
+        if self
+            .features
+            .is_some_and(|f| f & (1 << crate::features::VHOST_F_LOG_ALL) != 0)
+        {
+            return Some(
+                "dirty logging is on (VHOST_F_LOG_ALL acked: a live migration is under way)",
+            );
+        }
+        if self
+            .rings
+            .iter()
+            .any(|r| r.addr.is_some_and(|a| a.flags & 1 != 0))
+        {
+            return Some(
+                "a used ring is logged (VHOST_VRING_F_LOG: a live migration is under way)",
+            );
+        }
+        None
+    }
+
     fn check(&self, d: &DeviceState, uses: &mut Uses) -> Result<(), StateError> {
         let offered = d.features | 1 << VHOST_USER_F_PROTOCOL_FEATURES;
         if let Some(f) = self.features {
@@ -342,6 +366,9 @@ impl ProtocolState {
             if !self.held_enables.is_empty() {
                 return Err(invalid("held ring enables after SET_FEATURES"));
             }
+        }
+        if let Some(why) = self.logging() {
+            return Err(invalid(why));
         }
         if let Some(p) = self.protocol_features {
             let ours = crate::backend::protocol_features().bits();
@@ -490,6 +517,12 @@ impl<'a> Uses<'a> {
     }
 }
 
+/// What a frontend that does not migrate acks of the default offer, for tests.
+#[cfg(test)]
+pub(crate) fn running_features() -> u64 {
+    crate::features::default_features() & !(1 << crate::features::VHOST_F_LOG_ALL)
+}
+
 /// A coherent state for tests: one queue pair, a frontend connected, both rings running in one
 /// 1 MiB region at user address 0x7f00_0000_0000.
 #[cfg(test)]
@@ -549,7 +582,7 @@ pub(crate) fn sample() -> SessionState {
         tap_created: true,
         session: Some(ProtocolState {
             owner: true,
-            features: Some(features | 1 << VHOST_USER_F_PROTOCOL_FEATURES),
+            features: Some(running_features() | 1 << VHOST_USER_F_PROTOCOL_FEATURES),
             protocol_features: Some(crate::backend::protocol_features().bits()),
             mtu: Some(65520),
             held_enables: Vec::new(),
@@ -673,6 +706,20 @@ mod tests {
             (
                 "beyond the offer",
                 Box::new(|s| session(s).features = Some(u64::MAX)),
+            ),
+            (
+                "VHOST_F_LOG_ALL acked",
+                Box::new(|s| {
+                    session(s).features = Some(crate::features::default_features());
+                }),
+            ),
+            (
+                "VHOST_VRING_F_LOG",
+                Box::new(|s| {
+                    if let Some(a) = session(s).rings[0].addr.as_mut() {
+                        a.flags = 1;
+                    }
+                }),
             ),
             (
                 "acked protocol features",

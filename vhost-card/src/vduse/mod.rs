@@ -32,13 +32,14 @@ use log::{info, warn};
 use serde_json::json;
 use thiserror::Error;
 use virtio_bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
-use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MAC};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::device::{Device, DeviceError, Origin, Spec};
 use self::netcfg::NetConfig;
 use self::vdpa::{Bind, Manager};
 use crate::backend::CardBackend;
+use crate::features::VHOST_F_LOG_ALL;
 
 /// What `--vduse` and its companions ask for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,11 +96,17 @@ fn io_err(name: &str, what: &'static str) -> impl FnOnce(io::Error) -> VduseErro
     move |cause| VduseError::Io { name, what, cause }
 }
 
-/// The feature word a VDUSE device offers: the card's offer, plus VIRTIO_F_ACCESS_PLATFORM
-/// (VDUSE requires it: the driver maps every buffer through the device's IOTLB) and
-/// VIRTIO_NET_F_MAC (the device, not a VMM, gives the host its address).
+/// The card's bits a VDUSE device never offers: VIRTIO_NET_F_GUEST_ANNOUNCE needs the control
+/// virtqueue VDUSE refuses (virtio_net fails the device that offers it without CTRL_VQ: "driver
+/// status FAILED" before DRIVER_OK), and VHOST_F_LOG_ALL is vhost-user's dirty-log bit, not a
+/// virtio feature (bit 26 is reserved in the virtio spec; migration is the VMM's business).
+const NOT_OVER_VDUSE: u64 = 1u64 << VIRTIO_NET_F_GUEST_ANNOUNCE | 1u64 << VHOST_F_LOG_ALL;
+
+/// The feature word a VDUSE device offers: the card's offer without [`NOT_OVER_VDUSE`], plus
+/// VIRTIO_F_ACCESS_PLATFORM (VDUSE requires it: the driver maps every buffer through the
+/// device's IOTLB) and VIRTIO_NET_F_MAC (the device, not a VMM, gives the host its address).
 pub fn offer(card_features: u64) -> u64 {
-    card_features | 1u64 << VIRTIO_F_ACCESS_PLATFORM | 1u64 << VIRTIO_NET_F_MAC
+    card_features & !NOT_OVER_VDUSE | 1u64 << VIRTIO_F_ACCESS_PLATFORM | 1u64 << VIRTIO_NET_F_MAC
 }
 
 /// The device's specification from the daemon's configuration.
@@ -381,6 +388,18 @@ mod tests {
         let o = offer(crate::features::default_features());
         assert_ne!(o & 1u64 << 33, 0);
         assert_ne!(o & 1u64 << 5, 0);
+    }
+
+    #[test]
+    fn offer_drops_what_needs_a_control_queue_or_a_vmm() {
+        let card = crate::features::default_features();
+        // The card's default offer has both; the device's has neither.
+        assert_ne!(card & NOT_OVER_VDUSE, 0);
+        let o = offer(card);
+        assert_eq!(o & 1u64 << 21, 0, "GUEST_ANNOUNCE without CTRL_VQ: {o:#x}");
+        assert_eq!(o & 1u64 << 26, 0, "VHOST_F_LOG_ALL: {o:#x}");
+        // Everything else of the card's offer stays.
+        assert_eq!(o & card, card & !NOT_OVER_VDUSE);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! table, a JSON file and a PNG plot land in `target/bench/`. `--smoke` is the short version CI
 //! runs; `--vm` measures TCP through a real guest instead (see `vm.rs`).
 
+mod plot;
 pub mod procs;
 mod report;
 mod setup;
@@ -43,6 +44,13 @@ pub const HOST_IP: &str = "10.88.0.2";
 /// The host's MAC as `card-load` uses it.
 pub const HOST_MAC: &str = "52:54:00:be:4c:01";
 pub const PORT: u16 = 9000;
+/// Whether the daemon's extra arguments ask for the IP-only link.
+fn link_ip(args: &[String]) -> bool {
+    args.windows(2).any(|w| w[0] == "--link" && w[1] == "ip")
+}
+
+/// The card's MAC toward the host when the bench runs `--link ip`.
+pub const IP_LINK_MAC: &str = "02:ca:4d:be:4c:02";
 /// UDP GSO segment payload at a card MTU of 1500.
 pub const USO_SEG: usize = 1472;
 
@@ -72,6 +80,10 @@ pub struct Options {
     /// Where results go (default target/bench).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Measure nothing: redraw bench.png in --out from this results.json (e.g.
+    /// `--replot bench/results.json --out bench`).
+    #[arg(long, value_name = "RESULTS_JSON")]
+    pub replot: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,6 +241,9 @@ pub fn run(opts: &Options) -> Result<()> {
         .clone()
         .unwrap_or_else(|| rig::paths::target_dir().join("bench"));
     std::fs::create_dir_all(&out)?;
+    if let Some(results) = &opts.replot {
+        return report::replot(results, &out);
+    }
     if opts.vm {
         return vm::run(opts, &out);
     }
@@ -282,6 +297,8 @@ pub fn run(opts: &Options) -> Result<()> {
         vec![Backend::Card, Backend::Pair]
     };
     let mut rows: Vec<Row> = Vec::new();
+    // Each case's rows, as (case, first row, end).
+    let mut groups = Vec::new();
     for case in &cases {
         let mut combos: Vec<(Frontend, Backend)> = Vec::new();
         for &f in &frontends {
@@ -305,16 +322,33 @@ pub fn run(opts: &Options) -> Result<()> {
                 na: not_applicable(case, f, b),
             });
         }
+        groups.push((case, first, rows.len()));
+    }
+    let runs = rows.iter().filter(|r| r.na.is_none()).count() * reps;
+    // A run: the backend's start, the warm-up and the window, the teardown.
+    let per_run = (ctx.warm + ctx.window).as_secs() + 2;
+    let mut progress = rig::progress::Progress::new("bench", runs, runs as u64 * per_run);
+    for (case, first, end) in groups {
         for rep in 0..reps {
-            for row in rows[first..].iter_mut() {
+            for row in rows[first..end].iter_mut() {
                 if row.na.is_some() {
                     continue;
                 }
                 rig::interrupt::check_interrupted()?;
+                progress.start(
+                    &format!(
+                        "{} {} {} run {}",
+                        case.label(),
+                        row.frontend.name(),
+                        row.backend.name(),
+                        rep + 1
+                    ),
+                    per_run,
+                );
                 let t = Instant::now();
                 match measure(&mut ctx, case, row.frontend, row.backend) {
                     Ok(s) => {
-                        println!(
+                        progress.println(format!(
                             "  {:<18} {:<9} {:<15} run {}: {:>8.3} Mpps {:>7.2} Gbit/s  cpu {:.2}  ({:.1} s)",
                             case.label(),
                             row.frontend.name(),
@@ -324,18 +358,18 @@ pub fn run(opts: &Options) -> Result<()> {
                             s.bps * 8.0 / 1e9,
                             s.cpu,
                             t.elapsed().as_secs_f64()
-                        );
+                        ));
                         row.samples.push(s);
                     }
                     Err(e) => {
                         rig::interrupt::check_interrupted()?;
-                        println!(
+                        progress.println(format!(
                             "  {:<18} {:<9} {:<15} run {}: FAILED: {e:#}",
                             case.label(),
                             row.frontend.name(),
                             row.backend.name(),
                             rep + 1
-                        );
+                        ));
                         if rep + 1 == reps && row.samples.is_empty() {
                             row.na = Some(format!("failed: {}", first_line(&format!("{e:#}"))));
                         }
@@ -344,6 +378,7 @@ pub fn run(opts: &Options) -> Result<()> {
             }
         }
     }
+    progress.finish();
     let _ = std::fs::remove_dir_all(&run_dir);
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let steal = match (steal0, steal()) {
@@ -597,6 +632,9 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
                 args.extend(["--enable".into(), "host-uso,guest-uso4,guest-uso6".into()]);
             }
             args.extend(ctx.card_args.iter().cloned());
+            if link_ip(&ctx.card_args) {
+                args.extend(["--mac".into(), IP_LINK_MAC.into()]);
+            }
             let private = ctx.run_dir.join(format!("{tag}.private"));
             std::fs::create_dir_all(&private)?;
             let mut cmd = rig::daemon::command(
@@ -669,11 +707,18 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
         ns.ip(&["link", "show", "dev", "card0"]).is_ok()
     })?;
     ns.ip(&["link", "set", "card0", "mtu", &mtu, "up"])?;
-    ns.card_address("card0", &format!("{CARD_IP}/24"), HOST_IP, HOST_MAC)?;
-    let mac = ns
-        .exec("cat", &["/sys/class/net/card0/address"])?
-        .trim()
-        .to_string();
+    // `--card-args "--link ip"`: card0 is a tun without neighbours or a MAC of its own; the
+    // daemon answers for the card with IP_LINK_MAC.
+    let ip_link = matches!(b, Backend::Card | Backend::CardWritev) && link_ip(&ctx.card_args);
+    let mac = if ip_link {
+        ns.ip(&["addr", "add", &format!("{CARD_IP}/24"), "dev", "card0"])?;
+        IP_LINK_MAC.to_string()
+    } else {
+        ns.card_address("card0", &format!("{CARD_IP}/24"), HOST_IP, HOST_MAC)?;
+        ns.exec("cat", &["/sys/class/net/card0/address"])?
+            .trim()
+            .to_string()
+    };
     let load = |args: &[&str]| {
         let mut c = Command::new(ctx.bin.join("card-load"));
         c.args(args);

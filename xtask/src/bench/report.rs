@@ -1,9 +1,8 @@
 //! The bench's output: a table on stdout and in `results.md`, every run in `results.json`, a
-//! plot in `bench.png` (gnuplot), and the issue's targets checked against the figures.
+//! plot in `bench.png` (plot.rs), and the issue's targets checked against the figures.
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::process::Command;
 
 use anyhow::{Context, Result};
 use serde_json::json;
@@ -146,7 +145,7 @@ pub fn targets(rows: &[Row]) -> String {
 }
 
 /// results.json: the run's conditions and every row with its runs and median.
-fn json(rows: &[Row], meta: &Meta) -> String {
+fn json(rows: &[Row], meta: &Meta) -> serde_json::Value {
     let round = |x: f64, places: i32| {
         let f = 10f64.powi(places);
         (x * f).round() / f
@@ -179,7 +178,7 @@ fn json(rows: &[Row], meta: &Meta) -> String {
             })
         })
         .collect();
-    let doc = json!({
+    json!({
         "steal_percent": meta.steal.map(|s| round(s, 2)),
         "smoke": meta.smoke,
         "reps": meta.reps,
@@ -189,102 +188,17 @@ fn json(rows: &[Row], meta: &Meta) -> String {
         "hugepages": meta.huge,
         "card_args": meta.card_args,
         "rows": rows,
-    });
-    serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
+    })
 }
 
-/// Clustered bars per case: Gbit/s and Mpps, log scale.
-fn plot(dir: &Path, rows: &[Row], meta: &Meta) -> Result<()> {
-    let series = [
-        (Frontend::Own, Backend::Card, "vhost-card (card-load)"),
-        (
-            Frontend::Own,
-            Backend::CardWritev,
-            "vhost-card writev (card-load)",
-        ),
-        (Frontend::Own, Backend::Pair, "DPDK vhost+tap (card-load)"),
-        (Frontend::Testpmd, Backend::Card, "vhost-card (testpmd)"),
-        (Frontend::Testpmd, Backend::Pair, "DPDK vhost+tap (testpmd)"),
-        (Frontend::None, Backend::RawTap, "raw tap"),
-        (Frontend::None, Backend::Memcpy, "memcpy"),
-    ];
-    let mut labels: Vec<String> = Vec::new();
-    for r in rows {
-        if !labels.contains(&r.case.label()) {
-            labels.push(r.case.label());
-        }
-    }
-    let mut dat = String::new();
-    for l in &labels {
-        let mut line = format!("\"{l}\"");
-        for (f, b, _) in series {
-            let m = rows
-                .iter()
-                .find(|r| &r.case.label() == l && r.frontend == f && r.backend == b)
-                .and_then(|r| r.median());
-            match m {
-                Some(m) => {
-                    let _ = write!(line, " {:.4} {:.5}", m.bps * 8.0 / 1e9, m.pps / 1e6);
-                }
-                None => line.push_str(" NaN NaN"),
-            }
-        }
-        dat.push_str(&line);
-        dat.push('\n');
-    }
-    std::fs::write(dir.join("bench.dat"), &dat)?;
-    let mut gp = String::new();
-    let _ = write!(
-        gp,
-        "set terminal pngcairo size 1800,1100 font 'DejaVu Sans,11'\n\
-         set output '{}'\n\
-         set datafile missing 'NaN'\n\
-         set style data histograms\n\
-         set style histogram clustered gap 1\n\
-         set style fill solid 0.85 border -1\n\
-         set boxwidth 0.9\n\
-         set logscale y\n\
-         set grid ytics\n\
-         set key outside right top vertical\n\
-         set xtics rotate by -35\n\
-         set multiplot layout 2,1 title 'vhost-card data path: medians of {} run(s), {:.1} s each (load {})'\n",
-        dir.join("bench.png").display(),
-        meta.reps,
-        meta.window,
-        meta.load
-    );
-    for (panel, col) in [("Gbit/s", 0), ("Mpps", 1)] {
-        let _ = writeln!(gp, "set ylabel '{panel}'");
-        // Series with no figure at all would only make gnuplot complain.
-        let has = |f: Frontend, b: Backend| {
-            rows.iter()
-                .any(|r| r.frontend == f && r.backend == b && r.median().is_some())
-        };
-        let first = series.iter().position(|(f, b, _)| has(*f, *b)).unwrap_or(0);
-        let parts: Vec<String> = series
-            .iter()
-            .enumerate()
-            .filter(|(_, (f, b, _))| has(*f, *b))
-            .map(|(i, (_, _, t))| {
-                format!(
-                    "'{}' using {}{} title '{t}'",
-                    dir.join("bench.dat").display(),
-                    2 + 2 * i + col,
-                    if i == first { ":xtic(1)" } else { "" }
-                )
-            })
-            .collect();
-        let _ = writeln!(gp, "plot {}", parts.join(", \\\n  "));
-    }
-    gp.push_str("unset multiplot\n");
-    std::fs::write(dir.join("bench.gp"), &gp)?;
-    let st = Command::new("gnuplot")
-        .arg(dir.join("bench.gp"))
-        .status()
-        .context("running gnuplot")?;
-    if !st.success() {
-        anyhow::bail!("gnuplot failed");
-    }
+/// Redraws `dir`/bench.png from the results.json at `results`.
+pub fn replot(results: &Path, dir: &Path) -> Result<()> {
+    let doc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(results)
+            .with_context(|| format!("reading {}", results.display()))?,
+    )?;
+    super::plot::draw(&doc, &dir.join("bench.png"))?;
+    println!("bench: plot in {}/bench.png", dir.display());
     Ok(())
 }
 
@@ -308,9 +222,13 @@ pub fn write(dir: &Path, rows: &[Row], meta: &Meta) -> Result<()> {
         }
     );
     std::fs::write(dir.join("results.md"), &md)?;
-    std::fs::write(dir.join("results.json"), json(rows, meta))?;
+    let doc = json(rows, meta);
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&doc)? + "\n",
+    )?;
     println!("\n{md}");
-    match plot(dir, rows, meta) {
+    match super::plot::draw(&doc, &dir.join("bench.png")) {
         Ok(()) => println!(
             "bench: table in {0}/results.md, runs in {0}/results.json, plot in {0}/bench.png",
             dir.display()

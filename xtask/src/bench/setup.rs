@@ -1,4 +1,4 @@
-//! What a bench run needs on a fresh machine: DPDK's testpmd and gnuplot from apt, 2 MiB
+//! What a bench run needs on a fresh machine: DPDK's testpmd and the plot's font from apt, 2 MiB
 //! hugepages for the two DPDK processes, and release builds of the daemon and the load generator.
 
 use std::path::PathBuf;
@@ -24,7 +24,8 @@ pub fn prepare(dpdk: bool) -> Result<Env> {
         bail!("cargo xtask bench needs root (network namespaces, taps, hugepages)");
     }
     let mut want = vec![
-        ("gnuplot", "gnuplot-nox"),
+        // The plot's font (bench/plot.rs), found by path, not on PATH.
+        (super::plot::FONT, "fonts-dejavu-core"),
         ("ip", "iproute2"),
         ("stdbuf", "coreutils"),
     ];

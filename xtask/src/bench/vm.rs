@@ -152,6 +152,7 @@ fn one(env: &Env, b: Nicb, mtu: u32, len: usize, name: &str) -> Run {
                 mtu,
                 disable: String::new(),
                 queues: 1,
+                args: Vec::new(),
             };
             let mut rig = Rig::boot(env, name, &cfg, Plug::Boot)?;
             let ns = rig.card.ns.name().to_string();

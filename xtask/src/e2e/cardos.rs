@@ -8,8 +8,10 @@
 //! 2. proxy: a wire client fetches it from the card's nginx reverse proxy,
 //!    which pulls it from the guest's busybox httpd;
 //! 3. fragments: a 60000-byte datagram from the guest crosses the wire as
-//!    fragments (DF clear), frag-needed comes back with DF set, and one from
-//!    the wire reaches the guest reassembled by the card (UDP relay);
+//!    fragments (DF clear), frag-needed comes back with DF set, one from the
+//!    wire reaches the guest reassembled by the card (UDP relay), and one
+//!    forwarded from the wire (no service) reaches it whole too, reassembled
+//!    by vhost-card, the guest's ReasmOKs unchanged;
 //! 4. ipsec: guest traffic to the peer is ESP on the wire (kernel ESP, or
 //!    ESP in UDP from strongSwan's userspace kernel-libipsec where the
 //!    kernel has none), nothing in clear, and a `card-os reload` halfway
@@ -162,11 +164,16 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     let node_text = std::fs::read_to_string(&opts.config)
         .with_context(|| format!("reading {}", opts.config.display()))?;
-    let node_mtu = Config::parse(&node_text, &opts.config)?.daemon.mtu;
+    let node_daemon = Config::parse(&node_text, &opts.config)?.daemon;
     let cfg = CardConfig {
-        mtu: u32::from(node_mtu),
+        mtu: u32::from(node_daemon.mtu),
         disable: String::new(),
         queues: 1,
+        // The rig's daemon is the card's: `[daemon] link = "ip"` makes its end a tun.
+        args: match node_daemon.link {
+            vhost_card::config::Link::Ip => vec!["--link".into(), "ip".into()],
+            vhost_card::config::Link::Ethernet => Vec::new(),
+        },
     };
     let mut guests = Vec::new();
     for (number, flavour) in DEBIAN_GUESTS {
@@ -721,7 +728,84 @@ fn fragments(
             ""
         },
     );
-    Ok((Some(a_ok && b_ok && c_ok), format!("{a}; {b}; {c}")))
+    let (d_ok, d) = forwarded(rig, node, server)?;
+    Ok((
+        Some(a_ok && b_ok && c_ok && d_ok),
+        format!("{a}; {b}; {c}; {d}"),
+    ))
+}
+
+/// Scenario 3 (d): a datagram *forwarded* from the wire to the guest, no service in between.
+/// The guest says hello to the wire's host from its port (so the firewall lets the answer in,
+/// NAT'd back); the answer, 60000 bytes with DF clear, crosses the wire as fragments; the card's
+/// kernel forwards them as fragments (Linux refragments a forwarded datagram to the sizes it
+/// came in, conntrack or not), and vhost-card reassembles them before the host's ring: the
+/// guest receives one whole datagram and its ReasmOKs/ReasmReqds do not move.
+fn forwarded(rig: &mut Rig, node: &Node, server: Ipv4Addr) -> Result<(bool, String)> {
+    const PORT: u16 = 5009;
+    const GUEST_PORT: u16 = 5010;
+    let wns = wire(node).to_string();
+    let helper = crate::guest::HELPER;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let answer = nsnet::spawn_in(&wns, "wire-answer", move || {
+        let sock = UdpSocket::bind(SocketAddrV4::new(server, PORT))?;
+        sock.set_read_timeout(Some(Duration::from_secs(40)))?;
+        tx.send(()).ok();
+        let mut buf = [0u8; 64];
+        let (_, from) = sock
+            .recv_from(&mut buf)
+            .context("no hello from the guest")?;
+        nsnet::pmtu_discovery(&sock, libc::IP_PMTUDISC_DONT)?;
+        Ok(sock.send_to(&crate::guest::pattern(DATAGRAM), from)?)
+    })?;
+    rx.recv_timeout(Duration::from_secs(10))
+        .context("the wire's UDP socket did not open")?;
+    let counters = "echo ok=$(snmp Ip ReasmOKs); echo reqds=$(snmp Ip ReasmReqds)";
+    let g0 = key_values(&rig.vm.check(counters, Duration::from_secs(10))?);
+    let d0 = rig.card.fresh_stats()?;
+    rig.vm.check(
+        &format!(
+            "rm -f /tmp/f.ready /tmp/f.out
+             {helper} guest udp-recv {GUEST_PORT} /tmp/f.ready 30 --hello {server}:{PORT} > /tmp/f.out 2>&1 &
+             n=0; until [ -e /tmp/f.ready ]; do n=$((n + 1)); [ $n -gt 100 ] && exit 1; sleep 0.1; done"
+        ),
+        Duration::from_secs(20),
+    )?;
+    let sent = nsnet::join(answer)?;
+    let got = key_values(&rig.vm.check(
+        &format!(
+            "n=0; until grep -q -e intact= -e rror /tmp/f.out; do n=$((n + 1)); [ $n -gt 100 ] && break; sleep 0.1; done
+             cat /tmp/f.out; {counters}"
+        ),
+        Duration::from_secs(20),
+    )?);
+    let d1 = rig.card.fresh_stats()?;
+    let num = |kv: &std::collections::BTreeMap<String, String>, k: &str| -> i64 {
+        kv.get(k).and_then(|v| v.parse().ok()).unwrap_or(-1)
+    };
+    let dd = |k: &str| i128::from(*d1.get(k).unwrap_or(&0)) - i128::from(*d0.get(k).unwrap_or(&0));
+    let (ok0, ok1) = (num(&g0, "ok"), num(&got, "ok"));
+    let (req0, req1) = (num(&g0, "reqds"), num(&got, "reqds"));
+    let whole = sent == DATAGRAM
+        && got.get("received").map(String::as_str) == Some("60000")
+        && got.get("intact").map(String::as_str) == Some("true");
+    let pass = whole && ok1 == ok0 && req1 == req0 && dd("reasm_datagrams") >= 1;
+    Ok((
+        pass,
+        format!(
+            "wire→guest forwarded (no service): guest got {} B{}; guest ReasmOKs {ok0} before, \
+             {ok1} after, ReasmReqds {req0} → {req1}; vhost-card reassembled {} datagram(s) from \
+             {} fragment(s) the card's kernel forwarded",
+            got.get("received").map_or("nothing", String::as_str),
+            if got.get("intact").map(String::as_str) == Some("true") {
+                " intact"
+            } else {
+                ""
+            },
+            dd("reasm_datagrams"),
+            dd("reasm_fragments"),
+        ),
+    ))
 }
 
 /// Scenario 5: the wire cannot open connections to the guest; the card's

@@ -17,6 +17,7 @@ pub fn run(env: &Env, opts: &Options) -> Result<(bool, String)> {
         mtu: DEFAULT_MTU,
         disable: String::new(),
         queues: 1,
+        args: Vec::new(),
     };
     let mut rig = Rig::boot(env, "hotplug", &cfg, Plug::Later)?;
     let result = hotplug_steps(&mut rig, env, opts);

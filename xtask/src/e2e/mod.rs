@@ -1,5 +1,5 @@
 //! `cargo xtask e2e`: the card against an unmodified Debian kernel in a VM,
-//! end to end. Seven scenarios, one PASS/FAIL line each:
+//! end to end, one PASS/FAIL line per scenario:
 //!
 //! 1. binding: virtio_net binds, reads the card's MTU, and its feature bits
 //!    are the card's offer as far as QEMU passes it through;
@@ -17,14 +17,28 @@
 //!    driver reload or a reboot resets the device) on the same vhost-user
 //!    session; traffic both ways after each;
 //! 9. fewer pairs: `--queues 2` with a one-CPU guest that enables one pair,
-//!    then two, then one again: every card→guest flow arrives in each state.
+//!    then two, then one again: every card→guest flow arrives in each state;
+//! 10. checksum honesty, with `--rx-csum verify`, `complete` and `passthrough`:
+//!     N bad and N good datagrams from the card to a closed port show up in the
+//!     guest's InCsumErrors and NoPorts; a card→guest transfer's frames counted
+//!     by how they went up (no NEEDS_CSUM frame with `complete`);
+//! 11. the IP-only link (`--link ip`) at MTU 65520 and 1500: binding, pings
+//!     both ways over IPv4 and IPv6, the payload each way, honesty;
+//! 12. migration (only when asked for, `--only 12`: see [`OPT_IN`]): the VM
+//!     live-migrated between two QEMU processes, each with its own daemon and
+//!     tap on one bridge in the card namespace, while TCP runs both ways; there
+//!     and back, then once with `--queues 2` (see `migration.rs`).
 //!
-//! Scenarios 1, 2, 4, 6 and 8 share one VM; 3 boots one per configuration, 5
-//! and 7 their own. Logs: target/vm/logs/e2e/<rig>/.
+//! Scenarios 1, 2, 4, 6 and 8 share one VM; 3 boots one per configuration, 5,
+//! 7, 9 and 12 their own, 10 one per `--rx-csum` mode and 11 one per MTU. Logs:
+//! target/vm/logs/e2e/<rig>/.
 
 pub mod cardos;
+mod honesty;
 mod hotplug;
 mod installed;
+mod iplink;
+mod migration;
 mod multiqueue;
 mod networkd;
 mod shared_vm;
@@ -44,10 +58,11 @@ pub const DEFAULT_MTU: u32 = 65520;
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Run only these scenarios (numbers 1-9, comma-separated; with --vduse its checks 1-10).
+    /// Run only these scenarios (numbers 1-12, comma-separated; without it 1-11, see
+    /// OPT_IN; with --vduse its checks 1-10).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u32>,
-    /// MiB sent each way in scenarios 2 and 6.
+    /// MiB sent each way in scenarios 2, 6 and 12.
     #[arg(long, default_value_t = 64)]
     pub mib: usize,
     /// MiB sent each way per configuration of the toggle matrix (3), in the
@@ -83,11 +98,75 @@ pub struct Line {
 }
 
 impl Line {
-    fn print(&self) {
+    pub fn render(&self) -> String {
         let tag = if self.pass { "PASS" } else { "FAIL" };
-        println!("{tag} {} {}", self.number, self.text);
+        format!("{tag} {} {}", self.number, self.text)
     }
 }
+
+/// The scenarios' progress (a bar on a terminal, a line per scenario otherwise) and their
+/// verdict lines.
+pub struct Runner {
+    progress: rig::progress::Progress,
+    lines: Vec<Line>,
+}
+
+impl Runner {
+    /// Step `name` starts; it usually takes `seconds` under TCG.
+    pub fn start(&mut self, name: &str, seconds: u64) {
+        self.progress.start(name, seconds);
+    }
+
+    /// Scenario `number` starts (its name and weight from [`SCENARIOS`]).
+    pub fn scenario(&mut self, number: u32) {
+        let (name, seconds) = SCENARIOS
+            .iter()
+            .find(|(n, _, _)| *n == number)
+            .map_or(("", 60), |(_, name, s)| (*name, *s));
+        self.start(&format!("scenario {number} {name}"), seconds);
+    }
+
+    /// A scenario's verdict, printed as it comes.
+    pub fn record(&mut self, line: Line) {
+        self.progress.println(line.render());
+        self.lines.push(line);
+    }
+
+    /// A line of the run's own (above the bar on a terminal).
+    pub fn say(&self, text: impl AsRef<str>) {
+        self.progress.println(text);
+    }
+}
+
+/// Seconds the main VM usually takes to boot under TCG.
+const MAIN_BOOT: u64 = 8;
+
+/// Scenario numbers, names and the seconds each usually takes under TCG (the progress
+/// estimate, from a run on the 2-core CI machine; scenarios 1, 2, 4, 6 and 8 share the main
+/// VM, whose boot is a step of its own).
+const SCENARIOS: [(u32, &str, u64); 12] = [
+    (1, "binding", 2),
+    (2, "traffic", 25),
+    (3, "toggles", 240),
+    (4, "large frames", 5),
+    (5, "hotplug", 25),
+    (6, "restart", 10),
+    (7, "multiqueue", 30),
+    (8, "device reset", 30),
+    (9, "fewer pairs", 60),
+    // Three VMs, one per --rx-csum mode (47 to 112 s on this machine, depending on its load).
+    (10, "checksum honesty", 70),
+    // Two VMs (MTU 65520 and 1500), 64 MiB each way in each (about 124 s).
+    (11, "IP-only link", 120),
+    (12, "migration", 130),
+];
+
+/// Scenarios run only when `--only` names them. Migration (12): 3 of 16 runs under TCG on the
+/// 2-core machine failed, twice with the destination guest's kernel crashing after a hop (a
+/// corrupted free list in virtio_net's RX refill). Comparing both sides' RAM traced it to
+/// stale guest pages QEMU 7.2's TCG dirty tracking loses, with its own tap backend too
+/// (README, "Live migration"); a test that fails one run in eight stays out of CI.
+const OPT_IN: [u32; 1] = [12];
 
 pub fn run(opts: &Options) -> Result<()> {
     // SAFETY: geteuid(2) has no preconditions and cannot fail.
@@ -97,10 +176,21 @@ pub fn run(opts: &Options) -> Result<()> {
     if opts.vduse {
         return vduse::run(opts);
     }
-    if opts.only.iter().any(|n| !(1..=9).contains(n)) {
-        bail!("scenarios are numbered 1 to 9");
+    if let Some(n) = opts
+        .only
+        .iter()
+        .find(|n| !SCENARIOS.iter().any(|(s, _, _)| s == *n))
+    {
+        let numbers: Vec<u32> = SCENARIOS.iter().map(|(s, _, _)| *s).collect();
+        bail!("no scenario {n}: scenarios are numbered {numbers:?}");
     }
-    let wanted = |n: u32| opts.only.is_empty() || opts.only.contains(&n);
+    let wanted = |n: u32| {
+        if opts.only.is_empty() {
+            !OPT_IN.contains(&n)
+        } else {
+            opts.only.contains(&n)
+        }
+    };
     let t0 = Instant::now();
     let logs = crate::vm_dir().join("logs/e2e");
     let env = Env::prepare(
@@ -120,36 +210,63 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     println!("e2e: logs in {}", logs.display());
 
-    let mut lines = Vec::new();
-    let mut record = |line: Line| {
-        line.print();
-        lines.push(line);
+    let planned: Vec<_> = SCENARIOS.iter().filter(|(n, _, _)| wanted(*n)).collect();
+    let main_vm = [1, 2, 4, 6, 8].into_iter().any(wanted);
+    let mut runner = Runner {
+        progress: rig::progress::Progress::new(
+            "e2e",
+            planned.len() + usize::from(main_vm),
+            planned.iter().map(|(_, _, s)| s).sum::<u64>() + if main_vm { MAIN_BOOT } else { 0 },
+        ),
+        lines: Vec::new(),
     };
 
-    if [1, 2, 4, 6, 8].into_iter().any(wanted) {
-        main_rig(&env, opts, &wanted, &mut record);
+    if main_vm {
+        main_rig(&env, opts, &wanted, &mut runner);
     }
     crate::check_interrupted()?;
     if wanted(3) {
-        record(toggles::run(&env, opts));
+        runner.scenario(3);
+        let line = toggles::run(&env, opts);
+        runner.record(line);
     }
     crate::check_interrupted()?;
     if wanted(5) {
-        record(verdict(5, "hotplug", hotplug::run(&env, opts)));
+        runner.scenario(5);
+        runner.record(verdict(5, "hotplug", hotplug::run(&env, opts)));
     }
     crate::check_interrupted()?;
     if wanted(7) {
-        record(verdict(7, "multiqueue", multiqueue::run(&env, opts)));
+        runner.scenario(7);
+        runner.record(verdict(7, "multiqueue", multiqueue::run(&env, opts)));
     }
     crate::check_interrupted()?;
     if wanted(9) {
-        record(verdict(
+        runner.scenario(9);
+        runner.record(verdict(
             9,
             "fewer pairs",
             multiqueue::fewer_pairs(&env, opts),
         ));
     }
 
+    crate::check_interrupted()?;
+    if wanted(10) {
+        runner.scenario(10);
+        runner.record(verdict(10, "checksum honesty", honesty::run(&env, opts)));
+    }
+    crate::check_interrupted()?;
+    if wanted(11) {
+        runner.scenario(11);
+        runner.record(verdict(11, "IP-only link", iplink::run(&env, opts)));
+    }
+    crate::check_interrupted()?;
+    if wanted(12) {
+        runner.scenario(12);
+        runner.record(verdict(12, "migration", migration::run(&env, opts)));
+    }
+
+    runner.progress.finish();
     summary(
         &format!(
             "cargo xtask e2e: {} under {}, {:.0} s",
@@ -157,7 +274,7 @@ pub fn run(opts: &Options) -> Result<()> {
             env.accel.name(),
             t0.elapsed().as_secs_f64()
         ),
-        &mut lines,
+        &mut runner.lines,
         "e2e scenario(s)",
     )
 }
@@ -168,7 +285,7 @@ pub fn summary(title: &str, lines: &mut [Line], what: &str) -> Result<()> {
     println!();
     println!("==== {title} ====");
     for line in lines.iter() {
-        line.print();
+        println!("{}", line.render());
     }
     let failed = lines.iter().filter(|l| !l.pass).count();
     println!("{} passed, {failed} failed", lines.len() - failed);
@@ -198,12 +315,14 @@ pub fn verdict(number: u32, name: &str, result: Result<(bool, String)>) -> Line 
 type Scenario = fn(&mut Rig, &Env, &Options) -> Result<(bool, String)>;
 
 /// Scenarios 1, 2, 4, 6 and 8 on one VM with the default card.
-fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, record: &mut dyn FnMut(Line)) {
+fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, runner: &mut Runner) {
     let cfg = CardConfig {
         mtu: DEFAULT_MTU,
         disable: String::new(),
         queues: 1,
+        args: Vec::new(),
     };
+    runner.start("main VM boot", MAIN_BOOT);
     let mut rig = match Rig::boot(env, "main", &cfg, Plug::Boot) {
         Ok(rig) => rig,
         Err(err) => {
@@ -219,7 +338,7 @@ fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, record: &mu
                 (8, "device reset"),
             ] {
                 if wanted(number) {
-                    record(Line {
+                    runner.record(Line {
                         number,
                         pass: false,
                         text: format!("{name}: {text}"),
@@ -229,7 +348,10 @@ fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, record: &mu
             return;
         }
     };
-    println!("e2e: main VM up in {:.1} s", rig.boot.as_secs_f64());
+    runner.say(format!(
+        "e2e: main VM up in {:.1} s",
+        rig.boot.as_secs_f64()
+    ));
     let mut last = 1;
     let scenarios: [(u32, &str, Scenario); 5] = [
         (1, "binding", shared_vm::binding),
@@ -242,12 +364,13 @@ fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, record: &mu
         if !wanted(number) {
             continue;
         }
+        runner.scenario(number);
         let result = scenario(&mut rig, env, opts);
         let mut line = verdict(number, name, result);
         if !line.pass {
             line.text = format!("{}\n       {}", line.text, rig.evidence());
         }
-        record(line);
+        runner.record(line);
         last = number;
         if crate::check_interrupted().is_err() {
             break;
@@ -261,7 +384,7 @@ fn main_rig(env: &Env, opts: &Options, wanted: &dyn Fn(u32) -> bool, record: &mu
         .stop()
         .unwrap_or_else(|e| (format!("{e:#}"), false));
     if !ok {
-        record(Line {
+        runner.record(Line {
             number: last,
             pass: false,
             text: format!(

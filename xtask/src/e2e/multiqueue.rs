@@ -20,6 +20,7 @@ fn two_pairs() -> CardConfig {
         mtu: DEFAULT_MTU,
         disable: String::new(),
         queues: PAIRS as u16,
+        args: Vec::new(),
     }
 }
 

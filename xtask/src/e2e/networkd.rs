@@ -402,8 +402,8 @@ pub fn prepare(env: &Env, flavour: Flavour) -> Result<Prepared> {
     // The kernel runs /init from an initramfs.
     overlay.symlink("init", "/sbin/init");
 
-    let mut bytes = std::fs::read(&rootfs.cpio)
-        .with_context(|| format!("reading {}", rootfs.cpio.display()))?;
+    let mut bytes = std::fs::read(&rootfs.path)
+        .with_context(|| format!("reading {}", rootfs.path.display()))?;
     while bytes.len() % 4 != 0 {
         bytes.push(0);
     }

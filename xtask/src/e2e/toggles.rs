@@ -33,6 +33,7 @@ pub fn run(env: &Env, opts: &Options) -> Line {
                 mtu,
                 disable: disable.to_string(),
                 queues: 1,
+                args: Vec::new(),
             };
             let rig_name = format!("toggle-{name}-{mtu}");
             let result = toggle_one(env, &rig_name, &cfg, len);

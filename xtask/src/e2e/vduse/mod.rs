@@ -66,7 +66,7 @@ pub fn run(opts: &super::Options) -> Result<()> {
     );
     let mut lines = Vec::new();
     let mut record = |l: Line| {
-        l.print();
+        println!("{}", l.render());
         lines.push(l);
     };
     let wanted = |n: u32| opts.only.is_empty() || opts.only.contains(&n);
