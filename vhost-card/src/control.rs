@@ -63,9 +63,26 @@ pub fn may_control(peer_uid: u32, own_uid: u32) -> bool {
     peer_uid == 0 || peer_uid == own_uid
 }
 
-/// Serves the JSON snapshot to every connection on `listener` from root or `own_uid` (the user
-/// the daemon runs as); others are refused (logged, connection closed).
-pub fn serve_control(listener: UnixListener, stats: Arc<Stats>, own_uid: u32) -> io::Result<()> {
+/// What the control socket offers besides the snapshot: a live handover (`handover::steps`).
+pub struct HandoverHook {
+    /// Added to the snapshot line as its `handover` field.
+    pub offer: serde_json::Value,
+    /// Runs a handover on a connection whose request line was read.
+    pub run: Box<dyn Fn(UnixStream) + Send>,
+}
+
+/// How long the control socket waits for a request line after the snapshot line.
+const REQUEST_WITHIN: Duration = Duration::from_millis(200);
+
+/// Serves the JSON snapshot line to every connection on `listener` from root or `own_uid` (the
+/// user the daemon runs as); others are refused (logged, connection closed). With a hook, it
+/// then waits up to 200 ms for one request line: `{"request":"handover"}` runs the hook.
+pub fn serve_control(
+    listener: UnixListener,
+    stats: Arc<Stats>,
+    own_uid: u32,
+    handover: Option<HandoverHook>,
+) -> io::Result<()> {
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -78,10 +95,26 @@ pub fn serve_control(listener: UnixListener, stats: Arc<Stats>, own_uid: u32) ->
                     ),
                     Ok((_, mut c)) => {
                         let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
-                        let mut body = serde_json::to_string(&stats.snapshot()).unwrap_or_default();
+                        let mut line = serde_json::to_value(stats.snapshot()).unwrap_or_default();
+                        if let (Some(h), Some(map)) = (&handover, line.as_object_mut()) {
+                            map.insert("handover".into(), h.offer.clone());
+                        }
+                        let mut body = line.to_string();
                         body.push('\n');
                         if let Err(e) = c.write_all(body.as_bytes()) {
                             debug!("control client: {e}");
+                            continue;
+                        }
+                        let Some(h) = &handover else { continue };
+                        let _ = c.set_read_timeout(Some(REQUEST_WITHIN));
+                        match read_line(&mut c, 256) {
+                            Ok(req) if req.trim() == crate::handover::steps::REQUEST => {
+                                info!("control socket: handover requested");
+                                (h.run)(c);
+                            }
+                            Ok(req) if req.is_empty() => {}
+                            Ok(req) => warn!("control socket: unknown request {req:?}"),
+                            Err(_) => {}
                         }
                     }
                     Err(e) => warn!("control socket: {e}"),
@@ -91,13 +124,26 @@ pub fn serve_control(listener: UnixListener, stats: Arc<Stats>, own_uid: u32) ->
     Ok(())
 }
 
-/// Reads the JSON snapshot from a running daemon's control socket.
+/// Reads one line of at most `max` bytes, byte by byte: nothing past it is consumed (a
+/// handover goes on on the same connection).
+pub fn read_line(c: &mut UnixStream, max: usize) -> io::Result<String> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.len() < max {
+        if c.read(&mut b)? == 0 || b[0] == b'\n' {
+            break;
+        }
+        line.push(b[0]);
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// Reads the JSON snapshot line from a running daemon's control socket (one line, then it
+/// closes: the daemon then stops waiting for a request).
 pub fn query(path: &Path) -> io::Result<String> {
     let mut c = UnixStream::connect(path)?;
     c.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut s = String::new();
-    c.read_to_string(&mut s)?;
-    Ok(s)
+    read_line(&mut c, 1 << 20)
 }
 
 /// Reads and parses the snapshot from a running daemon's control socket.

@@ -386,13 +386,15 @@ impl Gate {
     /// forwarded so far is answered, and the session comes back with duplicates of its
     /// descriptors (`docs/handover.md`, the stop point).
     pub fn pause(&self, within: std::time::Duration) -> Result<Paused, String> {
-        let (tx, rx) = mpsc::channel();
-        self.pauses
-            .send(PauseRequest(tx))
-            .map_err(|_| "the session has ended".to_string())?;
-        self.wake.write(1).map_err(|e| e.to_string())?;
-        rx.recv_timeout(within)
-            .map_err(|_| "the gate did not pause".to_string())?
+        self.pauser().map_err(|e| e.to_string())?.pause(within)
+    }
+
+    /// A handle that pauses this gate from another thread (the control socket's).
+    pub fn pauser(&self) -> io::Result<Pauser> {
+        Ok(Pauser {
+            pauses: self.pauses.clone(),
+            wake: self.wake.try_clone()?,
+        })
     }
 
     /// Closes both sides (the frontend's only if the session was not handed over); the relay
@@ -414,6 +416,26 @@ impl Gate {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+/// Pauses a gate from another thread ([`Gate::pause`]); a gate that ended answers that the
+/// session has ended.
+pub struct Pauser {
+    pauses: Sender<PauseRequest>,
+    wake: EventFd,
+}
+
+impl Pauser {
+    /// As [`Gate::pause`].
+    pub fn pause(&self, within: std::time::Duration) -> Result<Paused, String> {
+        let (tx, rx) = mpsc::channel();
+        self.pauses
+            .send(PauseRequest(tx))
+            .map_err(|_| "the session has ended".to_string())?;
+        self.wake.write(1).map_err(|e| e.to_string())?;
+        rx.recv_timeout(within)
+            .map_err(|_| "the gate did not pause".to_string())?
     }
 }
 

@@ -47,5 +47,6 @@ pub mod rxmark;
 pub mod sandbox;
 pub mod stats;
 pub mod tap;
+pub mod upgrade;
 pub mod vduse;
 pub mod vnet;

@@ -283,6 +283,12 @@ impl Stats {
         self.device.connected.store(connected, Ordering::Relaxed);
     }
 
+    /// A session handed over from another process is connected here: not a new session (its
+    /// count came with [`Stats::carry_over`]).
+    pub fn set_resumed(&self) {
+        self.device.connected.store(true, Ordering::Relaxed);
+    }
+
     /// The frontend acked this feature word.
     pub fn set_acked(&self, word: u64) {
         self.device.acked.store(word, Ordering::Relaxed);

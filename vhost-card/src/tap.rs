@@ -493,6 +493,11 @@ impl Tap {
         })
     }
 
+    /// Whether this daemon created the tap (it then goes when the daemon ends, unless kept).
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
     /// Keeps the tap this daemon created when it exits (`--keep-tap`), from now on.
     pub fn keep_when_done(&self, keep: bool) {
         self.keep.store(keep, std::sync::atomic::Ordering::Relaxed);
