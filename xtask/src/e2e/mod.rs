@@ -27,13 +27,17 @@
 //! 12. migration (only when asked for, `--only 12`: see [`OPT_IN`]): the VM
 //!     live-migrated between two QEMU processes, each with its own daemon and
 //!     tap on one bridge in the card namespace, while TCP runs both ways; there
-//!     and back, then once with `--queues 2` (see `migration.rs`).
+//!     and back, then once with `--queues 2` (see `migration.rs`);
+//! 13. handover (only when asked for, `--only 13`): `vhost-card upgrade` hands the session to a
+//!     new process 20 times during 64 MiB of TCP each way; sha256 equal, no carrier change, no
+//!     reconnect, longest gap between frames on the tap at most 50 ms (see `handover.rs`).
 //!
 //! Scenarios 1, 2, 4, 6 and 8 share one VM; 3 boots one per configuration, 5,
 //! 7, 9 and 12 their own, 10 one per `--rx-csum` mode and 11 one per MTU. Logs:
 //! target/vm/logs/e2e/<rig>/.
 
 pub mod cardos;
+mod handover;
 mod honesty;
 mod hotplug;
 mod installed;
@@ -58,11 +62,11 @@ pub const DEFAULT_MTU: u32 = 65520;
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Run only these scenarios (numbers 1-12, comma-separated; without it 1-11, see
+    /// Run only these scenarios (numbers 1-13, comma-separated; without it 1-11, see
     /// OPT_IN; with --vduse its checks 1-10).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u32>,
-    /// MiB sent each way in scenarios 2, 6 and 12.
+    /// MiB sent each way in scenarios 2, 6, 12 and 13.
     #[arg(long, default_value_t = 64)]
     pub mib: usize,
     /// MiB sent each way per configuration of the toggle matrix (3), in the
@@ -144,7 +148,7 @@ const MAIN_BOOT: u64 = 8;
 /// Scenario numbers, names and the seconds each usually takes under TCG (the progress
 /// estimate, from a run on the 2-core CI machine; scenarios 1, 2, 4, 6 and 8 share the main
 /// VM, whose boot is a step of its own).
-const SCENARIOS: [(u32, &str, u64); 12] = [
+const SCENARIOS: [(u32, &str, u64); 13] = [
     (1, "binding", 2),
     (2, "traffic", 25),
     (3, "toggles", 240),
@@ -159,6 +163,8 @@ const SCENARIOS: [(u32, &str, u64); 12] = [
     // Two VMs (MTU 65520 and 1500), 64 MiB each way in each (about 124 s).
     (11, "IP-only link", 120),
     (12, "migration", 130),
+    // One VM, 64 MiB each way with 20 handovers.
+    (13, "handover", 60),
 ];
 
 /// Scenarios run only when `--only` names them. Migration (12): 3 of 16 runs under TCG on the
@@ -166,7 +172,7 @@ const SCENARIOS: [(u32, &str, u64); 12] = [
 /// corrupted free list in virtio_net's RX refill). Comparing both sides' RAM traced it to
 /// stale guest pages QEMU 7.2's TCG dirty tracking loses, with its own tap backend too
 /// (README, "Live migration"); a test that fails one run in eight stays out of CI.
-const OPT_IN: [u32; 1] = [12];
+const OPT_IN: [u32; 2] = [12, 13];
 
 pub fn run(opts: &Options) -> Result<()> {
     // SAFETY: geteuid(2) has no preconditions and cannot fail.
@@ -264,6 +270,11 @@ pub fn run(opts: &Options) -> Result<()> {
     if wanted(12) {
         runner.scenario(12);
         runner.record(verdict(12, "migration", migration::run(&env, opts)));
+    }
+    crate::check_interrupted()?;
+    if wanted(13) {
+        runner.scenario(13);
+        runner.record(verdict(13, "handover", handover::run(&env, opts)));
     }
 
     runner.progress.finish();
