@@ -150,12 +150,13 @@ pub fn run(env: &Env, opts: &Options) -> Result<(bool, String)> {
     let mut rig = Rig::boot(env, "handover", &cfg, Plug::Boot)?;
     let mut serving = None;
     let result = scenario(&mut rig, env, opts, &control, &mut serving);
-    let result = rig.finish(result);
-    // The last process to take over is nobody's child: stopped by its pid.
+    // The last process to take over is nobody's child: stopped by its pid, before the rig
+    // (and the card's namespace) goes.
     if let Some(pid) = serving {
         // SAFETY: kill has no memory effects; `pid` is the daemon this scenario made serve.
         unsafe { libc::kill(i32::try_from(pid).unwrap_or(0), libc::SIGTERM) };
     }
+    let result = rig.finish(result);
     let _ = std::fs::remove_file(&control);
     result
 }
