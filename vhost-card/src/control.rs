@@ -67,8 +67,9 @@ pub fn may_control(peer_uid: u32, own_uid: u32) -> bool {
 pub struct HandoverHook {
     /// Added to the snapshot line as its `handover` field.
     pub offer: serde_json::Value,
-    /// Runs a handover on a connection whose request line was read.
-    pub run: Box<dyn Fn(UnixStream) + Send>,
+    /// Runs a handover on a connection whose request line was read: whether the session
+    /// moved (this process then answers no more connections: the new one does).
+    pub run: Box<dyn Fn(UnixStream) -> bool + Send>,
 }
 
 /// How long the control socket waits for a request line after the snapshot line.
@@ -110,7 +111,11 @@ pub fn serve_control(
                         match read_line(&mut c, 256) {
                             Ok(req) if req.trim() == crate::handover::steps::REQUEST => {
                                 info!("control socket: handover requested");
-                                (h.run)(c);
+                                if (h.run)(c) {
+                                    // The listener is shared with the new process: a
+                                    // connection this one took now would die with it.
+                                    break;
+                                }
                             }
                             Ok(req) if req.is_empty() => {}
                             Ok(req) => warn!("control socket: unknown request {req:?}"),

@@ -498,8 +498,12 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                                 warn!("handover: cannot tell systemd MAINPID={pid}: {e}");
                             }
                             stop.leave();
+                            true
                         }
-                        Err(why) => warn!("handover refused: {why}; this process serves on"),
+                        Err(why) => {
+                            warn!("handover refused: {why}; this process serves on");
+                            sources.handed_over()
+                        }
                     }
                 })
             },
