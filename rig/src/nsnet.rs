@@ -515,11 +515,26 @@ pub fn forbid_fragments(sock: &UdpSocket) -> Result<()> {
 /// from a socket, as a timespec on CLOCK_REALTIME.
 const SIOCGSTAMPNS: libc::c_ulong = 0x8907;
 
-/// Records the kernel's receive time (ns since the Unix epoch) of every frame crossing
-/// `ifname` in `ns`, either way, until `stop` is set; for the gaps in a transfer.
+/// The TCP ports of an IPv4 frame (Ethernet header first), if it is one.
+fn tcp_ports(data: &[u8]) -> Option<(u16, u16)> {
+    let ip = data.get(14..)?;
+    if data.get(12..14)? != [0x08, 0x00] || ip.first()? >> 4 != 4 || *ip.get(9)? != 6 {
+        return None;
+    }
+    let tcp = ip.get(usize::from(ip[0] & 0x0f) * 4..)?;
+    Some((
+        u16::from_be_bytes([*tcp.first()?, *tcp.get(1)?]),
+        u16::from_be_bytes([*tcp.get(2)?, *tcp.get(3)?]),
+    ))
+}
+
+/// Records the kernel's receive time (ns since the Unix epoch) of every IPv4 TCP frame to or
+/// from one of `ports` crossing `ifname` in `ns`, either way, until `stop` is set; for the
+/// gaps in a transfer.
 pub fn capture_times(
     ns: &str,
     ifname: &str,
+    ports: Vec<u16>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<JoinHandle<Result<Vec<u64>>>> {
     let ifname = ifname.to_string();
@@ -546,7 +561,12 @@ pub fn capture_times(
             };
             // SAFETY: one pollfd we own, for the call.
             unsafe { libc::poll(&mut pfd, 1, 20) };
-            while recv_frame(&fd, &mut buf)?.is_some() {
+            while let Some((n, _, _)) = recv_frame(&fd, &mut buf)? {
+                let ours = tcp_ports(&buf[..n.min(buf.len())])
+                    .is_some_and(|(a, b)| ports.contains(&a) || ports.contains(&b));
+                if !ours {
+                    continue;
+                }
                 let mut ts = libc::timespec {
                     tv_sec: 0,
                     tv_nsec: 0,

@@ -21,6 +21,8 @@ use crate::rig::{Env, Plug, Rig};
 
 /// Handovers in one run, half during each transfer.
 const HANDOVERS: usize = 20;
+/// Time between two handovers: spread over a transfer of some seconds under TCG.
+const EVERY: Duration = Duration::from_millis(250);
 /// The bound on the longest gap between frames on the tap (issue 12).
 const MAX_GAP_MS: f64 = 50.0;
 
@@ -75,9 +77,9 @@ fn upgrade(control: &Path, log: &Path) -> Result<Upgrade> {
     })
 }
 
-/// Runs `transfer` while a thread hands the session over up to `n` times, back to back from
-/// 300 ms after the start until the transfer ends; returns the transfer's result, its window
-/// (ns since the epoch) and the upgrades.
+/// Runs `transfer` while a thread hands the session over up to `n` times, one every
+/// [`EVERY`] from [`EVERY`] after the start until the transfer ends; returns the transfer's
+/// result, its window (ns since the epoch) and the upgrades.
 fn with_handovers<T>(
     control: &Path,
     log: &Path,
@@ -87,9 +89,12 @@ fn with_handovers<T>(
     let done = Arc::new(AtomicBool::new(false));
     let (control, log, flag) = (control.to_path_buf(), log.to_path_buf(), done.clone());
     let upgrader = std::thread::spawn(move || -> Result<Vec<Upgrade>> {
-        std::thread::sleep(Duration::from_millis(300));
         let mut done = Vec::new();
         while done.len() < n && !flag.load(Ordering::SeqCst) {
+            std::thread::sleep(EVERY);
+            if flag.load(Ordering::SeqCst) {
+                break;
+            }
             done.push(upgrade(&control, &log)?);
         }
         Ok(done)
@@ -180,7 +185,13 @@ fn scenario(
     let carrier0 = carrier(rig)?;
     let sessions0 = sessions(control)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let cap = nsnet::capture_times(rig.card.ns.name(), card::TAP, stop.clone())?;
+    // The transfers' frames: guest→card on port 5001, card→guest on 5002 (`rig`).
+    let cap = nsnet::capture_times(
+        rig.card.ns.name(),
+        card::TAP,
+        vec![5001, 5002],
+        stop.clone(),
+    )?;
     let half = HANDOVERS / 2;
     let up = with_handovers(control, &log, half, || rig.send_to_card(env, len));
     let up = up.and_then(|(up, w_up, h_up)| {
@@ -207,8 +218,20 @@ fn scenario(
         .collect();
     let (out_med, out_worst) = median_worst(&outages);
     let (gap_med, gap_worst) = median_worst(&gaps);
-    let gap_up = longest_gap(&times, w_up.0, w_up.1);
-    let gap_down = longest_gap(&times, w_down.0, w_down.1);
+    // During a transfer: between its first and its last frame.
+    let inside = |w: (u64, u64)| -> f64 {
+        let (a, b) = (
+            times.partition_point(|&t| t < w.0),
+            times.partition_point(|&t| t <= w.1),
+        );
+        times[a..b]
+            .windows(2)
+            .map(|p| p[1] - p[0])
+            .max()
+            .unwrap_or(0) as f64
+            / 1e6
+    };
+    let (gap_up, gap_down) = (inside(w_up), inside(w_down));
     let within = |w: (u64, u64), h: &[Upgrade]| h.iter().filter(|u| u.end <= w.1).count();
     let (in_up, in_down) = (within(w_up, &h_up), within(w_down, &h_down));
     let still_one = sessions1 == sessions0;
@@ -229,7 +252,7 @@ fn scenario(
              {gap_med:.1} ms, worst {gap_worst:.1} ms; longest gap during the transfers: \
              guest→card {gap_up:.1} ms, card→guest {gap_down:.1} ms (bound {MAX_GAP_MS} ms, \
              {} frames captured); guest carrier changes +{}; sessions {sessions0} → \
-             {sessions1} ({} reconnect(s))",
+             {sessions1} ({} reconnect(s)); each handover's outage / gap (ms): {}",
             all.len(),
             opts.mib,
             up.describe(),
@@ -238,6 +261,12 @@ fn scenario(
             times.len(),
             carrier1 - carrier0,
             sessions1.saturating_sub(sessions0),
+            outages
+                .iter()
+                .zip(&gaps)
+                .map(|(o, g)| format!("{o:.1}/{g:.1}"))
+                .collect::<Vec<_>>()
+                .join(" "),
         ),
     ))
 }
