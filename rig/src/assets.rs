@@ -407,6 +407,46 @@ fn ensure_initramfs(src: &KernelSource, kernel: &Kernel) -> Result<PathBuf> {
     Ok(gz)
 }
 
+/// The start of a one-shot `/scenario.sh` (for [`initrd_with_scenario`]): waits up to 10 s for
+/// eth0 and reports its MTU, driver and virtio feature bits as `RESULT` lines.
+pub const SCENARIO_NIC_REPORT: &str = r#"echo SCENARIO-START
+n=0
+while [ ! -e /sys/class/net/eth0 ]; do
+    n=$((n + 1))
+    if [ $n -gt 100 ]; then echo "no eth0 after 10 s"; ip link; exit 2; fi
+    sleep 0.1
+done
+echo "RESULT mtu=$(cat /sys/class/net/eth0/mtu)"
+echo "RESULT driver=$(basename "$(readlink /sys/class/net/eth0/device/driver)")"
+echo "RESULT features=$(cat /sys/class/net/eth0/device/features)"
+"#;
+
+/// A shell function for a one-shot `/scenario.sh`: `await_host_pings MAX IDLE` prints
+/// `HOST-PING-NOW`, then stays up while the host pings the guest: up to MAX seconds for the first
+/// echo request (IPv4 or IPv6), then until IDLE seconds pass without a new one; it reports
+/// `RESULT host_echo_requests=N`.
+pub const SCENARIO_AWAIT_HOST_PINGS: &str = r#"echos() {
+    v4=$(awk '/^Icmp:/ { if (h) print $c; else for (i = 1; i <= NF; i++) if ($i == "InEchos") { c = i; h = 1 } }' /proc/net/snmp)
+    v6=$(awk '$1 == "Icmp6InEchos" { print $2 }' /proc/net/snmp6 2>/dev/null)
+    echo $((v4 + ${v6:-0}))
+}
+await_host_pings() {
+    before=$(echos)
+    last=$before
+    idle=0
+    waited=0
+    echo HOST-PING-NOW
+    while [ $waited -lt "$1" ]; do
+        sleep 1
+        waited=$((waited + 1))
+        now=$(echos)
+        if [ "$now" != "$last" ]; then last=$now; idle=0; else idle=$((idle + 1)); fi
+        if [ "$last" != "$before" ] && [ $idle -ge "$2" ]; then break; fi
+    done
+    echo "RESULT host_echo_requests=$((last - before))"
+}
+"#;
+
 /// Writes `out`: the base initramfs followed by a second archive holding
 /// `/scenario.sh`. The kernel unpacks both, in order.
 pub fn initrd_with_scenario(base: &Path, script: &str, out: &Path) -> Result<()> {

@@ -259,6 +259,24 @@ impl Vm {
 
     /// Waits until the guest agent announces itself on its serial port.
     pub fn wait_agent(&mut self, timeout: Duration) -> Result<Duration> {
+        self.until_agent(
+            "the guest agent",
+            timeout,
+            |agent| Ok(agent.ready()?.then_some(())),
+            |status| format!("QEMU exited ({status}) before the guest agent started"),
+        )?;
+        Ok(self.started.elapsed())
+    }
+
+    /// Polls the guest agent with `poll` (and the console, to keep its log current) until it
+    /// answers `Some`, QEMU exits (the error is `exited`'s message) or `timeout` passes.
+    fn until_agent<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut poll: impl FnMut(&mut Channel) -> Result<Option<T>>,
+        exited: impl Fn(ExitStatus) -> String,
+    ) -> Result<T> {
         let Vm {
             child,
             console,
@@ -267,18 +285,17 @@ impl Vm {
             ..
         } = self;
         let agent = agent.as_mut().context("this VM has no agent port")?;
-        wait_for("the guest agent", timeout, || {
-            let exited = child.try_wait()?;
+        wait_for(what, timeout, || {
+            let status = child.try_wait()?;
             console.poll()?;
-            if agent.ready().map_err(|e| gone(child, qemu_log, e))? {
-                return Ok(Some(()));
+            if let Some(v) = poll(agent).map_err(|e| gone(child, qemu_log, e))? {
+                return Ok(Some(v));
             }
-            match exited {
-                Some(status) => bail!("QEMU exited ({status}) before the guest agent started"),
+            match status {
+                Some(status) => bail!(exited(status)),
                 None => Ok(None),
             }
-        })?;
-        Ok(self.started.elapsed())
+        })
     }
 
     /// Talks to a guest agent that is already running, which does not announce itself again:
@@ -297,7 +314,6 @@ impl Vm {
     pub fn sh(&mut self, script: &str, timeout: Duration) -> Result<Reply> {
         let Vm {
             child,
-            console,
             agent,
             qemu_log,
             ..
@@ -308,17 +324,12 @@ impl Vm {
             .map_err(|e| gone(child, qemu_log, e))?;
         // TCG can be slow to even start the command: allow a margin.
         let what = format!("the guest to run `{}`", first_line(script));
-        wait_for(&what, timeout + Duration::from_secs(30), || {
-            let exited = child.try_wait()?;
-            console.poll()?;
-            if let Some(reply) = agent.reply(id).map_err(|e| gone(child, qemu_log, e))? {
-                return Ok(Some(reply));
-            }
-            match exited {
-                Some(status) => bail!("QEMU exited ({status}) while the guest ran `{script}`"),
-                None => Ok(None),
-            }
-        })
+        self.until_agent(
+            &what,
+            timeout + Duration::from_secs(30),
+            |agent| agent.reply(id),
+            |status| format!("QEMU exited ({status}) while the guest ran `{script}`"),
+        )
     }
 
     /// Like [`Vm::sh`], but fails unless the command exits with status 0;

@@ -157,29 +157,14 @@ fn bad_requests_are_refused_and_the_daemon_keeps_serving() -> Result<()> {
         refused(c, 999, &[0u8; 8], &[])
     })?;
     try_one(&card, "message size beyond the protocol's limit", |c| {
-        let mut hdr = Vec::new();
-        for v in [SET_FEATURES, 0x1 | FLAG_NEED_REPLY, 1 << 20] {
-            hdr.extend_from_slice(&v.to_le_bytes());
-        }
-        c.raw_bytes(&hdr)?;
-        ensure!(
-            c.closed_by_peer(Duration::from_secs(3)),
-            "connection kept open"
-        );
-        Ok(Outcome::Closed)
+        header_closes(c, [SET_FEATURES, 0x1 | FLAG_NEED_REPLY, 1 << 20], &[])
     })?;
     try_one(&card, "wrong protocol version in the header", |c| {
-        let mut hdr = Vec::new();
-        for v in [SET_FEATURES, 0x2 | FLAG_NEED_REPLY, 8] {
-            hdr.extend_from_slice(&v.to_le_bytes());
-        }
-        hdr.extend_from_slice(&0u64.to_le_bytes());
-        c.raw_bytes(&hdr)?;
-        ensure!(
-            c.closed_by_peer(Duration::from_secs(3)),
-            "connection kept open"
-        );
-        Ok(Outcome::Closed)
+        header_closes(
+            c,
+            [SET_FEATURES, 0x2 | FLAG_NEED_REPLY, 8],
+            &0u64.to_le_bytes(),
+        )
     })?;
     try_one(&card, "half a message, then a hang-up", |c| {
         c.raw_bytes(&[2, 0, 0, 0, 1])?;
@@ -197,4 +182,17 @@ fn bad_requests_are_refused_and_the_daemon_keeps_serving() -> Result<()> {
     card.check_host_to_card(&mut dev, 7600, 3)?;
     card.check_card_to_host(&mut dev, 4)?;
     Ok(())
+}
+
+/// Sends a request header (request, flags, size) and `body`; the daemon must close the
+/// connection.
+fn header_closes(c: &mut Control, words: [u32; 3], body: &[u8]) -> Result<Outcome> {
+    let mut msg: Vec<u8> = words.iter().flat_map(|v| v.to_le_bytes()).collect();
+    msg.extend_from_slice(body);
+    c.raw_bytes(&msg)?;
+    ensure!(
+        c.closed_by_peer(Duration::from_secs(3)),
+        "connection kept open"
+    );
+    Ok(Outcome::Closed)
 }

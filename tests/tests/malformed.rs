@@ -33,108 +33,85 @@ fn desc_over(
 fn malformed_tx_chains_are_counted_and_dropped() -> Result<()> {
     let mut card = Card::start(&[])?;
     let mut dev = card.driver()?;
-    let mut good = 0u64;
 
     // A valid header and frame, for chains whose only defect is their shape.
     let payload = card_tests::packet::pattern(64, 1);
     let frame = card.frame_to(SocketAddrV4::new(CARD_IP, 7399), 40000, &payload)?;
     let mut hdr_frame = VnetHdr::default().encode().to_vec();
     hdr_frame.extend_from_slice(&frame);
-
-    let wait = |card: &mut Card, what: &str, f: &dyn Fn(&Counters) -> bool| {
-        card.daemon.wait_counters(Duration::from_secs(4), what, f)
-    };
+    let (hdr, body) = hdr_frame.split_at(VnetHdr::LEN);
 
     card.check_host_to_card(&mut dev, 7301, 1)
         .context("baseline")?;
-    good += 1;
 
-    // 1. A buffer outside guest memory.
-    dev.send_raw_wait(&[RawDesc {
-        addr: 0xdead_0000_0000,
+    let outside = |addr| RawDesc {
+        addr,
         len: 100,
         flags: 0,
         next: None,
-    }])?;
-    wait(&mut card, "tx_drop_bad_chain=1", &|c| {
-        c.get("tx_drop_bad_chain") == 1
-    })?;
-    card.check_host_to_card(&mut dev, 7302, 2)
-        .context("after a buffer outside guest memory")?;
-    good += 1;
+    };
+    // Each case: what it is, its chain, the counter that must count it.
+    let cases: Vec<(&str, Vec<RawDesc>, &str)> = vec![
+        (
+            "a buffer outside guest memory",
+            vec![outside(0xdead_0000_0000)],
+            "tx_drop_bad_chain",
+        ),
+        (
+            "a buffer running past the end of memory",
+            vec![outside(GUEST_BASE + (64 << 20) - 40)],
+            "tx_drop_bad_chain",
+        ),
+        (
+            // Both descriptors hold a valid header and frame: the loop is the only defect.
+            "a descriptor loop",
+            vec![
+                desc_over(&mut dev, hdr, VRING_DESC_F_NEXT, Some(1))?,
+                desc_over(&mut dev, body, VRING_DESC_F_NEXT, Some(0))?,
+            ],
+            "tx_drop_bad_chain",
+        ),
+        (
+            "a chain shorter than the 12-byte header (two descriptors of 4 bytes)",
+            vec![
+                desc_over(&mut dev, &[0u8; 4], VRING_DESC_F_NEXT, Some(1))?,
+                desc_over(&mut dev, &[0u8; 4], 0, None)?,
+            ],
+            "tx_drop_short_header",
+        ),
+        (
+            "a device-writable descriptor in a TX chain",
+            vec![
+                desc_over(&mut dev, hdr, VRING_DESC_F_NEXT, Some(1))?,
+                desc_over(&mut dev, body, VRING_DESC_F_WRITE, None)?,
+            ],
+            "tx_drop_bad_chain",
+        ),
+    ];
 
-    // 1b. A buffer that starts inside guest memory and runs past its end.
-    let end = GUEST_BASE + (64 << 20);
-    dev.send_raw_wait(&[RawDesc {
-        addr: end - 40,
-        len: 100,
-        flags: 0,
-        next: None,
-    }])?;
-    wait(&mut card, "tx_drop_bad_chain=2", &|c| {
-        c.get("tx_drop_bad_chain") == 2
-    })?;
-    card.check_host_to_card(&mut dev, 7303, 3)
-        .context("after a buffer running past the end of memory")?;
-    good += 1;
+    let mut good = 1u64;
+    let mut dropped = std::collections::BTreeMap::<&str, u64>::new();
+    for (n, (what, chain, counter)) in cases.into_iter().enumerate() {
+        dev.send_raw_wait(&chain)?;
+        let want = *dropped.entry(counter).and_modify(|v| *v += 1).or_insert(1);
+        card.daemon
+            .wait_counters(
+                Duration::from_secs(4),
+                &format!("{counter}={want}"),
+                |c: &Counters| c.get(counter) == want,
+            )
+            .with_context(|| format!("counting {what}"))?;
+        let n = u8::try_from(n)?;
+        card.check_host_to_card(&mut dev, 7302 + u16::from(n), n + 2)
+            .with_context(|| format!("after {what}"))?;
+        good += 1;
+    }
 
-    // 2. A descriptor loop: the second descriptor points back to the first. Both hold a
-    // valid header and frame, so the loop is the only defect.
-    let a = desc_over(
-        &mut dev,
-        &hdr_frame[..VnetHdr::LEN],
-        VRING_DESC_F_NEXT,
-        Some(1),
-    )?;
-    let b = desc_over(
-        &mut dev,
-        &hdr_frame[VnetHdr::LEN..],
-        VRING_DESC_F_NEXT,
-        Some(0),
-    )?;
-    dev.send_raw_wait(&[a, b])?;
-    wait(&mut card, "tx_drop_bad_chain=3", &|c| {
-        c.get("tx_drop_bad_chain") == 3
-    })?;
-    card.check_host_to_card(&mut dev, 7304, 4)
-        .context("after a descriptor loop")?;
-    good += 1;
-
-    // 3. A chain shorter than the 12-byte header (two descriptors of 4 bytes).
-    let a = desc_over(&mut dev, &[0u8; 4], VRING_DESC_F_NEXT, Some(1))?;
-    let b = desc_over(&mut dev, &[0u8; 4], 0, None)?;
-    dev.send_raw_wait(&[a, b])?;
-    wait(&mut card, "tx_drop_short_header=1", &|c| {
-        c.get("tx_drop_short_header") == 1
-    })?;
-    card.check_host_to_card(&mut dev, 7305, 5)
-        .context("after a short header")?;
-    good += 1;
-
-    // 4. A device-writable descriptor in a TX chain.
-    let a = desc_over(
-        &mut dev,
-        &hdr_frame[..VnetHdr::LEN],
-        VRING_DESC_F_NEXT,
-        Some(1),
-    )?;
-    let b = desc_over(
-        &mut dev,
-        &hdr_frame[VnetHdr::LEN..],
-        VRING_DESC_F_WRITE,
-        None,
-    )?;
-    dev.send_raw_wait(&[a, b])?;
-    wait(&mut card, "tx_drop_bad_chain=4", &|c| {
-        c.get("tx_drop_bad_chain") == 4
-    })?;
-    card.check_host_to_card(&mut dev, 7306, 6)
-        .context("after a device-writable TX descriptor")?;
-    good += 1;
-
-    let c = wait(&mut card, "all good frames sent", &|c| {
-        c.get("tx_frames") == good
-    })?;
+    let c = card
+        .daemon
+        .wait_counters(Duration::from_secs(4), "all good frames sent", |c| {
+            c.get("tx_frames") == good
+        })?;
     ensure!(c.get("tx_drop_bad_chain") == 4, "{c:?}");
     ensure!(c.get("tx_drop_short_header") == 1, "{c:?}");
     card.daemon.check_running()?;
@@ -154,6 +131,23 @@ fn rx_desc(dev: &mut VirtioNet, len: u32, flags: u16, next: Option<usize>) -> Re
         flags,
         next,
     })
+}
+
+/// Posts two good 1536-byte buffers, a chain outside guest memory, then 60 good buffers, in one
+/// batch and one kick; returns the heads of the good buffers before and after the bad chain.
+fn post_good_bad_good(dev: &mut VirtioNet) -> Result<(Vec<u16>, Vec<u16>)> {
+    dev.rx.begin_batch();
+    let first = dev.post_rx_nokick(&RxLayout::mergeable(1536, 2))?;
+    dev.post_rx_raw(&[RawDesc {
+        addr: 0xdead_0000_0000,
+        len: 1536,
+        flags: VRING_DESC_F_WRITE,
+        next: None,
+    }])?;
+    let rest = dev.post_rx_nokick(&RxLayout::mergeable(1536, 60))?;
+    dev.rx.end_batch(&dev.mem)?;
+    dev.rx.kick()?;
+    Ok((first, rest))
 }
 
 /// Malformed RX chains (outside memory, device-readable, shorter than the header, a loop) are
@@ -234,17 +228,7 @@ fn malformed_rx_chains_are_counted_and_skipped() -> Result<()> {
     let frame = udp_frame_of_len(card.mac, HOST_MAC, src, dst, 4000, 9)?;
     pkt.send(&frame)?;
     let (mut dev, _) = card.driver_custom(|f| f, |o| o.rx.chains = 0)?;
-    dev.rx.begin_batch();
-    let first = dev.post_rx_nokick(&RxLayout::mergeable(1536, 2))?;
-    dev.post_rx_raw(&[RawDesc {
-        addr: 0xdead_0000_0000,
-        len: 1536,
-        flags: w,
-        next: None,
-    }])?;
-    let rest = dev.post_rx_nokick(&RxLayout::mergeable(1536, 60))?;
-    dev.rx.end_batch(&dev.mem)?;
-    dev.rx.kick()?;
+    let (first, rest) = post_good_bad_good(&mut dev)?;
     let got = dev.recv_matching(Duration::from_secs(5), |f| f.frame == frame)?;
     ensure!(
         got.hdr.num_buffers == 3,
@@ -270,17 +254,7 @@ fn malformed_rx_chains_are_counted_and_skipped() -> Result<()> {
     let small = udp_frame_of_len(card.mac, HOST_MAC, src, dst, 100, 10)?;
     pkt.send(&small)?;
     let (mut dev, _) = card.driver_custom(|f| f, |o| o.rx.chains = 0)?;
-    dev.rx.begin_batch();
-    let first = dev.post_rx_nokick(&RxLayout::mergeable(1536, 2))?;
-    dev.post_rx_raw(&[RawDesc {
-        addr: 0xdead_0000_0000,
-        len: 1536,
-        flags: w,
-        next: None,
-    }])?;
-    let rest = dev.post_rx_nokick(&RxLayout::mergeable(1536, 60))?;
-    dev.rx.end_batch(&dev.mem)?;
-    dev.rx.kick()?;
+    let (first, rest) = post_good_bad_good(&mut dev)?;
     let got = dev.recv_matching(Duration::from_secs(5), |f| f.frame == small)?;
     ensure!(got.heads == [first[0]], "small frame used {:?}", got.heads);
     let next = udp_frame_of_len(card.mac, HOST_MAC, src, dst, 200, 11)?;
