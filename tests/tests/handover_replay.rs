@@ -224,6 +224,7 @@ fn handover_blob<'a>(
         taps: (n + 2..n + 2 + PAIRS).collect(),
         tap_created: true,
         session: Some(paused.state.clone()),
+        held: Vec::new(),
         counters: old.stats().snapshot(),
     };
     let mut sent: Vec<BorrowedFd> = paused.fds.iter().map(|f| f.as_fd()).collect();

@@ -417,6 +417,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 (Some(state), Some(i)) => Some(Resume {
                     frontend: UnixStream::from(r.take(i).map_err(io_err("handover"))?),
                     state,
+                    held: r.held,
                     fds: r.fds,
                     incoming: inc,
                     paused_at,
@@ -543,6 +544,18 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         )
         .map_err(io_err("creating the backend"))?,
     );
+    sources.set_backend(backend.clone());
+    if let Some(Some(r)) = &resume {
+        // Before the rings start again: these frames go up first, as they would have.
+        for (pair, frame) in &r.held {
+            if !backend.hold(usize::from(*pair), frame) {
+                warn!(
+                    "handover: pair {pair}'s held frame of {} bytes does not fit; dropped",
+                    frame.len()
+                );
+            }
+        }
+    }
     if cfg.stats_interval > 0 {
         let (stop, stats, every) = (
             stop.clone(),
@@ -739,6 +752,8 @@ impl Drop for Taking {
 struct Resume {
     frontend: UnixStream,
     state: ProtocolState,
+    /// Frames the old process held for the guest's buffers: (pair, frame).
+    held: Vec<(u16, Vec<u8>)>,
     /// Every received descriptor, in the blob's numbering.
     fds: Vec<OwnedFd>,
     incoming: Incoming,

@@ -66,6 +66,7 @@ pub struct Sources {
     pub tap_created: bool,
     pub device: DeviceState,
     stats: std::sync::OnceLock<Arc<Stats>>,
+    backend: std::sync::OnceLock<Arc<crate::backend::CardBackend>>,
     /// Why this daemon cannot hand over, if it cannot.
     pub unavailable: Option<String>,
     slot: Mutex<Slot>,
@@ -90,12 +91,38 @@ impl Sources {
             tap_created,
             device,
             stats: std::sync::OnceLock::new(),
+            backend: std::sync::OnceLock::new(),
             unavailable,
             slot: Mutex::new(Slot {
                 session: Session::Idle,
                 outcome: Outcome::Serving,
             }),
             cv: Condvar::new(),
+        }
+    }
+
+    /// The backend whose held frames a handover carries.
+    pub fn set_backend(&self, backend: Arc<crate::backend::CardBackend>) {
+        let _ = self.backend.set(backend);
+    }
+
+    /// Each pair's held frame, taken out of the stopped backend.
+    fn take_held(&self) -> Vec<(u16, Vec<u8>)> {
+        self.backend.get().map_or_else(Vec::new, |b| {
+            b.take_held()
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, f)| Some((i as u16, f?)))
+                .collect()
+        })
+    }
+
+    /// Puts held frames back after a refused handover.
+    fn put_back(&self, held: Vec<(u16, Vec<u8>)>) {
+        if let Some(b) = self.backend.get() {
+            for (pair, frame) in held {
+                b.hold(usize::from(pair), &frame);
+            }
         }
     }
 
@@ -162,6 +189,7 @@ impl Sources {
         &'a self,
         paused: Option<&'a Paused>,
         frontend: Option<&'a UnixStream>,
+        held: &[(u16, Vec<u8>)],
     ) -> Result<(SessionState, Vec<BorrowedFd<'a>>), String> {
         let mut kinds = Vec::new();
         let mut fds: Vec<BorrowedFd<'a>> = Vec::new();
@@ -215,6 +243,7 @@ impl Sources {
             taps,
             tap_created: self.tap_created,
             session: paused.map(|p| p.state.clone()),
+            held: held.iter().map(|(p, _)| *p).collect(),
             counters: self
                 .stats
                 .get()
@@ -265,7 +294,13 @@ pub fn give(conn: &UnixStream, src: &Sources, commit: &dyn Fn()) -> Result<u32, 
         _ => (None, None),
     };
     drop(slot);
-    let result = offer(conn, src, paused.as_ref(), frontend.as_ref());
+    // Frames read from the tap and held for the guest's buffers go with the session.
+    let held = if paused.is_some() {
+        src.take_held()
+    } else {
+        Vec::new()
+    };
+    let result = offer(conn, src, paused.as_ref(), frontend.as_ref(), &held);
     let Some(paused) = paused else {
         // No session: nothing to restart or detach.
         return finish(conn, src, result, commit, paused_at, pid);
@@ -280,6 +315,7 @@ pub fn give(conn: &UnixStream, src: &Sources, commit: &dyn Fn()) -> Result<u32, 
             finish(conn, src, Ok(()), &|| {}, paused_at, pid)
         }
         Err(why) => {
+            src.put_back(held);
             paused.restart();
             src.set_outcome(Outcome::Serving);
             Err(why)
@@ -293,9 +329,13 @@ fn offer(
     src: &Sources,
     paused: Option<&Paused>,
     frontend: Option<&UnixStream>,
+    held: &[(u16, Vec<u8>)],
 ) -> Result<(), String> {
-    let (blob, fds) = src.blob(paused, frontend)?;
+    let (blob, fds) = src.blob(paused, frontend, held)?;
     wire::send(conn, &blob.to_json(), &fds).map_err(|e| e.to_string())?;
+    for (_, frame) in held {
+        wire::send(conn, frame, &[]).map_err(|e| e.to_string())?;
+    }
     conn.set_read_timeout(Some(VERDICT_WITHIN))
         .map_err(|e| e.to_string())?;
     match steps::recv(conn) {

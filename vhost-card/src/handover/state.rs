@@ -162,6 +162,10 @@ pub struct SessionState {
     pub tap_created: bool,
     /// Absent when no frontend is connected.
     pub session: Option<ProtocolState>,
+    /// The pairs with a frame read from the tap and held for the guest's buffers at the stop
+    /// point, in order; each frame (vnet header included) follows the state as one message.
+    #[serde(default)]
+    pub held: Vec<u16>,
     /// The counters, so they continue rather than restart at zero.
     pub counters: Snapshot,
 }
@@ -273,6 +277,12 @@ impl SessionState {
             (None, Some(_)) => return Err(invalid("a frontend connection without a session")),
         }
         uses.all_used()?;
+        if !self.held.is_empty() && self.session.is_none() {
+            return Err(invalid("held frames without a session"));
+        }
+        if !self.held.windows(2).all(|w| w[0] < w[1]) || self.held.iter().any(|&p| p >= d.pairs) {
+            return Err(invalid(format!("held frames for pairs {:?}", self.held)));
+        }
         if self.counters.pairs.len() != usize::from(d.pairs) {
             return Err(invalid("counters for another number of queue pairs"));
         }
@@ -595,6 +605,7 @@ pub(crate) fn sample() -> SessionState {
             }],
             rings: vec![ring(0, [6, 7, 8]), ring(1, [9, 10, 11])],
         }),
+        held: Vec::new(),
         counters: Stats::new(
             1,
             DeviceInfo {
@@ -707,6 +718,7 @@ mod tests {
                 "beyond the offer",
                 Box::new(|s| session(s).features = Some(u64::MAX)),
             ),
+            ("held frames for pairs", Box::new(|s| s.held = vec![1])),
             (
                 "VHOST_F_LOG_ALL acked",
                 Box::new(|s| {

@@ -18,10 +18,15 @@ use super::wire;
 /// How long the old process may take to pause and send, and to send the go.
 const STATE_WITHIN: Duration = Duration::from_secs(10);
 
-/// What arrived, checked: the blob and every descriptor, in the blob's order.
+/// Largest held frame a state may carry: a vnet header and the largest GSO frame.
+const MAX_HELD: usize = 64 + 65_550;
+
+/// What arrived, checked: the blob and every descriptor, in the blob's order, and the frames
+/// held for the guest's buffers (pair, frame).
 pub struct Received {
     pub state: SessionState,
     pub fds: Vec<OwnedFd>,
+    pub held: Vec<(u16, Vec<u8>)>,
 }
 
 impl Received {
@@ -112,6 +117,18 @@ impl Incoming {
         let state = SessionState::parse(&payload).map_err(|e| e.to_string())?;
         state.check_device(ours).map_err(|e| e.to_string())?;
         fdcheck::check_all(&state, &fds).map_err(|e| e.to_string())?;
+        let mut held = Vec::new();
+        for &pair in &state.held {
+            let (frame, extra) = wire::recv(&self.conn).map_err(|e| e.to_string())?;
+            if !extra.is_empty() || frame.is_empty() || frame.len() > MAX_HELD {
+                return Err(format!(
+                    "held frame of pair {pair}: {} bytes with {} descriptors",
+                    frame.len(),
+                    extra.len()
+                ));
+            }
+            held.push((pair, frame));
+        }
         info!(
             "handover: state from {} checked ({} descriptors, {})",
             state.sender,
@@ -122,7 +139,7 @@ impl Incoming {
                 "no session"
             }
         );
-        Ok(Received { state, fds })
+        Ok(Received { state, fds, held })
     }
 
     /// Tells the old process and `upgrade` why this process refuses.
