@@ -72,12 +72,14 @@ pub struct HandoverHook {
     pub run: Box<dyn Fn(UnixStream) -> bool + Send>,
 }
 
-/// How long the control socket waits for a request line after the snapshot line.
-const REQUEST_WITHIN: Duration = Duration::from_millis(200);
+/// How long the control socket waits for a request line after the snapshot line. `stats`
+/// closes after the snapshot line (no wait); `upgrade` answers at once, but a loaded machine
+/// may not run it for a while (200 ms was seen to be too short under TCG load).
+const REQUEST_WITHIN: Duration = Duration::from_secs(2);
 
 /// Serves the JSON snapshot line to every connection on `listener` from root or `own_uid` (the
 /// user the daemon runs as); others are refused (logged, connection closed). With a hook, it
-/// then waits up to 200 ms for one request line: `{"request":"handover"}` runs the hook.
+/// then waits up to 2 s for one request line: `{"request":"handover"}` runs the hook.
 pub fn serve_control(
     listener: UnixListener,
     stats: Arc<Stats>,
