@@ -192,6 +192,9 @@ fn scenario(
         vec![5001, 5002],
         stop.clone(),
     )?;
+    // The same transfers without a handover first: the gaps this machine makes on its own.
+    let base_up = with_handovers(control, &log, 0, || rig.send_to_card(env, len))?;
+    let base_down = with_handovers(control, &log, 0, || rig.send_to_guest(env, len))?;
     let half = HANDOVERS / 2;
     let up = with_handovers(control, &log, half, || rig.send_to_card(env, len));
     let up = up.and_then(|(up, w_up, h_up)| {
@@ -232,11 +235,26 @@ fn scenario(
             / 1e6
     };
     let (gap_up, gap_down) = (inside(w_up), inside(w_down));
-    let within = |w: (u64, u64), h: &[Upgrade]| h.iter().filter(|u| u.end <= w.1).count();
+    let (base_gap_up, base_gap_down) = (inside(base_up.1), inside(base_down.1));
+    // During a transfer: between its first and its last frame.
+    let within = |w: (u64, u64), h: &[Upgrade]| {
+        let (a, b) = (
+            times.partition_point(|&t| t < w.0),
+            times.partition_point(|&t| t <= w.1),
+        );
+        match (times.get(a), b.checked_sub(1).and_then(|i| times.get(i))) {
+            (Some(&first), Some(&last)) => {
+                h.iter().filter(|u| u.start > first && u.end < last).count()
+            }
+            _ => 0,
+        }
+    };
     let (in_up, in_down) = (within(w_up, &h_up), within(w_down, &h_down));
     let still_one = sessions1 == sessions0;
     let pass = up.ok
         && down.ok
+        && base_up.0.ok
+        && base_down.0.ok
         && carrier1 == carrier0
         && still_one
         && in_up > 0
@@ -251,7 +269,8 @@ fn scenario(
              {out_worst:.1} ms; longest gap between frames on {} around a handover: median \
              {gap_med:.1} ms, worst {gap_worst:.1} ms; longest gap during the transfers: \
              guest→card {gap_up:.1} ms, card→guest {gap_down:.1} ms (bound {MAX_GAP_MS} ms, \
-             {} frames captured); guest carrier changes +{}; sessions {sessions0} → \
+             {} frames captured; the same transfers without a handover: {base_gap_up:.1} ms \
+             and {base_gap_down:.1} ms); guest carrier changes +{}; sessions {sessions0} → \
              {sessions1} ({} reconnect(s)); each handover's outage / gap (ms): {}",
             all.len(),
             opts.mib,
