@@ -212,16 +212,15 @@ fn scenario(
 
     let carrier1 = carrier(rig)?;
     let sessions1 = sessions(control)?;
-    let all: Vec<&Upgrade> = h_up.iter().chain(&h_down).collect();
-    let outages: Vec<f64> = all.iter().map(|u| u.outage_ms).collect();
-    // The gap around each handover: the longest one overlapping the upgrade's run.
-    let gaps: Vec<f64> = all
-        .iter()
-        .map(|u| longest_gap(&times, u.start, u.end))
-        .collect();
-    let (out_med, out_worst) = median_worst(&outages);
-    let (gap_med, gap_worst) = median_worst(&gaps);
-    // During a transfer: between its first and its last frame.
+    // A transfer's first and last frame.
+    let span = |w: (u64, u64)| -> Option<(u64, u64)> {
+        let (a, b) = (
+            times.partition_point(|&t| t < w.0),
+            times.partition_point(|&t| t <= w.1),
+        );
+        Some((*times.get(a)?, *times.get(b.checked_sub(1)?)?))
+    };
+    // The longest gap between a transfer's first and last frame.
     let inside = |w: (u64, u64)| -> f64 {
         let (a, b) = (
             times.partition_point(|&t| t < w.0),
@@ -236,20 +235,28 @@ fn scenario(
     };
     let (gap_up, gap_down) = (inside(w_up), inside(w_down));
     let (base_gap_up, base_gap_down) = (inside(base_up.1), inside(base_down.1));
-    // During a transfer: between its first and its last frame.
-    let within = |w: (u64, u64), h: &[Upgrade]| {
-        let (a, b) = (
-            times.partition_point(|&t| t < w.0),
-            times.partition_point(|&t| t <= w.1),
-        );
-        match (times.get(a), b.checked_sub(1).and_then(|i| times.get(i))) {
-            (Some(&first), Some(&last)) => {
-                h.iter().filter(|u| u.start > first && u.end < last).count()
-            }
-            _ => 0,
-        }
+    // The handovers that ran while a transfer's frames crossed, each with the longest gap
+    // overlapping its run; the others (before the first frame, after the last) are listed
+    // apart.
+    let during = |w: (u64, u64), h: &'_ [Upgrade]| -> Vec<(f64, f64, bool)> {
+        let s = span(w);
+        h.iter()
+            .map(|u| {
+                let inside = s.is_some_and(|(first, last)| u.start > first && u.end < last);
+                (u.outage_ms, longest_gap(&times, u.start, u.end), inside)
+            })
+            .collect()
     };
-    let (in_up, in_down) = (within(w_up, &h_up), within(w_down, &h_down));
+    let all: Vec<(f64, f64, bool)> = during(w_up, &h_up)
+        .into_iter()
+        .chain(during(w_down, &h_down))
+        .collect();
+    let in_up = during(w_up, &h_up).iter().filter(|d| d.2).count();
+    let in_down = during(w_down, &h_down).iter().filter(|d| d.2).count();
+    let outages: Vec<f64> = all.iter().map(|d| d.0).collect();
+    let gaps: Vec<f64> = all.iter().filter(|d| d.2).map(|d| d.1).collect();
+    let (out_med, out_worst) = median_worst(&outages);
+    let (gap_med, gap_worst) = median_worst(&gaps);
     let still_one = sessions1 == sessions0;
     let pass = up.ok
         && down.ok
@@ -266,7 +273,7 @@ fn scenario(
         format!(
             "{} handovers by `vhost-card upgrade` ({in_up} during {} MiB guest→card {}, \
              {in_down} during card→guest {}); outage printed: median {out_med:.1} ms, worst \
-             {out_worst:.1} ms; longest gap between frames on {} around a handover: median \
+             {out_worst:.1} ms; longest gap between frames on {} around a handover during a transfer: median \
              {gap_med:.1} ms, worst {gap_worst:.1} ms; longest gap during the transfers: \
              guest→card {gap_up:.1} ms, card→guest {gap_down:.1} ms (bound {MAX_GAP_MS} ms, \
              {} frames captured; the same transfers without a handover: {base_gap_up:.1} ms \
@@ -280,10 +287,12 @@ fn scenario(
             times.len(),
             carrier1 - carrier0,
             sessions1.saturating_sub(sessions0),
-            outages
-                .iter()
-                .zip(&gaps)
-                .map(|(o, g)| format!("{o:.1}/{g:.1}"))
+            all.iter()
+                .map(|(o, g, inside)| if *inside {
+                    format!("{o:.1}/{g:.1}")
+                } else {
+                    format!("{o:.1}/(no transfer)")
+                })
                 .collect::<Vec<_>>()
                 .join(" "),
         ),
