@@ -162,6 +162,11 @@ impl Card {
         })
     }
 
+    /// The file the daemon logs to (processes that take its session over log there too).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     /// The current daemon's log lines.
     pub fn log_lines(&self) -> Result<Vec<String>> {
         let bytes = std::fs::read(&self.log)?;

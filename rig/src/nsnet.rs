@@ -511,6 +511,76 @@ pub fn forbid_fragments(sock: &UdpSocket) -> Result<()> {
     pmtu_discovery(sock, libc::IP_PMTUDISC_DO)
 }
 
+/// `SIOCGSTAMPNS` (asm-generic sockios.h): the kernel's receive time of the last frame read
+/// from a socket, as a timespec on CLOCK_REALTIME.
+const SIOCGSTAMPNS: libc::c_ulong = 0x8907;
+
+/// The TCP ports of an IPv4 frame (Ethernet header first), if it is one.
+fn tcp_ports(data: &[u8]) -> Option<(u16, u16)> {
+    let ip = data.get(14..)?;
+    if data.get(12..14)? != [0x08, 0x00] || ip.first()? >> 4 != 4 || *ip.get(9)? != 6 {
+        return None;
+    }
+    let tcp = ip.get(usize::from(ip[0] & 0x0f) * 4..)?;
+    Some((
+        u16::from_be_bytes([*tcp.first()?, *tcp.get(1)?]),
+        u16::from_be_bytes([*tcp.get(2)?, *tcp.get(3)?]),
+    ))
+}
+
+/// Records the kernel's receive time (ns since the Unix epoch) of every IPv4 TCP frame to or
+/// from one of `ports` crossing `ifname` in `ns`, either way, until `stop` is set; for the
+/// gaps in a transfer.
+pub fn capture_times(
+    ns: &str,
+    ifname: &str,
+    ports: Vec<u16>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<JoinHandle<Result<Vec<u64>>>> {
+    let ifname = ifname.to_string();
+    spawn_in(ns, "card-capture", move || {
+        let fd = packet_socket(&ifname)?;
+        let size: libc::c_int = 64 << 20;
+        // SAFETY: setsockopt on our socket with a c_int and its size.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        let mut times = Vec::with_capacity(1 << 20);
+        let mut buf = vec![0u8; 128];
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd we own, for the call.
+            unsafe { libc::poll(&mut pfd, 1, 20) };
+            while let Some((n, _, _)) = recv_frame(&fd, &mut buf)? {
+                let ours = tcp_ports(&buf[..n.min(buf.len())])
+                    .is_some_and(|(a, b)| ports.contains(&a) || ports.contains(&b));
+                if !ours {
+                    continue;
+                }
+                let mut ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                // SAFETY: SIOCGSTAMPNS writes one timespec into `ts`, which we own.
+                if unsafe { libc::ioctl(fd.as_raw_fd(), SIOCGSTAMPNS, &mut ts) } == 0 {
+                    times.push(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64);
+                }
+            }
+        }
+        Ok(times)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

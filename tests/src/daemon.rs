@@ -130,13 +130,7 @@ impl Daemon {
 
     /// Resident memory of the daemon in KiB.
     pub fn rss_kib(&self) -> Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .context("no VmRSS")
+        rss_kib_of(self.pid()?)
     }
 
     /// Waits for the daemon to exit on its own; returns its status.
@@ -149,6 +143,11 @@ impl Daemon {
             }
             Err(e) => bail!("{e:#}; log:\n{}", self.log()),
         }
+    }
+
+    /// The file the daemon logs to.
+    pub fn log_path(&self) -> &Path {
+        &self.log
     }
 
     /// Everything the daemon logged so far.
@@ -227,6 +226,17 @@ impl Daemon {
         }
         Ok((status, last_counters(&log)?))
     }
+}
+
+/// Resident memory of process `pid` in KiB.
+pub fn rss_kib_of(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")
 }
 
 /// Counters of the last `stats pair 0:` line (periodic or final) in a log.

@@ -145,6 +145,23 @@ impl CardBackend {
         self.tap.attach_all();
     }
 
+    /// Each pair's frame held for the host's buffers, taken out for a handover (its rings are
+    /// stopped, so no worker holds another meanwhile).
+    pub fn take_held(&self) -> Vec<Option<Vec<u8>>> {
+        self.workers
+            .iter()
+            .map(|w| w.pair.lock().unwrap_or_else(|p| p.into_inner()).take_held())
+            .collect()
+    }
+
+    /// Holds `frame` for pair `pair`'s host buffers (a frame a handover carried, or one put
+    /// back after a refused handover).
+    pub fn hold(&self, pair: usize, frame: &[u8]) -> bool {
+        self.workers
+            .get(pair)
+            .is_some_and(|w| w.pair.lock().unwrap_or_else(|p| p.into_inner()).hold(frame))
+    }
+
     /// Called by the gate with whether the frontend uses queue pair `pair`: the pair's tap
     /// queue follows (see `Tap::set_pair_enabled`).
     pub fn pair_enabled(&self, pair: usize, enabled: bool) {

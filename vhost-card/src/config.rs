@@ -245,6 +245,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Hand the running daemon's session over to a new process of the binary now installed,
+    /// without the frontend noticing: same vhost-user connection, guest memory, rings, tap and
+    /// counters; no reconnect, no carrier change in the guest. Starts the new process with the
+    /// daemon's own command line, waits until it serves, prints the outage it measured and
+    /// exits 0; on a refusal prints why and exits 1, and the old process keeps serving.
+    /// `systemctl reload vhost-card@CARD` runs it.
+    Upgrade {
+        /// The running daemon's --control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// The binary to start (default: the path the running daemon was started from).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -385,7 +399,12 @@ impl TryFrom<Args> for Config {
         }
         let listen = match (a.socket, a.fd, a.vduse) {
             (Some(p), None, None) => Listen::Path(p),
-            (None, Some(fd), None) if is_listening_unix_socket(fd) => Listen::Fd(fd),
+            // A process taking a session over gets its listener with the state, not as fd N.
+            (None, Some(fd), None)
+                if is_listening_unix_socket(fd) || crate::handover::take::requested() =>
+            {
+                Listen::Fd(fd)
+            }
             (None, Some(fd), None) => return Err(ConfigError::BadFd(fd)),
             (None, None, Some(name)) => Listen::Vduse(VduseConfig {
                 name,

@@ -4,7 +4,7 @@
 
 use std::fs::DirBuilder;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -23,6 +23,11 @@ use crate::backend::{BackendConfig, CardBackend};
 use crate::config::{Config, Listen, Sandbox, TAP_MAX_MTU};
 use crate::features::Negotiated;
 use crate::gate::{Gate, GateConfig, Hooks};
+use crate::handover::give::{self, Sources};
+use crate::handover::record::Recorder;
+use crate::handover::state::{DeviceState, ProtocolState};
+use crate::handover::steps::Offer;
+use crate::handover::take::{self, Incoming, Received};
 use crate::sandbox::{self, SandboxError};
 use crate::stats::{DeviceInfo, Stats};
 use crate::tap::{Tap, TapConfig, TapError, TUN_F_CSUM, TUN_F_USO4, TUN_F_USO6};
@@ -63,6 +68,8 @@ pub enum DaemonError {
     Sandbox(#[from] SandboxError),
     #[error(transparent)]
     Vduse(#[from] crate::vduse::VduseError),
+    #[error("handover: {0}")]
+    Handover(String),
 }
 
 /// Maps a failed step to [`DaemonError::Io`]; the OS's words come once, after `what`.
@@ -106,6 +113,19 @@ impl Stop {
             let _ = f.shutdown(std::net::Shutdown::Both);
         }
         self.cv.1.notify_all();
+    }
+
+    /// Ends the daemon after its session moved to another process: as [`Stop::request`], but
+    /// the frontend's connection, which the new process serves, is not touched.
+    fn leave(&self) {
+        self.clear_frontend();
+        self.request();
+    }
+
+    /// From now on a stop leaves the frontend's connection alone (`shutdown(2)` would act on
+    /// the connection itself, which another process serves after a handover).
+    fn clear_frontend(&self) {
+        *self.frontend.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Stops the daemon because something it cannot do without is gone.
@@ -200,12 +220,16 @@ const HANDLER_SOCKET: &str = "handler.sock";
 struct Cleanup {
     paths: Vec<PathBuf>,
     dir: Option<PathBuf>,
+    /// Whether `paths` are removed (not before a process taking a session over serves).
+    remove_paths: Arc<AtomicBool>,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        for p in &self.paths {
-            let _ = std::fs::remove_file(p);
+        if self.remove_paths.load(Ordering::SeqCst) {
+            for p in &self.paths {
+                let _ = std::fs::remove_file(p);
+            }
         }
         if let Some(d) = &self.dir {
             // The directory only ever holds the handler socket; no directory walk (which the
@@ -231,6 +255,32 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         Listen::Vduse(v) => Some(crate::vduse::start(v)?),
         _ => None,
     };
+    // The command line, for a handover to start the next binary with (`vhost-card upgrade`).
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // SAFETY: geteuid cannot fail.
+    let own_uid = cfg
+        .identity
+        .map_or_else(|| unsafe { libc::geteuid() }, |(uid, _)| uid);
+    // Started by `vhost-card upgrade`: take the running daemon's session over, receiving the
+    // sockets, the tap and the session instead of opening them. Until the go, any failure is
+    // a refusal the old process hears of (it then serves on).
+    let mut taking = Taking(take::incoming().map_err(DaemonError::Handover)?);
+    let taken = match taking.0.as_mut() {
+        Some(inc) => match handover_unavailable(&cfg) {
+            Some(why) => {
+                inc.refuse(&why);
+                return Err(DaemonError::Handover(why));
+            }
+            None => Some(
+                inc.receive(&device_of(&cfg), own_uid)
+                    .map_err(DaemonError::Handover)?,
+            ),
+        },
+        None => None,
+    };
     let stop = Arc::new(Stop::new().map_err(io_err("eventfd"))?);
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
@@ -246,9 +296,27 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let mut cleanup = Cleanup {
         paths: Vec::new(),
         dir: None,
+        // A process taking over removes the socket files only once it serves: the old one
+        // still serves on them until then.
+        remove_paths: Arc::new(AtomicBool::new(taken.is_none())),
     };
-    let listener = match &cfg.listen {
-        Listen::Path(p) => {
+    let received = |i: usize, what: &'static str| -> Result<OwnedFd, DaemonError> {
+        let r = taken
+            .as_ref()
+            .ok_or(DaemonError::Handover("nothing received".into()))?;
+        r.take(i).map_err(io_err(what))
+    };
+    let listener = match (&taken, &cfg.listen) {
+        (Some(r), listen) => {
+            if let Listen::Path(p) = listen {
+                cleanup.paths.push(p.clone());
+            }
+            Some(UnixListener::from(received(
+                r.state.sockets.listener,
+                "handover: the listening socket",
+            )?))
+        }
+        (None, Listen::Path(p)) => {
             let l = bind_socket(p)?;
             cleanup.paths.push(p.clone());
             set_socket_access(p, cfg.socket_group, cfg.socket_mode)?;
@@ -256,11 +324,19 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         }
         // SAFETY: the configuration checked that this descriptor is a listening Unix socket
         // handed to us by our parent; we take ownership of it.
-        Listen::Fd(fd) => Some(unsafe { UnixListener::from_raw_fd(*fd) }),
-        Listen::Vduse(_) => None,
+        (None, Listen::Fd(fd)) => Some(unsafe { UnixListener::from_raw_fd(*fd) }),
+        (None, Listen::Vduse(_)) => None,
     };
-    let control = match &cfg.control {
-        Some(p) => {
+    let taken_control = taken.as_ref().and_then(|r| r.state.sockets.control);
+    let control = match (&cfg.control, taken_control) {
+        (Some(p), Some(i)) => {
+            cleanup.paths.push(p.clone());
+            Some(UnixListener::from(received(
+                i,
+                "handover: the control socket",
+            )?))
+        }
+        (Some(p), None) => {
             let l = crate::control::bind_control(p).map_err(|cause| DaemonError::Control {
                 path: p.clone(),
                 cause,
@@ -268,14 +344,19 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             cleanup.paths.push(p.clone());
             Some(l)
         }
-        None => None,
+        (None, _) => None,
     };
-    let metrics = match cfg.metrics_listen {
-        Some(addr) => Some(
+    let taken_metrics = taken.as_ref().and_then(|r| r.state.sockets.metrics);
+    let metrics = match (cfg.metrics_listen, taken_metrics) {
+        (Some(_), Some(i)) => Some(std::net::TcpListener::from(received(
+            i,
+            "handover: the metrics listener",
+        )?)),
+        (Some(addr), None) => Some(
             crate::control::bind_metrics(addr)
                 .map_err(|cause| DaemonError::Metrics { addr, cause })?,
         ),
-        None => None,
+        (None, _) => None,
     };
     // The process figures for the metrics, opened while opening files is still allowed.
     let proc_self = metrics.as_ref().and_then(|_| {
@@ -285,7 +366,10 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     });
     let private = private_dir().map_err(io_err("creating a private directory"))?;
     cleanup.dir = Some(private.clone());
-    let tap = open_tap(&cfg)?;
+    let tap = match &taken {
+        Some(r) => adopt_tap(r)?,
+        None => open_tap(&cfg)?,
+    };
     let vduse = match (&cfg.listen, vduse_start) {
         (Listen::Vduse(v), Some(start)) => {
             let spec = crate::vduse::spec(v, cfg.features, cfg.mtu, cfg.queues, cfg.queue_size);
@@ -307,10 +391,50 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     // io_uring instances for batched tap writes, while io_uring_setup is still allowed.
     crate::datapath::preopen_tx_rings(cfg.queues);
 
+    // What a handover of this process would hand over besides the session.
+    let dup = |fd: Option<BorrowedFd>| fd.map(|f| f.try_clone_to_owned()).transpose();
+    let sources = Arc::new(Sources::new(
+        dup(listener.as_ref().map(|l| l.as_fd())).map_err(io_err("listener"))?,
+        dup(control.as_ref().map(|l| l.as_fd())).map_err(io_err("control socket"))?,
+        dup(metrics.as_ref().map(|l| l.as_fd())).map_err(io_err("metrics listener"))?,
+        tap.clone(),
+        tap.created(),
+        device_of(&cfg),
+        handover_unavailable(&cfg),
+    ));
+
     // 2. Give up what is no longer needed.
     let mut owned: Vec<&Path> = cleanup.paths.iter().map(PathBuf::as_path).collect();
     owned.push(&private);
     confine(&cfg, &owned)?;
+    // Everything is in place: accept what was received, and wait for the go. From the go on
+    // the session is this process's.
+    let resume = match taking.0.take() {
+        Some(mut inc) => {
+            let paused_at = inc.accept().map_err(DaemonError::Handover)?;
+            let r = taken.expect("received with the connection");
+            let session = match (r.state.session.clone(), r.state.sockets.frontend) {
+                (Some(state), Some(i)) => Some(Resume {
+                    frontend: UnixStream::from(r.take(i).map_err(io_err("handover"))?),
+                    state,
+                    held: r.held,
+                    fds: r.fds,
+                    incoming: inc,
+                    paused_at,
+                    armed: cleanup.remove_paths.clone(),
+                }),
+                _ => {
+                    // No session: serving as soon as the listener is.
+                    let outage = inc.serving(paused_at);
+                    cleanup.remove_paths.store(true, Ordering::SeqCst);
+                    info!("handover: took over without a session ({outage} µs)");
+                    None
+                }
+            };
+            Some((r.state.counters, session))
+        }
+        None => None,
+    };
 
     // 3. Threads, then serve.
     {
@@ -349,8 +473,44 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             },
         },
     ));
+    let resume = resume.map(|(counters, session)| {
+        stats.carry_over(&counters);
+        session
+    });
+    sources.set_stats(stats.clone());
     if let Some(l) = control {
-        crate::control::serve_control(l, stats.clone()).map_err(io_err("control socket"))?;
+        let hook = crate::control::HandoverHook {
+            offer: serde_json::to_value(Offer {
+                state_version: crate::handover::state::VERSION,
+                exe,
+                args,
+                unavailable: handover_unavailable(&cfg),
+            })
+            .unwrap_or_default(),
+            run: {
+                let (sources, stop) = (sources.clone(), stop.clone());
+                Box::new(move |conn| {
+                    match give::give(&conn, &sources, &|| stop.clear_frontend()) {
+                        Ok(pid) => {
+                            // Under systemd the new process is the service's main process now.
+                            if let Err(e) =
+                                sd_notify::notify(&[sd_notify::NotifyState::MainPid(pid)])
+                            {
+                                warn!("handover: cannot tell systemd MAINPID={pid}: {e}");
+                            }
+                            stop.leave();
+                            true
+                        }
+                        Err(why) => {
+                            warn!("handover refused: {why}; this process serves on");
+                            sources.handed_over()
+                        }
+                    }
+                })
+            },
+        };
+        crate::control::serve_control(l, stats.clone(), own_uid, Some(hook))
+            .map_err(io_err("control socket"))?;
     }
     if let Some(l) = metrics {
         let exporter = crate::metrics::Exporter::new(stats.clone(), proc_self);
@@ -384,6 +544,18 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         )
         .map_err(io_err("creating the backend"))?,
     );
+    sources.set_backend(backend.clone());
+    if let Some(Some(r)) = &resume {
+        // Before the rings start again: these frames go up first, as they would have.
+        for (pair, frame) in &r.held {
+            if !backend.hold(usize::from(*pair), frame) {
+                warn!(
+                    "handover: pair {pair}'s held frame of {} bytes does not fit; dropped",
+                    frame.len()
+                );
+            }
+        }
+    }
     if cfg.stats_interval > 0 {
         let (stop, stats, every) = (
             stop.clone(),
@@ -433,8 +605,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 }
             });
     }
-    // Started: from now on a clean exit keeps the tap if asked to.
-    tap.keep_when_done(cfg.keep_tap);
+    // Started: from now on a clean exit keeps the tap if asked to (a process taking a session
+    // over: once it serves it).
+    if !matches!(resume, Some(Some(_))) {
+        tap.keep_when_done(cfg.keep_tap);
+    }
     info!(
         "listening on {} (MTU {}, {} queue pair(s), features: {})",
         match &cfg.listen {
@@ -461,9 +636,25 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             crate::vduse::serve(prepared, backend.clone(), cfg.queues, &|d| stop.wait(d))
                 .map_err(DaemonError::from)
         }
-        (None, Some(listener)) => serve(listener, &backend, &private, gate_cfg, &stop),
+        (None, Some(listener)) => {
+            let ctx = Ctx {
+                backend: &backend,
+                private: &private,
+                gate_cfg,
+                stop: &stop,
+                sources: &sources,
+                keep_tap: cfg.keep_tap,
+            };
+            serve(listener, &ctx, resume.flatten())
+        }
         (None, None) => Ok(()),
     };
+    if sources.handed_over() {
+        // The new process serves on these: nothing is removed, the tap stays.
+        cleanup.paths.clear();
+        tap.keep_when_done(true);
+        info!("handed over; exiting");
+    }
     drop(cleanup);
     for line in stats.report().lines() {
         info!("final stats {line}");
@@ -545,35 +736,89 @@ fn open_tap(cfg: &Config) -> Result<Arc<Tap>, DaemonError> {
     Ok(tap)
 }
 
-fn serve(
-    listener: &UnixListener,
-    backend: &Arc<CardBackend>,
-    private: &Path,
+/// Refuses, when dropped still holding it, the handover this process was started for: any
+/// failure before the go (the old process then serves on).
+struct Taking(Option<Incoming>);
+
+impl Drop for Taking {
+    fn drop(&mut self) {
+        if let Some(mut inc) = self.0.take() {
+            inc.refuse("the new process could not start (its log says why)");
+        }
+    }
+}
+
+/// A session a process taking over resumes: received, checked, and the go given.
+struct Resume {
+    frontend: UnixStream,
+    state: ProtocolState,
+    /// Frames the old process held for the guest's buffers: (pair, frame).
+    held: Vec<(u16, Vec<u8>)>,
+    /// Every received descriptor, in the blob's numbering.
+    fds: Vec<OwnedFd>,
+    incoming: Incoming,
+    paused_at: u64,
+    /// Set once serving: from then on the socket files are this process's to remove.
+    armed: Arc<AtomicBool>,
+}
+
+/// Why this configuration cannot hand its session over (yet), if it cannot.
+fn handover_unavailable(cfg: &Config) -> Option<String> {
+    if matches!(cfg.listen, Listen::Vduse(_)) {
+        return Some("a VDUSE device is not handed over (the vhost-user transport is)".into());
+    }
+    if cfg.link == crate::config::Link::Ip {
+        return Some("an IP-only link (--link ip, a tun device) is not handed over yet".into());
+    }
+    None
+}
+
+/// The card this configuration serves, as a handover's state names it.
+fn device_of(cfg: &Config) -> DeviceState {
+    DeviceState {
+        tap: cfg.tap.clone(),
+        pairs: cfg.queues as u16,
+        queue_size: cfg.queue_size as u16,
+        mtu: cfg.mtu,
+        features: cfg.features,
+    }
+}
+
+/// The tap of a session taken over: its received queues, kept whatever happens until this
+/// process serves (the old process uses the same device until then).
+fn adopt_tap(r: &Received) -> Result<Arc<Tap>, DaemonError> {
+    let queues = r
+        .state
+        .taps
+        .iter()
+        .map(|&i| r.take(i))
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(io_err("handover: the tap queues"))?;
+    let tap = Tap::adopt(&r.state.device.tap, queues, r.state.tap_created)?;
+    tap.keep_when_done(true);
+    Ok(Arc::new(tap))
+}
+
+/// What serving frontends needs.
+struct Ctx<'a> {
+    backend: &'a Arc<CardBackend>,
+    private: &'a Path,
     gate_cfg: GateConfig,
-    stop: &Stop,
-) -> Result<(), DaemonError> {
+    stop: &'a Stop,
+    sources: &'a Sources,
+    keep_tap: bool,
+}
+
+fn serve(listener: &UnixListener, ctx: &Ctx, resume: Option<Resume>) -> Result<(), DaemonError> {
+    let (backend, stop, sources) = (ctx.backend, ctx.stop, ctx.sources);
     listener.set_nonblocking(true).map_err(io_err("listener"))?;
-    while !stop.requested() {
-        crate::poll::readable_or_stop(listener.as_raw_fd(), stop.event.as_raw_fd())
-            .map_err(io_err("poll"))?;
-        if stop.requested() {
-            break;
+    // After a session: whether this process handed it over and ends.
+    let ended = |result: Result<(), DaemonError>| {
+        if sources.after_session() {
+            info!("the session is served by the new process");
+            return true;
         }
-        let stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
-                warn!("accept failed: {e}");
-                continue;
-            }
-        };
-        if let Err(e) = stream.set_nonblocking(false) {
-            warn!("frontend socket: {e}");
-            continue;
-        }
-        info!("frontend connected");
-        backend.stats().set_connected(true);
-        match serve_one(stream, backend, private, gate_cfg, stop) {
+        match result {
             Ok(()) => info!("frontend disconnected; listening again"),
             Err(e) => error!("frontend session ended with an error: {e}; listening again"),
         }
@@ -582,19 +827,60 @@ fn serve(
         for line in backend.stats().report().lines() {
             info!("stats {line}");
         }
+        false
+    };
+    if let Some(r) = resume {
+        info!("frontend session taken over");
+        backend.stats().set_resumed();
+        let frontend = r.frontend.try_clone().map_err(io_err("frontend socket"))?;
+        match serve_one(frontend, ctx, Some(r)) {
+            // Rebuilding failed after the go: ending leaves the old process serving.
+            Err(e @ DaemonError::Handover(_)) => return Err(e),
+            result => {
+                if ended(result) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    while !stop.requested() {
+        crate::poll::readable_or_stop(listener.as_raw_fd(), stop.event.as_raw_fd())
+            .map_err(io_err("poll"))?;
+        if stop.requested() {
+            break;
+        }
+        let stream = sources.accept(|| match listener.accept() {
+            Ok((s, _)) => Some(s),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            Err(e) => {
+                warn!("accept failed: {e}");
+                None
+            }
+        });
+        let Some(stream) = stream else {
+            if sources.handed_over() {
+                break;
+            }
+            continue;
+        };
+        if let Err(e) = stream.set_nonblocking(false) {
+            warn!("frontend socket: {e}");
+            sources.after_session();
+            continue;
+        }
+        info!("frontend connected");
+        backend.stats().set_connected(true);
+        if ended(serve_one(stream, ctx, None)) {
+            break;
+        }
     }
     Ok(())
 }
 
-fn serve_one(
-    frontend: UnixStream,
-    backend: &Arc<CardBackend>,
-    private: &Path,
-    gate_cfg: GateConfig,
-    stop: &Stop,
-) -> Result<(), DaemonError> {
+fn serve_one(frontend: UnixStream, ctx: &Ctx, resume: Option<Resume>) -> Result<(), DaemonError> {
+    let (backend, stop) = (ctx.backend, ctx.stop);
     let vhost = |e: vhost_user_backend::Error| DaemonError::Vhost(e.to_string());
-    let inner_path = private.join(HANDLER_SOCKET);
+    let inner_path = ctx.private.join(HANDLER_SOCKET);
     let mut inner_listener = Listener::new(&inner_path, true)
         .map_err(|e| DaemonError::Vhost(format!("inner listener: {e}")))?;
     let gate_side = UnixStream::connect(&inner_path).map_err(io_err("connecting the gate"))?;
@@ -619,9 +905,26 @@ fn serve_one(
         pair: Box::new(move |pair: usize, enabled: bool| steer.pair_enabled(pair, enabled)),
         rarp: Box::new(move |mac| announce.send_rarp(mac)),
     };
-    let gate =
-        Gate::start(frontend, gate_side, gate_cfg, hooks).map_err(io_err("starting the gate"))?;
+    let gate = match resume {
+        None => Gate::start(frontend, gate_side, ctx.gate_cfg, hooks)
+            .map_err(io_err("starting the gate"))?,
+        Some(r) => {
+            let gate = resume_gate(frontend, gate_side, ctx, hooks, &r)?;
+            let outage = r.incoming.serving(r.paused_at);
+            r.armed.store(true, Ordering::SeqCst);
+            ctx.sources.tap.keep_when_done(ctx.keep_tap);
+            info!(
+                "handover: serving the session taken over; {:.1} ms without service",
+                outage as f64 / 1000.0
+            );
+            gate
+        }
+    };
     *stop.frontend.lock().unwrap_or_else(|p| p.into_inner()) = gate.frontend_handle().ok();
+    match (gate.pauser(), gate.frontend_handle()) {
+        (Ok(pauser), Ok(f)) => ctx.sources.running(pauser, f),
+        _ => warn!("this session cannot be handed over (no pause handle)"),
+    }
     if stop.requested() {
         gate.shutdown();
     }
@@ -644,6 +947,35 @@ fn serve_one(
         }
         Err(e) => Err(vhost(e)),
     }
+}
+
+/// Rebuilds a session taken over in this process's handler (the requests a frontend would
+/// have sent, `handover::replay::rebuild`) and starts a gate from its record.
+fn resume_gate(
+    frontend: UnixStream,
+    gate_side: UnixStream,
+    ctx: &Ctx,
+    hooks: Hooks,
+    r: &Resume,
+) -> Result<Gate, DaemonError> {
+    let fail =
+        |what: &str, e: &dyn std::fmt::Display| DaemonError::Handover(format!("{what}: {e}"));
+    let fds: Vec<BorrowedFd> = r.fds.iter().map(|f| f.as_fd()).collect();
+    gate_side
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| fail("handler socket", &e))?;
+    crate::handover::replay::send(
+        &gate_side,
+        &crate::handover::replay::rebuild(&r.state),
+        &fds,
+    )
+    .map_err(|e| fail("rebuilding the session", &e))?;
+    gate_side
+        .set_read_timeout(None)
+        .map_err(|e| fail("handler socket", &e))?;
+    let record = Recorder::restore(&r.state, &fds).map_err(|e| fail("the session's record", &e))?;
+    Gate::resume(frontend, gate_side, ctx.gate_cfg, hooks, record)
+        .map_err(|e| fail("starting the gate", &e))
 }
 
 #[cfg(test)]

@@ -217,6 +217,30 @@ impl Pair {
         }
     }
 
+    /// The frame held for the host's buffers (vnet header included), taken out: a handover
+    /// carries it to the process that takes the session over.
+    pub fn take_held(&mut self) -> Option<Vec<u8>> {
+        if self.rx_held == 0 {
+            return None;
+        }
+        let frame = self.bounce[..self.rx_held].to_vec();
+        self.rx_held = 0;
+        self.rx_local = false;
+        Some(frame)
+    }
+
+    /// Holds `frame` (vnet header included) for the host's buffers, as if read from the tap:
+    /// the frame a handover carried. False if one is held already or it does not fit.
+    pub fn hold(&mut self, frame: &[u8]) -> bool {
+        if self.rx_held != 0 || frame.is_empty() || frame.len() > self.bounce.len() {
+            return false;
+        }
+        self.bounce[..frame.len()].copy_from_slice(frame);
+        self.rx_held = frame.len();
+        self.rx_pending = true;
+        true
+    }
+
     /// The pair's rings (re)started: their next used buffers are signalled unconditionally.
     pub fn rings_started(&mut self) {
         self.signal_next = [true; 2];

@@ -21,15 +21,20 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use log::{debug, info, warn};
 use thiserror::Error;
 use vhost::vhost_user::message::{FrontendReq, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::features::VHOST_USER_F_PROTOCOL_FEATURES;
+use crate::handover::pause::{self, Inflight, Link, PauseRequest, Paused};
+use crate::handover::record::Recorder;
 use crate::migrate::{Migration, Negotiation, RarpHook, Verdict};
 
 const HDR_SIZE: usize = 12;
@@ -46,6 +51,8 @@ pub enum GateError {
     Io(#[from] io::Error),
     #[error("bad memory table: {0}")]
     BadMemTable(&'static str),
+    #[error("handover: {0}")]
+    Handover(String),
     #[error("refused a request the frontend cannot be told about (no REPLY_ACK): {0}")]
     Refused(&'static str),
 }
@@ -255,6 +262,12 @@ pub struct Gate {
     frontend: UnixStream,
     backend: UnixStream,
     threads: Vec<JoinHandle<()>>,
+    /// Pause requests for a handover, and the eventfd that wakes the request thread for them.
+    pauses: Sender<PauseRequest>,
+    wake: EventFd,
+    /// Set once the session moved to another process: the frontend's connection is then never
+    /// shut down from here.
+    detached: Arc<AtomicBool>,
 }
 
 impl Gate {
@@ -265,14 +278,65 @@ impl Gate {
         cfg: GateConfig,
         hooks: Hooks,
     ) -> io::Result<Gate> {
+        Self::start_from(frontend, backend, cfg, hooks, ReqState::new(cfg), false)
+    }
+
+    /// Starts relaying for a session taken over from another process, whose handler was rebuilt
+    /// from `record` (`handover::replay::rebuild`); the hook learns the pairs in use at once.
+    pub fn resume(
+        frontend: UnixStream,
+        backend: UnixStream,
+        cfg: GateConfig,
+        hooks: Hooks,
+        record: Recorder,
+    ) -> io::Result<Gate> {
+        Self::start_from(
+            frontend,
+            backend,
+            cfg,
+            hooks,
+            ReqState::restored(cfg, record),
+            true,
+        )
+    }
+
+    fn start_from(
+        frontend: UnixStream,
+        backend: UnixStream,
+        cfg: GateConfig,
+        hooks: Hooks,
+        mut st: ReqState,
+        resumed: bool,
+    ) -> io::Result<Gate> {
+        st.on_pair = Some(hooks.pair);
+        st.migration.set_rarp(hooks.rarp);
+        if resumed {
+            // Before this returns: the pairs in use are known when the caller goes on.
+            st.sync_pairs();
+        }
         let f_writer = Arc::new(Mutex::new(frontend.try_clone()?));
+        let detached = Arc::new(AtomicBool::new(false));
         let closer = || -> io::Result<_> {
             let f = frontend.try_clone()?;
             let b = backend.try_clone()?;
+            let detached = detached.clone();
             Ok(move || {
-                let _ = f.shutdown(Shutdown::Both);
+                if !detached.load(Ordering::SeqCst) {
+                    let _ = f.shutdown(Shutdown::Both);
+                }
                 let _ = b.shutdown(Shutdown::Both);
             })
+        };
+        let (pauses, requests) = mpsc::channel();
+        let (answers_tx, answers) = mpsc::channel();
+        let inflight = Arc::new(Mutex::new(Inflight::new(cfg.num_queues as usize)));
+        let wake = EventFd::new(EFD_NONBLOCK)?;
+        let link = Link {
+            wake: wake.try_clone()?,
+            requests,
+            answers,
+            inflight: inflight.clone(),
+            detached: detached.clone(),
         };
         let (down, down2) = (closer()?, closer()?);
         let (f_in, b_out) = (frontend.try_clone()?, backend.try_clone()?);
@@ -280,9 +344,7 @@ impl Gate {
         let requests = std::thread::Builder::new()
             .name("vhost-gate-req".into())
             .spawn(move || {
-                let mut st = ReqState::new(cfg);
-                st.on_pair = Some(hooks.pair);
-                st.migration = Migration::new(cfg.num_queues, cfg.queue_size, Some(hooks.rarp));
+                st.link = Some(link);
                 if let Err(e) = st.run(&f_in, &b_out, &writer) {
                     debug!("gate: frontend side ended: {e}");
                 }
@@ -294,6 +356,14 @@ impl Gate {
             .spawn(move || {
                 let mut msg = Msg::default();
                 while let Ok(Some(hdr)) = recv_msg(&b_in, &mut msg) {
+                    let own = inflight
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .is_own(hdr.request, &msg.body);
+                    if own {
+                        let _ = answers_tx.send((hdr.request, std::mem::take(&mut msg.body)));
+                        continue;
+                    }
                     let fds: Vec<RawFd> = msg.fds.iter().map(|f| f.as_raw_fd()).collect();
                     let w = writer.lock().unwrap_or_else(|p| p.into_inner());
                     if send_msg(&w, &hdr, &msg.body, &fds).is_err() {
@@ -306,12 +376,33 @@ impl Gate {
             frontend,
             backend,
             threads: vec![requests, replies],
+            pauses,
+            wake,
+            detached,
         })
     }
 
-    /// Closes both sides; the relay threads end.
+    /// Pauses the gate between two requests for a handover: the rings are stopped, every request
+    /// forwarded so far is answered, and the session comes back with duplicates of its
+    /// descriptors (`docs/handover.md`, the stop point).
+    pub fn pause(&self, within: std::time::Duration) -> Result<Paused, String> {
+        self.pauser().map_err(|e| e.to_string())?.pause(within)
+    }
+
+    /// A handle that pauses this gate from another thread (the control socket's).
+    pub fn pauser(&self) -> io::Result<Pauser> {
+        Ok(Pauser {
+            pauses: self.pauses.clone(),
+            wake: self.wake.try_clone()?,
+        })
+    }
+
+    /// Closes both sides (the frontend's only if the session was not handed over); the relay
+    /// threads end.
     pub fn shutdown(&self) {
-        let _ = self.frontend.shutdown(Shutdown::Both);
+        if !self.detached.load(Ordering::SeqCst) {
+            let _ = self.frontend.shutdown(Shutdown::Both);
+        }
         let _ = self.backend.shutdown(Shutdown::Both);
     }
 
@@ -325,6 +416,26 @@ impl Gate {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+/// Pauses a gate from another thread ([`Gate::pause`]); a gate that ended answers that the
+/// session has ended.
+pub struct Pauser {
+    pauses: Sender<PauseRequest>,
+    wake: EventFd,
+}
+
+impl Pauser {
+    /// As [`Gate::pause`].
+    pub fn pause(&self, within: std::time::Duration) -> Result<Paused, String> {
+        let (tx, rx) = mpsc::channel();
+        self.pauses
+            .send(PauseRequest(tx))
+            .map_err(|_| "the session has ended".to_string())?;
+        self.wake.write(1).map_err(|e| e.to_string())?;
+        rx.recv_timeout(within)
+            .map_err(|_| "the gate did not pause".to_string())?
     }
 }
 
@@ -345,6 +456,10 @@ struct ReqState {
     /// (`GET_VRING_BASE`).
     started: Vec<bool>,
     on_pair: Option<PairHook>,
+    /// The session as the handler holds it, for a handover (`handover::record`).
+    record: Recorder,
+    /// Pause requests for a handover (none in `screen_stream`).
+    link: Option<Link>,
     /// Live migration's requests (dirty log, announcement).
     migration: Migration,
 }
@@ -359,8 +474,33 @@ impl ReqState {
             enabled: vec![false; cfg.num_queues as usize],
             started: vec![false; cfg.num_queues as usize],
             on_pair: None,
+            record: Recorder::new(cfg.num_queues as usize),
+            link: None,
             migration: Migration::new(cfg.num_queues, cfg.queue_size, None),
         }
+    }
+
+    /// The gate's state for a session taken over from another process: what was acked, the
+    /// held enables and each ring's state, from the record.
+    fn restored(cfg: GateConfig, record: Recorder) -> Self {
+        let mut st = ReqState::new(cfg);
+        let p = record.state();
+        st.acked_features = p.features.unwrap_or(0);
+        st.acked_protocol = p.protocol_features.unwrap_or(0);
+        st.pending = p.held_enables.clone();
+        for (i, r) in p.rings.iter().enumerate().take(cfg.num_queues as usize) {
+            st.enabled[i] = r.enabled;
+            st.started[i] = r.started;
+        }
+        let rings: Vec<_> = p
+            .rings
+            .iter()
+            .map(|r| (r.num, r.addr.map(|a| [a.desc, a.used, a.avail])))
+            .collect();
+        st.migration
+            .resume(p.regions.iter().map(|r| r.region()).collect(), &rings);
+        st.record = record;
+        st
     }
 
     /// Tells the hook whether each queue pair is in use: its RX ring (the even index) both
@@ -398,7 +538,22 @@ impl ReqState {
         writer: &Mutex<UnixStream>,
     ) -> Result<(), GateError> {
         let mut msg = Msg::default();
-        while let Some(hdr) = recv_msg(frontend, &mut msg)? {
+        loop {
+            if let Some(link) = &self.link {
+                // Between two requests: a handover may pause the gate here.
+                let woke =
+                    crate::poll::readable_or_stop(frontend.as_raw_fd(), link.wake.as_raw_fd())?;
+                if woke == crate::poll::Woke::Stop {
+                    match pause::serve(link, &mut self.record, backend) {
+                        Ok(true) => return Ok(()),
+                        Ok(false) => continue,
+                        Err(why) => return Err(GateError::Handover(why)),
+                    }
+                }
+            }
+            let Some(hdr) = recv_msg(frontend, &mut msg)? else {
+                break;
+            };
             let neg = Negotiation {
                 features: self.acked_features,
                 protocol: self.acked_protocol,
@@ -438,9 +593,16 @@ impl ReqState {
                 }
                 self.filter(&hdr, &msg.body)
             };
+            // Taken: forwarded, or answered with success here. Recorded for a handover.
+            let taken = matches!(action, Action::Forward | Action::Answer(0));
             match action {
                 Action::Forward => {
                     let fds: Vec<RawFd> = msg.fds.iter().map(|f| f.as_raw_fd()).collect();
+                    if let Some(link) = &self.link {
+                        // Counted before it is sent: its answer may come back at once.
+                        let mut inflight = link.inflight.lock().unwrap_or_else(|p| p.into_inner());
+                        inflight.forwarded(hdr.request, &msg.body);
+                    }
                     send_msg(backend, &hdr, &msg.body, &fds)?;
                     self.track_rings(&hdr, &msg.body);
                 }
@@ -460,6 +622,9 @@ impl ReqState {
                     let w = writer.lock().unwrap_or_else(|p| p.into_inner());
                     send_msg(&w, &reply, &body, &[])?;
                 }
+            }
+            if taken {
+                self.record.observe(&hdr, &msg.body, &msg.fds);
             }
             if hdr.request == FrontendReq::SET_FEATURES as u32 && matches!(action, Action::Forward)
             {
@@ -753,19 +918,21 @@ mod tests {
         );
     }
 
+    /// One request as bytes on the wire.
+    fn msg(req: FrontendReq, flags: u32, body: &[u8]) -> Vec<u8> {
+        let mut m = Hdr {
+            request: req as u32,
+            flags,
+            size: body.len() as u32,
+        }
+        .encode()
+        .to_vec();
+        m.extend_from_slice(body);
+        m
+    }
+
     #[test]
     fn screen_stream_runs_a_qemu_sequence_and_garbage() {
-        let msg = |req: FrontendReq, flags: u32, body: &[u8]| {
-            let mut m = Hdr {
-                request: req as u32,
-                flags,
-                size: body.len() as u32,
-            }
-            .encode()
-            .to_vec();
-            m.extend_from_slice(body);
-            m
-        };
         let mut s = Vec::new();
         s.extend(msg(
             FrontendReq::SET_PROTOCOL_FEATURES,
@@ -829,6 +996,38 @@ mod tests {
         });
         let done = rx.recv_timeout(std::time::Duration::from_secs(20));
         assert_eq!(done, Ok(true), "screen_stream blocked or failed");
+    }
+
+    /// The gate records what it took for a handover: forwarded requests and those it answered
+    /// with success (an MTU in range, an early enable), not those it refused.
+    #[test]
+    fn the_gate_records_what_it_took() {
+        let mut s = Vec::new();
+        s.extend(msg(
+            FrontendReq::SET_PROTOCOL_FEATURES,
+            1,
+            &PROTOCOL_F_REPLY_ACK.to_le_bytes(),
+        ));
+        s.extend(msg(FrontendReq::NET_SET_MTU, 9, &1500u64.to_le_bytes()));
+        s.extend(msg(FrontendReq::NET_SET_MTU, 9, &65535u64.to_le_bytes()));
+        s.extend(msg(
+            FrontendReq::SET_VRING_ENABLE,
+            9,
+            &[1, 0, 0, 0, 1, 0, 0, 0],
+        ));
+        s.extend(msg(FrontendReq::SET_MEM_TABLE, 9, &[0u8; 8]));
+        let (frontend, mut peer) = UnixStream::pair().unwrap();
+        let (backend, _backend_peer) = UnixStream::pair().unwrap();
+        let (writer, _writer_peer) = UnixStream::pair().unwrap();
+        peer.write_all(&s).unwrap();
+        drop(peer);
+        let mut st = ReqState::new(cfg());
+        st.run(&frontend, &backend, &Mutex::new(writer)).unwrap();
+        let (p, fds) = st.record.export(0);
+        assert_eq!(p.protocol_features, Some(PROTOCOL_F_REPLY_ACK));
+        assert_eq!(p.mtu, Some(1500), "the refused MTU was recorded");
+        assert_eq!(p.held_enables, vec![(1, 1)]);
+        assert!(p.regions.is_empty() && fds.is_empty());
     }
 
     #[test]

@@ -100,6 +100,22 @@ impl Migration {
         }
     }
 
+    /// Sets the announcement hook (the gate's hooks arrive after its state).
+    pub fn set_rarp(&mut self, rarp: RarpHook) {
+        self.rarp = Some(rarp);
+    }
+
+    /// The state of a session taken over from another process (`handover`), which handed over
+    /// with logging off: the memory table, each ring's size and addresses. A migration after the
+    /// handover then starts from them as it would on the old process.
+    pub fn resume(&mut self, regions: Vec<MemRegion>, rings: &[(Option<u16>, Option<[u64; 3]>)]) {
+        self.regions = regions;
+        for (i, (num, addrs)) in rings.iter().enumerate().take(self.ring_num.len()) {
+            self.ring_num[i] = num.map_or(0, u32::from);
+            self.addrs[i] = *addrs;
+        }
+    }
+
     /// A memory table the gate accepted.
     pub fn mem_table(&mut self, regions: Vec<MemRegion>) {
         let end = mem_end(&regions);

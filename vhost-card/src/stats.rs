@@ -40,6 +40,19 @@ macro_rules! counters {
             pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
                 vec![$( (stringify!($name), self.$name.load(Ordering::Relaxed)), )*]
             }
+
+            /// Adds counts another process had (a live handover), by name; names this binary
+            /// does not know are ignored.
+            pub fn carry_over(&self, counts: &[(String, u64)]) {
+                for (name, v) in counts {
+                    match name.as_str() {
+                        $( stringify!($name) => {
+                            self.$name.fetch_add(*v, Ordering::Relaxed);
+                        } )*
+                        _ => {}
+                    }
+                }
+            }
         }
 
         /// Every counter, in declaration order.
@@ -270,6 +283,12 @@ impl Stats {
         self.device.connected.store(connected, Ordering::Relaxed);
     }
 
+    /// A session handed over from another process is connected here: not a new session (its
+    /// count came with [`Stats::carry_over`]).
+    pub fn set_resumed(&self) {
+        self.device.connected.store(true, Ordering::Relaxed);
+    }
+
     /// The frontend acked this feature word.
     pub fn set_acked(&self, word: u64) {
         self.device.acked.store(word, Ordering::Relaxed);
@@ -317,6 +336,17 @@ impl Stats {
             );
         }
         s
+    }
+
+    /// Continues the counters of the process a session was handed over from: its per-pair
+    /// counters and its session count are added to this one's.
+    pub fn carry_over(&self, from: &Snapshot) {
+        for (p, theirs) in self.pairs.iter().zip(&from.pairs) {
+            p.carry_over(&theirs.counters.0);
+        }
+        self.device
+            .sessions
+            .fetch_add(from.state.sessions, Ordering::Relaxed);
     }
 
     /// Everything, as `vhost-card stats` and the control socket show it.
@@ -757,5 +787,31 @@ mod tests {
         assert_eq!(duration(5), "5s");
         assert_eq!(duration(3605), "1h 0m 5s");
         assert_eq!(duration(90061), "1d 1h 1m 1s");
+    }
+
+    /// A handover carries the counters over: the new process's start where the old one's ended.
+    #[test]
+    fn counters_carry_over_a_handover() {
+        let info = || DeviceInfo {
+            mtu: 1500,
+            offered: 0,
+            transport: VHOST_USER,
+        };
+        let old = Stats::new(2, info());
+        add(&old.pairs[0].tx_frames, 5);
+        add(&old.pairs[1].rx_drop_runt, 2);
+        old.set_connected(true);
+        let mut snap = old.snapshot();
+        snap.pairs[0]
+            .counters
+            .0
+            .push(("a_counter_of_a_newer_binary".into(), 9));
+        let new = Stats::new(2, info());
+        add(&new.pairs[0].tx_frames, 1);
+        new.carry_over(&snap);
+        let now = new.snapshot();
+        assert_eq!(now.pairs[0].counters.get("tx_frames"), Some(6));
+        assert_eq!(now.pairs[1].counters.get("rx_drop_runt"), Some(2));
+        assert_eq!(now.state.sessions, 1);
     }
 }

@@ -146,6 +146,22 @@ pub fn check_name(name: &str) -> Result<(), TapError> {
     }
 }
 
+/// The name and flags of the tap a queue descriptor is attached to (TUNGETIFF): how a process
+/// that received the descriptor checks what it is.
+pub fn queue_identity(fd: RawFd) -> io::Result<(String, libc::c_short)> {
+    let mut ifr = ifreq_with_name("");
+    ifr_ioctl(fd, libc::TUNGETIFF, &mut ifr)?;
+    let name: Vec<u8> = ifr
+        .ifr_name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c.to_ne_bytes()[0])
+        .collect();
+    // SAFETY: TUNGETIFF filled the flags member of the union.
+    let flags = unsafe { ifr.ifr_ifru.ifru_flags };
+    Ok((String::from_utf8_lossy(&name).into_owned(), flags))
+}
+
 /// A datagram socket for interface ioctls, in the calling thread's namespace.
 fn ctl_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2) call; the result is checked before use.
@@ -443,6 +459,45 @@ impl Tap {
         Ok(tap)
     }
 
+    /// The tap whose queue descriptors another vhost-card process handed over (a live
+    /// handover): the same device, nothing opened or changed. Each queue must be attached, or
+    /// detached, to tap `name` (TUNGETIFF answers for a detached queue too and says so with
+    /// IFF_DETACH_QUEUE, which gives each queue's attach state). `created`: the daemon created
+    /// the tap, so it goes when the daemon ends (unless `--keep-tap`).
+    pub fn adopt(name: &str, queues: Vec<OwnedFd>, created: bool) -> Result<Tap, TapError> {
+        check_name(name)?;
+        let mut attached = Vec::with_capacity(queues.len());
+        for q in &queues {
+            let (of, flags) = queue_identity(q.as_raw_fd()).map_err(io_err("TUNGETIFF", name))?;
+            if of != name || i32::from(flags) & libc::IFF_TAP == 0 {
+                return Err(TapError::NotATap(name.to_string()));
+            }
+            attached.push(i32::from(flags) & libc::IFF_DETACH_QUEUE == 0);
+        }
+        let Some(first) = queues.first() else {
+            return Err(TapError::NotATap(name.to_string()));
+        };
+        let mut len: i32 = 0;
+        // SAFETY: TUNGETVNETHDRSZ writes one c_int to the pointer, valid for the call.
+        let rc = unsafe { libc::ioctl(first.as_raw_fd(), libc::TUNGETVNETHDRSZ, &mut len) };
+        if rc < 0 {
+            return Err(io_err("TUNGETVNETHDRSZ", name)(io::Error::last_os_error()));
+        }
+        Ok(Tap {
+            name: name.to_string(),
+            attached: Mutex::new(attached),
+            hdr_len: AtomicUsize::new(usize::try_from(len).unwrap_or(0)),
+            queues: queues.into_iter().map(File::from).collect(),
+            created,
+            keep: false.into(),
+        })
+    }
+
+    /// Whether this daemon created the tap (it then goes when the daemon ends, unless kept).
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
     /// Keeps the tap this daemon created when it exits (`--keep-tap`), from now on.
     pub fn keep_when_done(&self, keep: bool) {
         self.keep.store(keep, std::sync::atomic::Ordering::Relaxed);
@@ -450,6 +505,12 @@ impl Tap {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether queue pair `i`'s queue is attached to the device.
+    pub fn queue_attached(&self, i: usize) -> bool {
+        let attached = self.attached.lock().unwrap_or_else(|p| p.into_inner());
+        attached.get(i).copied().unwrap_or(false)
     }
 
     /// The descriptor of queue pair `i`.

@@ -16,6 +16,7 @@ const TARGETS: &[&str] = &[
     "vhost_msg",
     "reasm",
     "vduse_msg",
+    "handover_state",
 ];
 
 #[derive(clap::Args)]
