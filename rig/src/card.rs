@@ -266,6 +266,22 @@ impl Card {
     }
 }
 
+/// The new process's pid and the outage in ms from what `vhost-card upgrade` prints when it
+/// succeeds: "vhost-card: process N (PATH) serves the session; outage X ms".
+pub fn parse_upgrade(text: &str) -> Result<(u32, f64)> {
+    let pid = text
+        .split_whitespace()
+        .nth(2)
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("no pid in {text:?}"))?;
+    let ms = text
+        .rsplit_once("outage ")
+        .and_then(|(_, r)| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no outage in {text:?}"))?;
+    Ok((pid, ms))
+}
+
 /// The daemon's arguments for `cfg`, serving `socket` with tap `tap` in namespace `ns`.
 pub fn daemon_args(cfg: &CardConfig, socket: &Path, ns: &str, tap: &str) -> Vec<String> {
     let mut args = vec![

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use card_tests::card::Card;
 use card_tests::daemon::{binary, rss_kib_of as rss_kib};
 use card_tests::netdev::{VirtioNet, F_LOG_ALL};
@@ -75,18 +75,7 @@ fn upgrade(control: &Path, log: &Path) -> Result<(u32, f64)> {
         out.status,
         std::fs::read_to_string(log).unwrap_or_default()
     );
-    // "vhost-card: process N (PATH) serves the session; outage X ms"
-    let pid = text
-        .split_whitespace()
-        .nth(2)
-        .and_then(|p| p.parse().ok())
-        .with_context(|| format!("no pid in {text:?}"))?;
-    let ms = text
-        .rsplit_once("outage ")
-        .and_then(|(_, r)| r.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no outage in {text:?}"))?;
-    Ok((pid, ms))
+    rig::card::parse_upgrade(&text)
 }
 
 /// Frames each way so far; every round adds one each way and checks the used indices.

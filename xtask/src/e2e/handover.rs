@@ -58,17 +58,7 @@ fn upgrade(control: &Path, log: &Path) -> Result<Upgrade> {
         "upgrade failed ({}): {text}",
         out.status
     );
-    // "vhost-card: process N (PATH) serves the session; outage X ms"
-    let pid = text
-        .split_whitespace()
-        .nth(2)
-        .and_then(|p| p.parse().ok())
-        .with_context(|| format!("no pid in {text:?}"))?;
-    let outage_ms = text
-        .rsplit_once("outage ")
-        .and_then(|(_, r)| r.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no outage in {text:?}"))?;
+    let (pid, outage_ms) = rig::card::parse_upgrade(&text)?;
     Ok(Upgrade {
         start,
         end,
