@@ -197,7 +197,7 @@ pub fn sizes(size: usize, sizes: &[usize]) -> Result<Vec<usize>> {
     Ok(sizes)
 }
 
-fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     vhost_card::netns::run_in(Some(ns), || f().map_err(Wrap)).map_err(|Wrap(e)| e)
 }
 
@@ -210,7 +210,12 @@ impl From<NetnsError> for Wrap {
     }
 }
 
-fn setsockopt_int(fd: RawFd, level: libc::c_int, opt: libc::c_int, v: libc::c_int) -> Result<()> {
+pub fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    v: libc::c_int,
+) -> Result<()> {
     // SAFETY: `v` is a valid c_int for the duration of the call.
     let rc = unsafe {
         libc::setsockopt(
