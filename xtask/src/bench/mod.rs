@@ -82,6 +82,10 @@ pub struct Options {
     /// Extra arguments for every vhost-card started (e.g. `--tx-uring`).
     #[arg(long, allow_hyphen_values = true)]
     pub card_args: Option<String>,
+    /// The vhost-card binary to run instead of the release build (e.g. a copy of an older
+    /// build, to measure before and after a change).
+    #[arg(long)]
+    pub card_bin: Option<PathBuf>,
     /// Where results go (default target/bench).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -244,6 +248,8 @@ impl Row {
 
 pub struct Ctx {
     pub bin: PathBuf,
+    /// The vhost-card binary.
+    pub card: PathBuf,
     pub logs: PathBuf,
     pub run_dir: PathBuf,
     pub huge: bool,
@@ -272,7 +278,14 @@ pub fn run(opts: &Options) -> Result<()> {
     std::fs::create_dir_all(&logs)?;
     let run_dir = std::env::temp_dir().join(format!("bench-{}", std::process::id()));
     std::fs::create_dir_all(&run_dir)?;
+    let card = match &opts.card_bin {
+        Some(p) => {
+            std::fs::canonicalize(p).with_context(|| format!("--card-bin {}", p.display()))?
+        }
+        None => env.bin.join("vhost-card"),
+    };
     let mut ctx = Ctx {
+        card,
         bin: env.bin,
         logs,
         run_dir: run_dir.clone(),
@@ -418,6 +431,7 @@ pub fn run(opts: &Options) -> Result<()> {
         minutes: started.elapsed().as_secs_f64() / 60.0,
         huge: ctx.huge,
         card_args: ctx.card_args.join(" "),
+        card_bin: opts.card_bin.as_ref().map(|p| p.display().to_string()),
     };
     report::write(&out, &rows, &meta)?;
     if opts.smoke {
@@ -714,12 +728,7 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
             }
             let private = ctx.run_dir.join(format!("{tag}.private"));
             std::fs::create_dir_all(&private)?;
-            let mut cmd = rig::daemon::command(
-                &ctx.bin.join("vhost-card"),
-                &args,
-                &log("vhost-card"),
-                &private,
-            )?;
+            let mut cmd = rig::daemon::command(&ctx.card, &args, &log("vhost-card"), &private)?;
             if b == Backend::CardWritev {
                 cmd.env("VHOST_CARD_TX_URING", "0");
             }

@@ -19,6 +19,8 @@ pub struct Meta {
     pub minutes: f64,
     pub huge: bool,
     pub card_args: String,
+    /// `--card-bin`, when given.
+    pub card_bin: Option<String>,
 }
 
 fn find<'a>(rows: &'a [Row], r: &Row, f: Frontend, b: Backend) -> Option<&'a Row> {
@@ -293,6 +295,7 @@ fn json(rows: &[Row], meta: &Meta) -> serde_json::Value {
         "minutes": round(meta.minutes, 1),
         "hugepages": meta.huge,
         "card_args": meta.card_args,
+        "card_bin": meta.card_bin,
         "rows": rows,
     })
 }
@@ -337,7 +340,10 @@ pub fn write(dir: &Path, rows: &[Row], meta: &Meta) -> Result<()> {
             String::new()
         } else {
             format!("; vhost-card {}", meta.card_args)
-        }
+        } + &meta
+            .card_bin
+            .as_ref()
+            .map_or(String::new(), |b| format!("; vhost-card binary {b}"))
     );
     std::fs::write(dir.join("results.md"), &md)?;
     let doc = json(rows, meta);
