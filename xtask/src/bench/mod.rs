@@ -194,9 +194,11 @@ pub struct Sample {
     pub bps: f64,
     /// CPU seconds of the backend per second.
     pub cpu: f64,
-    /// Overhead group, host to card: frames per second the frontend saw taken from its ring
-    /// (`pps` is what reached the tap), for the check that nothing is lost on the way.
-    pub offered: Option<f64>,
+    /// Overhead group, host to card: the frames the tap received over the frames the frontend
+    /// saw taken from its ring, both counted from the start to the end of the window
+    /// (cumulative, so the two counters need not be read at the same instant: only the frames
+    /// in flight, at most a ring, separate them). Speed bought by dropping shows here.
+    pub reached: Option<f64>,
 }
 
 /// All runs of one (case, frontend, backend).
@@ -225,17 +227,12 @@ impl Row {
                 (v[n / 2 - 1] + v[n / 2]) / 2.0
             }
         };
-        let offered: Vec<&Sample> = self
-            .samples
-            .iter()
-            .filter(|s| s.offered.is_some())
-            .collect();
+        let reached = self.samples.iter().filter(|s| s.reached.is_some()).count();
         Some(Sample {
             pps: med(|s| s.pps),
             bps: med(|s| s.bps),
             cpu: med(|s| s.cpu),
-            offered: (offered.len() == self.samples.len())
-                .then(|| med(|s| s.offered.unwrap_or(0.0))),
+            reached: (reached == self.samples.len()).then(|| med(|s| s.reached.unwrap_or(0.0))),
         })
     }
 
@@ -688,7 +685,7 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
             pps,
             bps,
             cpu: case.queues as f64,
-            offered: None,
+            reached: None,
         });
     }
     let ns = Netns::new("bench")?;
@@ -1029,14 +1026,14 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
                 pps,
                 bps,
                 cpu: (c1 - c0) / dt,
-                offered: Some(front_pps),
+                reached: (s1.frames > 0.0).then(|| t1.frames / s1.frames),
             }
         }
         None => Sample {
             pps: front_pps,
             bps: front_bps,
             cpu: (c1 - c0) / dt,
-            offered: None,
+            reached: None,
         },
     };
     // Tear down: sources first.

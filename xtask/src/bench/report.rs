@@ -90,7 +90,8 @@ pub fn table(rows: &[Row]) -> String {
 
 /// The overhead group's table: the ceiling is the raw tap in the same condition; "ns added" is
 /// what each frame costs beyond it (1/rate - 1/ceiling); "at tap ÷ taken" (host to card) is the
-/// tap's received frames over the frames the frontend saw taken from its ring.
+/// tap's received frames over the frames the frontend saw taken from its ring, both counted
+/// from the start of the run (see `Sample::reached`).
 pub fn overhead_table(rows: &[Row]) -> String {
     let mut t = String::new();
     t.push_str("| case | frontend | backend | Mpps | Gbit/s | ns/frame added | CPU s/GB | ÷ ceiling | ÷ DPDK pair | at tap ÷ taken |\n");
@@ -131,10 +132,7 @@ pub fn overhead_table(rows: &[Row]) -> String {
         } else {
             "-".into()
         };
-        let honest = m
-            .offered
-            .filter(|&o| o > 0.0)
-            .map_or("-".into(), |o| format!("{:.3}", m.pps / o));
+        let honest = m.reached.map_or("-".into(), |r| format!("{r:.4}"));
         let cpu = r.cpu_per_gb().map_or("-".into(), |c| format!("{c:.3}"));
         let _ = writeln!(
             t,
@@ -281,7 +279,7 @@ fn json(rows: &[Row], meta: &Meta) -> serde_json::Value {
                     "cpu": round(s.cpu, 3),
                 })).collect::<Vec<_>>(),
                 "overhead": r.case.overhead,
-                "offered_pps": r.samples.iter().map(|s| s.offered.map(f64::round)).collect::<Vec<_>>(),
+                "reached_tap": r.samples.iter().map(|s| s.reached.map(|x| round(x, 5))).collect::<Vec<_>>(),
                 "not_applicable": r.na,
             })
         })
