@@ -287,7 +287,15 @@ fn draw_set(results: &Value, png: &Path, panels: &[Panel], title: &str) -> Resul
     let root = BitMapBackend::new(png, (2000, height)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let (head, body) = root.split_vertically(150);
-    header(&head, results, title)?;
+    // The legend lists the series this image has.
+    let shown: Vec<usize> = (0..SERIES.len())
+        .filter(|&i| {
+            panels
+                .iter()
+                .any(|p| bars(rows, p).iter().any(|b| b.series == i))
+        })
+        .collect();
+    header(&head, results, title, &shown)?;
     for (area, p) in body
         .split_evenly((rows_of_panels, 2))
         .iter()
@@ -304,7 +312,7 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
 }
 
 /// Title, conditions and the legend.
-fn header(area: &Area, results: &Value, text: &str) -> Result<()> {
+fn header(area: &Area, results: &Value, text: &str, shown: &[usize]) -> Result<()> {
     let title = ("sans-serif", 30).into_font().color(&BLACK);
     area.draw(&Text::new(text, (20, 10), title)).map_err(err)?;
     let sub =
@@ -315,12 +323,12 @@ fn header(area: &Area, results: &Value, text: &str) -> Result<()> {
     );
     area.draw(&Text::new(sub, (20, 50), ("sans-serif", 18).into_font()))
         .map_err(err)?;
-    for (i, (_, _, label, colour)) in (0i32..).zip(SERIES.iter()) {
+    for (i, &(_, _, label, colour)) in (0i32..).zip(shown.iter().map(|&k| &SERIES[k])) {
         let (x, y) = (20 + (i % 4) * 490, 85 + (i / 4) * 30);
         area.draw(&Rectangle::new([(x, y), (x + 22, y + 18)], colour.filled()))
             .map_err(err)?;
         area.draw(&Text::new(
-            *label,
+            label,
             (x + 30, y),
             ("sans-serif", 18).into_font(),
         ))
