@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use card_tests::packet::udp_frame_of_len;
 
 use crate::driver::Counts;
-use crate::tools::{in_netns, setsockopt_int};
+use crate::tools::{in_netns, mmsghdrs, setsockopt_int};
 use crate::{run_threads, HOST_MAC};
 
 /// `PACKET_QDISC_BYPASS` (linux/if_packet.h).
@@ -118,13 +118,7 @@ pub fn inject(o: &InjectOpts) -> Result<()> {
                 }
             })
             .collect();
-        // SAFETY: mmsghdr is plain old data; all-zero is valid before the fields are set.
-        let mut msgs: Vec<libc::mmsghdr> =
-            (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
-        for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
-            m.msg_hdr.msg_iov = iov;
-            m.msg_hdr.msg_iovlen = 1;
-        }
+        let mut msgs = mmsghdrs(&mut iovs);
         while !stop.load(Ordering::Relaxed) {
             // SAFETY: every header points at its own iovec in `iovs`, which points into
             // `frames`; all of them outlive the call.
