@@ -445,6 +445,21 @@ pub fn run(opts: &Options) -> Result<()> {
         {
             bail!("vhost-card carried nothing in: {}", missing.join(", "));
         }
+        // Every frame taken from the ring must reach the tap (the overhead group counts both).
+        // The frames in flight at the end of a window (a ring at most) are well under 5 %.
+        let lost: Vec<String> = rows
+            .iter()
+            .filter(|r| r.backend == Backend::Card)
+            .filter_map(|r| Some((r, r.median()?.reached?)))
+            .filter(|(_, reached)| *reached < 0.95)
+            .map(|(r, reached)| format!("{} ({reached:.3})", r.case.label()))
+            .collect();
+        if !lost.is_empty() {
+            bail!(
+                "frames taken from the ring did not reach the tap in: {}",
+                lost.join(", ")
+            );
+        }
     }
     Ok(())
 }
