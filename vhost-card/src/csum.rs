@@ -6,7 +6,7 @@
 // etherparse sums in native byte order; `ones_complement` returns the field as a native u16,
 // so wire bytes come from `to_ne_bytes`.
 use etherparse::checksum::u64_16bit_word as sum16;
-use etherparse::{IpNumber, NetSlice, SlicedPacket};
+use etherparse::{IpNumber, LaxNetSlice, LaxSlicedPacket, LenSource, NetSlice, SlicedPacket};
 use thiserror::Error;
 
 /// Outcome of checking a frame.
@@ -86,26 +86,144 @@ pub fn verify(frame: &[u8]) -> Verdict {
         _ => return Verdict::NotApplicable(NotIp),
     };
     let is_v4 = matches!(pkt.net, Some(NetSlice::Ipv4(_)));
+    l4_verdict(proto, is_v4, l4, l4.len(), || {
+        Some(sum16::add_slice(pseudo, l4))
+    })
+}
+
+/// The L4 part of [`verify`]: `l4` holds at least the first 8 bytes of the `l4_len`-byte L4
+/// segment (all of it when shorter), `sum` is the pseudo-header sum plus the whole segment's.
+fn l4_verdict(
+    proto: IpNumber,
+    is_v4: bool,
+    l4: &[u8],
+    l4_len: usize,
+    sum: impl FnOnce() -> Option<u64>,
+) -> Verdict {
     match proto {
-        IpNumber::TCP if l4.len() >= 20 => {}
-        IpNumber::UDP if l4.len() >= 8 => {
+        IpNumber::TCP if l4_len >= 20 => {}
+        IpNumber::UDP if l4_len >= 8 => {
             if is_v4 && l4[6] == 0 && l4[7] == 0 {
                 // IPv4 UDP without a checksum: nothing to verify, and valid by RFC 768.
                 return Verdict::Valid;
             }
         }
-        IpNumber::ICMP if is_v4 && l4.len() >= 4 => {}
-        IpNumber::IPV6_ICMP if !is_v4 && l4.len() >= 4 => {}
+        IpNumber::ICMP if is_v4 && l4_len >= 4 => {}
+        IpNumber::IPV6_ICMP if !is_v4 && l4_len >= 4 => {}
         IpNumber::TCP | IpNumber::UDP | IpNumber::ICMP | IpNumber::IPV6_ICMP => {
             return Verdict::Invalid
         }
-        _ => return Verdict::NotApplicable(NoL4Csum),
+        _ => return Verdict::NotApplicable(Unchecked::NoL4Csum),
     }
-    if sum16::ones_complement(sum16::add_slice(pseudo, l4)) == 0 {
-        Verdict::Valid
+    match sum() {
+        Some(s) if sum16::ones_complement(s) == 0 => Verdict::Valid,
+        Some(_) => Verdict::Invalid,
+        None => Verdict::NotApplicable(Unchecked::Malformed),
+    }
+}
+
+/// Bytes of a frame's head that [`verify_split`] parses: Ethernet with two VLAN tags, IPv6 with
+/// a few extension headers, and the L4 header fit.
+pub const HEAD: usize = 256;
+
+/// [`verify`] for a frame that is not in one slice (the host's RX buffers): `head` holds its
+/// first bytes (up to [`HEAD`]), `len` is its whole length and `sum(from, n)` sums `n` of its
+/// bytes from `from` where they lie (etherparse's accumulator, as `sum_slice` would). The same
+/// verdict as `verify` over the whole frame, without copying it. `None` when the head does not
+/// decide it cheaply (headers beyond the head, lengths that disagree): then the caller runs
+/// `verify` over a copy, so odd frames get exactly the full check.
+pub fn verify_split(
+    head: &[u8],
+    len: usize,
+    sum: impl FnOnce(usize, usize) -> Option<u64>,
+) -> Option<Verdict> {
+    if len <= head.len() {
+        return Some(verify(&head[..len]));
+    }
+    let pkt = LaxSlicedPacket::from_ethernet(head).ok()?;
+    // The L4 parse may stop at the head's end (a UDP length past it, say); nothing of it is
+    // used here. Anything that stopped earlier goes to the full check.
+    if let Some((_, layer)) = &pkt.stop_err {
+        use etherparse::err::Layer;
+        if !matches!(
+            layer,
+            Layer::UdpHeader | Layer::UdpPayload | Layer::TcpHeader | Layer::Icmpv4 | Layer::Icmpv6
+        ) {
+            return None;
+        }
+    }
+    let at = |p: *const u8| (p as usize).wrapping_sub(head.as_ptr() as usize);
+    let (ip, ip_end, pseudo_of, is_v4) = match pkt.net.as_ref()? {
+        LaxNetSlice::Ipv4(v4) => {
+            let h = v4.header();
+            let ip = v4.payload();
+            // Cut by the head's end (incomplete), or whole by the header's length field.
+            if !ip.incomplete && ip.len_source != LenSource::Ipv4HeaderTotalLen {
+                return None;
+            }
+            let s = sum16::add_4bytes(0, h.source());
+            let s = sum16::add_4bytes(s, h.destination());
+            let end = at(h.slice().as_ptr()) + usize::from(h.total_len());
+            (ip, end, s, true)
+        }
+        LaxNetSlice::Ipv6(v6) => {
+            let h = v6.header();
+            let ip = v6.payload();
+            // Cut by the head's end (incomplete), or whole by the header's length field.
+            if !ip.incomplete && ip.len_source != LenSource::Ipv6HeaderPayloadLen {
+                return None;
+            }
+            let s = sum16::add_slice(0, &h.source());
+            let s = sum16::add_slice(s, &h.destination());
+            let end = at(h.slice().as_ptr()) + 40 + usize::from(h.payload_length());
+            (ip, end, s, false)
+        }
+        LaxNetSlice::Arp(_) => return None,
+    };
+    let l4_at = at(ip.payload.as_ptr());
+    // The L4 header must be in the head, and the IP lengths must fit the frame.
+    if l4_at + 8 > head.len() || ip_end > len || ip_end < l4_at {
+        return None;
+    }
+    let l4_len = ip_end - l4_at;
+    let proto = ip.ip_number;
+    // The L4 header's own length, as the full parse checks it; anything unusual goes there.
+    let l4 = &head[l4_at..];
+    let consistent = match proto {
+        IpNumber::UDP => usize::from(u16::from_be_bytes([l4[4], l4[5]])) == l4_len,
+        IpNumber::TCP => l4
+            .get(12)
+            .is_some_and(|&d| (20..=l4_len).contains(&(usize::from(d >> 4) * 4))),
+        IpNumber::ICMP | IpNumber::IPV6_ICMP => l4_len >= 8,
+        _ => false,
+    };
+    if !consistent && !ip.fragmented {
+        return None;
+    }
+    // Parsed as the full check would; now its verdicts, in its order.
+    if ip.fragmented {
+        return Some(Verdict::NotApplicable(Unchecked::Fragment));
+    }
+    if let LaxNetSlice::Ipv4(v4) = pkt.net.as_ref()? {
+        if sum16::ones_complement(sum16::add_slice(0, v4.header().slice())) != 0 {
+            return Some(Verdict::Invalid);
+        }
+    }
+
+    let pseudo = if is_v4 {
+        if proto == IpNumber::ICMP {
+            0
+        } else {
+            let l = u16::try_from(l4_len).ok()?.to_be_bytes();
+            sum16::add_4bytes(pseudo_of, [0, proto.0, l[0], l[1]])
+        }
     } else {
-        Verdict::Invalid
-    }
+        let s = sum16::add_4bytes(pseudo_of, u32::try_from(l4_len).ok()?.to_be_bytes());
+        sum16::add_4bytes(s, [0, 0, 0, proto.0])
+    };
+    Some(l4_verdict(proto, is_v4, l4, l4_len, || {
+        Some(add_part(pseudo, sum(l4_at, l4_len)?, false))
+    }))
 }
 
 /// Why a partial checksum could not be completed.
@@ -337,6 +455,78 @@ mod tests {
                 at = end;
             }
             assert_eq!(finish(sum), whole, "cuts {cuts:?}");
+        }
+    }
+
+    /// `verify_split` over heads of several lengths, summing from the whole frame.
+    fn split_verdict(f: &[u8], head: usize) -> Verdict {
+        let h = &f[..head.min(f.len())];
+        verify_split(h, f.len(), |from, n| f.get(from..from + n).map(sum_slice))
+            .unwrap_or_else(|| verify(f))
+    }
+
+    #[test]
+    fn split_verification_agrees_with_the_whole() {
+        let mut zero = udp4(&[3; 2000]);
+        zero[40] = 0;
+        zero[41] = 0;
+        let udp6 = {
+            let b = PacketBuilder::ethernet2(SRC, DST)
+                .ipv6([0xfd; 16], [0xfe; 16], 64)
+                .udp(53, 5353);
+            let mut v = Vec::new();
+            b.write(&mut v, &[9; 1500]).unwrap();
+            v
+        };
+        let big = [
+            udp4(&[0x5a; 3000]),
+            zero,
+            udp6,
+            tcp6(&[7; 4000]),
+            udp4(&[1; 257]),
+            icmp4(),
+            icmp6(),
+            udp4(b"x"),
+        ];
+        for frame in &big {
+            for head in [14, 34, 41, 42, 60, 64, 74, 128, HEAD] {
+                assert_eq!(split_verdict(frame, head), verify(frame), "head {head}");
+            }
+            // Every single-bit corruption, every byte: the same verdict either way.
+            for (i, bits) in
+                (0..frame.len().min(400)).flat_map(|i| [(i, 0x01), (i, 0x10), (i, 0x80), (i, 0xff)])
+            {
+                let mut f = frame.clone();
+                f[i] ^= bits;
+                assert_eq!(
+                    split_verdict(&f, 64),
+                    verify(&f),
+                    "byte {i} len {}",
+                    f.len()
+                );
+                assert_eq!(
+                    split_verdict(&f, HEAD),
+                    verify(&f),
+                    "byte {i} len {} head",
+                    f.len()
+                );
+            }
+            // A frame cut short or with padding after the IP packet.
+            for cut in [frame.len() - 1, frame.len() / 2, 60] {
+                let f = &frame[..cut.min(frame.len())];
+                assert_eq!(split_verdict(f, 64), verify(f), "cut at {cut}");
+            }
+            let mut padded = frame.clone();
+            padded.extend_from_slice(&[0; 17]);
+            assert_eq!(split_verdict(&padded, 64), verify(&padded));
+        }
+        // The cheap path decides the common frames (no fallback to a copy).
+        for frame in &big[..5] {
+            let h = &frame[..HEAD];
+            assert!(verify_split(h, frame.len(), |from, n| frame
+                .get(from..from + n)
+                .map(sum_slice))
+            .is_some());
         }
     }
 

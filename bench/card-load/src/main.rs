@@ -7,13 +7,15 @@
 //! card-load sink --netns NS --addr IP:PORT [--threads T]
 //! card-load send --netns NS --src IP --dst IP:PORT (--size N | --sizes N,N,...) [--gso-seg G]
 //!                [--flows F]
+//! card-load inject --netns NS --tap NAME [--size N] [--threads T] [--flows F]
 //! card-load tapw --netns NS --tap NAME [--queues Q] --size N [--gso none|udp] --dst-mac M ...
 //! card-load tapr --netns NS --tap NAME [--queues Q]
 //! card-load memcpy --size N [--threads T] [--seconds S]
 //! ```
 //!
 //! `h2c`/`c2h` are a vhost-user frontend (the test harness's control plane and memfd guest memory
-//! with rings that keep the queues full); `sink`/`send` are the card-side UDP endpoints;
+//! with rings that keep the queues full); `sink`/`send` are the card-side UDP endpoints,
+//! `inject` the card-side AF_PACKET producer of the overhead group;
 //! `tapw`/`tapr` the raw tap reference (no virtio at all); `bidi` is `h2c` and `c2h` at once on one
 //! device (the soak's frontend), with frames of several sizes interleaved. Every long-running mode
 //! reads commands on stdin: `snap` prints one JSON line of cumulative counters (`frames`, `bytes`,
@@ -21,6 +23,7 @@
 //! stops it.
 
 mod driver;
+mod inject;
 mod ring;
 mod tools;
 
@@ -84,6 +87,8 @@ enum Mode {
     Sink(tools::SinkOpts),
     /// UDP sender inside the card's namespace.
     Send(tools::SendOpts),
+    /// Frames into the card's tap from an AF_PACKET socket (the overhead group's producer).
+    Inject(inject::InjectOpts),
     /// Raw tap writer (the reference without virtio).
     Tapw {
         #[command(flatten)]
@@ -142,6 +147,7 @@ fn main() {
         } => bidi(dev, rx, frame, sizes, *ws_kib),
         Mode::Sink(o) => tools::sink(o),
         Mode::Send(o) => tools::send(o),
+        Mode::Inject(o) => inject::inject(o),
         Mode::Tapw { tap, frame } => tools::tap_write(tap, frame),
         Mode::Tapr(o) => tools::tap_read(o),
         Mode::Memcpy(o) => tools::memcpy(o),

@@ -197,7 +197,7 @@ pub fn sizes(size: usize, sizes: &[usize]) -> Result<Vec<usize>> {
     Ok(sizes)
 }
 
-fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     vhost_card::netns::run_in(Some(ns), || f().map_err(Wrap)).map_err(|Wrap(e)| e)
 }
 
@@ -210,7 +210,12 @@ impl From<NetnsError> for Wrap {
     }
 }
 
-fn setsockopt_int(fd: RawFd, level: libc::c_int, opt: libc::c_int, v: libc::c_int) -> Result<()> {
+pub fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    v: libc::c_int,
+) -> Result<()> {
     // SAFETY: `v` is a valid c_int for the duration of the call.
     let rc = unsafe {
         libc::setsockopt(
@@ -228,6 +233,20 @@ fn setsockopt_int(fd: RawFd, level: libc::c_int, opt: libc::c_int, v: libc::c_in
         );
     }
     Ok(())
+}
+
+/// One `mmsghdr` per iovec of `iovs`, each pointing at its own (for sendmmsg/recvmmsg); the
+/// headers hold pointers into `iovs`, which must outlive their use.
+pub fn mmsghdrs(iovs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+    iovs.iter_mut()
+        .map(|iov| {
+            // SAFETY: mmsghdr is plain old data; all-zero is valid before the fields are set.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect()
 }
 
 /// A UDP socket created inside `ns` (with SO_REUSEPORT when `reuse`).
@@ -359,13 +378,7 @@ pub fn sink(o: &SinkOpts) -> Result<()> {
                 iov_len: b.len(),
             })
             .collect();
-        // SAFETY: mmsghdr is plain old data; all-zero is valid before the fields are set.
-        let mut msgs: Vec<libc::mmsghdr> =
-            (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
-        for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
-            m.msg_hdr.msg_iov = iov;
-            m.msg_hdr.msg_iovlen = 1;
-        }
+        let mut msgs = mmsghdrs(&mut iovs);
         while !stop.load(Ordering::Relaxed) {
             // SAFETY: `msgs` holds BATCH headers whose iovecs point into `bufs`, alive here.
             let n = unsafe {
@@ -458,13 +471,7 @@ pub fn send(o: &SendOpts) -> Result<()> {
             let k = kinds[j % kinds.len()];
             done.push((f + k.1, b + k.2));
         }
-        // SAFETY: mmsghdr is plain old data; all-zero is valid before the fields are set.
-        let mut msgs: Vec<libc::mmsghdr> =
-            (0..batch).map(|_| unsafe { std::mem::zeroed() }).collect();
-        for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
-            m.msg_hdr.msg_iov = iov;
-            m.msg_hdr.msg_iovlen = 1;
-        }
+        let mut msgs = mmsghdrs(&mut iovs);
         while !stop.load(Ordering::Relaxed) {
             // SAFETY: every header points at its own iovec in `iovs`, which points into `data`;
             // all of them outlive the call.

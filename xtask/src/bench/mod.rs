@@ -71,12 +71,21 @@ pub struct Options {
     /// Only cases whose label contains this (e.g. `h2c 64B`).
     #[arg(long)]
     pub only: Option<String>,
+    /// Only the overhead group: the least kernel work behind the tap (host to card: frames the
+    /// card's kernel drops on entry; card to host: an AF_PACKET producer), so what remains is
+    /// the backend's own cost; the raw tap in the same condition is the ceiling.
+    #[arg(long)]
+    pub overhead: bool,
     /// Leave DPDK out (no testpmd frontend, no DPDK pair).
     #[arg(long)]
     pub no_dpdk: bool,
     /// Extra arguments for every vhost-card started (e.g. `--tx-uring`).
     #[arg(long, allow_hyphen_values = true)]
     pub card_args: Option<String>,
+    /// The vhost-card binary to run instead of the release build (e.g. a copy of an older
+    /// build, to measure before and after a change).
+    #[arg(long)]
+    pub card_bin: Option<PathBuf>,
     /// Where results go (default target/bench).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -101,6 +110,8 @@ pub struct Case {
     /// 64 KiB UDP GSO frames at a card MTU of 1500.
     pub uso: bool,
     pub queues: usize,
+    /// The overhead group: nothing behind the tap but the kernel's cheapest path.
+    pub overhead: bool,
 }
 
 impl Case {
@@ -109,10 +120,11 @@ impl Case {
             Dir::H2c => "h2c",
             Dir::C2h => "c2h",
         };
+        let group = if self.overhead { "overhead " } else { "" };
         if self.uso {
-            format!("{d} 64K-USO q{}", self.queues)
+            format!("{group}{d} 64K-USO q{}", self.queues)
         } else {
-            format!("{d} {}B q{}", self.size, self.queues)
+            format!("{group}{d} {}B q{}", self.size, self.queues)
         }
     }
 
@@ -182,6 +194,11 @@ pub struct Sample {
     pub bps: f64,
     /// CPU seconds of the backend per second.
     pub cpu: f64,
+    /// Overhead group, host to card: the frames the tap received over the frames the frontend
+    /// saw taken from its ring, both counted from the start to the end of the window
+    /// (cumulative, so the two counters need not be read at the same instant: only the frames
+    /// in flight, at most a ring, separate them). Speed bought by dropping shows here.
+    pub reached: Option<f64>,
 }
 
 /// All runs of one (case, frontend, backend).
@@ -210,10 +227,12 @@ impl Row {
                 (v[n / 2 - 1] + v[n / 2]) / 2.0
             }
         };
+        let reached = self.samples.iter().filter(|s| s.reached.is_some()).count();
         Some(Sample {
             pps: med(|s| s.pps),
             bps: med(|s| s.bps),
             cpu: med(|s| s.cpu),
+            reached: (reached == self.samples.len()).then(|| med(|s| s.reached.unwrap_or(0.0))),
         })
     }
 
@@ -226,6 +245,8 @@ impl Row {
 
 pub struct Ctx {
     pub bin: PathBuf,
+    /// The vhost-card binary.
+    pub card: PathBuf,
     pub logs: PathBuf,
     pub run_dir: PathBuf,
     pub huge: bool,
@@ -254,7 +275,14 @@ pub fn run(opts: &Options) -> Result<()> {
     std::fs::create_dir_all(&logs)?;
     let run_dir = std::env::temp_dir().join(format!("bench-{}", std::process::id()));
     std::fs::create_dir_all(&run_dir)?;
+    let card = match &opts.card_bin {
+        Some(p) => {
+            std::fs::canonicalize(p).with_context(|| format!("--card-bin {}", p.display()))?
+        }
+        None => env.bin.join("vhost-card"),
+    };
     let mut ctx = Ctx {
+        card,
         bin: env.bin,
         logs,
         run_dir: run_dir.clone(),
@@ -269,7 +297,7 @@ pub fn run(opts: &Options) -> Result<()> {
         runs: 0,
     };
     let reps = if opts.smoke { 1 } else { opts.reps.max(1) };
-    let mut cases = cases(opts.smoke);
+    let mut cases = cases(opts.smoke, opts.overhead);
     if let Some(f) = &opts.only {
         cases.retain(|c| c.label().contains(f.as_str()));
     }
@@ -306,12 +334,14 @@ pub fn run(opts: &Options) -> Result<()> {
                 combos.push((f, b));
             }
         }
-        if case.dir == Dir::H2c && frontends.contains(&Frontend::Own) {
+        if case.dir == Dir::H2c && frontends.contains(&Frontend::Own) && !case.overhead {
             // The io_uring evaluation: the same daemon writing one frame per system call.
             combos.insert(1, (Frontend::Own, Backend::CardWritev));
         }
         combos.push((Frontend::None, Backend::RawTap));
-        combos.push((Frontend::None, Backend::Memcpy));
+        if !case.overhead {
+            combos.push((Frontend::None, Backend::Memcpy));
+        }
         let first = rows.len();
         for &(f, b) in &combos {
             rows.push(Row {
@@ -398,6 +428,7 @@ pub fn run(opts: &Options) -> Result<()> {
         minutes: started.elapsed().as_secs_f64() / 60.0,
         huge: ctx.huge,
         card_args: ctx.card_args.join(" "),
+        card_bin: opts.card_bin.as_ref().map(|p| p.display().to_string()),
     };
     report::write(&out, &rows, &meta)?;
     if opts.smoke {
@@ -413,6 +444,21 @@ pub fn run(opts: &Options) -> Result<()> {
                 .any(|r| r.backend == Backend::Card && r.median().is_some())
         {
             bail!("vhost-card carried nothing in: {}", missing.join(", "));
+        }
+        // Every frame taken from the ring must reach the tap (the overhead group counts both).
+        // The frames in flight at the end of a window (a ring at most) are well under 5 %.
+        let lost: Vec<String> = rows
+            .iter()
+            .filter(|r| r.backend == Backend::Card)
+            .filter_map(|r| Some((r, r.median()?.reached?)))
+            .filter(|(_, reached)| *reached < 0.95)
+            .map(|(r, reached)| format!("{} ({reached:.3})", r.case.label()))
+            .collect();
+        if !lost.is_empty() {
+            bail!(
+                "frames taken from the ring did not reach the tap in: {}",
+                lost.join(", ")
+            );
         }
     }
     Ok(())
@@ -433,8 +479,35 @@ fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("").chars().take(120).collect()
 }
 
-/// The cases: every size both ways at 1 and 2 queue pairs, or a few for `--smoke`.
-pub fn cases(smoke: bool) -> Vec<Case> {
+/// The cases: every size both ways at 1 and 2 queue pairs, or a few for `--smoke`, then the
+/// overhead group (64, 1500 and 65000 B both ways at 1 and 2 queue pairs; `--smoke`: 64 B at 1
+/// queue pair, one case per direction); `overhead_only` leaves the first part out.
+pub fn cases(smoke: bool, overhead_only: bool) -> Vec<Case> {
+    let mut v = if overhead_only {
+        Vec::new()
+    } else {
+        plain_cases(smoke)
+    };
+    let qs: &[usize] = if smoke { &[1] } else { &[1, 2] };
+    let sizes: &[usize] = if smoke { &[64] } else { &[64, 1500, 65000] };
+    for &queues in qs {
+        for dir in [Dir::H2c, Dir::C2h] {
+            for &size in sizes {
+                v.push(Case {
+                    dir,
+                    size,
+                    uso: false,
+                    queues,
+                    overhead: true,
+                });
+            }
+        }
+    }
+    v
+}
+
+/// The delivered-to-sink cases.
+fn plain_cases(smoke: bool) -> Vec<Case> {
     let mut v = Vec::new();
     let qs: &[usize] = if smoke { &[1] } else { &[1, 2] };
     for &queues in qs {
@@ -450,6 +523,7 @@ pub fn cases(smoke: bool) -> Vec<Case> {
                     size,
                     uso: false,
                     queues,
+                    overhead: false,
                 });
             }
             if !smoke {
@@ -458,6 +532,7 @@ pub fn cases(smoke: bool) -> Vec<Case> {
                     size: 0,
                     uso: true,
                     queues,
+                    overhead: false,
                 });
             }
         }
@@ -514,7 +589,29 @@ fn parse_snap(line: &str) -> Result<Snap> {
 /// Something that yields cumulative (frames, bytes, seconds).
 enum Counter<'a> {
     Load(&'a mut Proc),
-    Testpmd(&'a mut Proc, Instant),
+    /// testpmd's port 0 since the instant, TX counters when the flag is set (RX otherwise).
+    Testpmd(&'a mut Proc, Instant, bool),
+}
+
+/// A frame the card's tap receives but the card's kernel drops on entry (not the tap's MAC).
+pub const OTHER_MAC: &str = "02:ca:4d:be:4c:99";
+
+/// The card tap's receive counters (what was written into it) in `ns`, seconds since `t0`.
+fn tap_rx(ns: &Netns, t0: Instant) -> Result<Snap> {
+    let out = ns.ip(&["-s", "-j", "link", "show", "dev", "card0"])?;
+    let secs = t0.elapsed().as_secs_f64();
+    let doc: serde_json::Value = serde_json::from_str(&out).context("ip -s -j link")?;
+    let rx = &doc[0]["stats64"]["rx"];
+    let num = |k: &str| {
+        rx[k]
+            .as_f64()
+            .with_context(|| format!("no stats64.rx.{k} in `{out}`"))
+    };
+    Ok(Snap {
+        frames: num("packets")?,
+        bytes: num("bytes")?,
+        secs,
+    })
 }
 
 impl Counter<'_> {
@@ -526,10 +623,15 @@ impl Counter<'_> {
                 let l = p.expect(Duration::from_secs(5), |l| l.starts_with('{'))?;
                 parse_snap(&l)
             }
-            Counter::Testpmd(p, t0) => {
+            Counter::Testpmd(p, t0, tx) => {
+                let (packets, bytes) = if *tx {
+                    ("TX-packets:", "TX-bytes:")
+                } else {
+                    ("RX-packets:", "RX-bytes:")
+                };
                 p.drain();
                 p.send("show port stats 0")?;
-                let l = p.expect(Duration::from_secs(5), |l| l.contains("RX-bytes:"))?;
+                let l = p.expect(Duration::from_secs(5), |l| l.contains(bytes))?;
                 let secs = t0.elapsed().as_secs_f64();
                 let field = |k: &str| -> Result<f64> {
                     let at = l.find(k).with_context(|| format!("no {k} in `{l}`"))? + k.len();
@@ -540,8 +642,8 @@ impl Counter<'_> {
                         .parse::<f64>()?)
                 };
                 Ok(Snap {
-                    frames: field("RX-packets:")?,
-                    bytes: field("RX-bytes:")?,
+                    frames: field(packets)?,
+                    bytes: field(bytes)?,
                     secs,
                 })
             }
@@ -598,6 +700,7 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
             pps,
             bps,
             cpu: case.queues as f64,
+            reached: None,
         });
     }
     let ns = Netns::new("bench")?;
@@ -637,12 +740,7 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
             }
             let private = ctx.run_dir.join(format!("{tag}.private"));
             std::fs::create_dir_all(&private)?;
-            let mut cmd = rig::daemon::command(
-                &ctx.bin.join("vhost-card"),
-                &args,
-                &log("vhost-card"),
-                &private,
-            )?;
+            let mut cmd = rig::daemon::command(&ctx.card, &args, &log("vhost-card"), &private)?;
             if b == Backend::CardWritev {
                 cmd.env("VHOST_CARD_TX_URING", "0");
             }
@@ -710,7 +808,12 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
     // `--card-args "--link ip"`: card0 is a tun without neighbours or a MAC of its own; the
     // daemon answers for the card with IP_LINK_MAC.
     let ip_link = matches!(b, Backend::Card | Backend::CardWritev) && link_ip(&ctx.card_args);
-    let mac = if ip_link {
+    let mac = if case.overhead && case.dir == Dir::H2c {
+        // Not the tap's address: the card's kernel drops each frame as PACKET_OTHERHOST at the
+        // start of IP receive, right after the tap counted it.
+        ns.card_address("card0", &format!("{CARD_IP}/24"), HOST_IP, HOST_MAC)?;
+        OTHER_MAC.to_string()
+    } else if ip_link {
         ns.ip(&["addr", "add", &format!("{CARD_IP}/24"), "dev", "card0"])?;
         IP_LINK_MAC.to_string()
     } else {
@@ -735,6 +838,7 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
     let mut testpmd_t0 = None;
     let mut cpu_pid = backend.as_ref().map(|p| p.pid());
     match case.dir {
+        Dir::H2c if case.overhead => {}
         Dir::H2c => {
             let mut sink = Proc::spawn(
                 "sink",
@@ -751,7 +855,11 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
             )?;
             sink.expect(Duration::from_secs(10), |l| l == "ready")?;
             procs.push(sink);
-            counter_idx = 0;
+        }
+        Dir::C2h => {}
+    }
+    match case.dir {
+        Dir::H2c => {
             let src = match (b, f) {
                 (Backend::RawTap, _) => {
                     let mut p = Proc::spawn(
@@ -801,10 +909,15 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
                     p.expect(Duration::from_secs(20), |l| l == "ready")?;
                     p
                 }
-                (_, Frontend::Testpmd) => testpmd(ctx, case, &sock, &mac, &log("testpmd"))?,
+                (_, Frontend::Testpmd) => {
+                    let p = testpmd(ctx, case, &sock, &mac, &log("testpmd"))?;
+                    testpmd_t0 = Some(Instant::now());
+                    p
+                }
                 (_, Frontend::None) => unreachable!(),
             };
             procs.push(src);
+            counter_idx = 0;
         }
         Dir::C2h => {
             let counter = match (b, f) {
@@ -848,19 +961,36 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
             procs.push(counter);
             counter_idx = 0;
             let flows = if case.queues > 1 { "4" } else { "1" };
-            let mut args = vec![
-                "send",
-                "--netns",
-                ns.name(),
-                "--src",
-                CARD_IP,
-                "--dst",
-                &dst,
-                "--size",
-                &size,
-                "--flows",
-                flows,
-            ];
+            let (threads, flows16) = (q.clone(), "16");
+            let mut args = if case.overhead {
+                vec![
+                    "inject",
+                    "--netns",
+                    ns.name(),
+                    "--tap",
+                    "card0",
+                    "--size",
+                    &size,
+                    "--threads",
+                    &threads,
+                    "--flows",
+                    flows16,
+                ]
+            } else {
+                vec![
+                    "send",
+                    "--netns",
+                    ns.name(),
+                    "--src",
+                    CARD_IP,
+                    "--dst",
+                    &dst,
+                    "--size",
+                    &size,
+                    "--flows",
+                    flows,
+                ]
+            };
             let seg = USO_SEG.to_string();
             if case.uso {
                 args.extend(["--gso-seg", &seg]);
@@ -873,28 +1003,53 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
 
     std::thread::sleep(ctx.warm);
     let cpu_pid = cpu_pid.context("no process to charge CPU to")?;
-    let (s0, c0, s1, c1) = {
-        let (first, _) = procs.split_at_mut(counter_idx + 1);
-        let p = &mut first[counter_idx];
+    // Overhead group, host to card: the figure is what entered the tap (its rx counters), and
+    // the frontend's count of frames taken from its ring is the check against it.
+    let at_tap = case.overhead && case.dir == Dir::H2c;
+    let t_start = Instant::now();
+    let (s0, c0, s1, c1, tap) = {
+        let p = &mut procs[counter_idx];
         let mut counter = match testpmd_t0 {
-            Some(t0) => Counter::Testpmd(p, t0),
+            Some(t0) => Counter::Testpmd(p, t0, case.dir == Dir::H2c),
             None => Counter::Load(p),
         };
         let c0 = cpu_seconds(cpu_pid)?;
         let s0 = counter.snap()?;
+        let t0 = at_tap.then(|| tap_rx(&ns, t_start)).transpose()?;
         std::thread::sleep(ctx.window);
         let c1 = cpu_seconds(cpu_pid)?;
         let s1 = counter.snap()?;
-        (s0, c0, s1, c1)
+        let t1 = at_tap.then(|| tap_rx(&ns, t_start)).transpose()?;
+        (s0, c0, s1, c1, t0.zip(t1))
     };
     let dt = s1.secs - s0.secs;
     if dt <= 0.0 {
         bail!("no time passed between snapshots");
     }
-    let sample = Sample {
-        pps: (s1.frames - s0.frames) / dt,
-        bps: (s1.bytes - s0.bytes) / dt,
-        cpu: (c1 - c0) / dt,
+    let rate = |a: &Snap, b: &Snap| -> Result<(f64, f64)> {
+        let dt = b.secs - a.secs;
+        if dt <= 0.0 {
+            bail!("no time passed between snapshots");
+        }
+        Ok(((b.frames - a.frames) / dt, (b.bytes - a.bytes) / dt))
+    };
+    let (front_pps, front_bps) = rate(&s0, &s1)?;
+    let sample = match tap {
+        Some((t0, t1)) => {
+            let (pps, bps) = rate(&t0, &t1)?;
+            Sample {
+                pps,
+                bps,
+                cpu: (c1 - c0) / dt,
+                reached: (s1.frames > 0.0).then(|| t1.frames / s1.frames),
+            }
+        }
+        None => Sample {
+            pps: front_pps,
+            bps: front_bps,
+            cpu: (c1 - c0) / dt,
+            reached: None,
+        },
     };
     // Tear down: sources first.
     for p in procs.iter_mut().rev() {

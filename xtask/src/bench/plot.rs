@@ -63,6 +63,8 @@ struct Panel {
     uso: bool,
     title: &'static str,
     mpps: bool,
+    /// A panel of the overhead group (overhead.png) rather than of bench.png.
+    overhead: bool,
 }
 
 const PANELS: [Panel; 8] = [
@@ -137,6 +139,52 @@ const fn panel(
         uso,
         title,
         mpps,
+        overhead: false,
+    }
+}
+
+/// overhead.png: the overhead group, every panel in Mpps.
+const OVERHEAD_PANELS: [Panel; 6] = [
+    overhead_panel(
+        "host-to-card",
+        64,
+        "host → card, 64-byte frames dropped on entry",
+    ),
+    overhead_panel(
+        "card-to-host",
+        64,
+        "card → host, 64-byte frames from AF_PACKET",
+    ),
+    overhead_panel(
+        "host-to-card",
+        1500,
+        "host → card, 1500-byte frames dropped on entry",
+    ),
+    overhead_panel(
+        "card-to-host",
+        1500,
+        "card → host, 1500-byte frames from AF_PACKET",
+    ),
+    overhead_panel(
+        "host-to-card",
+        65000,
+        "host → card, 65000-byte frames dropped on entry",
+    ),
+    overhead_panel(
+        "card-to-host",
+        65000,
+        "card → host, 65000-byte frames from AF_PACKET",
+    ),
+];
+
+const fn overhead_panel(direction: &'static str, frame: u64, title: &'static str) -> Panel {
+    Panel {
+        direction,
+        frame,
+        uso: false,
+        title,
+        mpps: true,
+        overhead: true,
     }
 }
 
@@ -154,6 +202,7 @@ fn bars(rows: &[Value], p: &Panel) -> Vec<Bar> {
     let mut out = Vec::new();
     for row in rows {
         let matches = row["direction"] == p.direction
+            && row["overhead"].as_bool().unwrap_or(false) == p.overhead
             && row["frame"].as_u64() == Some(p.frame)
             && row["uso"].as_bool() == Some(p.uso);
         if !matches {
@@ -193,8 +242,37 @@ fn bars(rows: &[Value], p: &Panel) -> Vec<Bar> {
 
 type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 
-/// Draws `results` (results.json's document) into `png`.
-pub fn draw(results: &Value, png: &Path) -> Result<()> {
+/// Draws `results` (results.json's document) into `dir`: bench.png when it holds the
+/// delivered-to-sink cases, overhead.png when it holds the overhead group.
+pub fn draw(results: &Value, dir: &Path) -> Result<()> {
+    let rows = results["rows"]
+        .as_array()
+        .context("results.json has no rows")?;
+    let group = |o: bool| {
+        rows.iter()
+            .any(|r| r["overhead"].as_bool().unwrap_or(false) == o)
+    };
+    if group(false) {
+        draw_set(
+            results,
+            &dir.join("bench.png"),
+            &PANELS,
+            "vhost-card data path: the card against the DPDK vhost + tap pair and the references",
+        )?;
+    }
+    if group(true) {
+        draw_set(
+            results,
+            &dir.join("overhead.png"),
+            &OVERHEAD_PANELS,
+            "The backend's own cost: nothing behind the tap; the raw tap is the ceiling",
+        )?;
+    }
+    Ok(())
+}
+
+/// One image of `panels` (two per row).
+fn draw_set(results: &Value, png: &Path, panels: &[Panel], title: &str) -> Result<()> {
     let font = std::fs::read(FONT).with_context(|| {
         format!("reading {FONT} (apt-get install fonts-dejavu-core) for the plot's labels")
     })?;
@@ -204,11 +282,25 @@ pub fn draw(results: &Value, png: &Path) -> Result<()> {
     let rows = results["rows"]
         .as_array()
         .context("results.json has no rows")?;
-    let root = BitMapBackend::new(png, (2000, 2300)).into_drawing_area();
+    let rows_of_panels = panels.len().div_ceil(2);
+    let height = 150 + 537 * rows_of_panels as u32;
+    let root = BitMapBackend::new(png, (2000, height)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let (head, body) = root.split_vertically(150);
-    header(&head, results)?;
-    for (area, p) in body.split_evenly((4, 2)).iter().zip(PANELS.iter()) {
+    // The legend lists the series this image has.
+    let shown: Vec<usize> = (0..SERIES.len())
+        .filter(|&i| {
+            panels
+                .iter()
+                .any(|p| bars(rows, p).iter().any(|b| b.series == i))
+        })
+        .collect();
+    header(&head, results, title, &shown)?;
+    for (area, p) in body
+        .split_evenly((rows_of_panels, 2))
+        .iter()
+        .zip(panels.iter())
+    {
         draw_panel(area, p, &bars(rows, p))?;
     }
     root.present().map_err(err)?;
@@ -220,14 +312,9 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
 }
 
 /// Title, conditions and the legend.
-fn header(area: &Area, results: &Value) -> Result<()> {
+fn header(area: &Area, results: &Value, text: &str, shown: &[usize]) -> Result<()> {
     let title = ("sans-serif", 30).into_font().color(&BLACK);
-    area.draw(&Text::new(
-        "vhost-card data path: the card against the DPDK vhost + tap pair and the references",
-        (20, 10),
-        title,
-    ))
-    .map_err(err)?;
+    area.draw(&Text::new(text, (20, 10), title)).map_err(err)?;
     let sub =
         format!(
         "bars: median of {} run(s) of {} s, whiskers: min-max of the runs; n/a: the frontend or \
@@ -236,12 +323,12 @@ fn header(area: &Area, results: &Value) -> Result<()> {
     );
     area.draw(&Text::new(sub, (20, 50), ("sans-serif", 18).into_font()))
         .map_err(err)?;
-    for (i, (_, _, label, colour)) in (0i32..).zip(SERIES.iter()) {
+    for (i, &(_, _, label, colour)) in (0i32..).zip(shown.iter().map(|&k| &SERIES[k])) {
         let (x, y) = (20 + (i % 4) * 490, 85 + (i / 4) * 30);
         area.draw(&Rectangle::new([(x, y), (x + 22, y + 18)], colour.filled()))
             .map_err(err)?;
         area.draw(&Text::new(
-            *label,
+            label,
             (x + 30, y),
             ("sans-serif", 18).into_font(),
         ))

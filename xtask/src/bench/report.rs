@@ -19,6 +19,8 @@ pub struct Meta {
     pub minutes: f64,
     pub huge: bool,
     pub card_args: String,
+    /// `--card-bin`, when given.
+    pub card_bin: Option<String>,
 }
 
 fn find<'a>(rows: &'a [Row], r: &Row, f: Frontend, b: Backend) -> Option<&'a Row> {
@@ -42,7 +44,7 @@ pub fn table(rows: &[Row]) -> String {
     let mut t = String::new();
     t.push_str("| case | frontend | backend | Mpps | Gbit/s | CPU s/GB | ÷ DPDK pair | ÷ memcpy | ÷ raw tap |\n");
     t.push_str("|---|---|---|---:|---:|---:|---:|---:|---:|\n");
-    for r in rows {
+    for r in rows.iter().filter(|r| !r.case.overhead) {
         let m = r.median();
         let (pps, gbps) = match m {
             Some(m) => (
@@ -82,6 +84,108 @@ pub fn table(rows: &[Row]) -> String {
             r.frontend.name(),
             backend
         );
+    }
+    t
+}
+
+/// The overhead group's table: the ceiling is the raw tap in the same condition; "ns added" is
+/// what each frame costs beyond it (1/rate - 1/ceiling); "at tap ÷ taken" (host to card) is the
+/// tap's received frames over the frames the frontend saw taken from its ring, both counted
+/// from the start of the run (see `Sample::reached`).
+pub fn overhead_table(rows: &[Row]) -> String {
+    let mut t = String::new();
+    t.push_str("| case | frontend | backend | Mpps | Gbit/s | ns/frame added | CPU s/GB | ÷ ceiling | ÷ DPDK pair | at tap ÷ taken |\n");
+    t.push_str("|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    for r in rows.iter().filter(|r| r.case.overhead) {
+        let backend = match &r.na {
+            Some(why) => format!("{} — {why}", r.backend.name()),
+            None => r.backend.name().to_string(),
+        };
+        let Some(m) = r.median() else {
+            let _ = writeln!(
+                t,
+                "| {} | {} | {backend} | n/a | n/a | - | - | - | - | - |",
+                r.case.label(),
+                r.frontend.name()
+            );
+            continue;
+        };
+        let of = |f: Frontend, b: Backend| find(rows, r, f, b).and_then(|x| x.median());
+        let ceiling = of(Frontend::None, Backend::RawTap).map(|c| c.pps);
+        let is_card = r.backend == Backend::Card;
+        let added = match ceiling {
+            Some(c) if r.backend != Backend::RawTap && c > 0.0 && m.pps > 0.0 => {
+                format!("{:.0}", (1.0 / m.pps - 1.0 / c) * 1e9)
+            }
+            _ => "-".into(),
+        };
+        let vs_ceiling = if r.backend == Backend::RawTap {
+            "-".into()
+        } else {
+            fmt_ratio(ratio(Some(m.pps), ceiling))
+        };
+        let vs_pair = if is_card {
+            fmt_ratio(ratio(
+                Some(m.pps),
+                of(r.frontend, Backend::Pair).map(|p| p.pps),
+            ))
+        } else {
+            "-".into()
+        };
+        let honest = m.reached.map_or("-".into(), |r| format!("{r:.4}"));
+        let cpu = r.cpu_per_gb().map_or("-".into(), |c| format!("{c:.3}"));
+        let _ = writeln!(
+            t,
+            "| {} | {} | {backend} | {:.3} | {:.2} | {added} | {cpu} | {vs_ceiling} | {vs_pair} | {honest} |",
+            r.case.label(),
+            r.frontend.name(),
+            m.pps / 1e6,
+            m.bps * 8.0 / 1e9,
+        );
+    }
+    t
+}
+
+/// The issue-15 targets the overhead group can decide (vhost-card against the raw tap ceiling
+/// and the DPDK pair, in pps).
+pub fn overhead_targets(rows: &[Row]) -> String {
+    let mut t = String::new();
+    let pps = |label: &str, f: Frontend, b: Backend| {
+        rows.iter()
+            .find(|r| r.case.label() == label && r.frontend == f && r.backend == b)
+            .and_then(|r| r.median())
+            .map(|m| m.pps)
+    };
+    let mut check = |what: String, r: Option<f64>, goal: f64| {
+        if let Some(r) = r {
+            let _ = writeln!(
+                t,
+                "- {what}: {r:.2} (target ≥ {goal}): {}",
+                if r >= goal { "met" } else { "NOT met" }
+            );
+        }
+    };
+    for (dir, f) in [
+        ("h2c", Frontend::Testpmd),
+        ("c2h", Frontend::Own),
+        ("c2h", Frontend::Testpmd),
+    ] {
+        for size in [64, 65000] {
+            let label = format!("overhead {dir} {size}B q1");
+            let card = pps(&label, f, Backend::Card);
+            check(
+                format!("{label} ({}): vhost-card ÷ raw tap ceiling", f.name()),
+                ratio(card, pps(&label, Frontend::None, Backend::RawTap)),
+                0.9,
+            );
+            if dir == "h2c" {
+                check(
+                    format!("{label} ({}): vhost-card ÷ DPDK pair", f.name()),
+                    ratio(card, pps(&label, f, Backend::Pair)),
+                    if size == 64 { 1.0 } else { 3.0 },
+                );
+            }
+        }
     }
     t
 }
@@ -174,6 +278,8 @@ fn json(rows: &[Row], meta: &Meta) -> serde_json::Value {
                     "bytes_per_s": s.bps.round(),
                     "cpu": round(s.cpu, 3),
                 })).collect::<Vec<_>>(),
+                "overhead": r.case.overhead,
+                "reached_tap": r.samples.iter().map(|s| s.reached.map(|x| round(x, 5))).collect::<Vec<_>>(),
                 "not_applicable": r.na,
             })
         })
@@ -187,6 +293,7 @@ fn json(rows: &[Row], meta: &Meta) -> serde_json::Value {
         "minutes": round(meta.minutes, 1),
         "hugepages": meta.huge,
         "card_args": meta.card_args,
+        "card_bin": meta.card_bin,
         "rows": rows,
     })
 }
@@ -197,14 +304,26 @@ pub fn replot(results: &Path, dir: &Path) -> Result<()> {
         &std::fs::read_to_string(results)
             .with_context(|| format!("reading {}", results.display()))?,
     )?;
-    super::plot::draw(&doc, &dir.join("bench.png"))?;
-    println!("bench: plot in {}/bench.png", dir.display());
+    super::plot::draw(&doc, dir)?;
+    println!("bench: plot(s) in {}", dir.display());
     Ok(())
 }
 
 pub fn write(dir: &Path, rows: &[Row], meta: &Meta) -> Result<()> {
-    let table = table(rows);
-    let targets = targets(rows);
+    let mut table = table(rows);
+    let mut targets = targets(rows);
+    if rows.iter().any(|r| r.case.overhead) {
+        if rows.iter().all(|r| r.case.overhead) {
+            table.clear();
+        }
+        let _ = write!(
+            table,
+            "\nOverhead group (nothing behind the tap; the ceiling is the raw tap in the same \
+             condition):\n\n{}",
+            overhead_table(rows)
+        );
+        targets.push_str(&overhead_targets(rows));
+    }
     let md = format!(
         "Medians of {} run(s), {:.1} s windows, backends alternated; load average at the end: {} \
          (the bench's own busy-polling DPDK threads count in it); CPU stolen by the hypervisor \
@@ -219,7 +338,10 @@ pub fn write(dir: &Path, rows: &[Row], meta: &Meta) -> Result<()> {
             String::new()
         } else {
             format!("; vhost-card {}", meta.card_args)
-        }
+        } + &meta
+            .card_bin
+            .as_ref()
+            .map_or(String::new(), |b| format!("; vhost-card binary {b}"))
     );
     std::fs::write(dir.join("results.md"), &md)?;
     let doc = json(rows, meta);
@@ -228,9 +350,9 @@ pub fn write(dir: &Path, rows: &[Row], meta: &Meta) -> Result<()> {
         serde_json::to_string_pretty(&doc)? + "\n",
     )?;
     println!("\n{md}");
-    match super::plot::draw(&doc, &dir.join("bench.png")) {
+    match super::plot::draw(&doc, dir) {
         Ok(()) => println!(
-            "bench: table in {0}/results.md, runs in {0}/results.json, plot in {0}/bench.png",
+            "bench: table in {0}/results.md, runs in {0}/results.json, plots in {0}/*.png",
             dir.display()
         ),
         Err(e) => println!(
