@@ -50,3 +50,41 @@ fn only_root_and_the_daemons_user_may_use_the_control_socket() -> Result<()> {
     ensure!(out.contains("\"pairs\""), "root got: {out}");
     Ok(())
 }
+
+/// The daemon's own user may read the snapshot, but only root may ask for the session: it
+/// carries the guest's memory, the frontend's connection and the tap, and the daemon's user
+/// (`nobody`, say) is often shared with other services.
+#[test]
+fn only_root_may_ask_for_a_handover() -> Result<()> {
+    let dir = TempDir::new("control-handover")?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    let control = dir.path().join("card.control");
+    let mut card = Card::start(&["--control", &control.to_string_lossy(), "--user", "65534"])?;
+    card.daemon
+        .wait_log("control socket on", Duration::from_secs(5))?;
+
+    // The daemon's own uid asks for a handover (and would start `vhost-card --version` as the
+    // new process): it gets the snapshot, and the daemon does not read its request.
+    let upgrade = Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(binary()?)
+        .args(["upgrade", "--control"])
+        .arg(&control)
+        .args(["--", "--version"])
+        .output()?;
+    ensure!(
+        !upgrade.status.success(),
+        "uid 65534 upgraded the daemon: {}",
+        String::from_utf8_lossy(&upgrade.stdout)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    ensure!(
+        !card.daemon.log().contains("handover requested"),
+        "the daemon took a handover request from uid 65534:\n{}",
+        card.daemon.log()
+    );
+    card.daemon.check_running()?;
+    let out = stats_cmd(&control, &["--json"])?;
+    ensure!(out.contains("\"pairs\""), "root got: {out}");
+    Ok(())
+}

@@ -247,17 +247,23 @@ pub enum Command {
     },
     /// Hand the running daemon's session over to a new process of the binary now installed,
     /// without the frontend noticing: same vhost-user connection, guest memory, rings, tap and
-    /// counters; no reconnect, no carrier change in the guest. Starts the new process with the
-    /// daemon's own command line, waits until it serves, prints the outage it measured and
+    /// counters; no reconnect, no carrier change in the guest. Starts the new process (with
+    /// ARGS, or the daemon's own command line), waits until it serves, prints the outage it measured and
     /// exits 0; on a refusal prints why and exits 1, and the old process keeps serving.
     /// `systemctl reload vhost-card@CARD` runs it.
     Upgrade {
         /// The running daemon's --control socket.
         #[arg(long, value_name = "PATH")]
         control: PathBuf,
-        /// The binary to start (default: the path the running daemon was started from).
+        /// The binary to start (default: this command's own binary, the one now installed).
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
+        /// The new process's command line (what the unit's ExecStart= gives the daemon). Without
+        /// it, the command line the daemon reports is used, only if it keeps the new process
+        /// as confined as the old one (--sandbox seccomp, and --user naming the uid the daemon
+        /// runs as): the daemon faces the guest, so what it says is not trusted further.
+        #[arg(last = true, value_name = "ARGS")]
+        args: Vec<String>,
     },
 }
 

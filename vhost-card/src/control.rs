@@ -78,8 +78,9 @@ pub struct HandoverHook {
 const REQUEST_WITHIN: Duration = Duration::from_secs(2);
 
 /// Serves the JSON snapshot line to every connection on `listener` from root or `own_uid` (the
-/// user the daemon runs as); others are refused (logged, connection closed). With a hook, it
-/// then waits up to 2 s for one request line: `{"request":"handover"}` runs the hook.
+/// user the daemon runs as); others are refused (logged, connection closed). With a hook and a
+/// root peer, it then waits up to 2 s for one request line: `{"request":"handover"}` runs the
+/// hook.
 pub fn serve_control(
     listener: UnixListener,
     stats: Arc<Stats>,
@@ -96,7 +97,7 @@ pub fn serve_control(
                         "control socket: refused pid {} uid {}: only root and uid {own_uid} may use it",
                         peer.pid, peer.uid
                     ),
-                    Ok((_, mut c)) => {
+                    Ok((peer, mut c)) => {
                         let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
                         let mut line = serde_json::to_value(stats.snapshot()).unwrap_or_default();
                         if let (Some(h), Some(map)) = (&handover, line.as_object_mut()) {
@@ -108,7 +109,12 @@ pub fn serve_control(
                             debug!("control client: {e}");
                             continue;
                         }
-                        let Some(h) = &handover else { continue };
+                        // Only root may ask for the session (it carries the guest's memory,
+                        // the frontend's connection and the tap): another process of the
+                        // daemon's user (`nobody`, say, shared with other services) may not.
+                        let Some(h) = handover.as_ref().filter(|_| peer.uid == 0) else {
+                            continue;
+                        };
                         let _ = c.set_read_timeout(Some(REQUEST_WITHIN));
                         match read_line(&mut c, 256) {
                             Ok(req) if req.trim() == crate::handover::steps::REQUEST => {

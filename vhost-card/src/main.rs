@@ -38,23 +38,25 @@ fn main() {
                 std::process::exit(1);
             }
         },
-        Some(Command::Upgrade { control, binary }) => {
-            match vhost_card::upgrade::upgrade(control, binary.as_deref()) {
-                Ok(u) => {
-                    println!(
-                        "vhost-card: process {} ({}) serves the session; outage {:.1} ms",
-                        u.pid,
-                        u.binary.display(),
-                        u.outage.as_secs_f64() * 1000.0
-                    );
-                    return;
-                }
-                Err(e) => {
-                    eprintln!("vhost-card: upgrade: {e}");
-                    std::process::exit(1);
-                }
+        Some(Command::Upgrade {
+            control,
+            binary,
+            args,
+        }) => match vhost_card::upgrade::upgrade(control, binary.as_deref(), args) {
+            Ok(u) => {
+                println!(
+                    "vhost-card: process {} ({}) serves the session; outage {:.1} ms",
+                    u.pid,
+                    u.binary.display(),
+                    u.outage.as_secs_f64() * 1000.0
+                );
+                return;
             }
-        }
+            Err(e) => {
+                eprintln!("vhost-card: upgrade: {e}");
+                std::process::exit(1);
+            }
+        },
         None => {}
     }
     if args.print_capabilities {

@@ -1,7 +1,8 @@
 //! `vhost-card upgrade --control PATH [--binary PATH]`: makes a newly installed binary take the
 //! running daemon's session over without the frontend noticing (`docs/handover.md`). Asks the
-//! daemon on its control socket, starts the new binary with the daemon's own command line and
-//! the connection, and waits for it to serve.
+//! daemon on its control socket, starts the new binary (this one, or `--binary`) with the
+//! command line after `--` (or the daemon's own, if it is as confined) and the connection, and
+//! waits for it to serve.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -26,6 +27,8 @@ pub enum UpgradeError {
     TooOld { path: PathBuf, version: String },
     #[error("the daemon cannot hand its session over: {0}")]
     Unavailable(String),
+    #[error("the command line the daemon reports would start a less confined process ({0}); give the new process's command line after `--` (the unit's ExecStart= arguments)")]
+    Unconfined(String),
     #[error("cannot start {binary}: {cause}")]
     Spawn { binary: PathBuf, cause: io::Error },
     #[error("refused, the old process keeps serving: {0}")]
@@ -55,8 +58,47 @@ fn inheritable(fd: &impl AsRawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
-/// Runs the upgrade of the daemon whose control socket is `control`.
-pub fn upgrade(control: &Path, binary: Option<&Path>) -> Result<Upgraded, UpgradeError> {
+/// Checks that `args`, a command line the daemon reported, starts a process at least as
+/// confined as the daemon, which runs as `uid`: the seccomp sandbox on, and (unless the daemon
+/// runs as root) `--user` naming that uid. A compromised daemon must not get a root-run
+/// `upgrade` to start anything looser.
+fn check_confined(args: &[String], uid: u32) -> Result<(), UpgradeError> {
+    let argv = std::iter::once("vhost-card".into())
+        .chain(args.iter().map(Into::into))
+        .collect();
+    let a = crate::cardfile::resolve(argv)
+        .map_err(|e| UpgradeError::Unconfined(format!("it does not parse: {e}")))?;
+    if a.command.is_some() {
+        return Err(UpgradeError::Unconfined("a subcommand".into()));
+    }
+    if a.sandbox != crate::config::Sandbox::Seccomp {
+        return Err(UpgradeError::Unconfined(
+            "without the seccomp sandbox".into(),
+        ));
+    }
+    if uid != 0 {
+        let user_uid = match &a.user {
+            Some(u) => crate::sandbox::lookup_user(u)
+                .map(|(id, _)| id)
+                .map_err(|e| UpgradeError::Unconfined(e.to_string()))?,
+            None => 0,
+        };
+        if user_uid != uid {
+            return Err(UpgradeError::Unconfined(format!(
+                "as uid {user_uid}, where the daemon runs as uid {uid}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Runs the upgrade of the daemon whose control socket is `control`: starts `binary` (default:
+/// this program) with `args` (default: the daemon's command line, if [`check_confined`]).
+pub fn upgrade(
+    control: &Path,
+    binary: Option<&Path>,
+    args: &[String],
+) -> Result<Upgraded, UpgradeError> {
     let mut c = UnixStream::connect(control).map_err(|cause| UpgradeError::Connect {
         path: control.to_path_buf(),
         cause,
@@ -76,14 +118,25 @@ pub fn upgrade(control: &Path, binary: Option<&Path>) -> Result<Upgraded, Upgrad
     if let Some(why) = offer.unavailable {
         return Err(UpgradeError::Unavailable(why));
     }
-    let binary = binary.map_or_else(|| PathBuf::from(&offer.exe), Path::to_path_buf);
+    // Never the path the daemon reports: it faces the guest, and this command may run as root.
+    let binary = match binary {
+        Some(b) => b.to_path_buf(),
+        None => std::env::current_exe()?,
+    };
+    let args = if args.is_empty() {
+        let daemon = crate::control::peer_credentials(&c)?;
+        check_confined(&offer.args, daemon.uid)?;
+        offer.args
+    } else {
+        args.to_vec()
+    };
     c.write_all(format!("{REQUEST}\n").as_bytes())?;
 
     let (status_r, status_w) = pipe()?;
     let conn_fd = inheritable(&c)?;
     let status_fd = inheritable(&status_w)?;
     let child = Command::new(&binary)
-        .args(&offer.args)
+        .args(&args)
         .env(CONNECTION_ENV, conn_fd.as_raw_fd().to_string())
         .env(STATUS_ENV, status_fd.as_raw_fd().to_string())
         // Its log goes where this command's stderr goes (the unit's journal under
@@ -141,4 +194,34 @@ fn pipe() -> io::Result<(File, File)> {
     }
     // SAFETY: both were just created and nothing else owns them.
     Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_reported_command_line_must_keep_the_daemon_confined() {
+        let base = ["--socket", "/tmp/x.sock", "--tap", "card0"];
+        // Root daemon: the sandbox must stay on.
+        assert!(check_confined(&args(&base), 0).is_ok());
+        let mut loose = args(&base);
+        loose.extend(args(&["--sandbox", "none"]));
+        assert!(check_confined(&loose, 0).is_err());
+        // A daemon running as 65534: the new process must drop to 65534 too.
+        assert!(check_confined(&args(&base), 65534).is_err());
+        let mut same = args(&base);
+        same.extend(args(&["--user", "65534"]));
+        assert!(check_confined(&same, 65534).is_ok());
+        let mut other = args(&base);
+        other.extend(args(&["--user", "0"]));
+        assert!(check_confined(&other, 65534).is_err());
+        // Not a daemon's command line at all.
+        assert!(check_confined(&args(&["stats", "--control", "/x"]), 0).is_err());
+        assert!(check_confined(&args(&["--no-such-flag"]), 0).is_err());
+    }
 }

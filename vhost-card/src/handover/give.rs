@@ -17,12 +17,11 @@ use crate::gate::Pauser;
 use crate::stats::Stats;
 use crate::tap::Tap;
 
-/// How long the new process may take to start and say hello, to check what it got, and to
-/// rebuild the session and serve. Generous: a loaded machine starts a binary slowly, and the
+/// How long the new process may take to start and say hello, and to check what it got (after
+/// the go there is no limit: see `finish`). Generous: a loaded machine starts a binary slowly, and the
 /// session is paused only between the hello and the go.
 const HELLO_WITHIN: Duration = Duration::from_secs(30);
 const VERDICT_WITHIN: Duration = Duration::from_secs(10);
-const SERVING_WITHIN: Duration = Duration::from_secs(10);
 /// How long the gate may take to reach the stop point.
 const PAUSE_WITHIN: Duration = Duration::from_secs(5);
 
@@ -280,17 +279,25 @@ pub fn give(conn: &UnixStream, src: &Sources, commit: &dyn Fn()) -> Result<u32, 
     }
     let paused_at = steps::now_us();
     let (paused, frontend) = match &slot.session {
-        Session::Running { pauser, frontend } => match pauser.pause(PAUSE_WITHIN) {
-            Ok(p) => (
-                Some(p),
-                Some(frontend.try_clone().map_err(|e| e.to_string())?),
-            ),
-            Err(why) => {
-                drop(slot);
-                src.set_outcome(Outcome::Serving);
-                return Err(format!("cannot pause the session: {why}"));
+        Session::Running { pauser, frontend } => {
+            // Duplicated before the pause: a failure here leaves nothing to restart.
+            let frontend = match frontend.try_clone() {
+                Ok(f) => f,
+                Err(e) => {
+                    drop(slot);
+                    src.set_outcome(Outcome::Serving);
+                    return Err(format!("cannot duplicate the frontend's connection: {e}"));
+                }
+            };
+            match pauser.pause(PAUSE_WITHIN) {
+                Ok(p) => (Some(p), Some(frontend)),
+                Err(why) => {
+                    drop(slot);
+                    src.set_outcome(Outcome::Serving);
+                    return Err(format!("cannot pause the session: {why}"));
+                }
             }
-        },
+        }
         _ => (None, None),
     };
     drop(slot);
@@ -368,8 +375,10 @@ fn finish(
         },
     )
     .and_then(|()| {
-        conn.set_read_timeout(Some(SERVING_WITHIN))
-            .map_err(|e| e.to_string())?;
+        // No time limit once the go is out: the new process owns the session and the tap
+        // from then on, so this one must not take them back while it lives. It answers, or
+        // it dies and its end of `conn` closes (only it holds that end).
+        conn.set_read_timeout(None).map_err(|e| e.to_string())?;
         steps::recv(conn)
     });
     match served {
