@@ -487,3 +487,24 @@ fn log_level_flag_wins_over_rust_log() -> Result<()> {
     ensure!(off.trim().is_empty(), "--log-level off logged:\n{off}");
     Ok(())
 }
+
+/// SIGTERM takes down the tap the daemon created, also with a control socket (whose thread
+/// outlives the serve loop and holds the tap) and after a session: a `card-os down` found it
+/// left behind once.
+#[test]
+fn sigterm_removes_the_tap_the_daemon_created() -> Result<()> {
+    let dir = TempDir::new("card-tests")?;
+    let control = dir.path().join("c.control");
+    let mut card = Card::start(&["--control", &control.to_string_lossy()])?;
+    ensure!(has_link(&card.ns, TAP)?, "no tap at start");
+    let mut dev = card.driver()?;
+    card.check_host_to_card(&mut dev, 7611, 4)?;
+    let (status, _) = card.daemon.stop()?;
+    ensure!(status.success(), "{status}");
+    drop(dev);
+    ensure!(
+        !has_link(&card.ns, TAP)?,
+        "the daemon's tap was left behind"
+    );
+    Ok(())
+}

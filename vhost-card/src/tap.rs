@@ -625,9 +625,13 @@ impl Tap {
     }
 }
 
-impl Drop for Tap {
-    fn drop(&mut self) {
-        if self.created && !self.keep.load(std::sync::atomic::Ordering::Relaxed) {
+impl Tap {
+    /// Lets a tap this daemon created go when its last queue closes (the process ends), unless
+    /// it is kept; once. The daemon calls it as it exits: threads that outlive the serve loop
+    /// (the control socket's) may still hold the tap, so its drop would come too late.
+    pub fn release(&self) {
+        use std::sync::atomic::Ordering;
+        if self.created && !self.keep.swap(true, Ordering::Relaxed) {
             match val_ioctl(self.queues[0].as_raw_fd(), libc::TUNSETPERSIST, 0) {
                 // EBADFD: the device is already gone.
                 Err(e) if e.raw_os_error() != Some(libc::EBADFD) => {
@@ -636,6 +640,12 @@ impl Drop for Tap {
                 _ => {}
             }
         }
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
