@@ -318,7 +318,6 @@ fn counters_and_state_follow_the_traffic() -> Result<()> {
     let cli_json_text = stats_cmd(&control, &["--json"])?;
     let cli_json = Snapshot::parse(&cli_json_text)?;
     eprintln!("vhost-card stats --control {control_s}:\n{table}");
-    eprintln!("vhost-card stats --control {control_s} --json:\n{cli_json_text}");
     eprintln!(
         "GET http://{metrics}/metrics (frames, bytes, drops, state):\n{}",
         prom.lines()

@@ -280,13 +280,13 @@ impl Stats {
                 p.store(false, Ordering::Relaxed);
             }
         }
-        self.device.connected.store(connected, Ordering::Relaxed);
+        self.device.connected.store(connected, Ordering::Release);
     }
 
     /// A session handed over from another process is connected here: not a new session (its
     /// count came with [`Stats::carry_over`]).
     pub fn set_resumed(&self) {
-        self.device.connected.store(true, Ordering::Relaxed);
+        self.device.connected.store(true, Ordering::Release);
     }
 
     /// The frontend acked this feature word.
@@ -352,6 +352,10 @@ impl Stats {
     /// Everything, as `vhost-card stats` and the control socket show it.
     pub fn snapshot(&self) -> Snapshot {
         let d = &self.device;
+        // `connected` first, with Acquire: a session's end clears the acked features and the
+        // pairs in use before it clears `connected` (Release, `set_connected`), so a snapshot
+        // that says "not connected" never shows the ended session's pairs or features.
+        let connected = d.connected.load(Ordering::Acquire);
         let acked = d.acked.load(Ordering::Relaxed);
         let pairs: Vec<PairSnapshot> = self
             .pairs
@@ -376,7 +380,7 @@ impl Stats {
             uptime_seconds: d.started.elapsed().as_secs(),
             state: State {
                 transport: d.info.transport.to_string(),
-                connected: d.connected.load(Ordering::Relaxed),
+                connected,
                 sessions: d.sessions.load(Ordering::Relaxed),
                 mtu: d.info.mtu,
                 queue_pairs: self.pairs.len(),
