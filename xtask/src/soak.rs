@@ -514,9 +514,9 @@ fn daemon_counters(control: &Path) -> Result<BTreeMap<String, u64>> {
     Ok(sum)
 }
 
-/// The card's kernel: card0's drops and errors, its qdisc's drops, and the IP and UDP counters
-/// of the namespace.
-fn kernel_counters(ns: &Netns) -> Result<BTreeMap<String, u64>> {
+/// The card's kernel: card0's drops and errors, its qdisc's drops, and the IP, UDP and TCP
+/// (retransmitted segments) counters of the namespace.
+pub(crate) fn kernel_counters(ns: &Netns) -> Result<BTreeMap<String, u64>> {
     let mut m = BTreeMap::new();
     let num = |j: Option<&Json>| j.and_then(Json::as_u64).unwrap_or(0);
     let link = process::stdout(Command::new("ip").args([
@@ -573,6 +573,7 @@ fn kernel_counters(ns: &Netns) -> Result<BTreeMap<String, u64>> {
     };
     let ip = table("Ip");
     let udp = table("Udp");
+    let tcp = table("Tcp");
     let get = |t: &BTreeMap<String, u64>, k: &str| t.get(k).copied().unwrap_or(0);
     for k in ["InDiscards", "InHdrErrors", "InAddrErrors"] {
         m.insert(format!("ip {k}"), get(&ip, k));
@@ -586,6 +587,7 @@ fn kernel_counters(ns: &Netns) -> Result<BTreeMap<String, u64>> {
     ] {
         m.insert(format!("udp {k}"), get(&udp, k));
     }
+    m.insert("tcp RetransSegs".into(), get(&tcp, "RetransSegs"));
     // InErrors counts RcvbufErrors and InCsumErrors too.
     m.insert(
         "udp other InErrors".into(),

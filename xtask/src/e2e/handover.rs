@@ -6,6 +6,7 @@
 //! transfer at most [`MAX_GAP_MS`], from a capture with the kernel's receive times. Reported:
 //! the outage each upgrade printed and the gap around each handover, median and worst.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -156,6 +157,9 @@ pub fn run(env: &Env, opts: &Options) -> Result<(bool, String)> {
     result
 }
 
+/// The scenario: one measurement, and a second one only when the first failed while the same
+/// transfers without a handover already crossed the bound (the machine's own gaps: TCG on a
+/// loaded machine stalls the guest for more than the bound now and then). Both are reported.
 fn scenario(
     rig: &mut Rig,
     env: &Env,
@@ -163,6 +167,37 @@ fn scenario(
     control: &Path,
     serving: &mut Option<u32>,
 ) -> Result<(bool, String)> {
+    let first = measure(rig, env, opts, control, serving)?;
+    if first.pass || first.baseline_within_bound {
+        return Ok((first.pass, first.text));
+    }
+    let again = measure(rig, env, opts, control, serving)?;
+    Ok((
+        again.pass,
+        format!(
+            "{}\n  (measured again: the first run failed while its transfers without a handover \
+             already crossed the bound, so the machine's own gaps could not be told from the \
+             handovers': {})",
+            again.text, first.text
+        ),
+    ))
+}
+
+/// One run of the measurement.
+struct Measured {
+    pass: bool,
+    /// The same transfers without a handover stayed within [`MAX_GAP_MS`].
+    baseline_within_bound: bool,
+    text: String,
+}
+
+fn measure(
+    rig: &mut Rig,
+    env: &Env,
+    opts: &Options,
+    control: &Path,
+    serving: &mut Option<u32>,
+) -> Result<Measured> {
     let len = opts.mib * MIB;
     let log: PathBuf = rig.card.log_path().to_path_buf();
     let carrier = |rig: &mut Rig| -> Result<i64> {
@@ -182,9 +217,13 @@ fn scenario(
         vec![5001, 5002],
         stop.clone(),
     )?;
+    // The card's kernel around each phase: what the tap's queue dropped and what TCP resent.
+    let kernel = |rig: &Rig| crate::soak::kernel_counters(&rig.card.ns);
+    let k0 = kernel(rig)?;
     // The same transfers without a handover first: the gaps this machine makes on its own.
     let base_up = with_handovers(control, &log, 0, || rig.send_to_card(env, len))?;
     let base_down = with_handovers(control, &log, 0, || rig.send_to_guest(env, len))?;
+    let k1 = kernel(rig)?;
     let half = HANDOVERS / 2;
     let up = with_handovers(control, &log, half, || rig.send_to_card(env, len));
     let up = up.and_then(|(up, w_up, h_up)| {
@@ -202,6 +241,20 @@ fn scenario(
 
     let carrier1 = carrier(rig)?;
     let sessions1 = sessions(control)?;
+    let k2 = kernel(rig)?;
+    let moved = |a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>| {
+        ["card0 tx_dropped", "qdisc drops", "tcp RetransSegs"]
+            .iter()
+            .map(|k| {
+                let v = |m: &BTreeMap<String, u64>| m.get(*k).copied();
+                format!(
+                    "{k} +{}",
+                    v(b).unwrap_or(0).saturating_sub(v(a).unwrap_or(0))
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     // A transfer's first and last frame.
     let span = |w: (u64, u64)| -> Option<(u64, u64)> {
         let (a, b) = (
@@ -258,9 +311,10 @@ fn scenario(
         && in_down > 0
         && gap_up <= MAX_GAP_MS
         && gap_down <= MAX_GAP_MS;
-    Ok((
+    Ok(Measured {
         pass,
-        format!(
+        baseline_within_bound: base_gap_up <= MAX_GAP_MS && base_gap_down <= MAX_GAP_MS,
+        text: format!(
             "{} handovers by `vhost-card upgrade` ({in_up} during {} MiB guest→card {}, \
              {in_down} during card→guest {}); outage printed: median {out_med:.1} ms, worst \
              {out_worst:.1} ms; longest gap between frames on {} around a handover during a transfer: median \
@@ -268,7 +322,8 @@ fn scenario(
              guest→card {gap_up:.1} ms, card→guest {gap_down:.1} ms (bound {MAX_GAP_MS} ms, \
              {} frames captured; the same transfers without a handover: {base_gap_up:.1} ms \
              and {base_gap_down:.1} ms); guest carrier changes +{}; sessions {sessions0} → \
-             {sessions1} ({} reconnect(s)); each handover's outage / gap (ms): {}",
+             {sessions1} ({} reconnect(s)); the card's kernel without handovers: {}, with \
+             them: {}; each handover's outage / gap (ms): {}",
             all.len(),
             opts.mib,
             up.describe(),
@@ -277,6 +332,8 @@ fn scenario(
             times.len(),
             carrier1 - carrier0,
             sessions1.saturating_sub(sessions0),
+            moved(&k0, &k1),
+            moved(&k1, &k2),
             all.iter()
                 .map(|(o, g, inside)| if *inside {
                     format!("{o:.1}/{g:.1}")
@@ -286,5 +343,5 @@ fn scenario(
                 .collect::<Vec<_>>()
                 .join(" "),
         ),
-    ))
+    })
 }
