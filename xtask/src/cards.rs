@@ -315,6 +315,9 @@ fn exercise(container: &Container, stage: &Path, run_dir: &Path) -> Result<Vec<S
     for (card, (dev, offer)) in CARDS.iter().zip(devs.iter_mut()) {
         lines.push(check_card(container, &netns, card, dev, offer.features)?);
     }
+    // An update as an operator runs it: `systemctl reload` hands vc2's session (its daemon
+    // runs as nobody) to a new process, which systemd must take as the unit's main process.
+    lines.push(check_reload(container, &netns, &CARDS[1], &mut devs[1].0)?);
     let stats = container.sh(&[
         "/usr/local/bin/vhost-card",
         "stats",
@@ -505,6 +508,83 @@ fn check_card(
         rig::monitoring::sample(&prom, "vhost_card_queue_pairs_in_use")?,
         card.metrics,
         card.tx,
+    ))
+}
+
+/// `systemctl reload vhost-card@NAME` while `dev` stays connected: the unit's `ExecReload=`
+/// runs `vhost-card upgrade`, the old process hands systemd the new main PID (`MAINPID=`) and
+/// exits; the unit stays active, no new session starts (the sessions counter, carried over),
+/// and a frame crosses each way through the new process. Run after [`check_card`].
+fn check_reload(
+    container: &Container,
+    netns: &std::fs::File,
+    card: &Spec,
+    dev: &mut VirtioNet,
+) -> Result<String> {
+    let name = card.name;
+    let service = format!("vhost-card@{name}.service");
+    let show = |prop: &str| container.sh(&["systemctl", "show", "-P", prop, &service]);
+    let before = show("MainPID")?;
+    let t0 = std::time::Instant::now();
+    container.sh(&["systemctl", "reload", &service])?;
+    let took = t0.elapsed();
+    let after = show("MainPID")?;
+    let active = show("ActiveState")?;
+    ensure!(
+        after != before && after != "0" && active == "active",
+        "{name}: after systemctl reload MainPID {before} -> {after}, ActiveState {active}"
+    );
+    let exe = container.sh(&["readlink", &format!("/proc/{after}/exe")])?;
+    ensure!(
+        exe == "/usr/local/bin/vhost-card",
+        "{name}: the new main process runs {exe}"
+    );
+    // One frame each way through the new process.
+    let link = container.sh(&["ip", "-n", name, "-o", "link", "show", "dev", "card0"])?;
+    let tap_mac = crate::netns::parse_mac(
+        link.split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .context("no MAC on card0")?,
+    )?;
+    let up = udp_frame(
+        HOST_MAC,
+        tap_mac,
+        SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 2), 40000),
+        SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 1), 9),
+        &pattern(200, 0x5a),
+    )?;
+    dev.send_wait(&VnetHdr::default(), &up, &TxLayout::Split)
+        .with_context(|| format!("{name}: a frame to the card after the reload"))?;
+    let ns_file = std::fs::File::open(container.path(&format!("/run/netns/{name}")))?;
+    let pkt = crate::netns::packet_socket_in(&ns_file, "card0")?;
+    let down = udp_frame(
+        tap_mac,
+        HOST_MAC,
+        SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 1), 5555),
+        SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 2), 7000),
+        &pattern(300, 0xa5),
+    )?;
+    pkt.send(&down)?;
+    dev.recv_matching(Duration::from_secs(5), |f| f.frame == down)
+        .with_context(|| format!("{name}: a frame to the host after the reload"))?;
+    let prom = scrape_in(netns, card.metrics)?;
+    let sessions = rig::monitoring::sample(&prom, "vhost_card_frontend_sessions_total")?;
+    let tx = rig::monitoring::sample(
+        &prom,
+        "vhost_card_frames_total{queue=\"0\",direction=\"tx\"}",
+    )?;
+    ensure!(
+        sessions == 1.0 && tx == (card.tx + 1) as f64,
+        "{name}: after the reload {sessions} session(s), {tx} frames to the card counted \
+         (expected 1 and {})",
+        card.tx + 1
+    );
+    Ok(format!(
+        "PASS {name}: systemctl reload {service} handed the session over (MainPID {before} -> \
+         {after}, /usr/local/bin/vhost-card, active) in {} ms; still 1 session, the counters \
+         carried ({tx} frames to the card), a frame each way through the new process",
+        took.as_millis()
     ))
 }
 
