@@ -23,7 +23,7 @@ use crate::rig::{Env, Plug, Rig};
 /// Handovers in one run, half during each transfer.
 const HANDOVERS: usize = 20;
 /// Time between two handovers: spread over a transfer of some seconds under TCG.
-const EVERY: Duration = Duration::from_millis(250);
+const EVERY: Duration = Duration::from_millis(100);
 /// The bound on the longest gap between frames on the tap (issue 12).
 const MAX_GAP_MS: f64 = 50.0;
 
