@@ -255,7 +255,13 @@ pub struct Hooks {
     pub pair: PairHook,
     /// `SEND_RARP`: announce a guest MAC into the card's network.
     pub rarp: RarpHook,
+    /// After each request the gate took (forwarded or answered with success), with the record
+    /// it changed: the fd store keeps a crash-proof copy (`handover::fdstore`).
+    pub record: Option<RecordHook>,
 }
+
+/// Told of each request taken, with the gate's record after it.
+pub type RecordHook = Box<dyn FnMut(&Hdr, &[u8], &Recorder) + Send>;
 
 /// A running gate.
 pub struct Gate {
@@ -309,6 +315,7 @@ impl Gate {
         resumed: bool,
     ) -> io::Result<Gate> {
         st.on_pair = Some(hooks.pair);
+        st.on_record = hooks.record;
         st.migration.set_rarp(hooks.rarp);
         if resumed {
             // Before this returns: the pairs in use are known when the caller goes on.
@@ -456,6 +463,7 @@ struct ReqState {
     /// (`GET_VRING_BASE`).
     started: Vec<bool>,
     on_pair: Option<PairHook>,
+    on_record: Option<RecordHook>,
     /// The session as the handler holds it, for a handover (`handover::record`).
     record: Recorder,
     /// Pause requests for a handover (none in `screen_stream`).
@@ -474,6 +482,7 @@ impl ReqState {
             enabled: vec![false; cfg.num_queues as usize],
             started: vec![false; cfg.num_queues as usize],
             on_pair: None,
+            on_record: None,
             record: Recorder::new(cfg.num_queues as usize),
             link: None,
             migration: Migration::new(cfg.num_queues, cfg.queue_size, None),
@@ -625,6 +634,9 @@ impl ReqState {
             }
             if taken {
                 self.record.observe(&hdr, &msg.body, &msg.fds);
+                if let Some(hook) = &mut self.on_record {
+                    hook(&hdr, &msg.body, &self.record);
+                }
             }
             if hdr.request == FrontendReq::SET_FEATURES as u32 && matches!(action, Action::Forward)
             {

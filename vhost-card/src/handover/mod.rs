@@ -7,6 +7,7 @@
 //! (the old process's side) and [`take`] (the new one's).
 
 pub mod fdcheck;
+pub mod fdstore;
 pub mod give;
 pub mod pause;
 pub mod record;
