@@ -10,7 +10,8 @@
 //! - a descriptor whose open file the store already holds is closed and not added (systemd
 //!   compares with `kcmp(KCMP_FILE)`); past `FileDescriptorStoreMax=` the rest are closed;
 //! - `FDSTOREREMOVE=1` with `FDNAME=` closes every entry of that name;
-//! - an entry that reports POLLHUP or POLLERR is dropped (systemd watches each one);
+//! - an entry that reports POLLHUP or POLLERR is dropped (systemd watches each one: a frontend
+//!   that closed its end goes; a detached tap queue does not report POLLERR, its `tun` stays);
 //! - on a restart the store is handed over after the socket unit's descriptors, newest first
 //!   (`LIST_PREPEND`), as `LISTEN_FDS`/`LISTEN_FDNAMES`, and systemd keeps its own copies.
 //!
@@ -56,14 +57,16 @@ pub struct Manager {
 fn fdname_is_valid(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 255
-        && name.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b':')
+        && name
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b':')
 }
 
 /// Whether two descriptors are the same open file (`kcmp(KCMP_FILE)`, as systemd's `same_fd`).
 fn same_file(a: RawFd, b: RawFd) -> bool {
     const KCMP_FILE: libc::c_long = 0;
+    let pid = libc::c_long::from(std::process::id());
     // SAFETY: kcmp compares two descriptors of this process; no memory is passed.
-    let pid = unsafe { libc::getpid() } as libc::c_long;
     let r = unsafe {
         libc::syscall(
             libc::SYS_kcmp,
@@ -268,21 +271,19 @@ pub fn place_fds(cmd: &mut std::process::Command, fds: Vec<OwnedFd>) {
     // async-signal-safe; it owns `fds`, whose numbers stay valid in the child.
     unsafe {
         cmd.pre_exec(move || {
-            let n = fds.len() as RawFd;
             // First above every target, so that no move overwrites a source.
             let mut moved = [0 as RawFd; 256];
-            for (i, fd) in fds.iter().enumerate() {
-                let h = libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD, 3 + n + 64);
-                if h < 0 {
+            for (m, fd) in moved.iter_mut().zip(&fds) {
+                *m = libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD, 512);
+                if *m < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                moved[i] = h;
             }
-            for i in 0..fds.len() {
-                if libc::dup2(moved[i], 3 + i as RawFd) < 0 {
+            for (target, &m) in (3..).zip(&moved[..fds.len()]) {
+                if libc::dup2(m, target) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                libc::close(moved[i]);
+                libc::close(m);
             }
             Ok(())
         });

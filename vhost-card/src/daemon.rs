@@ -374,7 +374,6 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         true => crate::handover::fdstore::recover(
             listener.as_ref().map(|l| l.as_fd()),
             &device_of(&cfg),
-            &|| crate::tap::attach_queue(&cfg.tap, cfg.netns.as_deref()).map_err(|e| e.to_string()),
         ),
         false => (None, false),
     };
@@ -994,11 +993,13 @@ fn serve_one(frontend: UnixStream, ctx: &Ctx, resume: Option<Resume>) -> Result<
                     store.clone(),
                     frontend.try_clone().map_err(io_err("frontend socket"))?,
                 );
-                Some(Box::new(move |hdr: &crate::gate::Hdr, body: &[u8], rec: &Recorder| {
-                    if crate::handover::fdstore::changes_session(hdr.request) {
-                        store.save(f.as_fd(), rec, Some((hdr.request, body)));
-                    }
-                }))
+                Some(Box::new(
+                    move |hdr: &crate::gate::Hdr, body: &[u8], rec: &Recorder| {
+                        if crate::handover::fdstore::changes_session(hdr.request) {
+                            store.save(f.as_fd(), rec, Some((hdr.request, body)));
+                        }
+                    },
+                ))
             }
             None => None,
         },

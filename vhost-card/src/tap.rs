@@ -237,23 +237,6 @@ fn attach(name: &str, multi_queue: bool, tun: bool) -> Result<File, Attach> {
     Ok(file)
 }
 
-/// One more queue of the existing multi-queue tap `name` in `netns`, for a crash recovery whose
-/// fd store lost a queue: systemd drops a stored descriptor that reports POLLERR, as a queue
-/// detached with `IFF_DETACH_QUEUE` does.
-pub fn attach_queue(name: &str, netns: Option<&str>) -> Result<OwnedFd, TapError> {
-    check_name(name)?;
-    let name = name.to_string();
-    netns::run_in(netns, move || {
-        attach(&name, true, false)
-            .map(OwnedFd::from)
-            .map_err(|(Attach::Open(cause) | Attach::SetIff(cause))| TapError::Io {
-                op: "attaching a queue",
-                name: name.clone(),
-                cause,
-            })
-    })
-}
-
 /// The error for a `TUNSETIFF` that failed, with what to do about it. The kernel says EINVAL
 /// both for a link that is no tap and for a tap whose multi-queue flag differs: one attempt
 /// with the other flag (closed at once) tells which.

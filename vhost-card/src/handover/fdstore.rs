@@ -22,8 +22,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use log::{error, info, warn};
-use serde::{Deserialize, Serialize};
 use sd_notify::NotifyState;
+use serde::{Deserialize, Serialize};
 use vhost::vhost_user::message::FrontendReq;
 
 use super::fdcheck;
@@ -315,19 +315,27 @@ impl FdStore {
         };
         let refresh = request.map_or(Refresh::Nothing, |(r, b)| refresh_of(r, b));
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        let before: BTreeSet<String> = match known.take() {
-            Some(k) => k,
-            None => all_names(self.card.tap.num_queues()).into_iter().collect(),
+        // Not knowing what is stored, every name that may be is removed and all is stored.
+        let (before, all) = match known.take() {
+            Some(k) => (k, false),
+            None => (
+                all_names(self.card.tap.num_queues()).into_iter().collect(),
+                true,
+            ),
         };
-        for stale in before.iter().filter(|n| !fds.contains_key(*n) && *n != STATE) {
+        for stale in before
+            .iter()
+            .filter(|n| !fds.contains_key(*n) && *n != STATE)
+        {
             remove(stale);
         }
         for (name, fd) in &fds {
-            let replaced = match refresh {
-                Refresh::Nothing => request.is_none(),
-                Refresh::Regions => name.starts_with("region-"),
-                Refresh::Ring(kind, r) => *name == format!("{kind}-{r}"),
-            };
+            let replaced = all
+                || match refresh {
+                    Refresh::Nothing => request.is_none(),
+                    Refresh::Regions => name.starts_with("region-"),
+                    Refresh::Ring(kind, r) => *name == format!("{kind}-{r}"),
+                };
             if replaced || !before.contains(name) {
                 remove(name);
                 store(name, *fd);
@@ -384,15 +392,10 @@ impl Drop for Handed {
 
 /// Takes the stored session back, if `LISTEN_FDS`/`LISTEN_FDNAMES` hold one: checks the state
 /// and every descriptor as a handover does, against this daemon's own device; `listener` takes
-/// the listener's place, and `reattach` opens a tap queue the store lost (a detached queue of a
-/// multi-queue tap). Anything invalid is logged, closed and removed from the store, and the
+/// the listener's place. Anything invalid is logged, closed and removed from the store, and the
 /// daemon starts fresh (the frontend reconnects on its own timer): then the second value is
 /// true.
-pub fn recover(
-    listener: Option<BorrowedFd>,
-    ours: &DeviceState,
-    reattach: &dyn Fn() -> Result<OwnedFd, String>,
-) -> (Option<Recovered>, bool) {
+pub fn recover(listener: Option<BorrowedFd>, ours: &DeviceState) -> (Option<Recovered>, bool) {
     let handed = match sd_notify::listen_fds_with_names() {
         Ok(fds) => fds,
         Err(e) => {
@@ -432,7 +435,7 @@ pub fn recover(
         error!("crash recovery refused: the store holds {twice:?} twice; starting fresh");
         return (None, true);
     }
-    match rebuild(&handed, listener, ours, reattach) {
+    match rebuild(&handed, listener, ours) {
         Ok(received) => {
             let names = std::mem::take(&mut handed.fds).into_keys().collect();
             (Some(Recovered { received, names }), false)
@@ -448,7 +451,6 @@ fn rebuild(
     handed: &Handed,
     listener: Option<BorrowedFd>,
     ours: &DeviceState,
-    reattach: &dyn Fn() -> Result<OwnedFd, String>,
 ) -> Result<Received, String> {
     let memfd = &handed.fds[STATE];
     let bytes = read_state(memfd.as_fd())?;
@@ -492,17 +494,11 @@ fn rebuild(
             if !seen.insert(name.as_str()) && *kind != FdKind::GuestMemory {
                 return Err(format!("state: descriptor name {name:?} used twice"));
             }
-            match handed.fds.get(name) {
-                Some(fd) => fd.as_fd(),
-                // A detached queue (POLLERR) is dropped by systemd: attach a new one.
-                None if *kind == FdKind::TapQueue && state.device.pairs > 1 => {
-                    let fd = reattach().map_err(|e| format!("{name}: {e}"))?;
-                    info!("crash recovery: {name} was not in the store; attached a new queue");
-                    fds.push(fd);
-                    continue;
-                }
-                None => return Err(format!("the store has no descriptor {name:?}")),
-            }
+            handed
+                .fds
+                .get(name)
+                .ok_or_else(|| format!("the store has no descriptor {name:?}"))?
+                .as_fd()
         };
         fds.push(fd.try_clone_to_owned().map_err(|e| e.to_string())?);
     }
@@ -585,7 +581,14 @@ mod tests {
         for n in ["state", "frontend", "tap-0", "region-7", "kick-31", "err-2"] {
             assert!(is_ours(n), "{n}");
         }
-        for n in ["vhost-card@x.socket", "tap-", "kick-1234", "call-x", "", "stored"] {
+        for n in [
+            "vhost-card@x.socket",
+            "tap-",
+            "kick-1234",
+            "call-x",
+            "",
+            "stored",
+        ] {
             assert!(!is_ours(n), "{n}");
         }
         // systemd's rules: at most 255 characters, no ':'.
