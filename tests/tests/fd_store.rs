@@ -377,3 +377,95 @@ fn a_hostile_store_is_refused_and_the_daemon_starts_fresh() -> Result<()> {
     );
     Ok(())
 }
+
+/// A live handover (`vhost-card upgrade`, as `systemctl reload` runs it with the unit's
+/// `$NOTIFY_SOCKET`) with the store on: the new process takes the store over (it stores the
+/// session again as its own), and a SIGKILL of the new process is recovered from it.
+#[test]
+fn after_a_live_handover_the_new_process_keeps_the_store() -> Result<()> {
+    let ns = Card::namespace()?;
+    let control_dir = TempDir::new("fdstore-ctl")?;
+    let control = control_dir.path().join("card.control");
+    let sd = Systemd::new(&["--control", &control.to_string_lossy()])?;
+    let first = sd.start(ns.name(), Vec::new())?;
+    let log = first.log_path().to_path_buf();
+    let mut card = Card::around(ns, first)?;
+    let (mut dev, _) = card.driver_with(|f| f & !F_LOG_ALL)?;
+    let mut traffic = Traffic { rounds: 0 };
+    traffic.round(&card, &mut dev)?;
+    sd.notify
+        .wait_for(SESSION, Duration::from_millis(300), Duration::from_secs(10))?;
+    let before = sd.notify.messages().len();
+
+    let out = std::process::Command::new(binary()?)
+        .args(["upgrade", "--control"])
+        .arg(&control)
+        .env("NOTIFY_SOCKET", sd.notify.path())
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::OpenOptions::new().append(true).open(&log)?)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    ensure!(
+        out.status.success(),
+        "upgrade failed: {text}\n{}",
+        card.daemon.log()
+    );
+    let (pid, _) = rig::card::parse_upgrade(&text)?;
+    let status = card.daemon.wait_exit(Duration::from_secs(10))?;
+    ensure!(status.success(), "the old process ended with {status}");
+    traffic.round(&card, &mut dev)?;
+    // The new process stored the whole session again (its first save removes every name it
+    // may have and stores all), and nothing was refused.
+    sd.notify
+        .wait_for(SESSION, Duration::from_millis(300), Duration::from_secs(10))?;
+    let msgs = sd.notify.messages();
+    ensure!(
+        msgs[before..]
+            .iter()
+            .any(|m| m.contains("FDNAME=frontend") && m.contains("FDSTORE=1")),
+        "the new process did not store the frontend's connection"
+    );
+    ensure!(
+        msgs[before..]
+            .iter()
+            .any(|m| m.contains(&format!("MAINPID={pid}"))),
+        "the old process did not hand systemd the new main PID"
+    );
+    ensure!(sd.notify.refused() == 0, "systemd refused descriptors");
+
+    // SIGKILL the new process (not this test's child): recovered from what it stored.
+    let killed_at = Instant::now();
+    // SAFETY: kill has no memory effects; the pid is the daemon the upgrade started.
+    ensure!(unsafe { libc::kill(pid.cast_signed(), libc::SIGKILL) } == 0);
+    while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+    {
+        ensure!(
+            killed_at.elapsed() < Duration::from_secs(10),
+            "{pid} survived SIGKILL"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    card.daemon = sd.start(card.ns.name(), sd.notify.handout()?)?;
+    traffic.round(&card, &mut dev)?;
+    println!(
+        "after a handover: kill -> frames both ways {:.1} ms",
+        killed_at.elapsed().as_secs_f64() * 1000.0
+    );
+    card.daemon
+        .wait_log("crash recovery: serving", Duration::from_secs(5))?;
+    sd.no_reconnect()?;
+    // The frontend leaves: the session is over, and so is what the store holds.
+    drop(dev);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sd.notify.names().is_empty() {
+        ensure!(
+            Instant::now() < deadline,
+            "the store still holds {:?} after the frontend left",
+            sd.notify.names()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    card.daemon.check_running()?;
+    Ok(())
+}
