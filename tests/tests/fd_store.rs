@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use card_tests::card::Card;
+use card_tests::card::{Card, Traffic};
 use card_tests::daemon::{binary, Daemon};
 use card_tests::netdev::{VirtioNet, F_LOG_ALL};
 use card_tests::sdnotify::{place_fds, Manager};
@@ -116,27 +116,6 @@ impl Systemd {
     }
 }
 
-/// Frames each way so far; every round adds one each way and checks the TX used index.
-struct Traffic {
-    rounds: u16,
-}
-
-impl Traffic {
-    fn round(&mut self, card: &Card, dev: &mut VirtioNet) -> Result<()> {
-        let seed = (self.rounds % 200) as u8;
-        card.check_host_to_card(dev, 7000 + self.rounds, seed)?;
-        card.check_card_to_host(dev, seed)?;
-        self.rounds += 1;
-        let tx = dev.tx.used_idx(&dev.mem)?;
-        ensure!(
-            tx == self.rounds,
-            "TX used index {tx} after {} frames: a chain completed twice or lost",
-            self.rounds
-        );
-        Ok(())
-    }
-}
-
 /// What the store holds, as it hands it out: (name, descriptor).
 type Stored = Vec<(String, OwnedFd)>;
 
@@ -182,17 +161,24 @@ fn read_all(fd: &OwnedFd) -> Result<Vec<u8>> {
     Ok(v)
 }
 
-#[test]
-fn a_killed_daemon_resumes_the_session_on_the_same_connection() -> Result<()> {
+/// A card whose daemon systemd started (flags `extra`), a driver with a session on it, one
+/// frame each way, and the session in the store.
+fn session(extra: &[&str]) -> Result<(Systemd, Card, VirtioNet, Traffic)> {
     let ns = Card::namespace()?;
-    let sd = Systemd::new(&[])?;
+    let sd = Systemd::new(extra)?;
     let first = sd.start(ns.name(), Vec::new())?;
-    let mut card = Card::around(ns, first)?;
+    let card = Card::around(ns, first)?;
     let (mut dev, _) = card.driver_with(|f| f & !F_LOG_ALL)?;
-    let mut traffic = Traffic { rounds: 0 };
+    let mut traffic = Traffic::default();
     traffic.round(&card, &mut dev)?;
     sd.notify
         .wait_for(SESSION, Duration::from_millis(300), Duration::from_secs(10))?;
+    Ok((sd, card, dev, traffic))
+}
+
+#[test]
+fn a_killed_daemon_resumes_the_session_on_the_same_connection() -> Result<()> {
+    let (sd, mut card, mut dev, mut traffic) = session(&[])?;
     let names = sd.notify.names();
     ensure!(names.len() == SESSION.len(), "stored: {names:?}");
     ensure!(sd.notify.refused() == 0, "systemd refused descriptors");
@@ -262,15 +248,7 @@ fn a_killed_daemon_resumes_the_session_on_the_same_connection() -> Result<()> {
 /// stored and adopted as such).
 #[test]
 fn a_hostile_store_is_refused_and_the_daemon_starts_fresh() -> Result<()> {
-    let ns = Card::namespace()?;
-    let sd = Systemd::new(&["--queues", "2"])?;
-    let first = sd.start(ns.name(), Vec::new())?;
-    let mut card = Card::around(ns, first)?;
-    let (mut dev, _) = card.driver_with(|f| f & !F_LOG_ALL)?;
-    let mut traffic = Traffic { rounds: 0 };
-    traffic.round(&card, &mut dev)?;
-    sd.notify
-        .wait_for(SESSION, Duration::from_millis(300), Duration::from_secs(10))?;
+    let (sd, mut card, mut dev, mut traffic) = session(&["--queues", "2"])?;
     card.daemon.kill()?;
     let pristine = sd.notify.handout()?;
     let frontend = &pristine
@@ -383,18 +361,10 @@ fn a_hostile_store_is_refused_and_the_daemon_starts_fresh() -> Result<()> {
 /// session again as its own), and a SIGKILL of the new process is recovered from it.
 #[test]
 fn after_a_live_handover_the_new_process_keeps_the_store() -> Result<()> {
-    let ns = Card::namespace()?;
     let control_dir = TempDir::new("fdstore-ctl")?;
     let control = control_dir.path().join("card.control");
-    let sd = Systemd::new(&["--control", &control.to_string_lossy()])?;
-    let first = sd.start(ns.name(), Vec::new())?;
-    let log = first.log_path().to_path_buf();
-    let mut card = Card::around(ns, first)?;
-    let (mut dev, _) = card.driver_with(|f| f & !F_LOG_ALL)?;
-    let mut traffic = Traffic { rounds: 0 };
-    traffic.round(&card, &mut dev)?;
-    sd.notify
-        .wait_for(SESSION, Duration::from_millis(300), Duration::from_secs(10))?;
+    let (sd, mut card, mut dev, mut traffic) = session(&["--control", &control.to_string_lossy()])?;
+    let log = card.daemon.log_path().to_path_buf();
     let before = sd.notify.messages().len();
 
     let out = std::process::Command::new(binary()?)
