@@ -119,7 +119,7 @@ impl Systemd {
 /// What the store holds, as it hands it out: (name, descriptor).
 type Stored = Vec<(String, OwnedFd)>;
 
-/// What a session of one queue pair stores.
+/// What a session of one queue pair stores (two regions of one memfd: stored once).
 const SESSION: &[&str] = &[
     "state", "frontend", "tap-0", "region-0", "kick-0", "kick-1", "call-0", "call-1",
 ];
@@ -161,14 +161,15 @@ fn read_all(fd: &OwnedFd) -> Result<Vec<u8>> {
     Ok(v)
 }
 
-/// A card whose daemon systemd started (flags `extra`), a driver with a session on it, one
-/// frame each way, and the session in the store.
+/// A card whose daemon systemd started (flags `extra`), a driver with a session on it (guest
+/// memory as two regions of one memfd, as QEMU sends it), one frame each way, and the session
+/// in the store.
 fn session(extra: &[&str]) -> Result<(Systemd, Card, VirtioNet, Traffic)> {
     let ns = Card::namespace()?;
     let sd = Systemd::new(extra)?;
     let first = sd.start(ns.name(), Vec::new())?;
     let card = Card::around(ns, first)?;
-    let (mut dev, _) = card.driver_with(|f| f & !F_LOG_ALL)?;
+    let (mut dev, _) = card.driver_custom(|f| f & !F_LOG_ALL, |o| o.split_memory = true)?;
     let mut traffic = Traffic::default();
     traffic.round(&card, &mut dev)?;
     sd.notify

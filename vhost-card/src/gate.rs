@@ -602,8 +602,16 @@ impl ReqState {
                 }
                 self.filter(&hdr, &msg.body)
             };
-            // Taken: forwarded, or answered with success here. Recorded for a handover.
+            // Taken: forwarded, or answered with success here. Recorded for a handover, and
+            // kept (the fd store) before the handler or the frontend sees it: a crash in between
+            // leaves a record one request ahead, which a rebuild applies as the frontend meant.
             let taken = matches!(action, Action::Forward | Action::Answer(0));
+            if taken {
+                self.record.observe(&hdr, &msg.body, &msg.fds);
+                if let Some(hook) = &mut self.on_record {
+                    hook(&hdr, &msg.body, &self.record);
+                }
+            }
             match action {
                 Action::Forward => {
                     let fds: Vec<RawFd> = msg.fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -630,12 +638,6 @@ impl ReqState {
                     };
                     let w = writer.lock().unwrap_or_else(|p| p.into_inner());
                     send_msg(&w, &reply, &body, &[])?;
-                }
-            }
-            if taken {
-                self.record.observe(&hdr, &msg.body, &msg.fds);
-                if let Some(hook) = &mut self.on_record {
-                    hook(&hdr, &msg.body, &self.record);
                 }
             }
             if hdr.request == FrontendReq::SET_FEATURES as u32 && matches!(action, Action::Forward)
