@@ -1019,11 +1019,15 @@ fn serve_one(frontend: UnixStream, ctx: &Ctx, resume: Option<Resume>) -> Result<
                         outage as f64 / 1000.0
                     );
                 }
-                None => info!(
-                    "crash recovery: serving the session on the same connection, {:.1} ms \
-                     after start-up",
-                    crate::handover::steps::now_us().saturating_sub(r.paused_at) as f64 / 1000.0
-                ),
+                None => {
+                    crate::handover::fdstore::wake(&r.state, &r.fds);
+                    info!(
+                        "crash recovery: serving the session on the same connection, {:.1} ms \
+                         after start-up",
+                        crate::handover::steps::now_us().saturating_sub(r.paused_at) as f64
+                            / 1000.0
+                    );
+                }
             }
             gate
         }

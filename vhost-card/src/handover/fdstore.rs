@@ -28,7 +28,9 @@ use vhost::vhost_user::message::FrontendReq;
 
 use super::fdcheck;
 use super::record::Recorder;
-use super::state::{DeviceState, FdKind, SessionState, Sockets, MAGIC, MAX_BLOB, VERSION};
+use super::state::{
+    DeviceState, FdKind, ProtocolState, SessionState, Sockets, MAGIC, MAX_BLOB, VERSION,
+};
 use super::take::Received;
 use crate::stats::Stats;
 use crate::tap::Tap;
@@ -537,6 +539,22 @@ fn rebuild(
         fds,
         held: Vec::new(),
     })
+}
+
+/// After a recovered session's rings started: one kick and one call on each started ring. The
+/// crashed process may have read a kick and not taken the chains it announced, or completed
+/// chains and not signalled them; a spurious kick or interrupt costs one look at the ring.
+pub fn wake(state: &ProtocolState, fds: &[OwnedFd]) {
+    let one = 1u64.to_ne_bytes();
+    for ring in state.rings.iter().filter(|r| r.started) {
+        for i in [ring.kick, ring.call].into_iter().flatten() {
+            if let Some(fd) = fds.get(i) {
+                // SAFETY: an 8-byte write from a buffer we own to an eventfd we hold (checked
+                // by `fdcheck` as an eventfd).
+                unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+            }
+        }
+    }
 }
 
 fn pread_exact(fd: BorrowedFd, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
