@@ -124,7 +124,7 @@ type Stored = Vec<(String, OwnedFd)>;
 
 /// What a session of one queue pair stores (two regions of one memfd: stored once).
 const SESSION: &[&str] = &[
-    "state", "frontend", "tap-0", "region-0", "kick-0", "kick-1", "call-0", "call-1",
+    "state", "replies", "frontend", "tap-0", "region-0", "kick-0", "kick-1", "call-0", "call-1",
 ];
 
 /// The inode of a socket descriptor, as /proc/PID/fd names it (`socket:[N]`).
@@ -263,6 +263,27 @@ fn a_killed_daemon_resumes_the_session_on_the_same_connection() -> Result<()> {
     ensure!(buf[..n] == payload[..], "payload corrupted");
     traffic.rounds += 1;
     traffic.round(&card, &mut dev)?;
+    // A request the frontend sends while no daemon runs waits in the socket and is answered
+    // by the restarted one (the frontend blocks on the answer meanwhile, as QEMU does). The
+    // daemon is started from this thread (its parent-death signal follows the thread).
+    card.daemon.kill()?;
+    let ctl = &mut dev.ctl;
+    let (next, features) = std::thread::scope(|s| {
+        let ask = s.spawn(|| ctl.raw_request_reply(1, 0, &[], &[]));
+        std::thread::sleep(Duration::from_millis(100));
+        let next = sd.start(card.ns.name(), sd.notify.handout()?);
+        let features = ask
+            .join()
+            .map_err(|_| anyhow::anyhow!("GET_FEATURES panicked"))?;
+        anyhow::Ok((next, features))
+    })?;
+    card.daemon = next?;
+    let features = u64::from_le_bytes(features?[..8].try_into()?);
+    ensure!(
+        features & (1 << 32) != 0,
+        "GET_FEATURES answered {features:#x}"
+    );
+    traffic.round(&card, &mut dev)?;
     // The store still describes the session, now the new process's.
     sd.notify
         .wait_for(SESSION, Duration::from_millis(100), Duration::from_secs(5))?;
@@ -360,6 +381,17 @@ fn a_hostile_store_is_refused_and_the_daemon_starts_fresh() -> Result<()> {
                 Ok(())
             })?,
             "descriptor",
+        ),
+        (
+            "an answer owed",
+            copy(&|v| {
+                let owed = memfd_with(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])?;
+                for e in v.iter_mut().filter(|(n, _)| n == "replies") {
+                    e.1 = owed.try_clone()?;
+                }
+                Ok(())
+            })?,
+            "waits for the answer",
         ),
         (
             "missing frontend",

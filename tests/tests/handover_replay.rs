@@ -182,6 +182,7 @@ fn gate(
         pair: Box::new(move |pair, on| steer.pair_enabled(pair, on)),
         rarp: Box::new(move |mac| announce.send_rarp(mac)),
         record: None,
+        ledger: None,
     };
     Ok(match record {
         None => Gate::start(frontend, handler, cfg, hooks())?,

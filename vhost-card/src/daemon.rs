@@ -984,31 +984,43 @@ fn serve_one(frontend: UnixStream, ctx: &Ctx, resume: Option<Resume>) -> Result<
     drop(inner_listener);
 
     let (steer, announce) = (backend.clone(), backend.clone());
+    // The answers the frontend is owed, kept with the session in the fd store.
+    let ledger = match ctx.fd_store {
+        Some(_) => Some(Arc::new(
+            crate::handover::fdstore::Ledger::new().map_err(io_err("the reply ledger"))?,
+        )),
+        None => None,
+    };
     let hooks = Hooks {
         pair: Box::new(move |pair: usize, enabled: bool| steer.pair_enabled(pair, enabled)),
         rarp: Box::new(move |mac| announce.send_rarp(mac)),
         record: match ctx.fd_store {
             Some(store) => {
-                let (store, f) = (
+                let (store, f, ledger) = (
                     store.clone(),
                     frontend.try_clone().map_err(io_err("frontend socket"))?,
+                    ledger.clone(),
                 );
                 Some(Box::new(
                     move |hdr: &crate::gate::Hdr, body: &[u8], rec: &Recorder| {
-                        if crate::handover::fdstore::changes_session(hdr.request) {
-                            store.save(f.as_fd(), rec, Some((hdr.request, body)));
+                        if let Some(l) = ledger
+                            .as_ref()
+                            .filter(|_| crate::handover::fdstore::changes_session(hdr.request))
+                        {
+                            store.save(f.as_fd(), l, rec, Some((hdr.request, body)));
                         }
                     },
                 ))
             }
             None => None,
         },
+        ledger: ledger.clone(),
     };
     let gate = match resume {
         None => Gate::start(frontend, gate_side, ctx.gate_cfg, hooks)
             .map_err(io_err("starting the gate"))?,
         Some(r) => {
-            let gate = resume_gate(frontend, gate_side, ctx, hooks, &r)?;
+            let gate = resume_gate(frontend, gate_side, ctx, hooks, &r, ledger.as_deref())?;
             r.armed.store(true, Ordering::SeqCst);
             ctx.sources.tap.keep_when_done(ctx.keep_tap);
             match r.incoming {
@@ -1069,6 +1081,7 @@ fn resume_gate(
     ctx: &Ctx,
     hooks: Hooks,
     r: &Resume,
+    ledger: Option<&crate::handover::fdstore::Ledger>,
 ) -> Result<Gate, DaemonError> {
     let fail =
         |what: &str, e: &dyn std::fmt::Display| DaemonError::Handover(format!("{what}: {e}"));
@@ -1086,9 +1099,9 @@ fn resume_gate(
         .set_read_timeout(None)
         .map_err(|e| fail("handler socket", &e))?;
     let record = Recorder::restore(&r.state, &fds).map_err(|e| fail("the session's record", &e))?;
-    if let Some(store) = ctx.fd_store {
+    if let (Some(store), Some(ledger)) = (ctx.fd_store, ledger) {
         // Resumed (a handover, a recovery): the store holds this process's view from now on.
-        store.save(frontend.as_fd(), &record, None);
+        store.save(frontend.as_fd(), ledger, &record, None);
     }
     Gate::resume(frontend, gate_side, ctx.gate_cfg, hooks, record)
         .map_err(|e| fail("starting the gate", &e))

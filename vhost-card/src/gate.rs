@@ -33,6 +33,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::features::VHOST_USER_F_PROTOCOL_FEATURES;
+use crate::handover::fdstore::Ledger;
 use crate::handover::pause::{self, Inflight, Link, PauseRequest, Paused};
 use crate::handover::record::Recorder;
 use crate::migrate::{Migration, Negotiation, RarpHook, Verdict};
@@ -258,6 +259,8 @@ pub struct Hooks {
     /// After each request the gate took (forwarded or answered with success), with the record
     /// it changed: the fd store keeps a crash-proof copy (`handover::fdstore`).
     pub record: Option<RecordHook>,
+    /// Counts the answers the frontend is owed, for the fd store (`fdstore::Ledger`).
+    pub ledger: Option<Arc<Ledger>>,
 }
 
 /// Told of each request taken, with the gate's record after it.
@@ -316,6 +319,8 @@ impl Gate {
     ) -> io::Result<Gate> {
         st.on_pair = Some(hooks.pair);
         st.on_record = hooks.record;
+        st.ledger = hooks.ledger.clone();
+        let ledger = hooks.ledger;
         st.migration.set_rarp(hooks.rarp);
         if resumed {
             // Before this returns: the pairs in use are known when the caller goes on.
@@ -375,6 +380,9 @@ impl Gate {
                     let w = writer.lock().unwrap_or_else(|p| p.into_inner());
                     if send_msg(&w, &hdr, &msg.body, &fds).is_err() {
                         break;
+                    }
+                    if let Some(l) = &ledger {
+                        l.answered();
                     }
                 }
                 down2();
@@ -464,6 +472,7 @@ struct ReqState {
     started: Vec<bool>,
     on_pair: Option<PairHook>,
     on_record: Option<RecordHook>,
+    ledger: Option<Arc<Ledger>>,
     /// The session as the handler holds it, for a handover (`handover::record`).
     record: Recorder,
     /// Pause requests for a handover (none in `screen_stream`).
@@ -483,6 +492,7 @@ impl ReqState {
             started: vec![false; cfg.num_queues as usize],
             on_pair: None,
             on_record: None,
+            ledger: None,
             record: Recorder::new(cfg.num_queues as usize),
             link: None,
             migration: Migration::new(cfg.num_queues, cfg.queue_size, None),
@@ -620,6 +630,9 @@ impl ReqState {
                         let mut inflight = link.inflight.lock().unwrap_or_else(|p| p.into_inner());
                         inflight.forwarded(hdr.request, &msg.body);
                     }
+                    if let Some(l) = self.ledger.as_ref().filter(|_| self.answered(&hdr)) {
+                        l.owe();
+                    }
                     send_msg(backend, &hdr, &msg.body, &fds)?;
                     self.track_rings(&hdr, &msg.body);
                 }
@@ -646,6 +659,27 @@ impl ReqState {
             }
         }
         Ok(())
+    }
+
+    /// Whether the handler answers this request (vhost-user: the requests with a reply, and any
+    /// other with NEED_REPLY once REPLY_ACK is acked).
+    fn answered(&self, hdr: &Hdr) -> bool {
+        use FrontendReq as R;
+        const WITH_REPLY: [FrontendReq; 12] = [
+            R::GET_FEATURES,
+            R::GET_PROTOCOL_FEATURES,
+            R::GET_VRING_BASE,
+            R::GET_QUEUE_NUM,
+            R::GET_CONFIG,
+            R::GET_INFLIGHT_FD,
+            R::GET_MAX_MEM_SLOTS,
+            R::GET_SHARED_OBJECT,
+            R::CHECK_DEVICE_STATE,
+            R::POSTCOPY_ADVISE,
+            R::SET_LOG_BASE,
+            R::SET_DEVICE_STATE_FD,
+        ];
+        WITH_REPLY.iter().any(|&r| r as u32 == hdr.request) || self.can_reply(hdr)
     }
 
     /// Whether the frontend asked for a REPLY_ACK on this request and may get one.

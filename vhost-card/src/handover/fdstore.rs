@@ -19,6 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use log::{error, info, warn};
@@ -41,6 +42,8 @@ pub const STORE_MAGIC: &str = "vhost-card-fdstore";
 pub const STORE_VERSION: u32 = 1;
 /// The state memfd's name in the store.
 pub const STATE: &str = "state";
+/// The reply ledger's name in the store ([`Ledger`]).
+pub const REPLIES: &str = "replies";
 /// The name the state gives the vhost-user listener, which is not stored.
 pub const LISTENER: &str = "listener";
 /// systemd 254 and later set `$FDSTORE` to the unit's `FileDescriptorStoreMax=`.
@@ -60,7 +63,7 @@ struct Stored {
 
 /// Whether a name is one this daemon stores (and so one it may remove or take back).
 pub fn is_ours(name: &str) -> bool {
-    if name == STATE || name == "frontend" {
+    if name == STATE || name == REPLIES || name == "frontend" {
         return true;
     }
     ["tap-", "region-", "kick-", "call-", "err-"]
@@ -74,7 +77,11 @@ fn index_like(s: &str) -> bool {
 
 /// Every name a session of `pairs` queue pairs may store.
 fn all_names(pairs: usize) -> Vec<String> {
-    let mut v = vec!["frontend".to_string(), STATE.to_string()];
+    let mut v = vec![
+        "frontend".to_string(),
+        STATE.to_string(),
+        REPLIES.to_string(),
+    ];
     v.extend((0..pairs).map(|i| format!("tap-{i}")));
     v.extend((0..crate::gate::MAX_MEM_REGIONS).map(|i| format!("region-{i}")));
     for r in 0..pairs * 2 {
@@ -96,6 +103,88 @@ pub fn wanted(flag: bool) -> bool {
         warn!("--fd-store: no $NOTIFY_SOCKET (not started by systemd); crash recovery is off");
     }
     asked && socket
+}
+
+/// Whether the frontend is owed an answer: a shared memfd (kept in the store as `replies`) with
+/// two counters, the number of requests forwarded that the handler answers (`owed`, counted by
+/// the gate before it forwards one) and the value `owed` had when the last answer was relayed to
+/// the frontend (`answered`). After a crash, `owed != answered` means the frontend (QEMU, which
+/// waits for each answer before its next request) waits for an answer the restarted daemon
+/// cannot give: recovery is refused, the connection closes and the frontend reconnects, rather
+/// than wait for ever. Plain memory writes: nothing per request but two atomic operations.
+pub struct Ledger {
+    fd: OwnedFd,
+    counters: std::ptr::NonNull<[std::sync::atomic::AtomicU64; 2]>,
+}
+
+// SAFETY: the mapping is shared memory used only through atomics, valid until `drop`.
+unsafe impl Send for Ledger {}
+// SAFETY: as above; every access is an atomic operation.
+unsafe impl Sync for Ledger {}
+
+const LEDGER_SIZE: usize = 4096;
+
+impl Ledger {
+    pub fn new() -> std::io::Result<Ledger> {
+        let fd = sealed_or_plain(None)?;
+        // Written rather than ftruncate'd: the sandbox has write, not ftruncate. The mapping's
+        // one page holds the file's end, so its first 16 bytes are the file's.
+        std::fs::File::from(fd.try_clone()?).write_all(&[0; 16])?;
+        // SAFETY: a fresh shared mapping of our memfd, one page (checked); nothing else in
+        // this process maps it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                LEDGER_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let counters = std::ptr::NonNull::new(p.cast()).ok_or(std::io::Error::other("mmap"))?;
+        Ok(Ledger { fd, counters })
+    }
+
+    fn counters(&self) -> &[std::sync::atomic::AtomicU64; 2] {
+        // SAFETY: mapped, page-aligned, its 16 bytes zero at creation and inside the file,
+        // alive as long as `self`.
+        unsafe { self.counters.as_ref() }
+    }
+
+    /// The gate is about to forward a request the handler answers.
+    pub fn owe(&self) {
+        self.counters()[0].fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The gate relayed an answer to the frontend.
+    pub fn answered(&self) {
+        let c = self.counters();
+        c[1].store(c[0].load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping made in `new`; no reference to it outlives `self`.
+        unsafe { libc::munmap(self.counters.as_ptr().cast(), LEDGER_SIZE) };
+    }
+}
+
+/// Whether a stored ledger says an answer is owed (unreadable: as if one were).
+fn owed(fd: BorrowedFd) -> bool {
+    let mut b = [0u8; 16];
+    if pread_exact(fd, &mut b, 0).is_err() {
+        return true;
+    }
+    b[..8] != b[8..]
 }
 
 /// The card's side of a stored session: what the state names besides the gate's record.
@@ -182,8 +271,8 @@ fn file_id(fd: BorrowedFd) -> Option<(u64, u64)> {
     }
 }
 
-/// A sealed memfd holding `bytes`.
-fn sealed(bytes: &[u8]) -> std::io::Result<OwnedFd> {
+/// A new memfd; with `bytes`, holding them and sealed against any change.
+fn sealed_or_plain(bytes: Option<&[u8]>) -> std::io::Result<OwnedFd> {
     // SAFETY: memfd_create with a static name; the descriptor (checked) is ours alone.
     let fd = unsafe {
         let fd = libc::memfd_create(
@@ -194,6 +283,9 @@ fn sealed(bytes: &[u8]) -> std::io::Result<OwnedFd> {
             return Err(std::io::Error::last_os_error());
         }
         OwnedFd::from_raw_fd(fd)
+    };
+    let Some(bytes) = bytes else {
+        return Ok(fd);
     };
     std::fs::File::from(fd.try_clone()?).write_all(bytes)?;
     let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
@@ -222,12 +314,14 @@ impl FdStore {
     fn snapshot<'a>(
         &'a self,
         frontend: BorrowedFd<'a>,
+        ledger: &'a Ledger,
         rec: &'a Recorder,
     ) -> (SessionState, Vec<String>, BTreeMap<String, BorrowedFd<'a>>) {
         let mut kinds = vec![FdKind::UnixListener, FdKind::UnixStream];
         let mut names = vec![LISTENER.to_string(), "frontend".to_string()];
         let mut fds = BTreeMap::new();
         fds.insert("frontend".to_string(), frontend);
+        fds.insert(REPLIES.to_string(), ledger.fd());
         let pairs = self.card.tap.num_queues();
         for i in 0..pairs {
             let name = format!("tap-{i}");
@@ -300,15 +394,21 @@ impl FdStore {
     /// the descriptors the request replaced or that are not stored yet, then a new state;
     /// descriptors no longer used are removed. `request` `None`: everything is stored again
     /// (a session this process resumed).
-    pub fn save(&self, frontend: BorrowedFd, rec: &Recorder, request: Option<(u32, &[u8])>) {
-        let (state, names, fds) = self.snapshot(frontend, rec);
+    pub fn save(
+        &self,
+        frontend: BorrowedFd,
+        ledger: &Ledger,
+        rec: &Recorder,
+        request: Option<(u32, &[u8])>,
+    ) {
+        let (state, names, fds) = self.snapshot(frontend, ledger, rec);
         let blob = Stored {
             magic: STORE_MAGIC.into(),
             version: STORE_VERSION,
             names,
             state: serde_json::to_value(&state).unwrap_or_default(),
         };
-        let memfd = match sealed(&serde_json::to_vec(&blob).unwrap_or_default()) {
+        let memfd = match sealed_or_plain(Some(&serde_json::to_vec(&blob).unwrap_or_default())) {
             Ok(m) => m,
             Err(e) => {
                 warn!("fd store: cannot write the state: {e}");
@@ -454,6 +554,17 @@ fn rebuild(
     listener: Option<BorrowedFd>,
     ours: &DeviceState,
 ) -> Result<Received, String> {
+    let ledger = handed
+        .fds
+        .get(REPLIES)
+        .ok_or("the store has no reply ledger")?;
+    if owed(ledger.as_fd()) {
+        return Err(
+            "the frontend waits for the answer to a request the crashed process took \
+                    (it would wait for ever on a resumed session)"
+                .into(),
+        );
+    }
     let memfd = &handed.fds[STATE];
     let bytes = read_state(memfd.as_fd())?;
     let stored: Stored =
@@ -630,8 +741,24 @@ mod tests {
     }
 
     #[test]
+    fn the_ledger_says_whether_an_answer_is_owed() {
+        let l = Ledger::new().unwrap();
+        assert!(!owed(l.fd()));
+        l.owe();
+        assert!(owed(l.fd()), "a request forwarded, its answer not relayed");
+        l.answered();
+        assert!(!owed(l.fd()));
+        // A request whose answer never came (a frontend's odd flags) is forgotten at the next
+        // answer.
+        l.owe();
+        l.owe();
+        l.answered();
+        assert!(!owed(l.fd()));
+    }
+
+    #[test]
     fn a_sealed_state_cannot_be_changed() {
-        let fd = sealed(b"{}").unwrap();
+        let fd = sealed_or_plain(Some(b"{}")).unwrap();
         assert_eq!(read_state(fd.as_fd()).unwrap(), b"{}");
         let mut f = std::fs::File::from(fd);
         assert!(f.write_all(b"x").is_err());
