@@ -14,7 +14,8 @@
 //! is a sealed memfd named `state`, written last: the blob a live handover sends
 //! ([`SessionState`]) plus the name of each of its descriptors. The vhost-user listener is not
 //! stored (the socket unit holds it, or the daemon binds its path again); the state names it
-//! `listener` and the restarted daemon puts its own there.
+//! `listener` and the restarted daemon puts its own there. A [`Ledger`] (`replies`) says
+//! whether the frontend waits for an answer, in which case the session is not resumed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
