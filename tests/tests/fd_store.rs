@@ -83,6 +83,10 @@ impl Systemd {
     /// Starts the daemon as systemd does: the listener as descriptor 3, then `stored` (as
     /// handed out by the store), `LISTEN_PID` the daemon's own.
     fn start(&self, netns: &str, stored: Stored) -> Result<Daemon> {
+        self.start_with(netns, stored, &self.flags)
+    }
+
+    fn start_with(&self, netns: &str, stored: Stored, flags: &[String]) -> Result<Daemon> {
         let dir = TempDir::new("fdstore-d")?;
         let mut names = vec!["vhost-card@t.socket".to_string()];
         let mut fds = vec![self.listener.as_fd().try_clone_to_owned()?];
@@ -90,7 +94,7 @@ impl Systemd {
             names.push(name);
             fds.push(fd);
         }
-        let mut args: Vec<String> = self.flags.clone();
+        let mut args: Vec<String> = flags.to_vec();
         args.extend(
             ["--netns", netns, "--tap", "card0", "--stats-interval", "1"].map(String::from),
         );
@@ -421,6 +425,29 @@ fn a_hostile_store_is_refused_and_the_daemon_starts_fresh() -> Result<()> {
         println!("{what}: refused, started fresh, store emptied");
         d.kill()?;
     }
+    // A daemon started without --fd-store (the unit changed since) discards what is stored.
+    sd.notify.set(copy(&|_| Ok(()))?);
+    let flags: Vec<String> = sd
+        .flags
+        .iter()
+        .filter(|f| *f != "--fd-store")
+        .cloned()
+        .collect();
+    let mut d = sd.start_with(card.ns.name(), sd.notify.handout()?, &flags)?;
+    d.wait_log(
+        "the store is off (no --fd-store); discarded",
+        Duration::from_secs(5),
+    )?;
+    ensure!(
+        !fd_links(d.pid()?)?.contains(&frontend_link),
+        "kept the frontend's connection"
+    );
+    ensure!(
+        sd.notify.names().is_empty(),
+        "the store still holds {:?}",
+        sd.notify.names()
+    );
+    d.kill()?;
     // The untouched store recovers.
     sd.notify.set(copy(&|_| Ok(()))?);
     drop(pristine);

@@ -370,10 +370,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     // (A process taking a session over by a live handover keeps it in the store too.)
     let fd_store =
         handover_unavailable(&cfg).is_none() && crate::handover::fdstore::wanted(cfg.fd_store);
-    let (mut recovered, discarded) = match fd_store && taken.is_none() {
+    let (mut recovered, discarded) = match taken.is_none() && handover_unavailable(&cfg).is_none() {
         true => crate::handover::fdstore::recover(
             listener.as_ref().map(|l| l.as_fd()),
             &device_of(&cfg),
+            fd_store,
         ),
         false => (None, false),
     };

@@ -497,8 +497,12 @@ impl Drop for Handed {
 /// and every descriptor as a handover does, against this daemon's own device; `listener` takes
 /// the listener's place. Anything invalid is logged, closed and removed from the store, and the
 /// daemon starts fresh (the frontend reconnects on its own timer): then the second value is
-/// true.
-pub fn recover(listener: Option<BorrowedFd>, ours: &DeviceState) -> (Option<Recovered>, bool) {
+/// true. With `keep` false (the store is off now) whatever was stored is discarded so.
+pub fn recover(
+    listener: Option<BorrowedFd>,
+    ours: &DeviceState,
+    keep: bool,
+) -> (Option<Recovered>, bool) {
     let handed = match sd_notify::listen_fds_with_names() {
         Ok(fds) => fds,
         Err(e) => {
@@ -527,6 +531,13 @@ pub fn recover(listener: Option<BorrowedFd>, ours: &DeviceState) -> (Option<Reco
         return (None, false);
     }
     let mut handed = Handed { fds };
+    if !keep {
+        warn!(
+            "fd store: {} stored descriptors, but the store is off (no --fd-store); discarded",
+            handed.fds.len()
+        );
+        return (None, true);
+    }
     if !handed.fds.contains_key(STATE) {
         warn!(
             "fd store: {} descriptors without a state (a session that was ending); discarded",
