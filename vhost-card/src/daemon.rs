@@ -384,7 +384,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             Ok(tap) => tap,
             Err(e) => {
                 error!("crash recovery refused: {e}; starting fresh");
-                recovered = None;
+                if let Some(rc) = recovered.take() {
+                    rc.discard();
+                }
                 open_tap_after_discard(&cfg)?
             }
         },
@@ -460,7 +462,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 let r = rc.received;
                 let (Some(state), Some(i)) = (r.state.session.clone(), r.state.sockets.frontend)
                 else {
-                    unreachable!("fdstore::recover returns sessions only")
+                    return Err(DaemonError::Handover(
+                        "crash recovery: a stored state without a session".into(),
+                    ));
                 };
                 let session = Resume {
                     frontend: UnixStream::from(r.take(i).map_err(io_err("crash recovery"))?),

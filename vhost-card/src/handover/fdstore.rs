@@ -477,6 +477,15 @@ pub struct Recovered {
     pub names: BTreeSet<String>,
 }
 
+impl Recovered {
+    /// Refused after all (the tap could not be adopted): closed, and removed from the store.
+    pub fn discard(self) {
+        for name in &self.names {
+            remove(name);
+        }
+    }
+}
+
 /// The descriptors systemd handed back with our names, and the store names to remove if they
 /// are refused.
 struct Handed {
