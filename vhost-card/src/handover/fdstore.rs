@@ -570,6 +570,52 @@ pub fn recover(
     }
 }
 
+/// A stored state's bytes, parsed and checked on their own: the handover state (a session with
+/// its frontend's connection, no control or metrics socket) and the store name of each of its
+/// descriptors (`listener` for the listener; only memory regions share a name).
+pub fn parse_stored(bytes: &[u8]) -> Result<(SessionState, Vec<String>), String> {
+    let stored: Stored =
+        serde_json::from_slice(bytes).map_err(|e| format!("state: not a stored state: {e}"))?;
+    if stored.magic != STORE_MAGIC {
+        return Err(format!("state: magic {:?}", stored.magic));
+    }
+    if stored.version != STORE_VERSION {
+        return Err(format!(
+            "state: version {}; this binary reads version {STORE_VERSION} only",
+            stored.version
+        ));
+    }
+    let blob = serde_json::to_vec(&stored.state).unwrap_or_default();
+    let state = SessionState::parse(&blob).map_err(|e| e.to_string())?;
+    if state.sockets.control.is_some() || state.sockets.metrics.is_some() {
+        return Err("state: a stored state names no control or metrics socket".into());
+    }
+    if state.session.is_none() {
+        return Err("state: no session".into());
+    }
+    if stored.names.len() != state.fds.len() {
+        return Err(format!(
+            "state: {} names for {} descriptors",
+            stored.names.len(),
+            state.fds.len()
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for (i, (name, kind)) in stored.names.iter().zip(&state.fds).enumerate() {
+        if (i == state.sockets.listener) != (name == LISTENER) {
+            return Err(format!("state: descriptor {i} is named {name:?}"));
+        }
+        if i != state.sockets.listener && (!is_ours(name) || name == STATE || name == REPLIES) {
+            return Err(format!("state: descriptor name {name:?}"));
+        }
+        // Only regions of one file share a name.
+        if !seen.insert(name.as_str()) && *kind != FdKind::GuestMemory {
+            return Err(format!("state: descriptor name {name:?} used twice"));
+        }
+    }
+    Ok((state, stored.names))
+}
+
 fn rebuild(
     handed: &Handed,
     listener: Option<BorrowedFd>,
@@ -586,48 +632,13 @@ fn rebuild(
                 .into(),
         );
     }
-    let memfd = &handed.fds[STATE];
-    let bytes = read_state(memfd.as_fd())?;
-    let stored: Stored =
-        serde_json::from_slice(&bytes).map_err(|e| format!("state: not a stored state: {e}"))?;
-    if stored.magic != STORE_MAGIC {
-        return Err(format!("state: magic {:?}", stored.magic));
-    }
-    if stored.version != STORE_VERSION {
-        return Err(format!(
-            "state: version {}; this binary reads version {STORE_VERSION} only",
-            stored.version
-        ));
-    }
-    let blob = serde_json::to_vec(&stored.state).unwrap_or_default();
-    let mut state = SessionState::parse(&blob).map_err(|e| e.to_string())?;
+    let (mut state, names) = parse_stored(&read_state(handed.fds[STATE].as_fd())?)?;
     state.check_device(ours).map_err(|e| e.to_string())?;
-    if state.sockets.control.is_some() || state.sockets.metrics.is_some() {
-        return Err("state: a stored state names no control or metrics socket".into());
-    }
-    if state.session.is_none() {
-        return Err("state: no session".into());
-    }
-    if stored.names.len() != state.fds.len() {
-        return Err(format!(
-            "state: {} names for {} descriptors",
-            stored.names.len(),
-            state.fds.len()
-        ));
-    }
     let mut fds = Vec::with_capacity(state.fds.len());
-    let mut seen = BTreeSet::new();
-    for (i, (name, kind)) in stored.names.iter().zip(&state.fds).enumerate() {
+    for (i, name) in names.iter().enumerate() {
         let fd = if i == state.sockets.listener {
-            if name != LISTENER {
-                return Err(format!("state: the listener is named {name:?}"));
-            }
             listener.ok_or("no listener of this process's own to resume on")?
         } else {
-            // Only regions of one file share a name.
-            if !seen.insert(name.as_str()) && *kind != FdKind::GuestMemory {
-                return Err(format!("state: descriptor name {name:?} used twice"));
-            }
             handed
                 .fds
                 .get(name)
@@ -648,7 +659,12 @@ fn rebuild(
         let at = addr.used.checked_add(2).ok_or("used ring address")?;
         let region = regions
             .iter()
-            .find(|r| at >= r.userspace_addr && at + 2 <= r.userspace_addr + r.memory_size)
+            .find(|r| {
+                at >= r.userspace_addr
+                    && (at - r.userspace_addr)
+                        .checked_add(2)
+                        .is_some_and(|end| end <= r.memory_size)
+            })
             .ok_or_else(|| format!("ring {i}: used index at {at:#x} outside guest memory"))?;
         let offset = region.mmap_offset + (at - region.userspace_addr);
         let mut idx = [0u8; 2];
@@ -775,6 +791,28 @@ mod tests {
         l.owe();
         l.answered();
         assert!(!owed(l.fd()));
+    }
+
+    #[test]
+    fn a_stored_state_is_checked_on_its_own() {
+        for bad in [
+            &b""[..],
+            b"{}",
+            b"{\"magic\":\"vhost-card-fdstore\",\"version\":2,\"names\":[],\"state\":{}}",
+            b"{\"magic\":\"x\",\"version\":1,\"names\":[],\"state\":{}}",
+            b"{\"magic\":\"vhost-card-fdstore\",\"version\":1,\"names\":[],\"state\":{}}",
+        ] {
+            assert!(
+                parse_stored(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let e = parse_stored(
+            b"{\"magic\":\"vhost-card-fdstore\",\"version\":2,\"names\":[],\"state\":{}}",
+        )
+        .unwrap_err();
+        assert!(e.contains("version 2"), "{e}");
     }
 
     #[test]
