@@ -232,6 +232,29 @@ impl Card {
     }
 }
 
+/// Frames each way so far on one driver; every round sends one each way and checks that the TX
+/// used index counts every frame (none completed twice or lost), across handovers and restarts.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub rounds: u16,
+}
+
+impl Traffic {
+    pub fn round(&mut self, card: &Card, dev: &mut VirtioNet) -> Result<()> {
+        let seed = (self.rounds % 200) as u8;
+        card.check_host_to_card(dev, 7000 + self.rounds, seed)?;
+        card.check_card_to_host(dev, seed)?;
+        self.rounds += 1;
+        let tx = dev.tx.used_idx(&dev.mem)?;
+        anyhow::ensure!(
+            tx == self.rounds,
+            "TX used index {tx} after {} frames: a chain completed twice or lost",
+            self.rounds
+        );
+        Ok(())
+    }
+}
+
 pub fn mac_str(mac: &[u8; 6]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))

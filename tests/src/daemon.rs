@@ -94,7 +94,14 @@ impl Daemon {
         {
             args.push(a.as_ref());
         }
-        let mut cmd = rig::daemon::command_via(wrapper, &bin, &args, &log, dir.path())?;
+        let cmd = rig::daemon::command_via(wrapper, &bin, &args, &log, dir.path())?;
+        Self::spawn(cmd, socket, dir)
+    }
+
+    /// Starts `cmd` (from `rig::daemon::command_via`, logging to `dir/daemon.log`), a daemon
+    /// serving `socket`, and waits until it listens.
+    pub fn spawn(mut cmd: std::process::Command, socket: PathBuf, dir: TempDir) -> Result<Daemon> {
+        let log = dir.path().join("daemon.log");
         let child = Guarded::spawn("vhost-card", &mut cmd, libc::SIGTERM)?;
         let mut d = Daemon {
             child: Some(child),
@@ -104,6 +111,12 @@ impl Daemon {
         };
         d.wait_log("listening on", Duration::from_secs(10))?;
         Ok(d)
+    }
+
+    /// SIGKILL (a crash), then reaps it.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("daemon already stopped")?;
+        child.kill()
     }
 
     pub fn socket(&self) -> &Path {

@@ -11,6 +11,7 @@
 //! * [`frontend`]: the vhost-user control plane (the `vhost` crate's frontend plus raw messages);
 //! * [`netdev`]: a minimal virtio-net driver on top: vnet headers, TX chains, RX buffers;
 //! * [`packet`]: frames, checksums and vnet headers;
+//! * [`sdnotify`]: systemd's notify socket and fd store, for tests that play systemd;
 //! * [`card`]: one test's whole set-up (namespaces, addresses, daemon) in one value.
 
 pub mod card;
@@ -19,6 +20,7 @@ pub mod fds;
 pub mod frontend;
 pub mod netdev;
 pub mod packet;
+pub mod sdnotify;
 pub mod vring;
 
 // The shared rig (rig/): namespaces, processes, the daemon's launch; one copy for the tests

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use vhost::vhost_user::VhostUserFrontend;
-use vhost::VhostBackend;
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vm_memory::GuestAddress;
 
 use crate::frontend::Control;
@@ -98,6 +98,9 @@ pub struct Options {
     pub allow_sealing: bool,
     /// Hand the device kick eventfds in blocking mode (QEMU's are non-blocking).
     pub blocking_kicks: bool,
+    /// Describe guest memory as two regions of the one memfd, its two halves (QEMU sends RAM
+    /// around the VGA hole as two regions of one file).
+    pub split_memory: bool,
 }
 
 impl Options {
@@ -114,6 +117,7 @@ impl Options {
             enable_rings: true,
             allow_sealing: false,
             blocking_kicks: false,
+            split_memory: false,
         }
     }
 }
@@ -154,9 +158,26 @@ impl VirtioNet {
     pub fn start(mut ctl: Control, features: u64, opts: &Options) -> Result<Self> {
         ctl.set_features(features)?;
         let mut mem = GuestMem::with_sealing(opts.mem_size, opts.allow_sealing)?;
-        ctl.vu
-            .set_mem_table(&[mem.region_info()?])
-            .context("SET_MEM_TABLE")?;
+        let whole = mem.region_info()?;
+        let regions = if opts.split_memory {
+            let half = whole.memory_size / 2;
+            vec![
+                VhostUserMemoryRegionInfo {
+                    memory_size: half,
+                    ..whole
+                },
+                VhostUserMemoryRegionInfo {
+                    guest_phys_addr: whole.guest_phys_addr + half,
+                    memory_size: whole.memory_size - half,
+                    userspace_addr: whole.userspace_addr + half,
+                    mmap_offset: whole.mmap_offset + half,
+                    ..whole
+                },
+            ]
+        } else {
+            vec![whole]
+        };
+        ctl.vu.set_mem_table(&regions).context("SET_MEM_TABLE")?;
         let mut rx = Vq::new(&mut mem, opts.queue_size)?;
         let mut tx = Vq::new(&mut mem, opts.queue_size)?;
         if opts.blocking_kicks {

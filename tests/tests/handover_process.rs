@@ -16,9 +16,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
-use card_tests::card::Card;
+use card_tests::card::{Card, Traffic};
 use card_tests::daemon::{binary, rss_kib_of as rss_kib};
-use card_tests::netdev::{VirtioNet, F_LOG_ALL};
+use card_tests::netdev::F_LOG_ALL;
 use card_tests::TempDir;
 use vhost_card::control::read_line;
 use vhost_card::handover::state::SessionState;
@@ -76,27 +76,6 @@ fn upgrade(control: &Path, log: &Path) -> Result<(u32, f64)> {
         std::fs::read_to_string(log).unwrap_or_default()
     );
     rig::card::parse_upgrade(&text)
-}
-
-/// Frames each way so far; every round adds one each way and checks the used indices.
-struct Traffic {
-    rounds: u16,
-}
-
-impl Traffic {
-    fn round(&mut self, card: &Card, dev: &mut VirtioNet) -> Result<()> {
-        let seed = (self.rounds % 200) as u8;
-        card.check_host_to_card(dev, 7000 + self.rounds, seed)?;
-        card.check_card_to_host(dev, seed)?;
-        self.rounds += 1;
-        let tx = dev.tx.used_idx(&dev.mem)?;
-        ensure!(
-            tx == self.rounds,
-            "TX used index {tx} after {} frames: a chain completed twice or lost",
-            self.rounds
-        );
-        Ok(())
-    }
 }
 
 /// Opens a handover request on the control socket: the snapshot's offer and the connection.

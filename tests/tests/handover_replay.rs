@@ -181,6 +181,8 @@ fn gate(
     let hooks = || Hooks {
         pair: Box::new(move |pair, on| steer.pair_enabled(pair, on)),
         rarp: Box::new(move |mac| announce.send_rarp(mac)),
+        record: None,
+        ledger: None,
     };
     Ok(match record {
         None => Gate::start(frontend, handler, cfg, hooks())?,

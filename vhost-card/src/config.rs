@@ -187,6 +187,13 @@ pub struct Args {
     #[arg(long)]
     pub keep_tap: bool,
 
+    /// Keep the live session in systemd's file descriptor store (the unit's
+    /// FileDescriptorStoreMax=, sd_notify FDSTORE=1), so that a restart after a crash resumes
+    /// it on the same connection without the frontend reconnecting. Needs $NOTIFY_SOCKET; on by
+    /// itself when systemd (254 and later) sets $FDSTORE.
+    #[arg(long)]
+    pub fd_store: bool,
+
     /// After the sockets and the tap exist: `seccomp` clears every capability and installs a
     /// system-call allow-list (a forbidden call ends the daemon with status 159 and names the
     /// call); `none` keeps the daemon's privileges (for debugging).
@@ -380,6 +387,7 @@ pub struct Config {
     pub link: Link,
     pub stats_interval: u64,
     pub keep_tap: bool,
+    pub fd_store: bool,
     pub sandbox: Sandbox,
     /// uid and gid to switch to.
     pub identity: Option<(u32, u32)>,
@@ -455,6 +463,7 @@ impl TryFrom<Args> for Config {
             link: a.link,
             stats_interval: a.stats_interval,
             keep_tap: a.keep_tap,
+            fd_store: a.fd_store,
             sandbox: a.sandbox,
             identity: match &a.user {
                 None => None,

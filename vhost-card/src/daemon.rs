@@ -366,9 +366,32 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     });
     let private = private_dir().map_err(io_err("creating a private directory"))?;
     cleanup.dir = Some(private.clone());
-    let tap = match &taken {
-        Some(r) => adopt_tap(r)?,
-        None => open_tap(&cfg)?,
+    // Restarted by systemd after a crash: the session kept in its fd store, if any is valid.
+    // (A process taking a session over by a live handover keeps it in the store too.)
+    let fd_store =
+        handover_unavailable(&cfg).is_none() && crate::handover::fdstore::wanted(cfg.fd_store);
+    let (mut recovered, discarded) = match taken.is_none() && handover_unavailable(&cfg).is_none() {
+        true => crate::handover::fdstore::recover(
+            listener.as_ref().map(|l| l.as_fd()),
+            &device_of(&cfg),
+            fd_store,
+        ),
+        false => (None, false),
+    };
+    let tap = match (&taken, &recovered) {
+        (Some(r), _) => adopt_tap(r)?,
+        (None, Some(rc)) => match adopt_tap(&rc.received) {
+            Ok(tap) => tap,
+            Err(e) => {
+                error!("crash recovery refused: {e}; starting fresh");
+                if let Some(rc) = recovered.take() {
+                    rc.discard();
+                }
+                open_tap_after_discard(&cfg)?
+            }
+        },
+        (None, None) if discarded => open_tap_after_discard(&cfg)?,
+        (None, None) => open_tap(&cfg)?,
     };
     let vduse = match (&cfg.listen, vduse_start) {
         (Listen::Vduse(v), Some(start)) => {
@@ -409,6 +432,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     confine(&cfg, &owned)?;
     // Everything is in place: accept what was received, and wait for the go. From the go on
     // the session is this process's.
+    let mut recovered_names = None;
     let resume = match taking.0.take() {
         Some(mut inc) => {
             let paused_at = inc.accept().map_err(DaemonError::Handover)?;
@@ -419,7 +443,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                     state,
                     held: r.held,
                     fds: r.fds,
-                    incoming: inc,
+                    incoming: Some(inc),
                     paused_at,
                     armed: cleanup.remove_paths.clone(),
                 }),
@@ -433,7 +457,29 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             };
             Some((r.state.counters, session))
         }
-        None => None,
+        None => match recovered.take() {
+            Some(rc) => {
+                let r = rc.received;
+                let (Some(state), Some(i)) = (r.state.session.clone(), r.state.sockets.frontend)
+                else {
+                    return Err(DaemonError::Handover(
+                        "crash recovery: a stored state without a session".into(),
+                    ));
+                };
+                let session = Resume {
+                    frontend: UnixStream::from(r.take(i).map_err(io_err("crash recovery"))?),
+                    state,
+                    held: r.held,
+                    fds: r.fds,
+                    incoming: None,
+                    paused_at: crate::handover::steps::now_us(),
+                    armed: cleanup.remove_paths.clone(),
+                };
+                recovered_names = Some(rc.names);
+                Some((r.state.counters, Some(session)))
+            }
+            None => None,
+        },
     };
 
     // 3. Threads, then serve.
@@ -478,6 +524,19 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         session
     });
     sources.set_stats(stats.clone());
+    let fd_store = fd_store.then(|| {
+        let store = crate::handover::fdstore::FdStore::new(crate::handover::fdstore::Card {
+            tap: tap.clone(),
+            device: device_of(&cfg),
+            tap_created: tap.created(),
+            stats: stats.clone(),
+        });
+        if let Some(names) = recovered_names.take() {
+            store.adopt(names);
+        }
+        info!("fd store: the live session is kept in systemd's file descriptor store");
+        Arc::new(store)
+    });
     if let Some(l) = control {
         let hook = crate::control::HandoverHook {
             offer: serde_json::to_value(Offer {
@@ -644,6 +703,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 stop: &stop,
                 sources: &sources,
                 keep_tap: cfg.keep_tap,
+                fd_store: fd_store.as_ref(),
             };
             serve(listener, &ctx, resume.flatten())
         }
@@ -654,6 +714,8 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         cleanup.paths.clear();
         tap.keep_when_done(true);
         info!("handed over; exiting");
+    } else if let Some(store) = &fd_store {
+        store.clear();
     }
     tap.release();
     drop(cleanup);
@@ -700,6 +762,23 @@ fn confine(cfg: &Config, owned: &[&Path]) -> Result<(), DaemonError> {
         info!("sandbox: capabilities cleared, seccomp allow-list installed");
     }
     Ok(())
+}
+
+/// [`open_tap`] after a stored session was refused: systemd closes its copies of the tap's
+/// queues when it handles the removal, which may come after this process tries to attach to a
+/// single-queue tap (EBUSY until then).
+fn open_tap_after_discard(cfg: &Config) -> Result<Arc<Tap>, DaemonError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match open_tap(cfg) {
+            Err(DaemonError::Tap(crate::tap::TapError::Busy(_)))
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Opens the tap and checks that the kernel supports what is offered.
@@ -757,7 +836,10 @@ struct Resume {
     held: Vec<(u16, Vec<u8>)>,
     /// Every received descriptor, in the blob's numbering.
     fds: Vec<OwnedFd>,
-    incoming: Incoming,
+    /// The handover's connection to the old process; `None` for a session recovered from the
+    /// fd store after a crash.
+    incoming: Option<Incoming>,
+    /// When the session stopped being served (a handover's pause, a recovery's start).
     paused_at: u64,
     /// Set once serving: from then on the socket files are this process's to remove.
     armed: Arc<AtomicBool>,
@@ -808,6 +890,8 @@ struct Ctx<'a> {
     stop: &'a Stop,
     sources: &'a Sources,
     keep_tap: bool,
+    /// Where the live session is kept for a restart after a crash.
+    fd_store: Option<&'a Arc<crate::handover::fdstore::FdStore>>,
 }
 
 fn serve(listener: &UnixListener, ctx: &Ctx, resume: Option<Resume>) -> Result<(), DaemonError> {
@@ -822,6 +906,9 @@ fn serve(listener: &UnixListener, ctx: &Ctx, resume: Option<Resume>) -> Result<(
         match result {
             Ok(()) => info!("frontend disconnected; listening again"),
             Err(e) => error!("frontend session ended with an error: {e}; listening again"),
+        }
+        if let Some(store) = ctx.fd_store {
+            store.clear();
         }
         backend.reset_connection();
         backend.stats().set_connected(false);
@@ -902,22 +989,63 @@ fn serve_one(frontend: UnixStream, ctx: &Ctx, resume: Option<Resume>) -> Result<
     drop(inner_listener);
 
     let (steer, announce) = (backend.clone(), backend.clone());
+    // The answers the frontend is owed, kept with the session in the fd store.
+    let ledger = match ctx.fd_store {
+        Some(_) => Some(Arc::new(
+            crate::handover::fdstore::Ledger::new().map_err(io_err("the reply ledger"))?,
+        )),
+        None => None,
+    };
     let hooks = Hooks {
         pair: Box::new(move |pair: usize, enabled: bool| steer.pair_enabled(pair, enabled)),
         rarp: Box::new(move |mac| announce.send_rarp(mac)),
+        record: match ctx.fd_store {
+            Some(store) => {
+                let (store, f, ledger) = (
+                    store.clone(),
+                    frontend.try_clone().map_err(io_err("frontend socket"))?,
+                    ledger.clone(),
+                );
+                Some(Box::new(
+                    move |hdr: &crate::gate::Hdr, body: &[u8], rec: &Recorder| {
+                        if let Some(l) = ledger
+                            .as_ref()
+                            .filter(|_| crate::handover::fdstore::changes_session(hdr.request))
+                        {
+                            store.save(f.as_fd(), l, rec, Some((hdr.request, body)));
+                        }
+                    },
+                ))
+            }
+            None => None,
+        },
+        ledger: ledger.clone(),
     };
     let gate = match resume {
         None => Gate::start(frontend, gate_side, ctx.gate_cfg, hooks)
             .map_err(io_err("starting the gate"))?,
         Some(r) => {
-            let gate = resume_gate(frontend, gate_side, ctx, hooks, &r)?;
-            let outage = r.incoming.serving(r.paused_at);
+            let gate = resume_gate(frontend, gate_side, ctx, hooks, &r, ledger.as_deref())?;
             r.armed.store(true, Ordering::SeqCst);
             ctx.sources.tap.keep_when_done(ctx.keep_tap);
-            info!(
-                "handover: serving the session taken over; {:.1} ms without service",
-                outage as f64 / 1000.0
-            );
+            match r.incoming {
+                Some(inc) => {
+                    let outage = inc.serving(r.paused_at);
+                    info!(
+                        "handover: serving the session taken over; {:.1} ms without service",
+                        outage as f64 / 1000.0
+                    );
+                }
+                None => {
+                    crate::handover::fdstore::wake(&r.state, &r.fds);
+                    info!(
+                        "crash recovery: serving the session on the same connection, {:.1} ms \
+                         after start-up",
+                        crate::handover::steps::now_us().saturating_sub(r.paused_at) as f64
+                            / 1000.0
+                    );
+                }
+            }
             gate
         }
     };
@@ -958,6 +1086,7 @@ fn resume_gate(
     ctx: &Ctx,
     hooks: Hooks,
     r: &Resume,
+    ledger: Option<&crate::handover::fdstore::Ledger>,
 ) -> Result<Gate, DaemonError> {
     let fail =
         |what: &str, e: &dyn std::fmt::Display| DaemonError::Handover(format!("{what}: {e}"));
@@ -975,6 +1104,10 @@ fn resume_gate(
         .set_read_timeout(None)
         .map_err(|e| fail("handler socket", &e))?;
     let record = Recorder::restore(&r.state, &fds).map_err(|e| fail("the session's record", &e))?;
+    if let (Some(store), Some(ledger)) = (ctx.fd_store, ledger) {
+        // Resumed (a handover, a recovery): the store holds this process's view from now on.
+        store.save(frontend.as_fd(), ledger, &record, None);
+    }
     Gate::resume(frontend, gate_side, ctx.gate_cfg, hooks, record)
         .map_err(|e| fail("starting the gate", &e))
 }

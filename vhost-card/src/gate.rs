@@ -33,6 +33,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::features::VHOST_USER_F_PROTOCOL_FEATURES;
+use crate::handover::fdstore::Ledger;
 use crate::handover::pause::{self, Inflight, Link, PauseRequest, Paused};
 use crate::handover::record::Recorder;
 use crate::migrate::{Migration, Negotiation, RarpHook, Verdict};
@@ -255,7 +256,15 @@ pub struct Hooks {
     pub pair: PairHook,
     /// `SEND_RARP`: announce a guest MAC into the card's network.
     pub rarp: RarpHook,
+    /// After each request the gate took (forwarded or answered with success), with the record
+    /// it changed: the fd store keeps a crash-proof copy (`handover::fdstore`).
+    pub record: Option<RecordHook>,
+    /// Counts the answers the frontend is owed, for the fd store (`fdstore::Ledger`).
+    pub ledger: Option<Arc<Ledger>>,
 }
+
+/// Told of each request taken, with the gate's record after it.
+pub type RecordHook = Box<dyn FnMut(&Hdr, &[u8], &Recorder) + Send>;
 
 /// A running gate.
 pub struct Gate {
@@ -309,6 +318,9 @@ impl Gate {
         resumed: bool,
     ) -> io::Result<Gate> {
         st.on_pair = Some(hooks.pair);
+        st.on_record = hooks.record;
+        st.ledger = hooks.ledger.clone();
+        let ledger = hooks.ledger;
         st.migration.set_rarp(hooks.rarp);
         if resumed {
             // Before this returns: the pairs in use are known when the caller goes on.
@@ -368,6 +380,9 @@ impl Gate {
                     let w = writer.lock().unwrap_or_else(|p| p.into_inner());
                     if send_msg(&w, &hdr, &msg.body, &fds).is_err() {
                         break;
+                    }
+                    if let Some(l) = &ledger {
+                        l.answered();
                     }
                 }
                 down2();
@@ -456,6 +471,8 @@ struct ReqState {
     /// (`GET_VRING_BASE`).
     started: Vec<bool>,
     on_pair: Option<PairHook>,
+    on_record: Option<RecordHook>,
+    ledger: Option<Arc<Ledger>>,
     /// The session as the handler holds it, for a handover (`handover::record`).
     record: Recorder,
     /// Pause requests for a handover (none in `screen_stream`).
@@ -474,6 +491,8 @@ impl ReqState {
             enabled: vec![false; cfg.num_queues as usize],
             started: vec![false; cfg.num_queues as usize],
             on_pair: None,
+            on_record: None,
+            ledger: None,
             record: Recorder::new(cfg.num_queues as usize),
             link: None,
             migration: Migration::new(cfg.num_queues, cfg.queue_size, None),
@@ -593,8 +612,16 @@ impl ReqState {
                 }
                 self.filter(&hdr, &msg.body)
             };
-            // Taken: forwarded, or answered with success here. Recorded for a handover.
+            // Taken: forwarded, or answered with success here. Recorded for a handover, and
+            // kept (the fd store) before the handler or the frontend sees it: a crash in between
+            // leaves a record one request ahead, which a rebuild applies as the frontend meant.
             let taken = matches!(action, Action::Forward | Action::Answer(0));
+            if taken {
+                self.record.observe(&hdr, &msg.body, &msg.fds);
+                if let Some(hook) = &mut self.on_record {
+                    hook(&hdr, &msg.body, &self.record);
+                }
+            }
             match action {
                 Action::Forward => {
                     let fds: Vec<RawFd> = msg.fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -602,6 +629,9 @@ impl ReqState {
                         // Counted before it is sent: its answer may come back at once.
                         let mut inflight = link.inflight.lock().unwrap_or_else(|p| p.into_inner());
                         inflight.forwarded(hdr.request, &msg.body);
+                    }
+                    if let Some(l) = self.ledger.as_ref().filter(|_| self.answered(&hdr)) {
+                        l.owe();
                     }
                     send_msg(backend, &hdr, &msg.body, &fds)?;
                     self.track_rings(&hdr, &msg.body);
@@ -623,15 +653,33 @@ impl ReqState {
                     send_msg(&w, &reply, &body, &[])?;
                 }
             }
-            if taken {
-                self.record.observe(&hdr, &msg.body, &msg.fds);
-            }
             if hdr.request == FrontendReq::SET_FEATURES as u32 && matches!(action, Action::Forward)
             {
                 self.after_set_features(backend)?;
             }
         }
         Ok(())
+    }
+
+    /// Whether the handler answers this request (vhost-user: the requests with a reply, and any
+    /// other with NEED_REPLY once REPLY_ACK is acked).
+    fn answered(&self, hdr: &Hdr) -> bool {
+        use FrontendReq as R;
+        const WITH_REPLY: [FrontendReq; 12] = [
+            R::GET_FEATURES,
+            R::GET_PROTOCOL_FEATURES,
+            R::GET_VRING_BASE,
+            R::GET_QUEUE_NUM,
+            R::GET_CONFIG,
+            R::GET_INFLIGHT_FD,
+            R::GET_MAX_MEM_SLOTS,
+            R::GET_SHARED_OBJECT,
+            R::CHECK_DEVICE_STATE,
+            R::POSTCOPY_ADVISE,
+            R::SET_LOG_BASE,
+            R::SET_DEVICE_STATE_FD,
+        ];
+        WITH_REPLY.iter().any(|&r| r as u32 == hdr.request) || self.can_reply(hdr)
     }
 
     /// Whether the frontend asked for a REPLY_ACK on this request and may get one.

@@ -149,6 +149,9 @@ pub fn filter_with(extra_ioctls: &[u64]) -> Result<BpfProgram, SandboxError> {
         libc::SYS_epoll_wait,
         libc::SYS_epoll_pwait,
         libc::SYS_eventfd2,
+        // The session's state for systemd's fd store (`--fd-store`): a new sealed memfd for
+        // each change, sent with sendmsg on a Unix datagram socket like any sd_notify.
+        libc::SYS_memfd_create,
         // A new frontend: the gate's inner Unix socket, and accepting on the listeners.
         libc::SYS_accept,
         libc::SYS_accept4,

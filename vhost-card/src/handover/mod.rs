@@ -4,9 +4,11 @@
 //! (the requests that stop, restart and rebuild a session in the `vhost` crate's handler),
 //! [`wire`] (the blob and descriptors over the control socket) and [`fdcheck`] (what each
 //! received descriptor is); [`steps`] (the conversation between the two processes), [`give`]
-//! (the old process's side) and [`take`] (the new one's).
+//! (the old process's side) and [`take`] (the new one's). [`fdstore`]: the same session kept in
+//! systemd's file descriptor store, and taken back after a crash.
 
 pub mod fdcheck;
+pub mod fdstore;
 pub mod give;
 pub mod pause;
 pub mod record;
