@@ -433,6 +433,32 @@ impl Vm {
         Ok(reply.out)
     }
 
+    /// QEMU's pid (as this process sees it).
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// The inodes of the sockets QEMU holds: one that appears is a connection QEMU made (or
+    /// accepted) since the last look, e.g. a vhost-user reconnect.
+    pub fn sockets(&self) -> Result<std::collections::BTreeSet<u64>> {
+        let dir = format!("/proc/{}/fd", self.pid());
+        let mut inodes = std::collections::BTreeSet::new();
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+            let Ok(target) = std::fs::read_link(entry?.path()) else {
+                continue;
+            };
+            let text = target.to_string_lossy();
+            if let Some(inode) = text
+                .strip_prefix("socket:[")
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse().ok())
+            {
+                inodes.insert(inode);
+            }
+        }
+        Ok(inodes)
+    }
+
     /// Waits for the guest to power off.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let status = self.child.wait_timeout(timeout);

@@ -20,8 +20,10 @@
 //!   equal; the gap is reported.
 //!
 //! Reported for each kill: when the new daemon ran, the first frame from the guest after the
-//! kill, the gaps, the vhost-user connections the daemons logged (QEMU's reconnects) and the
-//! guest's carrier changes.
+//! kill, the gaps, the vhost-user connections the daemons logged (QEMU's reconnects; under
+//! systemd also whether QEMU holds a socket it did not hold before the kills) and the guest's
+//! carrier changes; under systemd also the gaps of the same transfers without a kill, run
+//! first (what this machine makes on its own).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -72,6 +74,9 @@ struct Leg {
 struct Outcome {
     up: Leg,
     down: Leg,
+    /// The same transfers without a kill first, when asked for: the gaps the machine makes on
+    /// its own.
+    base: Option<(Leg, Leg)>,
     /// Every frame of the transfers, sorted.
     all: Vec<u64>,
     /// The frames from the guest (written to the tap by the backend), sorted.
@@ -122,14 +127,42 @@ impl Outcome {
         )
     }
 
-    /// Both transfers whole, both killed, and (with `bound`) every gap within it.
+    /// The transfers without a kill, if any: their gaps (every frame) and whether they
+    /// arrived whole.
+    fn describe_base(&self) -> String {
+        match &self.base {
+            None => String::new(),
+            Some((up, down)) => format!(
+                "; the same transfers without a kill: longest gap {:.0} ms and {:.0} ms{}",
+                self.measure(up).gap_all,
+                self.measure(down).gap_all,
+                if up.checked.ok && down.checked.ok {
+                    String::new()
+                } else {
+                    format!(
+                        " (NOT whole: {}; {})",
+                        up.checked.describe(),
+                        down.checked.describe()
+                    )
+                }
+            ),
+        }
+    }
+
+    /// Both transfers whole, both killed, and (with `bound`) every gap within it; the
+    /// transfers without a kill whole.
     fn pass(&self, bound: Option<f64>) -> bool {
-        [&self.up, &self.down].iter().all(|leg| {
-            let m = self.measure(leg);
-            leg.checked.ok
-                && leg.killed.is_some()
-                && bound.is_none_or(|b| m.gap_all <= b && m.gap_guest <= b)
-        })
+        let base_ok = self
+            .base
+            .as_ref()
+            .is_none_or(|(up, down)| up.checked.ok && down.checked.ok);
+        base_ok
+            && [&self.up, &self.down].iter().all(|leg| {
+                let m = self.measure(leg);
+                leg.checked.ok
+                    && leg.killed.is_some()
+                    && bound.is_none_or(|b| m.gap_all <= b && m.gap_guest <= b)
+            })
     }
 }
 
@@ -153,7 +186,7 @@ fn with_kill<T: Send>(
         let mut killed = None;
         while !mover.is_finished() {
             let now = bytes.load(Ordering::SeqCst);
-            if now >= base + at {
+            if now >= base.saturating_add(at) {
                 killed = Some(kill().map(|k| Killed {
                     into: now - base,
                     ..k
@@ -169,13 +202,15 @@ fn with_kill<T: Send>(
     })
 }
 
-/// The payload guest→card, then card→guest, with `kill` half way through each, the card's tap
-/// `card0` in namespace `ns` (a name in the host's /run/netns) captured meanwhile.
+/// The payload guest→card, then card→guest, with `kill` half way through each (after the same
+/// two transfers without a kill if `baseline`), the card's tap `card0` in namespace `ns` (a
+/// name in the host's /run/netns) captured meanwhile.
 fn transfers(
     env: &Env,
     vm: &mut Vm,
     ns: &str,
     len: usize,
+    baseline: bool,
     kill: &mut dyn FnMut() -> Result<Killed>,
 ) -> Result<Outcome> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -183,6 +218,28 @@ fn transfers(
     // The transfers' frames: guest→card on port 5001, card→guest on 5002 (`rig`).
     let cap = nsnet::capture_frames(ns, card::TAP, vec![5001, 5002], stop.clone(), bytes.clone())?;
     let half = len as u64 / 2;
+    let before = if baseline {
+        let never = &mut || -> Result<Killed> { anyhow::bail!("no kill in the baseline") };
+        let up = with_kill(&bytes, u64::MAX, never, || {
+            crate::rig::machine::to_card(env, vm, ns, len, "")
+        });
+        let both = up.and_then(|up| {
+            let down = with_kill(&bytes, u64::MAX, never, || {
+                crate::rig::machine::to_guest(env, vm, ns, len)
+            })?;
+            Ok((up, down))
+        });
+        match both {
+            Ok(legs) => Some(legs),
+            Err(e) => {
+                stop.store(true, Ordering::SeqCst);
+                nsnet::join(cap).ok();
+                return Err(e.context("the transfers without a kill"));
+            }
+        }
+    } else {
+        None
+    };
     let legs = with_kill(&bytes, half, kill, || {
         crate::rig::machine::to_card(env, vm, ns, len, "")
     })
@@ -203,7 +260,13 @@ fn transfers(
         .collect();
     all.sort_unstable();
     guest.sort_unstable();
+    let leg = |(checked, window, killed)| Leg {
+        checked,
+        window,
+        killed,
+    };
     Ok(Outcome {
+        base: before.map(|(up, down)| (leg(up), leg(down))),
         up: Leg {
             checked: up,
             window: w_up,
@@ -259,7 +322,7 @@ fn under_systemd(env: &Env, opts: &Options) -> Result<(bool, String)> {
         install: true,
         destdir: stage.clone(),
         prefix: PathBuf::from("/usr/local"),
-        no_build: true,
+        no_build: opts.no_build,
     })?;
     std::fs::write(
         stage.join(format!("etc/vhost-card/{CARD}.toml")),
@@ -421,6 +484,7 @@ fn in_container(
     };
     let carrier0 = carrier(&mut vm)?;
     let (conn0, restarts0) = (connections(container)?, restarts(container)?);
+    let sockets0 = vm.sockets()?;
     let mut kill = || -> Result<Killed> {
         let pid = main_pid(container)?;
         let host = container.host_pid(pid)?;
@@ -446,9 +510,11 @@ fn in_container(
         })
     };
     let len = opts.mib * MIB;
-    let outcome = transfers(env, &mut vm, ns.name(), len, &mut kill)?;
+    let outcome = transfers(env, &mut vm, ns.name(), len, true, &mut kill)?;
     let carrier1 = carrier(&mut vm)?;
     let (conn1, restarts1) = (connections(container)?, restarts(container)?);
+    // A socket QEMU did not hold before: it connected again.
+    let new_sockets = vm.sockets()?.difference(&sockets0).count();
     vm.shutdown().ok();
     drop(ns);
 
@@ -457,13 +523,20 @@ fn in_container(
     Ok((
         pass,
         format!(
-            "guest up in {:.1} s; {}; {}; bound {MAX_GAP_MS} ms; guest carrier changes \
+            "guest up in {:.1} s; {}; {}; bound {MAX_GAP_MS} ms{}; guest carrier changes \
              +{changes}; vhost-user connections in the unit's journal {conn0} → {conn1} \
-             ({} reconnect(s) by QEMU); NRestarts {restarts0} → {restarts1}",
+             ({} reconnect(s) by QEMU; its own sockets: {}); \
+             NRestarts {restarts0} → {restarts1}",
             boot.as_secs_f64(),
             outcome.describe("guest→card", opts.mib, &outcome.up),
             outcome.describe("card→guest", opts.mib, &outcome.down),
+            outcome.describe_base(),
             conn1.saturating_sub(conn0),
+            if new_sockets == 0 {
+                "the same as before the kills".to_string()
+            } else {
+                format!("{new_sockets} new since before the kills (it connected again)")
+            },
         ),
     ))
 }
@@ -506,7 +579,7 @@ fn plain(rig: &mut Rig, env: &Env, opts: &Options) -> Result<(bool, String)> {
             what: format!("{status}, started again at once"),
         })
     };
-    let outcome = transfers(env, vm, &ns, opts.mib * MIB, &mut kill)?;
+    let outcome = transfers(env, vm, &ns, opts.mib * MIB, false, &mut kill)?;
     let carrier1 = carrier(vm)?;
     let conn1 = connections(&log)?;
     let mut text = format!(
