@@ -23,7 +23,8 @@
 //! kill, the gaps, the vhost-user connections the daemons logged (QEMU's reconnects; under
 //! systemd also whether QEMU holds a socket it did not hold before the kills) and the guest's
 //! carrier changes; under systemd also the gaps of the same transfers without a kill, run
-//! first (what this machine makes on its own).
+//! first (what this machine makes on its own). The frames around each kill (ms from it, who
+//! sent each) go to `kill-<direction>.txt` in the logs.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -81,6 +82,8 @@ struct Outcome {
     all: Vec<u64>,
     /// The frames from the guest (written to the tap by the backend), sorted.
     guest: Vec<u64>,
+    /// Every frame with its direction, sorted.
+    frames: Vec<Seen>,
 }
 
 /// What one leg measured.
@@ -125,6 +128,30 @@ impl Outcome {
             m.gap_all,
             m.gap_guest
         )
+    }
+
+    /// Writes the frames around each kill to `dir`/kill-<direction>.txt (ms from the kill,
+    /// who sent it), for a look at what a gap was made of.
+    fn save_kills(&self, dir: &Path) -> Result<()> {
+        for (name, leg) in [("guest-to-card", &self.up), ("card-to-guest", &self.down)] {
+            let Some(k) = &leg.killed else { continue };
+            let (from, to) = (k.at.saturating_sub(100_000_000), k.at + 3_000_000_000);
+            let mut text = format!(
+                "# frames on the tap around the SIGKILL ({}) during {name}: ms from the kill, \
+                 sender\n",
+                k.what
+            );
+            for f in self.frames.iter().filter(|f| f.at >= from && f.at <= to) {
+                let _ = writeln!(
+                    text,
+                    "{:9.3} {}",
+                    (f.at as f64 - k.at as f64) / 1e6,
+                    if f.outgoing { "card" } else { "guest" }
+                );
+            }
+            std::fs::write(dir.join(format!("kill-{name}.txt")), text)?;
+        }
+        Ok(())
     }
 
     /// The transfers without a kill, if any: their gaps (every frame) and whether they
@@ -250,7 +277,8 @@ fn transfers(
         Ok((up, down))
     });
     stop.store(true, Ordering::SeqCst);
-    let frames: Vec<Seen> = nsnet::join(cap)?;
+    let mut frames: Vec<Seen> = nsnet::join(cap)?;
+    frames.sort_unstable_by_key(|f| f.at);
     let ((up, w_up, k_up), (down, w_down, k_down)) = legs?;
     let mut all: Vec<u64> = frames.iter().map(|f| f.at).collect();
     let mut guest: Vec<u64> = frames
@@ -279,6 +307,7 @@ fn transfers(
         },
         all,
         guest,
+        frames,
     })
 }
 
@@ -317,13 +346,7 @@ fn under_systemd(env: &Env, opts: &Options) -> Result<(bool, String)> {
 
     // The installed product, staged, with the card's file.
     let work = TempDir::new("vhc-crash")?;
-    let stage = work.path().join("root");
-    crate::dist::run(&crate::dist::Options {
-        install: true,
-        destdir: stage.clone(),
-        prefix: PathBuf::from("/usr/local"),
-        no_build: opts.no_build,
-    })?;
+    let stage = crate::cards::stage(work.path(), opts.no_build)?;
     std::fs::write(
         stage.join(format!("etc/vhost-card/{CARD}.toml")),
         format!(
@@ -397,13 +420,7 @@ fn in_container(
     vm_dir: &Path,
     log_dir: &Path,
 ) -> Result<(bool, String)> {
-    crate::process::run(
-        std::process::Command::new("cp")
-            .args(["-a", "--no-preserve=ownership"])
-            .arg(stage.join("."))
-            .arg(container.path("/")),
-    )?;
-    container.sh(&["systemctl", "daemon-reload"])?;
+    crate::cards::install(container, stage)?;
     let socket = format!("vhost-card@{CARD}.socket");
     let service = format!("vhost-card@{CARD}.service");
     container.sh(&["systemctl", "enable", "--now", &socket])?;
@@ -443,27 +460,11 @@ fn in_container(
                 .then_some(()))
         },
     )?;
-    container.sh(&[
-        "ip",
-        "-n",
-        CARD,
-        "addr",
-        "add",
-        &format!("{}/24", card::CARD4),
-        "dev",
-        card::TAP,
-    ])?;
-    container.sh(&[
-        "ip",
-        "-n",
-        CARD,
-        "addr",
-        "add",
-        &format!("{}/64", card::CARD6),
-        "dev",
-        card::TAP,
-        "nodad",
-    ])?;
+    for args in card::address_args() {
+        let mut ip = vec!["ip", "-n", CARD];
+        ip.extend(args.iter().map(String::as_str));
+        container.sh(&ip)?;
+    }
     let boot = vm.wait_agent(Duration::from_secs(240))?;
     vm.check("net_up", Duration::from_secs(30))?;
     let ns = container.share_netns(CARD)?;
@@ -511,6 +512,7 @@ fn in_container(
     };
     let len = opts.mib * MIB;
     let outcome = transfers(env, &mut vm, ns.name(), len, true, &mut kill)?;
+    outcome.save_kills(log_dir)?;
     let carrier1 = carrier(&mut vm)?;
     let (conn1, restarts1) = (connections(container)?, restarts(container)?);
     // A socket QEMU did not hold before: it connected again.
@@ -566,7 +568,9 @@ fn plain(rig: &mut Rig, env: &Env, opts: &Options) -> Result<(bool, String)> {
     let carrier0 = carrier(&mut rig.vm)?;
     let conn0 = connections(&log)?;
     let ns = rig.card.ns.name().to_string();
-    let Rig { vm, card, .. } = rig;
+    let Rig {
+        vm, card, log_dir, ..
+    } = rig;
     let mut kill = || -> Result<Killed> {
         let at = now_ns();
         let t = Instant::now();
@@ -580,6 +584,7 @@ fn plain(rig: &mut Rig, env: &Env, opts: &Options) -> Result<(bool, String)> {
         })
     };
     let outcome = transfers(env, vm, &ns, opts.mib * MIB, false, &mut kill)?;
+    outcome.save_kills(log_dir)?;
     let carrier1 = carrier(vm)?;
     let conn1 = connections(&log)?;
     let mut text = format!(
@@ -589,6 +594,6 @@ fn plain(rig: &mut Rig, env: &Env, opts: &Options) -> Result<(bool, String)> {
         outcome.describe("card→guest", opts.mib, &outcome.down),
         carrier1 - carrier0,
     );
-    let _ = write!(text, " (gap reported, not bounded)");
+    text.push_str(" (gap reported, not bounded)");
     Ok((outcome.pass(None), text))
 }
