@@ -48,9 +48,11 @@ use crate::rig::{Checked, Env, Plug, Rig};
 const MAX_GAP_MS: f64 = 200.0;
 /// The card's instance name in the container (its socket, files, unit and namespace).
 const CARD: &str = "crash";
-/// The container's Debian: the cards tree plus QEMU from apt.
+/// The container's Debian: the cards tree plus QEMU from apt. Its name must not start with
+/// another tree's name and a dash ("nspawn-", `cards`): building one removes the cached trees
+/// whose names start so.
 const TREE: crate::rootfs::Recipe = crate::rootfs::Recipe {
-    name: "nspawn-qemu",
+    name: "qemu-nspawn",
     packages: &["qemu-system-x86"],
     enable: "",
 };
