@@ -93,10 +93,10 @@ impl Card {
         File::create(log).with_context(|| format!("creating {}", log.display()))?;
         card.spawn()?;
         // The card's own addresses, which only exist inside its namespace.
-        card.ns
-            .ip(&["addr", "add", &format!("{CARD4}/24"), "dev", TAP])?;
-        card.ns
-            .ip(&["addr", "add", &format!("{CARD6}/64"), "dev", TAP, "nodad"])?;
+        for args in address_args() {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            card.ns.ip(&args)?;
+        }
         Ok(card)
     }
 
@@ -264,6 +264,16 @@ impl Card {
             + &String::from_utf8_lossy(&out.stderr);
         Ok(crate::report::Ping::parse(&text))
     }
+}
+
+/// The `ip` arguments (after `-n NS`) that give the card's tap [`TAP`] its addresses: [`CARD4`]
+/// and [`CARD6`] (no duplicate address detection).
+pub fn address_args() -> [Vec<String>; 2] {
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect();
+    [
+        args(&["addr", "add", &format!("{CARD4}/24"), "dev", TAP]),
+        args(&["addr", "add", &format!("{CARD6}/64"), "dev", TAP, "nodad"]),
+    ]
 }
 
 /// The new process's pid and the outage in ms from what `vhost-card upgrade` prints when it

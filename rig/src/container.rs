@@ -101,6 +101,54 @@ impl Container {
         File::open(&path).with_context(|| format!("opening {path}"))
     }
 
+    /// The host's pid of the container's process `pid` (as the container sees it: systemd's
+    /// MainPID), from the `NSpid` lines of the processes in the container's pid namespace.
+    pub fn host_pid(&self, pid: u32) -> Result<u32> {
+        let ns = std::fs::read_link(format!("/proc/{}/ns/pid", self.init))?;
+        for entry in std::fs::read_dir("/proc")? {
+            let name = entry?.file_name();
+            let Some(host) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            if std::fs::read_link(format!("/proc/{host}/ns/pid"))
+                .ok()
+                .as_ref()
+                != Some(&ns)
+            {
+                continue;
+            }
+            let status =
+                std::fs::read_to_string(format!("/proc/{host}/status")).unwrap_or_default();
+            let inner = status
+                .lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .and_then(|l| l.split_whitespace().last())
+                .and_then(|p| p.parse::<u32>().ok());
+            if inner == Some(pid) {
+                return Ok(host);
+            }
+        }
+        bail!("no process {pid} in container {}", self.machine)
+    }
+
+    /// The container's network namespace `name` (its `/run/netns/NAME`, made by `ip netns add`
+    /// inside) under a new name in the host's /run/netns, so that host code reaches it by
+    /// name (`ip -n`, `nsnet`); removed when the guard drops.
+    pub fn share_netns(&self, name: &str) -> Result<SharedNetns> {
+        let host = crate::process::unique(&format!("{name}-"));
+        let path = PathBuf::from(format!("/run/netns/{host}"));
+        std::fs::create_dir_all("/run/netns")?;
+        File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let shared = SharedNetns { name: host, path };
+        crate::process::run(
+            Command::new("mount")
+                .arg("--bind")
+                .arg(self.path(&format!("/run/netns/{name}")))
+                .arg(&shared.path),
+        )?;
+        Ok(shared)
+    }
+
     /// Runs `args` inside the container (every namespace of its init); its output, whatever
     /// the exit status.
     pub fn exec(&self, args: &[&str]) -> Result<Output> {
@@ -148,6 +196,30 @@ impl Container {
             bail!("systemd-nspawn exited with {status}:\n{}", self.console(20));
         }
         Ok(())
+    }
+}
+
+/// A container's network namespace bound into the host's /run/netns ([`Container::share_netns`]).
+pub struct SharedNetns {
+    name: String,
+    path: PathBuf,
+}
+
+impl SharedNetns {
+    /// Its name in the host's /run/netns.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for SharedNetns {
+    fn drop(&mut self) {
+        Command::new("umount")
+            .arg(&self.path)
+            .stderr(Stdio::null())
+            .status()
+            .ok();
+        std::fs::remove_file(&self.path).ok();
     }
 }
 

@@ -44,7 +44,7 @@ pub struct Env {
 
 /// Guest RAM: the payload lives in the initramfs and a received copy in
 /// /tmp, with room to spare.
-const GUEST_MIB: u32 = 1024;
+pub const GUEST_MIB: u32 = 1024;
 
 impl Env {
     /// Assets, daemon build, accelerator probe, payload and the e2e initramfs.

@@ -537,6 +537,30 @@ pub fn capture_times(
     ports: Vec<u16>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<JoinHandle<Result<Vec<u64>>>> {
+    let frames = capture_frames(ns, ifname, ports, stop, Arc::default())?;
+    Ok(std::thread::spawn(move || {
+        Ok(join(frames)?.into_iter().map(|f| f.at).collect())
+    }))
+}
+
+/// One frame of [`capture_frames`]: the kernel's receive time (ns since the Unix epoch) and
+/// whether the card's side sent it (outgoing on the tap, towards the guest) or it came from
+/// the guest (written to the tap by the backend).
+#[derive(Clone, Copy, Debug)]
+pub struct Seen {
+    pub at: u64,
+    pub outgoing: bool,
+}
+
+/// As [`capture_times`], each frame with its direction, and `bytes` counting the captured
+/// frames' lengths as they come (to act at a point of a transfer).
+pub fn capture_frames(
+    ns: &str,
+    ifname: &str,
+    ports: Vec<u16>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    bytes: Arc<AtomicU64>,
+) -> Result<JoinHandle<Result<Vec<Seen>>>> {
     let ifname = ifname.to_string();
     spawn_in(ns, "card-capture", move || {
         let fd = packet_socket(&ifname)?;
@@ -551,7 +575,7 @@ pub fn capture_times(
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
-        let mut times = Vec::with_capacity(1 << 20);
+        let mut seen = Vec::with_capacity(1 << 20);
         let mut buf = vec![0u8; 128];
         while !stop.load(std::sync::atomic::Ordering::SeqCst) {
             let mut pfd = libc::pollfd {
@@ -561,23 +585,27 @@ pub fn capture_times(
             };
             // SAFETY: one pollfd we own, for the call.
             unsafe { libc::poll(&mut pfd, 1, 20) };
-            while let Some((n, _, _)) = recv_frame(&fd, &mut buf)? {
+            while let Some((n, outgoing, _)) = recv_frame(&fd, &mut buf)? {
                 let ours = tcp_ports(&buf[..n.min(buf.len())])
                     .is_some_and(|(a, b)| ports.contains(&a) || ports.contains(&b));
                 if !ours {
                     continue;
                 }
+                bytes.fetch_add(n as u64, Ordering::SeqCst);
                 let mut ts = libc::timespec {
                     tv_sec: 0,
                     tv_nsec: 0,
                 };
                 // SAFETY: SIOCGSTAMPNS writes one timespec into `ts`, which we own.
                 if unsafe { libc::ioctl(fd.as_raw_fd(), SIOCGSTAMPNS, &mut ts) } == 0 {
-                    times.push(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64);
+                    seen.push(Seen {
+                        at: ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64,
+                        outgoing,
+                    });
                 }
             }
         }
-        Ok(times)
+        Ok(seen)
     })
 }
 

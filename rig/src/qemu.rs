@@ -57,6 +57,8 @@ pub enum Nic<'a> {
 pub struct Qemu {
     /// `None`: `qemu-system-x86_64` from PATH.
     root: Option<PathBuf>,
+    /// A container's PID 1 (as the host sees it) whose namespaces QEMU runs in.
+    container: Option<u32>,
 }
 
 impl Qemu {
@@ -70,11 +72,33 @@ impl Qemu {
     pub fn rooted(root: &Path) -> Qemu {
         Qemu {
             root: Some(root.to_path_buf()),
+            container: None,
+        }
+    }
+
+    /// The `qemu-system-x86_64` installed in the container whose PID 1 is `init` (host pid),
+    /// run inside it: `nsenter` puts QEMU in the container's mount (its own binary, libraries
+    /// and firmware, its paths), network, IPC, UTS and cgroup namespaces and execs it, so the
+    /// child the host holds is QEMU itself. Not its pid namespace: a process that setns(2)
+    /// into one may not create threads (clone(CLONE_THREAD) fails with EINVAL), and entering
+    /// it through a fork would leave nsenter, not QEMU, as the child. Every path in the VM's
+    /// configuration must mean the same inside as outside (bind them at the same place).
+    pub fn in_container(init: u32) -> Qemu {
+        Qemu {
+            root: None,
+            container: Some(init),
         }
     }
 
     /// The command that starts this QEMU, before the VM's arguments.
     pub fn command(&self) -> Command {
+        if let Some(init) = self.container {
+            let mut cmd = Command::new("nsenter");
+            cmd.args(["--mount", "--net", "--ipc", "--uts", "--cgroup"])
+                .args(["--target", &init.to_string(), "--"])
+                .arg("qemu-system-x86_64");
+            return cmd;
+        }
         let Some(root) = &self.root else {
             return Command::new("qemu-system-x86_64");
         };
@@ -407,6 +431,32 @@ impl Vm {
             );
         }
         Ok(reply.out)
+    }
+
+    /// QEMU's pid (as this process sees it).
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// The inodes of the sockets QEMU holds: one that appears is a connection QEMU made (or
+    /// accepted) since the last look, e.g. a vhost-user reconnect.
+    pub fn sockets(&self) -> Result<std::collections::BTreeSet<u64>> {
+        let dir = format!("/proc/{}/fd", self.pid());
+        let mut inodes = std::collections::BTreeSet::new();
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+            let Ok(target) = std::fs::read_link(entry?.path()) else {
+                continue;
+            };
+            let text = target.to_string_lossy();
+            if let Some(inode) = text
+                .strip_prefix("socket:[")
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse().ok())
+            {
+                inodes.insert(inode);
+            }
+        }
+        Ok(inodes)
     }
 
     /// Waits for the guest to power off.

@@ -178,13 +178,7 @@ pub fn run(opts: &Options) -> Result<()> {
 
     // The installed product, staged, with the four cards' files.
     let work = TempDir::new("xtask-cards")?;
-    let stage = work.path().join("root");
-    crate::dist::run(&crate::dist::Options {
-        install: true,
-        destdir: stage.clone(),
-        prefix: PathBuf::from("/usr/local"),
-        no_build: opts.no_build,
-    })?;
+    let stage = stage(work.path(), opts.no_build)?;
     for card in &CARDS {
         std::fs::write(
             stage.join(format!("etc/vhost-card/{}.toml", card.name)),
@@ -236,10 +230,22 @@ pub fn run(opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// Installs, enables, connects, checks; one line per card.
-fn exercise(container: &Container, stage: &Path, run_dir: &Path) -> Result<Vec<String>> {
-    // Install as an administrator would: the staged tree copied in, then daemon-reload (which
-    // runs the generator).
+/// The product as `cargo xtask dist --install --destdir` stages it (prefix /usr/local), in
+/// `work`/root; returns that root.
+pub fn stage(work: &Path, no_build: bool) -> Result<PathBuf> {
+    let stage = work.join("root");
+    crate::dist::run(&crate::dist::Options {
+        install: true,
+        destdir: stage.clone(),
+        prefix: PathBuf::from("/usr/local"),
+        no_build,
+    })?;
+    Ok(stage)
+}
+
+/// Installs the staged tree `stage` in the container as an administrator would: copied in,
+/// then `systemctl daemon-reload` (which runs the generator).
+pub fn install(container: &Container, stage: &Path) -> Result<()> {
     crate::process::run(
         std::process::Command::new("cp")
             .args(["-a", "--no-preserve=ownership"])
@@ -247,6 +253,12 @@ fn exercise(container: &Container, stage: &Path, run_dir: &Path) -> Result<Vec<S
             .arg(container.path("/")),
     )?;
     container.sh(&["systemctl", "daemon-reload"])?;
+    Ok(())
+}
+
+/// Installs, enables, connects, checks; one line per card.
+fn exercise(container: &Container, stage: &Path, run_dir: &Path) -> Result<Vec<String>> {
+    install(container, stage)?;
     let sockets: Vec<String> = CARDS
         .iter()
         .map(|c| format!("vhost-card@{}.socket", c.name))

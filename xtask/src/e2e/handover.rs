@@ -36,7 +36,7 @@ struct Upgrade {
     outage_ms: f64,
 }
 
-fn now_ns() -> u64 {
+pub(super) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
@@ -102,12 +102,27 @@ fn with_handovers<T>(
 
 /// The longest interval between consecutive frames (ms) among those in `[from, to]`, with the
 /// frames just outside on either side (so a gap that begins before the window counts).
-fn longest_gap(times: &[u64], from: u64, to: u64) -> f64 {
+pub(super) fn longest_gap(times: &[u64], from: u64, to: u64) -> f64 {
     let first = times.partition_point(|&t| t < from).saturating_sub(1);
     let last = (times.partition_point(|&t| t <= to) + 1).min(times.len());
     times[first..last]
         .windows(2)
         .map(|w| w[1].saturating_sub(w[0]))
+        .max()
+        .unwrap_or(0) as f64
+        / 1e6
+}
+
+/// The longest interval between consecutive frames (ms) of those in the window `w` (ns since
+/// the epoch, both ends in), i.e. between a transfer's first and last frame; `times` sorted.
+pub(super) fn longest_gap_within(times: &[u64], w: (u64, u64)) -> f64 {
+    let (a, b) = (
+        times.partition_point(|&t| t < w.0),
+        times.partition_point(|&t| t <= w.1),
+    );
+    times[a..b]
+        .windows(2)
+        .map(|p| p[1] - p[0])
         .max()
         .unwrap_or(0) as f64
         / 1e6
@@ -123,7 +138,7 @@ fn median_worst(v: &[f64]) -> (f64, f64) {
 }
 
 /// The daemon's session count, from its control socket.
-fn sessions(control: &Path) -> Result<u64> {
+pub(super) fn sessions(control: &Path) -> Result<u64> {
     let out = Command::new(card::binary())
         .args(["stats", "--json", "--control"])
         .arg(control)
@@ -264,18 +279,7 @@ fn measure(
         Some((*times.get(a)?, *times.get(b.checked_sub(1)?)?))
     };
     // The longest gap between a transfer's first and last frame.
-    let inside = |w: (u64, u64)| -> f64 {
-        let (a, b) = (
-            times.partition_point(|&t| t < w.0),
-            times.partition_point(|&t| t <= w.1),
-        );
-        times[a..b]
-            .windows(2)
-            .map(|p| p[1] - p[0])
-            .max()
-            .unwrap_or(0) as f64
-            / 1e6
-    };
+    let inside = |w: (u64, u64)| longest_gap_within(&times, w);
     let (gap_up, gap_down) = (inside(w_up), inside(w_down));
     let (base_gap_up, base_gap_down) = (inside(base_up.1), inside(base_down.1));
     // The handovers that ran while a transfer's frames crossed, each with the longest gap
