@@ -12,9 +12,10 @@
 //!   the socket's first connection starts the daemon. The kill is `kill -9` of the unit's
 //!   MainPID; whatever the unit and the daemon then do (systemd's restart, the fd store, QEMU's
 //!   reconnect timer) is what is measured. Bounds: sha256 equal, no carrier change in the
-//!   guest, the longest gap between frames on the card's tap during each transfer at most
-//!   [`MAX_GAP_MS`], both counting every frame and counting only the guest's frames (the card's
-//!   kernel keeps sending into a tap nobody reads, which the capture also sees);
+//!   guest, no reconnect by QEMU (the unit's journal and QEMU's own sockets), the longest gap
+//!   between frames on the card's tap during each transfer at most [`MAX_GAP_MS`], both
+//!   counting every frame and counting only the guest's frames (the card's kernel keeps
+//!   sending into a tap nobody reads, which the capture also sees);
 //! - **without systemd** (today's path): the plain daemon on the host SIGKILLed and started
 //!   again at once by the harness, QEMU reconnecting on its `reconnect=1` timer. Bound: sha256
 //!   equal; the gap is reported.
@@ -23,8 +24,10 @@
 //! kill, the gaps, the vhost-user connections the daemons logged (QEMU's reconnects; under
 //! systemd also whether QEMU holds a socket it did not hold before the kills) and the guest's
 //! carrier changes; under systemd also the gaps of the same transfers without a kill, run
-//! first (what this machine makes on its own). The frames around each kill (ms from it, who
-//! sent each) go to `kill-<direction>.txt` in the logs.
+//! first (what this machine makes on its own), and the longest gap from each kill to a second
+//! after it. A run under systemd that failed only on a gap away from both kills is measured
+//! once more, both reported. The frames around each kill (ms from it, who sent each) go to
+//! `kill-<direction>.txt` in the logs.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -34,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use super::handover::{longest_gap_within, now_ns};
+use super::handover::{longest_gap, longest_gap_within, now_ns};
 use super::{Options, DEFAULT_MTU, MIB};
 use crate::card::{self, CardConfig};
 use crate::nsnet::{self, Seen};
@@ -109,6 +112,26 @@ impl Outcome {
         }
     }
 
+    /// The longest gap (every frame, and the guest's alone) from the leg's kill to a second
+    /// after it, a gap that spans the kill included: what the kill and the recovery cost.
+    fn at_kill(&self, leg: &Leg) -> Option<(f64, f64)> {
+        let k = leg.killed.as_ref()?;
+        let to = k.at + 1_000_000_000;
+        Some((
+            longest_gap(&self.all, k.at, to),
+            longest_gap(&self.guest, k.at, to),
+        ))
+    }
+
+    /// Whether every gap from a kill to a second after it is within `bound`: a longer gap
+    /// elsewhere in the transfer is the machine's, not the recovery's.
+    fn kills_within(&self, bound: f64) -> bool {
+        [&self.up, &self.down].iter().all(|leg| {
+            self.at_kill(leg)
+                .is_some_and(|(a, g)| a <= bound && g <= bound)
+        })
+    }
+
     /// One direction in words.
     fn describe(&self, name: &str, mib: usize, leg: &Leg) -> String {
         let m = self.measure(leg);
@@ -124,8 +147,12 @@ impl Outcome {
             ),
             None => "NO kill (the transfer ended first)".into(),
         };
+        let around = self.at_kill(leg).map_or(String::new(), |(a, g)| {
+            format!(", from the kill to 1 s after {a:.0} ms ({g:.0} ms)")
+        });
         format!(
-            "{mib} MiB {name} {}; {kill}; longest gap {:.0} ms (frames from the guest: {:.0} ms)",
+            "{mib} MiB {name} {}; {kill}; longest gap {:.0} ms (frames from the guest: {:.0} \
+             ms){around}",
             leg.checked.describe(),
             m.gap_all,
             m.gap_guest
@@ -322,7 +349,21 @@ fn carrier(vm: &mut Vm) -> Result<i64> {
 }
 
 pub fn run(env: &Env, opts: &Options) -> Result<(bool, String)> {
-    let systemd = under_systemd(env, opts);
+    // Measured once more only when the first run failed on a gap away from both kills
+    // (everything else held, including the gaps from each kill to a second after it): on a
+    // loaded 2-core machine TCG stalls the guest on its own now and then. Both are reported.
+    let systemd = match under_systemd(env, opts) {
+        Ok((false, true, first)) => under_systemd(env, opts).map(|(pass, _, again)| {
+            (
+                pass,
+                format!(
+                    "{again}\n       (measured again: the first run failed only on a gap away \
+                     from the kills, the machine's own: {first})"
+                ),
+            )
+        }),
+        other => other.map(|(pass, _, text)| (pass, text)),
+    };
     let plain = without_systemd(env, opts);
     let (pass_s, text_s) = systemd.unwrap_or_else(|e| (false, format!("{e:#}")));
     let (pass_p, text_p) = plain.unwrap_or_else(|e| (false, format!("{e:#}")));
@@ -337,8 +378,9 @@ pub fn run(env: &Env, opts: &Options) -> Result<(bool, String)> {
     ))
 }
 
-/// The card under systemd as PID 1, QEMU beside it in the container.
-fn under_systemd(env: &Env, opts: &Options) -> Result<(bool, String)> {
+/// The card under systemd as PID 1, QEMU beside it in the container: whether it passed,
+/// whether it failed only on a gap away from the kills, and the report.
+fn under_systemd(env: &Env, opts: &Options) -> Result<(bool, bool, String)> {
     let tree = crate::rootfs::ensure_tree(&TREE)?;
     let log_dir = env.logs.join("crash-systemd");
     if log_dir.exists() {
@@ -394,10 +436,11 @@ fn under_systemd(env: &Env, opts: &Options) -> Result<(bool, String)> {
         .unwrap_or_default();
     std::fs::write(log_dir.join("journal.log"), journal).ok();
     let stopped = container.stop();
-    let (pass, text) = result?;
+    let (pass, away, text) = result?;
     stopped?;
     Ok((
         pass,
+        away,
         format!(
             "{text}; systemd {} and {} in the container, {:.0} s (logs: {})",
             tree.version("systemd"),
@@ -421,7 +464,7 @@ fn in_container(
     stage: &Path,
     vm_dir: &Path,
     log_dir: &Path,
-) -> Result<(bool, String)> {
+) -> Result<(bool, bool, String)> {
     crate::cards::install(container, stage)?;
     let socket = format!("vhost-card@{CARD}.socket");
     let service = format!("vhost-card@{CARD}.service");
@@ -523,9 +566,12 @@ fn in_container(
     drop(ns);
 
     let changes = carrier1 - carrier0;
-    let pass = outcome.pass(Some(MAX_GAP_MS)) && changes == 0;
+    let held = changes == 0 && conn1 == conn0 && new_sockets == 0;
+    let pass = outcome.pass(Some(MAX_GAP_MS)) && held;
+    let away = !pass && held && outcome.pass(None) && outcome.kills_within(MAX_GAP_MS);
     Ok((
         pass,
+        away,
         format!(
             "guest up in {:.1} s; {}; {}; bound {MAX_GAP_MS} ms{}; guest carrier changes \
              +{changes}; vhost-user connections in the unit's journal {conn0} → {conn1} \
