@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use super::handover::{longest_gap, longest_gap_within, now_ns};
+use super::handover::{longest_gap_within, now_ns};
 use super::{Options, DEFAULT_MTU, MIB};
 use crate::card::{self, CardConfig};
 use crate::nsnet::{self, Seen};
@@ -118,10 +118,13 @@ impl Outcome {
     fn at_kill(&self, leg: &Leg) -> Option<(f64, f64)> {
         let k = leg.killed.as_ref()?;
         let to = (k.at + 1_000_000_000).min(leg.window.1);
-        Some((
-            longest_gap(&self.all, k.at, to),
-            longest_gap(&self.guest, k.at, to),
-        ))
+        // From the last frame before the kill (the gap that spans it counts), to `to`.
+        let gap = |times: &[u64]| {
+            let before = times.partition_point(|&t| t < k.at);
+            let from = before.checked_sub(1).map_or(k.at, |i| times[i]);
+            longest_gap_within(times, (from, to))
+        };
+        Some((gap(&self.all), gap(&self.guest)))
     }
 
     /// Whether every gap from a kill to a second after it is within `bound`: a longer gap

@@ -102,7 +102,7 @@ fn with_handovers<T>(
 
 /// The longest interval between consecutive frames (ms) among those in `[from, to]`, with the
 /// frames just outside on either side (so a gap that begins before the window counts).
-pub(super) fn longest_gap(times: &[u64], from: u64, to: u64) -> f64 {
+fn longest_gap(times: &[u64], from: u64, to: u64) -> f64 {
     let first = times.partition_point(|&t| t < from).saturating_sub(1);
     let last = (times.partition_point(|&t| t <= to) + 1).min(times.len());
     times[first..last]
