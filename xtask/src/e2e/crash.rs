@@ -118,11 +118,18 @@ impl Outcome {
     fn at_kill(&self, leg: &Leg) -> Option<(f64, f64)> {
         let k = leg.killed.as_ref()?;
         let to = (k.at + 1_000_000_000).min(leg.window.1);
-        // From the last frame before the kill (the gap that spans it counts), to `to`.
+        // From the last frame before the kill to the first after `to` within the transfer:
+        // the gaps that span either end count.
         let gap = |times: &[u64]| {
             let before = times.partition_point(|&t| t < k.at);
             let from = before.checked_sub(1).map_or(k.at, |i| times[i]);
-            longest_gap_within(times, (from, to))
+            let after = times.partition_point(|&t| t <= to);
+            let end = times
+                .get(after)
+                .copied()
+                .filter(|&t| t <= leg.window.1)
+                .unwrap_or(to);
+            longest_gap_within(times, (from, end))
         };
         Some((gap(&self.all), gap(&self.guest)))
     }
