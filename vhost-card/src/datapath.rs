@@ -110,7 +110,8 @@ pub struct Pair {
     /// Frames the card made for the host, waiting for the bounce buffer.
     local: LocalFrames,
     link: Option<Arc<IpLink>>,
-    /// The RX iovecs minus the room for the Ethernet header (IP-only link).
+    /// The iovecs of one RX `readv`: the stash's, adjacent ones merged (`iov::coalesce`), minus
+    /// the room for the Ethernet header on the IP-only link.
     gap: IovBuf,
     /// IP fragments going up, put together before they cross (see `reasm`).
     reasm: Reassembler,
@@ -754,7 +755,13 @@ impl Pair {
                 // SAFETY: the iovecs point into guest memory held by `mem` for this call, all
                 // device-writable buffers of chains we popped and own until they are used or
                 // released.
-                None => unsafe { libc::readv(self.tap_fd, iovs.as_ptr(), iov_count(iovs.len())) },
+                None => {
+                    // Fewer iovecs for the kernel to import: at most 8 stay off its heap.
+                    let segs = &mut self.gap.0;
+                    iov::coalesce(iovs, segs);
+                    // SAFETY: as above; `segs` covers the same bytes as those iovecs.
+                    unsafe { libc::readv(self.tap_fd, segs.as_ptr(), iov_count(segs.len())) }
+                }
                 Some(_) => {
                     // Zero-copy on the IP-only link too: the packet lands after room for the
                     // Ethernet header, written below.
