@@ -655,6 +655,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         tap.keep_when_done(true);
         info!("handed over; exiting");
     }
+    backend.release_tx_rings();
     tap.release();
     drop(cleanup);
     for line in stats.report().lines() {

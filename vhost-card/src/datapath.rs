@@ -235,6 +235,13 @@ impl Pair {
         self.uring.is_some()
     }
 
+    /// Closes the TX io_uring (which lets go of the tap it holds); TX writes one `writev` per
+    /// frame from now on.
+    pub fn drop_tx_ring(&mut self) {
+        self.uring = None;
+        self.tx.truncate(1);
+    }
+
     /// Forgets everything tied to a frontend connection. A frame held for the host's buffers
     /// is dropped (counted): it was read with that connection's header and offloads.
     pub fn reset(&mut self, stats: &PairStats) {
@@ -458,8 +465,7 @@ impl Pair {
         };
         if let Err(e) = ran {
             warn!("io_uring submission failed: {e}; writing frames one by one from now on");
-            self.uring = None;
-            self.tx.truncate(1);
+            self.drop_tx_ring();
             // Nothing of this batch was completed: give it back whole.
             let q = vring.get_queue_mut();
             q.set_next_avail(q.next_avail().wrapping_sub(n as u16));
