@@ -110,8 +110,7 @@ pub struct Pair {
     /// Frames the card made for the host, waiting for the bounce buffer.
     local: LocalFrames,
     link: Option<Arc<IpLink>>,
-    /// The iovecs of one RX `readv`: the stash's, adjacent ones merged (`iov::coalesce`), minus
-    /// the room for the Ethernet header on the IP-only link.
+    /// The RX iovecs minus the room for the Ethernet header (IP-only link).
     gap: IovBuf,
     /// IP fragments going up, put together before they cross (see `reasm`).
     reasm: Reassembler,
@@ -762,9 +761,9 @@ impl Pair {
                 // device-writable buffers of chains we popped and own until they are used or
                 // released.
                 None => {
-                    // Fewer iovecs for the kernel to import: at most 8 stay off its heap.
-                    let segs = &mut self.gap.0;
-                    iov::coalesce(iovs, segs);
+                    // The same bytes with adjacent buffers merged: fewer iovecs for the kernel
+                    // to import (up to 8 stay off its heap).
+                    let segs = self.rx.read_iovs();
                     // SAFETY: as above; `segs` covers the same bytes as those iovecs.
                     unsafe { libc::readv(self.tap_fd, segs.as_ptr(), iov_count(segs.len())) }
                 }
@@ -1030,6 +1029,10 @@ struct Stashed {
 struct RxStash {
     iovs: IovBuf,
     iov_first: usize,
+    /// The live iovecs' bytes with adjacent ranges merged (`iov::push_merged`): what a `readv`
+    /// gets. Kept as chains come and go, so a frame costs no rebuild.
+    merged: IovBuf,
+    merged_first: usize,
     chains: Vec<Stashed>,
     first: usize,
     /// `chains[..barrier]` were popped before a malformed chain that was consumed: they can
@@ -1044,6 +1047,8 @@ impl RxStash {
         RxStash {
             iovs: IovBuf::with_capacity(2 * IOV_MAX),
             iov_first: 0,
+            merged: IovBuf::with_capacity(2 * IOV_MAX),
+            merged_first: 0,
             chains: Vec::with_capacity(2 * queue_size),
             first: 0,
             barrier: 0,
@@ -1053,8 +1058,10 @@ impl RxStash {
 
     fn clear(&mut self) {
         self.iovs.0.clear();
+        self.merged.0.clear();
         self.chains.clear();
         self.iov_first = 0;
+        self.merged_first = 0;
         self.first = 0;
         self.barrier = 0;
         self.cap = 0;
@@ -1068,7 +1075,17 @@ impl RxStash {
         &self.iovs.0[self.iov_first..]
     }
 
+    /// The live bytes as one `readv` takes them (adjacent ranges merged).
+    fn read_iovs(&self) -> &[libc::iovec] {
+        &self.merged.0[self.merged_first..]
+    }
+
+    /// Adds the chain whose iovecs were just appended to `iovs`.
     fn push(&mut self, head: u16, len: usize) {
+        let from = self.chains.last().map_or(self.iov_first, |c| c.iov_end);
+        for v in &self.iovs.0[from..] {
+            iov::push_merged(&mut self.merged.0, v.iov_base.cast(), v.iov_len);
+        }
         self.chains.push(Stashed {
             head,
             len,
@@ -1083,17 +1100,26 @@ impl RxStash {
             return;
         }
         let last = self.chains[self.first + k - 1];
-        self.cap -= self.chains[self.first..self.first + k]
+        let bytes = self.chains[self.first..self.first + k]
             .iter()
             .map(|c| c.len)
             .sum::<usize>();
+        self.cap -= bytes;
         self.first += k;
         self.iov_first = last.iov_end;
+        self.merged_first = iov::advance(&mut self.merged.0, self.merged_first, bytes);
+        if self.merged_first == self.merged.0.len() {
+            // All read: a chain that comes next must not extend a consumed entry.
+            self.merged.0.clear();
+            self.merged_first = 0;
+        }
         // Compact now and then so the arrays stay small.
         if self.first >= 64 {
             let (dc, di) = (self.first, self.iov_first);
             self.chains.drain(..dc);
             self.iovs.0.drain(..di);
+            self.merged.0.drain(..self.merged_first);
+            self.merged_first = 0;
             for c in &mut self.chains {
                 c.iov_end -= di;
             }
@@ -1589,6 +1615,63 @@ mod tests {
     use super::*;
     use crate::features::default_features;
     use crate::tap::*;
+
+    /// The host addresses a list of iovecs covers, byte by byte, in order.
+    fn bytes_of(iovs: &[libc::iovec]) -> Vec<usize> {
+        iovs.iter()
+            .flat_map(|v| (v.iov_base as usize)..(v.iov_base as usize + v.iov_len))
+            .collect()
+    }
+
+    #[test]
+    fn the_merged_read_iovecs_cover_exactly_the_live_chains() {
+        let mut mem = vec![0u8; 1 << 16];
+        let base = mem.as_mut_ptr();
+        let mut stash = RxStash::new(256);
+        // A fixed pseudo-random walk: chains of 1-3 buffers, mostly adjacent, sometimes not,
+        // consumed 0-3 at a time, now and then released whole.
+        let mut seed = 0x2545_f491_u32;
+        let mut rnd = |n: u32| {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed % n
+        };
+        let mut at = 0usize;
+        for round in 0..5000 {
+            if rnd(50) == 0 {
+                stash.clear();
+            }
+            let bufs = 1 + rnd(3) as usize;
+            let mut len = 0;
+            for _ in 0..bufs {
+                let n = 1 + rnd(300) as usize;
+                if rnd(4) == 0 {
+                    at += rnd(64) as usize;
+                }
+                if at + n > mem.len() {
+                    at = 0;
+                }
+                stash.iovs.0.push(libc::iovec {
+                    // SAFETY: within `mem`.
+                    iov_base: unsafe { base.add(at) }.cast(),
+                    iov_len: n,
+                });
+                at += n;
+                len += n;
+            }
+            stash.push(round as u16, len);
+            let live = stash.live().len();
+            stash.consume_front((rnd(4) as usize).min(live));
+            assert_eq!(
+                bytes_of(stash.read_iovs()),
+                bytes_of(stash.live_iovs()),
+                "round {round}"
+            );
+            assert!(stash.read_iovs().len() <= stash.live_iovs().len());
+            assert_eq!(stash.cap, stash.live().iter().map(|c| c.len).sum::<usize>());
+        }
+    }
 
     #[test]
     fn offload_bits_follow_guest_features() {

@@ -206,8 +206,12 @@ pub unsafe fn sum_iovs(iovs: &[libc::iovec], mut offset: usize, len: usize) -> O
 }
 
 /// Appends `[base, base + len)` to `dst`, as a longer last entry where it continues that one in
-/// host memory: the same bytes in fewer iovecs.
-fn push_merged(dst: &mut Vec<libc::iovec>, base: *mut u8, len: usize) {
+/// host memory: the same bytes in fewer iovecs (a guest's buffers carved one after another from
+/// one page, as Linux's `virtio_net` posts mergeable buffers, become one).
+pub fn push_merged(dst: &mut Vec<libc::iovec>, base: *mut u8, len: usize) {
+    if len == 0 {
+        return;
+    }
     if let Some(last) = dst.last_mut() {
         if last.iov_base.cast::<u8>().wrapping_add(last.iov_len) == base {
             last.iov_len += len;
@@ -218,20 +222,6 @@ fn push_merged(dst: &mut Vec<libc::iovec>, base: *mut u8, len: usize) {
         iov_base: base.cast(),
         iov_len: len,
     });
-}
-
-/// Fills `dst` with the ranges of `src`, adjacent ones merged: a `readv` into `dst` writes the
-/// same bytes as one into `src`, with fewer iovecs for the kernel to import (a guest's buffers
-/// carved one after another from one page, as Linux's `virtio_net` posts mergeable buffers,
-/// become one). Returns how many entries `dst` has.
-pub fn coalesce(src: &[libc::iovec], dst: &mut Vec<libc::iovec>) -> usize {
-    dst.clear();
-    for iov in src {
-        if iov.iov_len > 0 {
-            push_merged(dst, iov.iov_base.cast(), iov.iov_len);
-        }
-    }
-    dst.len()
 }
 
 /// Fills `dst` with the iovecs of `src` minus the bytes `[at, at + gap)`: a `readv` into `dst`
@@ -350,7 +340,10 @@ mod tests {
             at(50, 10),
             at(60, 40),
         ];
-        assert_eq!(coalesce(&src, &mut dst), 3);
+        for v in &src {
+            push_merged(&mut dst, v.iov_base.cast(), v.iov_len);
+        }
+        assert_eq!(dst.len(), 3);
         let got: Vec<(usize, usize)> = dst
             .iter()
             .map(|v| (v.iov_base as usize - p as usize, v.iov_len))
