@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use log::{debug, warn};
 use vhost_user_backend::VringState;
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::csum::{self, Verdict};
@@ -325,13 +325,17 @@ impl Pair {
             let _ = set_notification(vring, mem, self.logged.as_deref(), false);
             loop {
                 let mut n = 0;
-                while n < batch && done + n < BUDGET {
-                    let Some(chain) = vring.get_queue_mut().pop_descriptor_chain(mem) else {
-                        break;
-                    };
-                    self.tx[n].head = chain.head_index();
-                    self.tx[n].verdict = self.tx_prepare(n, chain, mem);
-                    n += 1;
+                // One read of the available index per batch (pop_descriptor_chain reads it for
+                // every chain); `iter` checks it is at most a ring ahead, as ring_sane did.
+                if let Ok(mut avail) = vring.get_queue_mut().iter(mem) {
+                    while n < batch && done + n < BUDGET {
+                        let Some(chain) = avail.next() else {
+                            break;
+                        };
+                        self.tx[n].head = chain.head_index();
+                        self.tx[n].verdict = self.tx_prepare(n, chain, mem);
+                        n += 1;
+                    }
                 }
                 if n == 0 {
                     break;
