@@ -205,6 +205,25 @@ pub unsafe fn sum_iovs(iovs: &[libc::iovec], mut offset: usize, len: usize) -> O
     (done == len).then_some(sum)
 }
 
+/// Appends `[base, base + len)` to `dst`, as a longer last entry where it continues that one in
+/// host memory: the same bytes in fewer iovecs (a guest's buffers carved one after another from
+/// one page, as Linux's `virtio_net` posts mergeable buffers, become one).
+pub fn push_merged(dst: &mut Vec<libc::iovec>, base: *mut u8, len: usize) {
+    if len == 0 {
+        return;
+    }
+    if let Some(last) = dst.last_mut() {
+        if last.iov_base.cast::<u8>().wrapping_add(last.iov_len) == base {
+            last.iov_len += len;
+            return;
+        }
+    }
+    dst.push(libc::iovec {
+        iov_base: base.cast(),
+        iov_len: len,
+    });
+}
+
 /// Fills `dst` with the iovecs of `src` minus the bytes `[at, at + gap)`: a `readv` into `dst`
 /// leaves that range of `src` untouched (where the IP-only link writes the Ethernet header).
 /// Returns how many bytes `dst` covers. `dst` keeps at most `max` entries.
@@ -220,10 +239,7 @@ pub fn with_gap(
     let mut total = 0usize;
     let mut push = |dst: &mut Vec<libc::iovec>, base: *mut u8, len: usize| {
         if len > 0 && dst.len() < max {
-            dst.push(libc::iovec {
-                iov_base: base.cast(),
-                iov_len: len,
-            });
+            push_merged(dst, base, len);
             total += len;
         }
     };
@@ -302,6 +318,46 @@ mod tests {
             // SAFETY: as above.
             assert!(unsafe { sum_iovs(&iovs, 10, 2991) }.is_none());
         }
+    }
+
+    #[test]
+    fn adjacent_iovecs_are_merged_and_others_kept() {
+        let mut buf = vec![0u8; 100];
+        let p = buf.as_mut_ptr();
+        let at = |off: usize, len: usize| libc::iovec {
+            // SAFETY: offsets within `buf`.
+            iov_base: unsafe { p.add(off) }.cast(),
+            iov_len: len,
+        };
+        let mut dst = Vec::new();
+        // Three adjacent, a jump back (overlap), an empty one, a gap, then adjacent again.
+        let src = [
+            at(0, 10),
+            at(10, 5),
+            at(15, 20),
+            at(5, 10),
+            at(15, 0),
+            at(50, 10),
+            at(60, 40),
+        ];
+        for v in &src {
+            push_merged(&mut dst, v.iov_base.cast(), v.iov_len);
+        }
+        assert_eq!(dst.len(), 3);
+        let got: Vec<(usize, usize)> = dst
+            .iter()
+            .map(|v| (v.iov_base as usize - p as usize, v.iov_len))
+            .collect();
+        assert_eq!(got, [(0, 35), (5, 10), (50, 50)]);
+        // Same bytes either way.
+        let marks: Vec<u8> = (0..95u8).collect();
+        // SAFETY: every iovec lies in `buf`.
+        unsafe { write_iovs(&dst, 0, &marks) };
+        let merged = buf.clone();
+        buf.fill(0);
+        // SAFETY: as above.
+        unsafe { write_iovs(&src, 0, &marks) };
+        assert_eq!(buf, merged);
     }
 
     #[test]

@@ -128,7 +128,8 @@ pub fn filter_with(extra_ioctls: &[u64]) -> Result<BpfProgram, SandboxError> {
         libc::SYS_write,
         libc::SYS_readv,
         libc::SYS_writev,
-        // Batched tap writes (rings set up before the sandbox, restricted to WRITEV).
+        // Batched tap writes (rings set up before the sandbox, restricted to WRITEV and the
+        // FILES_UPDATE that puts the tap in the ring's one file slot).
         libc::SYS_io_uring_enter,
         libc::SYS_recvfrom,
         libc::SYS_sendto,

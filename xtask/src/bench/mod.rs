@@ -86,6 +86,11 @@ pub struct Options {
     /// build, to measure before and after a change).
     #[arg(long)]
     pub card_bin: Option<PathBuf>,
+    /// Also run this vhost-card binary (e.g. a copy of the build before a change), as rows of
+    /// their own named "vhost-card before", in turn with the others: a before/after measured in
+    /// the same run. The report adds, per case, the median of the runs' after ÷ before ratios.
+    #[arg(long, value_name = "PATH")]
+    pub baseline_bin: Option<PathBuf>,
     /// Where results go (default target/bench).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -169,6 +174,8 @@ pub enum Backend {
     Card,
     /// vhost-card with one `writev` per TX frame instead of io_uring batches.
     CardWritev,
+    /// Another vhost-card binary (`--baseline-bin`), the "before" of a before/after.
+    CardBefore,
     Pair,
     RawTap,
     Memcpy,
@@ -179,6 +186,7 @@ impl Backend {
         match self {
             Backend::Card => "vhost-card",
             Backend::CardWritev => "vhost-card writev",
+            Backend::CardBefore => "vhost-card before",
             Backend::Pair => "dpdk vhost+tap",
             Backend::RawTap => "raw tap",
             Backend::Memcpy => "memcpy",
@@ -247,6 +255,8 @@ pub struct Ctx {
     pub bin: PathBuf,
     /// The vhost-card binary.
     pub card: PathBuf,
+    /// The binary of the "vhost-card before" rows (`--baseline-bin`).
+    pub baseline: Option<PathBuf>,
     pub logs: PathBuf,
     pub run_dir: PathBuf,
     pub huge: bool,
@@ -281,8 +291,15 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         None => env.bin.join("vhost-card"),
     };
+    let baseline = match &opts.baseline_bin {
+        Some(p) => Some(
+            std::fs::canonicalize(p).with_context(|| format!("--baseline-bin {}", p.display()))?,
+        ),
+        None => None,
+    };
     let mut ctx = Ctx {
         card,
+        baseline,
         bin: env.bin,
         logs,
         run_dir: run_dir.clone(),
@@ -319,11 +336,14 @@ pub fn run(opts: &Options) -> Result<()> {
     } else {
         vec![Frontend::Own, Frontend::Testpmd]
     };
-    let backends: Vec<Backend> = if opts.no_dpdk {
+    let mut backends: Vec<Backend> = if opts.no_dpdk {
         vec![Backend::Card]
     } else {
         vec![Backend::Card, Backend::Pair]
     };
+    if ctx.baseline.is_some() {
+        backends.insert(1, Backend::CardBefore);
+    }
     let mut rows: Vec<Row> = Vec::new();
     // Each case's rows, as (case, first row, end).
     let mut groups = Vec::new();
@@ -429,6 +449,7 @@ pub fn run(opts: &Options) -> Result<()> {
         huge: ctx.huge,
         card_args: ctx.card_args.join(" "),
         card_bin: opts.card_bin.as_ref().map(|p| p.display().to_string()),
+        baseline_bin: ctx.baseline.as_ref().map(|p| p.display().to_string()),
     };
     report::write(&out, &rows, &meta)?;
     if opts.smoke {
@@ -717,7 +738,7 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
 
     // The backend and the card's tap.
     let mut backend = match b {
-        Backend::Card | Backend::CardWritev => {
+        Backend::Card | Backend::CardWritev | Backend::CardBefore => {
             let mut args: Vec<String> = vec!["--socket".into(), sock.display().to_string()];
             for a in [
                 "--netns",
@@ -740,7 +761,11 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
             }
             let private = ctx.run_dir.join(format!("{tag}.private"));
             std::fs::create_dir_all(&private)?;
-            let mut cmd = rig::daemon::command(&ctx.card, &args, &log("vhost-card"), &private)?;
+            let bin = match (&ctx.baseline, b) {
+                (Some(before), Backend::CardBefore) => before,
+                _ => &ctx.card,
+            };
+            let mut cmd = rig::daemon::command(bin, &args, &log("vhost-card"), &private)?;
             if b == Backend::CardWritev {
                 cmd.env("VHOST_CARD_TX_URING", "0");
             }
@@ -807,7 +832,8 @@ fn measure(ctx: &mut Ctx, case: &Case, f: Frontend, b: Backend) -> Result<Sample
     ns.ip(&["link", "set", "card0", "mtu", &mtu, "up"])?;
     // `--card-args "--link ip"`: card0 is a tun without neighbours or a MAC of its own; the
     // daemon answers for the card with IP_LINK_MAC.
-    let ip_link = matches!(b, Backend::Card | Backend::CardWritev) && link_ip(&ctx.card_args);
+    let ip_link = matches!(b, Backend::Card | Backend::CardWritev | Backend::CardBefore)
+        && link_ip(&ctx.card_args);
     let mac = if case.overhead && case.dir == Dir::H2c {
         // Not the tap's address: the card's kernel drops each frame as PACKET_OTHERHOST at the
         // start of IP receive, right after the tap counted it.

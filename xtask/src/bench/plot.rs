@@ -16,7 +16,7 @@ use serde_json::Value;
 pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 /// The series: (frontend, backend) as results.json names them, the legend text, the colour.
-const SERIES: [(&str, &str, &str, RGBColor); 7] = [
+const SERIES: [(&str, &str, &str, RGBColor); 8] = [
     (
         "card-load",
         "vhost-card",
@@ -28,6 +28,12 @@ const SERIES: [(&str, &str, &str, RGBColor); 7] = [
         "vhost-card writev",
         "vhost-card, writev instead of io_uring (card-load)",
         RGBColor(86, 180, 233),
+    ),
+    (
+        "card-load",
+        "vhost-card before",
+        "vhost-card, before the change (card-load)",
+        RGBColor(240, 228, 66),
     ),
     (
         "card-load",

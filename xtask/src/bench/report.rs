@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde_json::json;
 
+use super::vm::median;
 use super::{Backend, Dir, Frontend, Row};
 
 pub struct Meta {
@@ -21,6 +22,47 @@ pub struct Meta {
     pub card_args: String,
     /// `--card-bin`, when given.
     pub card_bin: Option<String>,
+    /// `--baseline-bin`, when given.
+    pub baseline_bin: Option<String>,
+}
+
+/// With `--baseline-bin`: for each case and frontend, vhost-card against "vhost-card before",
+/// run by run (the two ran next to each other in every round, so the machine's load hit both
+/// alike), the median of those ratios: frames per second, and CPU time per frame.
+pub fn before_after(rows: &[Row]) -> String {
+    let mut t = String::new();
+    for before in rows.iter().filter(|r| r.backend == Backend::CardBefore) {
+        let Some(after) = find(rows, before, before.frontend, Backend::Card) else {
+            continue;
+        };
+        let pairs = || after.samples.iter().zip(&before.samples);
+        let pps: Vec<f64> = pairs()
+            .filter(|(a, b)| a.pps > 0.0 && b.pps > 0.0)
+            .map(|(a, b)| a.pps / b.pps)
+            .collect();
+        let cpu: Vec<f64> = pairs()
+            .filter(|(a, b)| a.pps > 0.0 && b.pps > 0.0 && b.cpu > 0.0)
+            .map(|(a, b)| (a.cpu / a.pps) / (b.cpu / b.pps))
+            .collect();
+        let n = pps.len();
+        if let Some(p) = median(&pps) {
+            let _ = writeln!(
+                t,
+                "| {} | {} | {p:.3} | {} | {n} |",
+                before.case.label(),
+                before.frontend.name(),
+                fmt_ratio(median(&cpu)),
+            );
+        }
+    }
+    if t.is_empty() {
+        return t;
+    }
+    format!(
+        "\nvhost-card ÷ vhost-card before, run by run (medians of the per-run ratios):\n\n\
+         | case | frontend | Mpps after ÷ before | CPU per frame after ÷ before | runs |\n\
+         |---|---|---:|---:|---:|\n{t}"
+    )
 }
 
 fn find<'a>(rows: &'a [Row], r: &Row, f: Frontend, b: Backend) -> Option<&'a Row> {
@@ -57,8 +99,15 @@ pub fn table(rows: &[Row]) -> String {
         let of =
             |f: Frontend, b: Backend| find(rows, r, f, b).and_then(|x| x.median()).map(|m| m.bps);
         let (vs_pair, vs_mem, vs_tap) = match r.backend {
-            Backend::Card | Backend::CardWritev | Backend::Pair | Backend::RawTap => (
-                if matches!(r.backend, Backend::Card | Backend::CardWritev) {
+            Backend::Card
+            | Backend::CardWritev
+            | Backend::CardBefore
+            | Backend::Pair
+            | Backend::RawTap => (
+                if matches!(
+                    r.backend,
+                    Backend::Card | Backend::CardWritev | Backend::CardBefore
+                ) {
                     fmt_ratio(ratio(bps, of(r.frontend, Backend::Pair)))
                 } else {
                     "-".into()
@@ -112,7 +161,7 @@ pub fn overhead_table(rows: &[Row]) -> String {
         };
         let of = |f: Frontend, b: Backend| find(rows, r, f, b).and_then(|x| x.median());
         let ceiling = of(Frontend::None, Backend::RawTap).map(|c| c.pps);
-        let is_card = r.backend == Backend::Card;
+        let is_card = matches!(r.backend, Backend::Card | Backend::CardBefore);
         let added = match ceiling {
             Some(c) if r.backend != Backend::RawTap && c > 0.0 && m.pps > 0.0 => {
                 format!("{:.0}", (1.0 / m.pps - 1.0 / c) * 1e9)
@@ -294,6 +343,7 @@ fn json(rows: &[Row], meta: &Meta) -> serde_json::Value {
         "hugepages": meta.huge,
         "card_args": meta.card_args,
         "card_bin": meta.card_bin,
+        "baseline_bin": meta.baseline_bin,
         "rows": rows,
     })
 }
@@ -324,6 +374,7 @@ pub fn write(dir: &Path, rows: &[Row], meta: &Meta) -> Result<()> {
         );
         targets.push_str(&overhead_targets(rows));
     }
+    table.push_str(&before_after(rows));
     let md = format!(
         "Medians of {} run(s), {:.1} s windows, backends alternated; load average at the end: {} \
          (the bench's own busy-polling DPDK threads count in it); CPU stolen by the hypervisor \
@@ -342,6 +393,10 @@ pub fn write(dir: &Path, rows: &[Row], meta: &Meta) -> Result<()> {
             .card_bin
             .as_ref()
             .map_or(String::new(), |b| format!("; vhost-card binary {b}"))
+            + &meta
+                .baseline_bin
+                .as_ref()
+                .map_or(String::new(), |b| format!("; vhost-card before: {b}"))
     );
     std::fs::write(dir.join("results.md"), &md)?;
     let doc = json(rows, meta);

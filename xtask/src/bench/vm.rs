@@ -130,7 +130,8 @@ pub fn run(opts: &Options, out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn median(v: &[f64]) -> Option<f64> {
+/// The median of `v` (the mean of the middle two for an even count); `None` when empty.
+pub(super) fn median(v: &[f64]) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
