@@ -365,17 +365,52 @@ fn exercise(container: &Container, stage: &Path, run_dir: &Path) -> Result<Vec<S
     let mut stop = vec!["systemctl", "stop"];
     stop.extend(services.iter().map(String::as_str));
     container.sh(&stop)?;
+    // After the reload vc2's main process is one systemd did not start. On the legacy or
+    // hybrid cgroup hierarchy, inside a container, systemd 252 does not wait for such a
+    // process after SIGTERM (unit_kill_context: an alien main PID, and no reliable cgroup
+    // notification there) and sends SIGKILL at once; on the unified hierarchy it waits. This
+    // machine's hierarchy is hybrid, so there the reloaded card may end killed: accepted for
+    // it alone, and said.
+    let unified = container.sh(&["stat", "-fc", "%T", "/sys/fs/cgroup"])? == "cgroup2fs";
+    let reloaded = format!("vhost-card@{}.service", CARDS[1].name);
+    let mut killed_after_reload = false;
     for s in &services {
         let result = container.sh(&["systemctl", "show", "-P", "Result", s])?;
         let status = container.sh(&["systemctl", "show", "-P", "ExecMainStatus", s])?;
-        ensure!(
-            result == "success" && status == "0",
-            "{s} stopped with result {result}, status {status}"
-        );
+        if !unified && *s == reloaded && result == "signal" && status == "9" {
+            killed_after_reload = true;
+            continue;
+        }
+        if result != "success" || status != "0" {
+            let journal = container
+                .sh(&[
+                    "journalctl",
+                    "--no-pager",
+                    "-o",
+                    "short-precise",
+                    "-n",
+                    "60",
+                    "-u",
+                    s,
+                ])
+                .unwrap_or_default();
+            anyhow::bail!(
+                "{s} stopped with result {result}, status {status}; its journal:\n{journal}"
+            );
+        }
     }
     lines.push(format!(
-        "PASS the four daemons stopped cleanly ({}), their sockets still held by systemd",
-        services.join(" ")
+        "PASS the four daemons stopped ({}), their sockets still held by systemd; {}",
+        services.join(" "),
+        if killed_after_reload {
+            format!(
+                "all cleanly but {reloaded} (reloaded), which systemd killed with SIGKILL right \
+                 after SIGTERM: on the hybrid cgroup hierarchy in a container it does not wait \
+                 for a main process it did not start"
+            )
+        } else {
+            "all cleanly".to_string()
+        }
     ));
     Ok(lines)
 }
