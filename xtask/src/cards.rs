@@ -425,13 +425,7 @@ fn check_card(
 ) -> Result<String> {
     let name = card.name;
     // The tap is in the card's namespace: read its MAC and MTU there.
-    let link = container.sh(&["ip", "-n", name, "-o", "link", "show", "dev", "card0"])?;
-    let mac_text = link
-        .split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .context("no MAC on card0")?
-        .to_string();
+    let (link, mac_text) = tap_link(container, name)?;
     if let Some(mac) = card.mac {
         ensure!(
             mac_text == mac,
@@ -593,13 +587,7 @@ fn check_reload(
         "{name}: the new main process runs {exe}"
     );
     // One frame each way through the new process.
-    let link = container.sh(&["ip", "-n", name, "-o", "link", "show", "dev", "card0"])?;
-    let tap_mac = crate::netns::parse_mac(
-        link.split_whitespace()
-            .skip_while(|w| *w != "link/ether")
-            .nth(1)
-            .context("no MAC on card0")?,
-    )?;
+    let tap_mac = crate::netns::parse_mac(&tap_link(container, name)?.1)?;
     let up = udp_frame(
         HOST_MAC,
         tap_mac,
@@ -639,6 +627,18 @@ fn check_reload(
          carried ({tx} frames to the card), a frame each way through the new process",
         took.as_millis()
     ))
+}
+
+/// Card `name`'s tap in its namespace inside the container: `ip -o link` of card0, and its MAC.
+fn tap_link(container: &Container, name: &str) -> Result<(String, String)> {
+    let link = container.sh(&["ip", "-n", name, "-o", "link", "show", "dev", "card0"])?;
+    let mac = link
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .context("no MAC on card0")?
+        .to_string();
+    Ok((link, mac))
 }
 
 /// `GET /metrics` from `addr` inside the network namespace `netns`.
