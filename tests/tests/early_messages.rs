@@ -2,6 +2,7 @@
 //! after SET_PROTOCOL_FEATURES but before SET_FEATURES. The daemon must ack them and end up with
 //! the rings in the state they asked for.
 
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Result};
@@ -75,6 +76,51 @@ fn qemu_sequence_with_late_enable_too() -> Result<()> {
     card.check_host_to_card(&mut dev, 7410, 3)?;
     card.check_card_to_host(&mut dev, 4)?;
     dev.ping()?;
+    Ok(())
+}
+
+/// QEMU sends SET_VRING_CALL after SET_VRING_KICK, without waiting for an answer, and the
+/// driver's first kick may reach the worker before the handler has the call. What the worker used
+/// meanwhile must be signalled once the call comes, not lost (a stalled TX queue in the guest).
+#[test]
+fn a_call_that_comes_after_the_first_used_buffer_is_signalled() -> Result<()> {
+    let card = Card::start(&[])?;
+    let mut ctl = card.connect()?;
+    let features = ctl.handshake()?.features;
+    let opts = Options {
+        withhold_calls: true,
+        ..Options::for_features(features)
+    };
+    let mut dev = VirtioNet::start(ctl, features, &opts)?;
+    let frame = card.frame_to(
+        std::net::SocketAddrV4::new(card_tests::card::CARD_IP, 9),
+        40001,
+        b"before the call",
+    )?;
+    let head = dev.send(&VnetHdr::default(), &frame, &TxLayout::Combined)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while dev.tx.used_idx(&dev.mem)? == 0 {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the TX frame was not used without a call eventfd"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    ensure!(
+        !card_tests::vring::poll_in(dev.tx.call.as_raw_fd(), Duration::ZERO)?,
+        "the call eventfd the device does not have yet was written"
+    );
+    for q in [RX, TX] {
+        let call = if q == RX { &dev.rx.call } else { &dev.tx.call };
+        dev.ctl.vu.set_vring_call(q, call)?;
+    }
+    ensure!(
+        card_tests::vring::poll_in(dev.tx.call.as_raw_fd(), Duration::from_secs(2))?,
+        "the frame used before SET_VRING_CALL was never signalled"
+    );
+    dev.wait_tx(head)?;
+    card.check_host_to_card(&mut dev, 7430, 7)?;
+    card.check_card_to_host(&mut dev, 8)?;
     Ok(())
 }
 

@@ -177,12 +177,13 @@ fn gate(
         num_queues: 2 * PAIRS as u32,
         queue_size: 1024,
     };
-    let announce = backend.clone();
+    let (announce, calls) = (backend.clone(), backend.clone());
     let hooks = || Hooks {
         pair: Box::new(move |pair, on| steer.pair_enabled(pair, on)),
         rarp: Box::new(move |mac| announce.send_rarp(mac)),
         record: None,
         ledger: None,
+        call: Some(Box::new(move |ring, fd| calls.call_installed(ring, fd))),
     };
     Ok(match record {
         None => Gate::start(frontend, handler, cfg, hooks())?,

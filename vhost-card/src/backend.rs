@@ -3,10 +3,10 @@
 //! TX queue `2i + 1`), each also watching its tap queue.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::{Arc, Mutex, RwLock};
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
@@ -173,6 +173,18 @@ impl CardBackend {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .rings_started();
+            }
+        }
+    }
+
+    /// Called by the gate once the handler holds ring `ring`'s new call eventfd `call`
+    /// (`SET_VRING_CALL` on a started ring): a signal the ring owed since it had none goes out.
+    pub fn call_installed(&self, ring: usize, call: RawFd) {
+        let (pair, q) = (ring / 2, ring % 2);
+        if let (Some(w), Some(stats)) = (self.workers.get(pair), self.stats.pairs.get(pair)) {
+            let mut p = w.pair.lock().unwrap_or_else(|p| p.into_inner());
+            if p.call_installed(q, call, stats) {
+                debug!("ring {ring}: signalled what was used before its call eventfd came");
             }
         }
     }

@@ -988,7 +988,7 @@ fn serve_one(frontend: UnixStream, ctx: &Ctx, resume: Option<Resume>) -> Result<
     daemon.start(&mut inner_listener).map_err(vhost)?;
     drop(inner_listener);
 
-    let (steer, announce) = (backend.clone(), backend.clone());
+    let (steer, announce, calls) = (backend.clone(), backend.clone(), backend.clone());
     // The answers the frontend is owed, kept with the session in the fd store.
     let ledger = match ctx.fd_store {
         Some(_) => Some(Arc::new(
@@ -1020,6 +1020,7 @@ fn serve_one(frontend: UnixStream, ctx: &Ctx, resume: Option<Resume>) -> Result<
             None => None,
         },
         ledger: ledger.clone(),
+        call: Some(Box::new(move |ring, fd| calls.call_installed(ring, fd))),
     };
     let gate = match resume {
         None => Gate::start(frontend, gate_side, ctx.gate_cfg, hooks)

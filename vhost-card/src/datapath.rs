@@ -37,6 +37,7 @@ use crate::interrupt::Interrupt;
 use crate::iov::{self, ChainError, IovBuf, IOV_MAX};
 use crate::link::{self, Ignored, IpLink, Proto, TxClass};
 use crate::localq::LocalFrames;
+use crate::poll::signal_eventfd;
 use crate::reasm::{self, Discard, Outcome, Reassembler};
 use crate::rxmark::{Mark, Unmarked};
 use crate::stats::{add, PairStats};
@@ -126,6 +127,11 @@ pub struct Pair {
     /// a notification a previous backend sent and that was lost on the way, e.g. across a
     /// live migration, and EVENT_IDX would otherwise skip it for good.
     signal_next: [bool; 2],
+    /// A signal was due on each queue (RX, TX) while it had no call eventfd: QEMU sends
+    /// `SET_VRING_CALL` after `SET_VRING_KICK`, and the driver's first kick may reach this worker
+    /// before the handler has the call; a frontend may also poll for a while (no call at all).
+    /// Sent when the call arrives ([`Pair::call_installed`]), not lost.
+    call_owed: [bool; 2],
     /// What the current pass moved, added to the shared counters when it ends.
     tally: Tally,
 }
@@ -218,6 +224,7 @@ impl Pair {
             rx_ring_broken: false,
             logged: None,
             signal_next: [true; 2],
+            call_owed: [false; 2],
             tally: Tally::default(),
         }
         .with_tx_slots()
@@ -251,6 +258,7 @@ impl Pair {
         self.tx_ring_broken = false;
         self.rx_ring_broken = false;
         self.rings_started();
+        self.call_owed = [false; 2];
         for t in &mut self.tx {
             t.iovs.0.clear();
         }
@@ -283,6 +291,22 @@ impl Pair {
     /// The pair's rings (re)started: their next used buffers are signalled unconditionally.
     pub fn rings_started(&mut self) {
         self.signal_next = [true; 2];
+    }
+
+    /// Queue `q` (0 RX, 1 TX) of this pair has a call eventfd `call` now, which the handler
+    /// already holds: a signal owed since it had none goes out on it. Returns whether one did.
+    pub fn call_installed(&mut self, q: usize, call: RawFd, stats: &PairStats) -> bool {
+        let Some(owed) = self.call_owed.get_mut(q).filter(|o| **o) else {
+            return false;
+        };
+        *owed = false;
+        if signal_eventfd(call) {
+            add(&stats.notifications, 1);
+            true
+        } else {
+            add(&stats.notifications_blocked, 1);
+            false
+        }
     }
 
     /// Largest frame (header included) the tap may hand over, given what was negotiated.
@@ -357,6 +381,7 @@ impl Pair {
                 self.irq[1].as_deref(),
                 stats,
                 &mut self.signal_next[1],
+                &mut self.call_owed[1],
             );
         }
         pass
@@ -575,6 +600,7 @@ impl Pair {
                 self.irq[0].as_deref(),
                 stats,
                 &mut self.signal_next[0],
+                &mut self.call_owed[0],
             );
         }
         pass
@@ -1442,12 +1468,14 @@ fn set_notification(
 }
 
 /// Signals used buffers to the guest when EVENT_IDX (or the used flags) ask for it, or when
-/// `unconditional` (cleared once a signal went out; see `Pair::signal_next`).
+/// `unconditional` (cleared once a signal went out; see `Pair::signal_next`). A signal due
+/// while the ring has no call eventfd sets `owed` (see `Pair::call_owed`).
 fn notify(
     vring: &mut State,
     irq: Option<&dyn Interrupt>,
     stats: &PairStats,
     unconditional: &mut bool,
+    owed: &mut bool,
 ) {
     LOG.notify();
     if !vring.needs_notification().unwrap_or(true) && !*unconditional {
@@ -1466,36 +1494,19 @@ fn notify(
         }
         return;
     }
+    let Some(call) = vring.get_call() else {
+        *owed = true;
+        return;
+    };
     // The call descriptor is the frontend's and may be in blocking mode: a write to a full pipe
     // or to an eventfd at its limit would hang this worker, both queues of the pair and every
     // later session with it. So it is written only when it takes the write now.
-    if let Some(call) = vring.get_call() {
-        if !writable_now(call.as_raw_fd()) {
-            add(&stats.notifications_blocked, 1);
-            return;
-        }
-    }
-    if let Err(e) = vring.signal_used_queue() {
-        debug!("cannot notify the guest: {e}");
+    if !signal_eventfd(call.as_raw_fd()) {
         add(&stats.notifications_blocked, 1);
         return;
     }
     *unconditional = false;
     add(&stats.notifications, 1);
-}
-
-/// Whether `fd` takes a write without blocking right now (and has a reader).
-fn writable_now(fd: RawFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd that outlives the call; a zero timeout never sleeps.
-    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-    n == 1
-        && pfd.revents & libc::POLLOUT != 0
-        && pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) == 0
 }
 
 /// The `TUNSETOFFLOAD` bits for what the host accepts on its RX queue. With `--rx-csum complete`

@@ -427,17 +427,7 @@ impl DirtyLog {
     pub fn notify(&self) {
         self.with_area(|st, _| {
             if let Some(fd) = &st.notify {
-                let one = 1u64.to_ne_bytes();
-                let mut pfd = libc::pollfd {
-                    fd: fd.as_raw_fd(),
-                    events: libc::POLLOUT,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd; zero timeout.
-                if unsafe { libc::poll(&mut pfd, 1, 0) } == 1 && pfd.revents == libc::POLLOUT {
-                    // SAFETY: writes 8 bytes from a local buffer to a descriptor we own.
-                    unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-                }
+                crate::poll::signal_eventfd(fd.as_raw_fd());
             }
         });
     }

@@ -261,7 +261,13 @@ pub struct Hooks {
     pub record: Option<RecordHook>,
     /// Counts the answers the frontend is owed, for the fd store (`fdstore::Ledger`).
     pub ledger: Option<Arc<Ledger>>,
+    /// After the handler took a started ring's new call eventfd (`SET_VRING_CALL`): the
+    /// ring's index and the descriptor (see `CardBackend::call_installed`).
+    pub call: Option<CallHook>,
 }
+
+/// Told of a started ring's new call eventfd, once the handler holds it.
+pub type CallHook = Box<dyn Fn(usize, RawFd) + Send>;
 
 /// Told of each request taken, with the gate's record after it.
 pub type RecordHook = Box<dyn FnMut(&Hdr, &[u8], &Recorder) + Send>;
@@ -319,6 +325,7 @@ impl Gate {
     ) -> io::Result<Gate> {
         st.on_pair = Some(hooks.pair);
         st.on_record = hooks.record;
+        st.on_call = hooks.call;
         st.ledger = hooks.ledger.clone();
         let ledger = hooks.ledger;
         st.migration.set_rarp(hooks.rarp);
@@ -472,6 +479,7 @@ struct ReqState {
     started: Vec<bool>,
     on_pair: Option<PairHook>,
     on_record: Option<RecordHook>,
+    on_call: Option<CallHook>,
     ledger: Option<Arc<Ledger>>,
     /// The session as the handler holds it, for a handover (`handover::record`).
     record: Recorder,
@@ -492,6 +500,7 @@ impl ReqState {
             started: vec![false; cfg.num_queues as usize],
             on_pair: None,
             on_record: None,
+            on_call: None,
             ledger: None,
             record: Recorder::new(cfg.num_queues as usize),
             link: None,
@@ -635,6 +644,9 @@ impl ReqState {
                     }
                     send_msg(backend, &hdr, &msg.body, &fds)?;
                     self.track_rings(&hdr, &msg.body);
+                    if hdr.request == FrontendReq::SET_VRING_CALL as u32 {
+                        self.call_set(&msg.body, &msg.fds, backend);
+                    }
                 }
                 Action::Answer(value) => {
                     if self.can_reply(&hdr) {
@@ -760,6 +772,25 @@ impl ReqState {
             _ => return,
         }
         self.sync_pairs();
+    }
+
+    /// A started ring got a call eventfd. QEMU sends SET_VRING_CALL after SET_VRING_KICK, so a
+    /// worker may have used buffers while the ring had none: once the handler holds the new
+    /// one (a barrier: it answers in order), the hook sends the signal that was owed.
+    fn call_set(&self, body: &[u8], fds: &[OwnedFd], backend: &UnixStream) {
+        let (Some(hook), Some(link), Some(word), [fd]) =
+            (&self.on_call, &self.link, le_u32(body, 0), fds)
+        else {
+            return;
+        };
+        let ring = (word & 0xff) as usize;
+        if !self.started.get(ring).copied().unwrap_or(false) {
+            return;
+        }
+        match pause::barrier(backend, &link.answers) {
+            Ok(()) => hook(ring, fd.as_raw_fd()),
+            Err(e) => warn!("gate: ring {ring}'s new call eventfd: {e}"),
+        }
     }
 
     /// Replays held SET_VRING_ENABLE requests once PROTOCOL_FEATURES is acked.

@@ -1,5 +1,6 @@
 //! Blocking until a descriptor has something for us or a stop eventfd is written: the accept
 //! loop (the vhost-user socket) and the VDUSE message loop (the device file) both wait this way.
+//! And the other way: signalling an eventfd the frontend gave us, without ever blocking on it.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -40,6 +41,33 @@ pub fn readable_or_stop(fd: RawFd, stop: RawFd) -> io::Result<Woke> {
     }
 }
 
+/// Whether `fd` takes a write without blocking right now (and has a reader).
+pub fn writable_now(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd that outlives the call; a zero timeout never sleeps.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n == 1
+        && pfd.revents & libc::POLLOUT != 0
+        && pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) == 0
+}
+
+/// Adds 1 to the eventfd `fd` (a call, kick or log notifier the frontend gave us) if that takes
+/// the write now. The frontend's descriptor may be in blocking mode: a write to an eventfd at its
+/// limit, or to a pipe in its place, would hang the caller, so it is skipped; false then.
+pub fn signal_eventfd(fd: RawFd) -> bool {
+    if !writable_now(fd) {
+        return false;
+    }
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: an 8-byte write from a buffer we own; `fd` is a descriptor the caller holds.
+    let n = unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+    n == 8
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,5 +89,16 @@ mod tests {
             readable_or_stop(a.as_raw_fd(), stop.as_raw_fd()).unwrap(),
             Woke::Stop
         );
+    }
+
+    #[test]
+    fn an_eventfd_at_its_limit_is_not_written() {
+        let efd = EventFd::new(0).unwrap();
+        assert!(signal_eventfd(efd.as_raw_fd()));
+        assert_eq!(efd.read().unwrap(), 1);
+        // A blocking eventfd one below its limit: a write would sleep, so none is made.
+        efd.write(u64::MAX - 1).unwrap();
+        assert!(!signal_eventfd(efd.as_raw_fd()));
+        assert_eq!(efd.read().unwrap(), u64::MAX - 1);
     }
 }

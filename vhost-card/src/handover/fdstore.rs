@@ -693,13 +693,10 @@ fn rebuild(
 /// crashed process may have read a kick and not taken the chains it announced, or completed
 /// chains and not signalled them; a spurious kick or interrupt costs one look at the ring.
 pub fn wake(state: &ProtocolState, fds: &[OwnedFd]) {
-    let one = 1u64.to_ne_bytes();
     for ring in state.rings.iter().filter(|r| r.started) {
         for i in [ring.kick, ring.call].into_iter().flatten() {
             if let Some(fd) = fds.get(i) {
-                // SAFETY: an 8-byte write from a buffer we own to an eventfd we hold (checked
-                // by `fdcheck` as an eventfd).
-                unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+                crate::poll::signal_eventfd(fd.as_raw_fd());
             }
         }
     }

@@ -119,6 +119,12 @@ fn exchange(
     Ok(got)
 }
 
+/// Waits until the handler has taken every request forwarded before (it answers in order):
+/// one GET_FEATURES of the gate's own.
+pub fn barrier(backend: &UnixStream, answers: &Receiver<(u32, Vec<u8>)>) -> Result<(), String> {
+    exchange(backend, &[replay::barrier()], &[], answers).map(|_| ())
+}
+
 /// Stops every started ring (the stop point, see `docs/handover.md`) and records where each
 /// stopped; the final GET_FEATURES answer means every request forwarded before is answered.
 pub fn stop(
