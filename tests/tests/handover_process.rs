@@ -198,7 +198,13 @@ fn a_running_session_moves_to_new_processes_without_the_frontend_noticing() -> R
     eprintln!("RSS of the serving process (KiB): {rss:?}");
 
     // The counters went on from process to process, and it is still one session.
-    let snap = vhost_card::control::query_snapshot(&control)?;
+    // (A pass adds its counts as it ends, a moment after the frontend saw the used buffer.)
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut snap = vhost_card::control::query_snapshot(&control)?;
+    while snap.total("tx_frames") < u64::from(traffic.rounds) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+        snap = vhost_card::control::query_snapshot(&control)?;
+    }
     ensure!(
         snap.total("tx_frames") == u64::from(traffic.rounds),
         "tx_frames {} after {} frames",

@@ -26,7 +26,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context, Result};
 use card_tests::card::{self, Card, CARD_IP, HOST_IP, HOST_MAC, TAP};
@@ -416,23 +416,31 @@ fn a_session_moves_to_a_fresh_backend_and_traffic_goes_on() -> Result<()> {
         "TX used index {tx_used} after {} frames",
         12 + CYCLES
     );
-    let new_stats = new.stats().pairs[0].snapshot();
+    // The counters go on from the old instance's. A pass adds its counts when it ends, a moment
+    // after the guest may have seen the last used buffer: wait for them.
+    let before = u64::from(CYCLES);
+    let want = (12 + before, 10 + before);
     let count = |name: &str| {
-        new_stats
+        new.stats().pairs[0]
+            .snapshot()
             .iter()
             .find(|(n, _)| *n == name)
             .map(|(_, v)| *v)
             .unwrap_or(0)
     };
-    // The counters go on from the old instance's.
-    let before = u64::from(CYCLES);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut got = (count("tx_frames"), count("rx_frames"));
+    while got != want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+        got = (count("tx_frames"), count("rx_frames"));
+    }
     ensure!(
-        count("tx_frames") == 12 + before && count("rx_frames") == 10 + before,
+        got == want,
         "the new instance counts {} TX and {} RX frames, expected {} and {}",
-        count("tx_frames"),
-        count("rx_frames"),
-        12 + before,
-        10 + before
+        got.0,
+        got.1,
+        want.0,
+        want.1
     );
 
     // A replay the handler refuses (a ring larger than the queue size) ends that session with

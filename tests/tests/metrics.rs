@@ -311,8 +311,17 @@ fn counters_and_state_follow_the_traffic() -> Result<()> {
     );
 
     // The end state, identical in the JSON, `vhost-card stats --json`, the table and the
-    // labelled series.
-    let json = read_control(&control)?;
+    // labelled series. A pass adds its counts as it ends, a moment after the frontend may have
+    // seen its last used buffer: wait for them first.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut json = read_control(&control)?;
+    while (json_counter(&json, 0, "tx_frames")? < total_tx
+        || json_counter(&json, 0, "rx_frames")? < rounds * rx_per_round)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(5));
+        json = read_control(&control)?;
+    }
     let prom = scrape(&metrics)?;
     let table = stats_cmd(&control, &[])?;
     let cli_json_text = stats_cmd(&control, &["--json"])?;

@@ -373,18 +373,24 @@ impl Pair {
                 _ => break Pass::Idle,
             }
         };
+        self.end_pass(1, vring, stats, used);
+        pass
+    }
+
+    /// Ends a pass over queue `q` (0 RX, 1 TX): the logged writes and the counters are settled,
+    /// and the guest is signalled if the pass used buffers.
+    fn end_pass(&mut self, q: usize, vring: &mut State, stats: &PairStats, used: bool) {
         self.end_logging();
         self.tally.flush(stats);
         if used {
             notify(
                 vring,
-                self.irq[1].as_deref(),
+                self.irq[q].as_deref(),
                 stats,
-                &mut self.signal_next[1],
-                &mut self.call_owed[1],
+                &mut self.signal_next[q],
+                &mut self.call_owed[q],
             );
         }
-        pass
     }
 
     /// Turns a TX chain into slot `k`: the frame's iovecs with our checked copy of the header in
@@ -592,17 +598,7 @@ impl Pair {
         };
         // Buffers gathered but not filled go back to the guest before the pass ends.
         used |= self.rx.release(vring, mem, self.logged.as_deref());
-        self.end_logging();
-        self.tally.flush(stats);
-        if used {
-            notify(
-                vring,
-                self.irq[0].as_deref(),
-                stats,
-                &mut self.signal_next[0],
-                &mut self.call_owed[0],
-            );
-        }
+        self.end_pass(0, vring, stats, used);
         pass
     }
 

@@ -74,8 +74,12 @@ pub struct Options {
     /// Only the overhead group: the least kernel work behind the tap (host to card: frames the
     /// card's kernel drops on entry; card to host: an AF_PACKET producer), so what remains is
     /// the backend's own cost; the raw tap in the same condition is the ceiling.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "delivered")]
     pub overhead: bool,
+    /// Only the delivered-to-sink cases (frames counted at a UDP sink in the card's namespace,
+    /// or at the frontend), without the overhead group.
+    #[arg(long)]
+    pub delivered: bool,
     /// Leave DPDK out (no testpmd frontend, no DPDK pair).
     #[arg(long)]
     pub no_dpdk: bool,
@@ -314,7 +318,12 @@ pub fn run(opts: &Options) -> Result<()> {
         runs: 0,
     };
     let reps = if opts.smoke { 1 } else { opts.reps.max(1) };
-    let mut cases = cases(opts.smoke, opts.overhead);
+    let groups = match (opts.overhead, opts.delivered) {
+        (true, _) => Groups::Overhead,
+        (_, true) => Groups::Delivered,
+        _ => Groups::Both,
+    };
+    let mut cases = cases(opts.smoke, groups);
     if let Some(f) = &opts.only {
         cases.retain(|c| c.label().contains(f.as_str()));
     }
@@ -500,61 +509,58 @@ fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("").chars().take(120).collect()
 }
 
-/// The cases: every size both ways at 1 and 2 queue pairs, or a few for `--smoke`, then the
-/// overhead group (64, 1500 and 65000 B both ways at 1 and 2 queue pairs; `--smoke`: 64 B at 1
-/// queue pair, one case per direction); `overhead_only` leaves the first part out.
-pub fn cases(smoke: bool, overhead_only: bool) -> Vec<Case> {
-    let mut v = if overhead_only {
-        Vec::new()
-    } else {
-        plain_cases(smoke)
-    };
-    let qs: &[usize] = if smoke { &[1] } else { &[1, 2] };
-    let sizes: &[usize] = if smoke { &[64] } else { &[64, 1500, 65000] };
-    for &queues in qs {
-        for dir in [Dir::H2c, Dir::C2h] {
-            for &size in sizes {
-                v.push(Case {
-                    dir,
-                    size,
-                    uso: false,
-                    queues,
-                    overhead: true,
-                });
-            }
-        }
-    }
-    v
+/// Which groups of cases a run measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Groups {
+    /// The delivered-to-sink cases, then the overhead group.
+    Both,
+    /// Only the delivered-to-sink cases (`--delivered`).
+    Delivered,
+    /// Only the overhead group (`--overhead`).
+    Overhead,
 }
 
-/// The delivered-to-sink cases.
-fn plain_cases(smoke: bool) -> Vec<Case> {
-    let mut v = Vec::new();
+/// The cases: the delivered-to-sink group (every size both ways at 1 and 2 queue pairs, USO
+/// included; `--smoke`: 64 and 65000 B at 1 queue pair), then the overhead group (64, 1500 and
+/// 65000 B both ways at 1 and 2 queue pairs; `--smoke`: 64 B at 1 queue pair, one case per
+/// direction), as `groups` says.
+pub fn cases(smoke: bool, groups: Groups) -> Vec<Case> {
     let qs: &[usize] = if smoke { &[1] } else { &[1, 2] };
-    for &queues in qs {
-        for dir in [Dir::H2c, Dir::C2h] {
-            let sizes: &[usize] = if smoke {
-                &[64, 65000]
-            } else {
-                &[64, 1500, 65000]
-            };
-            for &size in sizes {
-                v.push(Case {
-                    dir,
-                    size,
-                    uso: false,
-                    queues,
-                    overhead: false,
-                });
-            }
-            if !smoke {
-                v.push(Case {
-                    dir,
-                    size: 0,
-                    uso: true,
-                    queues,
-                    overhead: false,
-                });
+    let mut v = Vec::new();
+    for overhead in [false, true] {
+        let wanted = match groups {
+            Groups::Both => true,
+            Groups::Delivered => !overhead,
+            Groups::Overhead => overhead,
+        };
+        if !wanted {
+            continue;
+        }
+        let sizes: &[usize] = match (smoke, overhead) {
+            (true, false) => &[64, 65000],
+            (true, true) => &[64],
+            (false, _) => &[64, 1500, 65000],
+        };
+        for &queues in qs {
+            for dir in [Dir::H2c, Dir::C2h] {
+                for &size in sizes {
+                    v.push(Case {
+                        dir,
+                        size,
+                        uso: false,
+                        queues,
+                        overhead,
+                    });
+                }
+                if !smoke && !overhead {
+                    v.push(Case {
+                        dir,
+                        size: 0,
+                        uso: true,
+                        queues,
+                        overhead,
+                    });
+                }
             }
         }
     }
