@@ -178,14 +178,39 @@ impl CardBackend {
     }
 
     /// Called by the gate once the handler holds ring `ring`'s new call eventfd `call`
-    /// (`SET_VRING_CALL` on a started ring): a signal the ring owed since it had none goes out.
+    /// (`SET_VRING_CALL` on a started ring): a signal the ring owed since it had none goes out,
+    /// written after the pair's lock is released (the descriptor is the frontend's).
     pub fn call_installed(&self, ring: usize, call: RawFd) {
         let (pair, q) = (ring / 2, ring % 2);
-        if let (Some(w), Some(stats)) = (self.workers.get(pair), self.stats.pairs.get(pair)) {
-            let mut p = w.pair.lock().unwrap_or_else(|p| p.into_inner());
-            if p.call_installed(q, call, stats) {
-                debug!("ring {ring}: signalled what was used before its call eventfd came");
-            }
+        let (Some(w), Some(stats)) = (self.workers.get(pair), self.stats.pairs.get(pair)) else {
+            return;
+        };
+        let owed = w
+            .pair
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_owed(q);
+        if !owed {
+            return;
+        }
+        if crate::poll::signal_eventfd(call) {
+            add(&stats.notifications, 1);
+            debug!("ring {ring}: signalled what was used before its call eventfd came");
+        } else {
+            add(&stats.notifications_blocked, 1);
+        }
+    }
+
+    /// Ring `ring` was started without a call eventfd in a session taken over (a handover or a
+    /// crash between the frontend's SET_VRING_KICK and SET_VRING_CALL): the process before may
+    /// have owed a signal it could not send, so the call, when it comes, gets one (at worst a
+    /// spurious interrupt).
+    pub fn owe_call(&self, ring: usize) {
+        if let Some(w) = self.workers.get(ring / 2) {
+            w.pair
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .owe(ring % 2);
         }
     }
 

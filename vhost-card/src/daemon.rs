@@ -1029,6 +1029,10 @@ fn serve_one(frontend: UnixStream, ctx: &Ctx, resume: Option<Resume>) -> Result<
             let gate = resume_gate(frontend, gate_side, ctx, hooks, &r, ledger.as_deref())?;
             r.armed.store(true, Ordering::SeqCst);
             ctx.sources.tap.keep_when_done(ctx.keep_tap);
+            let no_call = r.state.rings.iter().enumerate();
+            for (ring, _) in no_call.filter(|(_, x)| x.started && x.call.is_none()) {
+                backend.owe_call(ring);
+            }
             match r.incoming {
                 Some(inc) => {
                     let outage = inc.serving(r.paused_at);

@@ -130,7 +130,7 @@ pub struct Pair {
     /// A signal was due on each queue (RX, TX) while it had no call eventfd: QEMU sends
     /// `SET_VRING_CALL` after `SET_VRING_KICK`, and the driver's first kick may reach this worker
     /// before the handler has the call; a frontend may also poll for a while (no call at all).
-    /// Sent when the call arrives ([`Pair::call_installed`]), not lost.
+    /// Sent when the call arrives (`CardBackend::call_installed`), not lost.
     call_owed: [bool; 2],
     /// What the current pass moved, added to the shared counters when it ends.
     tally: Tally,
@@ -293,19 +293,16 @@ impl Pair {
         self.signal_next = [true; 2];
     }
 
-    /// Queue `q` (0 RX, 1 TX) of this pair has a call eventfd `call` now, which the handler
-    /// already holds: a signal owed since it had none goes out on it. Returns whether one did.
-    pub fn call_installed(&mut self, q: usize, call: RawFd, stats: &PairStats) -> bool {
-        let Some(owed) = self.call_owed.get_mut(q).filter(|o| **o) else {
-            return false;
-        };
-        *owed = false;
-        if signal_eventfd(call) {
-            add(&stats.notifications, 1);
-            true
-        } else {
-            add(&stats.notifications_blocked, 1);
-            false
+    /// Whether queue `q` (0 RX, 1 TX) owed a signal while it had no call eventfd; the debt is
+    /// cleared (the caller sends it on the call that came).
+    pub fn take_owed(&mut self, q: usize) -> bool {
+        self.call_owed.get_mut(q).is_some_and(std::mem::take)
+    }
+
+    /// Queue `q` owes a signal (see [`CardBackend::owe_call`](crate::backend::CardBackend)).
+    pub fn owe(&mut self, q: usize) {
+        if let Some(o) = self.call_owed.get_mut(q) {
+            *o = true;
         }
     }
 

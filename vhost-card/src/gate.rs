@@ -54,6 +54,8 @@ pub enum GateError {
     BadMemTable(&'static str),
     #[error("handover: {0}")]
     Handover(String),
+    #[error("the protocol handler did not answer the gate: {0}")]
+    Barrier(String),
     #[error("refused a request the frontend cannot be told about (no REPLY_ACK): {0}")]
     Refused(&'static str),
 }
@@ -645,7 +647,7 @@ impl ReqState {
                     send_msg(backend, &hdr, &msg.body, &fds)?;
                     self.track_rings(&hdr, &msg.body);
                     if hdr.request == FrontendReq::SET_VRING_CALL as u32 {
-                        self.call_set(&msg.body, &msg.fds, backend);
+                        self.call_set(&msg.body, &msg.fds, backend)?;
                     }
                 }
                 Action::Answer(value) => {
@@ -776,21 +778,30 @@ impl ReqState {
 
     /// A started ring got a call eventfd. QEMU sends SET_VRING_CALL after SET_VRING_KICK, so a
     /// worker may have used buffers while the ring had none: once the handler holds the new
-    /// one (a barrier: it answers in order), the hook sends the signal that was owed.
-    fn call_set(&self, body: &[u8], fds: &[OwnedFd], backend: &UnixStream) {
+    /// one (a barrier: it answers in order), the hook sends the signal that was owed. A handler
+    /// that does not answer ends the session, as in a handover's pause: its late answer would
+    /// be taken for the next barrier's.
+    fn call_set(
+        &self,
+        body: &[u8],
+        fds: &[OwnedFd],
+        backend: &UnixStream,
+    ) -> Result<(), GateError> {
         let (Some(hook), Some(link), Some(word), [fd]) =
             (&self.on_call, &self.link, le_u32(body, 0), fds)
         else {
-            return;
+            return Ok(());
         };
         let ring = (word & 0xff) as usize;
         if !self.started.get(ring).copied().unwrap_or(false) {
-            return;
+            return Ok(());
         }
-        match pause::barrier(backend, &link.answers) {
-            Ok(()) => hook(ring, fd.as_raw_fd()),
-            Err(e) => warn!("gate: ring {ring}'s new call eventfd: {e}"),
-        }
+        pause::barrier(backend, &link.answers).map_err(|e| {
+            warn!("gate: ring {ring}'s new call eventfd: {e}; ending the session");
+            GateError::Barrier(format!("ring {ring}'s new call eventfd: {e}"))
+        })?;
+        hook(ring, fd.as_raw_fd());
+        Ok(())
     }
 
     /// Replays held SET_VRING_ENABLE requests once PROTOCOL_FEATURES is acked.
