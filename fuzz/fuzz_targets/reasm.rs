@@ -1,13 +1,14 @@
 //! The reassembly table on arbitrary frames: a run of frames (each a 2-byte length and its
 //! bytes), offered in order with the clock moving by the fuzzer's choice. Nothing panics; every
 //! completed datagram has IP lengths that match its size, and cut to any MTU it comes back as
-//! pieces within that MTU that reassemble to the same bytes.
+//! pieces within that MTU that reassemble to the same bytes (when they are at most `MAX_FRAGS`,
+//! the most the table takes for one datagram).
 #![no_main]
 
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use vhost_card::reasm::{Outcome, Reassembler, HEAD};
+use vhost_card::reasm::{Outcome, Reassembler, HEAD, MAX_FRAGS};
 
 const ETH: usize = 14;
 
@@ -63,7 +64,9 @@ fuzz_target!(|data: &[u8]| {
                     back = Some(again.datagram(s).to_vec());
                 }
             }
-            if pieces.len() > 1 {
+            // More pieces than one datagram may have in the table (an IPv6 datagram of 3 KB cut
+            // to a 68-byte MTU is 188) are refused by design, not reassembled.
+            if pieces.len() > 1 && pieces.len() <= MAX_FRAGS {
                 assert_eq!(back.as_deref(), Some(&whole[..]), "pieces do not reassemble");
             }
         }
