@@ -19,7 +19,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::datapath::{tap_offload, Pair, PairConfig, Pass};
+use crate::datapath::{signal_call, tap_offload, Pair, PairConfig, Pass};
 use crate::dirtylog;
 use crate::features::{self, Negotiated, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES};
 use crate::interrupt::Interrupt;
@@ -193,11 +193,8 @@ impl CardBackend {
         if !owed {
             return;
         }
-        if crate::poll::signal_eventfd(call) {
-            add(&stats.notifications, 1);
+        if signal_call(call, stats) {
             debug!("ring {ring}: signalled what was used before its call eventfd came");
-        } else {
-            add(&stats.notifications_blocked, 1);
         }
     }
 

@@ -34,13 +34,14 @@ use crate::csum::{self, Verdict};
 use crate::dirtylog::{LoggedMem, LOG};
 use crate::features::Negotiated;
 use crate::interrupt::Interrupt;
-use crate::iov::{self, ChainError, IovBuf, IOV_MAX};
+use crate::iov::{self, Access, ChainError, IovBuf, IOV_MAX};
 use crate::link::{self, Ignored, IpLink, Proto, TxClass};
 use crate::localq::LocalFrames;
 use crate::poll::signal_eventfd;
 use crate::reasm::{self, Discard, Outcome, Reassembler};
 use crate::rxmark::{Mark, Unmarked};
 use crate::stats::{add, PairStats};
+use crate::used::Used;
 use crate::vnet::{
     self, RxAction, RxCsum, TxDrop, VnetHdr, ETH_HLEN, GSO_MAX_FRAME, HDR_MAX, VLAN_HLEN,
 };
@@ -53,6 +54,10 @@ const IP_PEEK: usize = 40;
 
 /// Frames handled per queue per wake-up before yielding to the other events of the worker.
 pub const BUDGET: usize = 256;
+
+/// Bytes of a frame, after its header, whose cache lines are asked for as its chain is
+/// collected (see [`iov::prefetch_iovs`]): a TX frame's to be read, an RX buffer's to be written.
+const PREFETCH: usize = 128;
 
 /// Frames written to the tap per io_uring submission (and TX chains popped per batch).
 pub const TX_BATCH: usize = 64;
@@ -134,6 +139,9 @@ pub struct Pair {
     call_owed: [bool; 2],
     /// What the current pass moved, added to the shared counters when it ends.
     tally: Tally,
+    /// Each queue's (RX, TX) used elements written past the index the driver sees; published
+    /// at the end of every TX batch and every pass (see `used`).
+    used: [Used; 2],
 }
 
 /// The per-frame counters of a pass, kept here and added to the shared (atomic) counters once
@@ -226,6 +234,7 @@ impl Pair {
             signal_next: [true; 2],
             call_owed: [false; 2],
             tally: Tally::default(),
+            used: [Used::default(); 2],
         }
         .with_tx_slots()
     }
@@ -259,6 +268,7 @@ impl Pair {
         self.rx_ring_broken = false;
         self.rings_started();
         self.call_owed = [false; 2];
+        self.used = [Used::default(); 2];
         for t in &mut self.tx {
             t.iovs.0.clear();
         }
@@ -347,8 +357,18 @@ impl Pair {
                             break;
                         };
                         self.tx[n].head = chain.head_index();
-                        self.tx[n].verdict = self.tx_prepare(n, chain, mem);
+                        self.tx[n].verdict = match self.tx_collect(n, chain, mem) {
+                            // For now the chain's bytes; tx_check makes it the verdict.
+                            Ok(total) => TxVerdict::Frame(total),
+                            Err(kind) => TxVerdict::Drop(kind),
+                        };
                         n += 1;
+                    }
+                }
+                // The headers are read once the whole batch's first lines were asked for.
+                for k in 0..n {
+                    if let TxVerdict::Frame(total) = self.tx[k].verdict {
+                        self.tx[k].verdict = self.tx_check(k, total);
                     }
                 }
                 if n == 0 {
@@ -370,17 +390,24 @@ impl Pair {
                 _ => break Pass::Idle,
             }
         };
-        self.end_pass(1, vring, stats, used);
+        self.end_pass(1, vring, mem, stats, used);
         pass
     }
 
     /// Ends a pass over queue `q` (0 RX, 1 TX): the logged writes and the counters are settled,
     /// and the guest is signalled if the pass used buffers.
-    fn end_pass(&mut self, q: usize, vring: &mut State, stats: &PairStats, used: bool) {
+    fn end_pass(&mut self, q: usize, vring: &mut State, mem: &Mem, stats: &PairStats, used: bool) {
+        if publish_used(&mut self.used[q], vring, mem, self.logged.as_deref()).is_err() {
+            warn!("a used ring is outside guest memory");
+        }
         self.end_logging();
         self.tally.flush(stats);
         if used {
+            let due = self.used[q]
+                .needs_notification(vring.get_queue(), mem)
+                .unwrap_or(true);
             notify(
+                due,
                 vring,
                 self.irq[q].as_deref(),
                 stats,
@@ -390,9 +417,15 @@ impl Pair {
         }
     }
 
-    /// Turns a TX chain into slot `k`: the frame's iovecs with our checked copy of the header in
-    /// front, or the reason it is dropped.
-    fn tx_prepare(&mut self, k: usize, chain: DescriptorChain<&Mem>, mem: &Mem) -> TxVerdict {
+    /// Puts a TX chain's buffers in slot `k` (after a free entry for our copy of the header)
+    /// and starts loading its header and first bytes into the cache (see
+    /// [`iov::prefetch_iovs`]). Returns the chain's length, header included.
+    fn tx_collect(
+        &mut self,
+        k: usize,
+        chain: DescriptorChain<&Mem>,
+        mem: &Mem,
+    ) -> Result<usize, TxDropKind> {
         let hdr_len = self.neg.hdr_len();
         let slot = &mut self.tx[k];
         let iovs = &mut slot.iovs.0;
@@ -406,15 +439,25 @@ impl Pair {
             Ok(n) => n,
             Err(e) => {
                 debug!("TX chain dropped: {e}");
-                return TxVerdict::Drop(TxDropKind::BadChain);
+                return Err(TxDropKind::BadChain);
             }
         };
         if total < hdr_len {
-            return TxVerdict::Drop(TxDropKind::ShortHeader);
+            return Err(TxDropKind::ShortHeader);
         }
+        iov::prefetch_iovs(&iovs[1..], hdr_len + PREFETCH, Access::Read);
+        Ok(total)
+    }
+
+    /// Turns slot `k`, which [`Pair::tx_collect`] filled with a chain of `total` bytes, into the
+    /// frame's iovecs with our checked copy of the header in front, or the reason it is dropped.
+    fn tx_check(&mut self, k: usize, total: usize) -> TxVerdict {
+        let hdr_len = self.neg.hdr_len();
+        let slot = &mut self.tx[k];
+        let iovs = &mut slot.iovs.0;
         let mut raw = [0u8; HDR_MAX];
-        // SAFETY: the iovecs were translated from guest memory under `mem`, which the caller
-        // holds for the duration of this call.
+        // SAFETY: the iovecs were translated from guest memory under the `mem` that
+        // `process_tx` holds for the whole pass, this call included.
         unsafe { iov::read_iovs(&iovs[1..], 0, &mut raw[..hdr_len]) };
         let frame_len = total - hdr_len;
         let hdr = match vnet::check_tx(&VnetHdr::decode(&raw), frame_len, self.mtu, &self.neg) {
@@ -540,10 +583,16 @@ impl Pair {
                     }
                 }
             }
-            if add_used(vring, mem, self.logged.as_deref(), t.head, 0).is_err() {
+            let logged = self.logged.as_deref();
+            if push_used(&mut self.used[1], vring, mem, logged, t.head, 0).is_err() {
                 warn!("TX used ring is outside guest memory");
                 return n;
             }
+        }
+        // The driver gets this batch's buffers back now (one store of the used index).
+        if publish_used(&mut self.used[1], vring, mem, self.logged.as_deref()).is_err() {
+            warn!("TX used ring is outside guest memory");
+            return n;
         }
         if end < n {
             let q = vring.get_queue_mut();
@@ -594,8 +643,10 @@ impl Pair {
             }
         };
         // Buffers gathered but not filled go back to the guest before the pass ends.
-        used |= self.rx.release(vring, mem, self.logged.as_deref());
-        self.end_pass(0, vring, stats, used);
+        used |= self
+            .rx
+            .release(&mut self.used[0], vring, mem, self.logged.as_deref());
+        self.end_pass(0, vring, mem, stats, used);
         pass
     }
 
@@ -619,7 +670,12 @@ impl Pair {
             let before = self.rx.iovs.0.len();
             let limit = self.rx.iov_first + IOV_MAX;
             match iov::collect_chain(chain, mem, true, &mut self.rx.iovs.0, limit) {
-                Ok(len) if len >= hdr_len => self.rx.push(head, len),
+                Ok(len) if len >= hdr_len => {
+                    // The frame that lands here is written by the kernel's readv.
+                    let new = &self.rx.iovs.0[before..];
+                    iov::prefetch_iovs(new, hdr_len + PREFETCH, Access::Write);
+                    self.rx.push(head, len);
+                }
                 Err(ChainError::TooLong) if !self.rx.live().is_empty() => {
                     // This good chain does not fit one readv; leave it for a later frame.
                     self.rx.iovs.0.truncate(before);
@@ -632,7 +688,8 @@ impl Pair {
                     debug!("RX chain dropped: {other:?}");
                     self.rx.iovs.0.truncate(before);
                     add(&stats.rx_drop_bad_chain, 1);
-                    add_used(vring, mem, self.logged.as_deref(), head, 0).ok()?;
+                    let logged = self.logged.as_deref();
+                    push_used(&mut self.used[0], vring, mem, logged, head, 0).ok()?;
                     consumed_bad = true;
                     self.rx.barrier = self.rx.chains.len();
                 }
@@ -703,7 +760,8 @@ impl Pair {
             // asks for a kick when the guest posts more.
             let more = set_notification(vring, mem, self.logged.as_deref(), true).unwrap_or(false)
                 && ring_sane(vring, mem);
-            self.rx.release(vring, mem, self.logged.as_deref());
+            let logged = self.logged.as_deref();
+            self.rx.release(&mut self.used[0], vring, mem, logged);
             return if more {
                 Rx::Retry
             } else if consumed_bad {
@@ -929,7 +987,8 @@ impl Pair {
             left -= this;
             // `this` is at most one chain's length, which the chain iterator keeps below 2^32.
             let this = u32::try_from(this).unwrap_or(u32::MAX);
-            if add_used(vring, mem, self.logged.as_deref(), c.head, this).is_err() {
+            let logged = self.logged.as_deref();
+            if push_used(&mut self.used[0], vring, mem, logged, c.head, this).is_err() {
                 return Rx::Broken;
             }
         }
@@ -1148,7 +1207,13 @@ impl RxStash {
 
     /// Gives every live chain back: rewinds the ring over the ones after the barrier and
     /// returns the others empty. Returns whether the used ring changed.
-    fn release(&mut self, vring: &mut State, mem: &Mem, logged: Option<&LoggedMem>) -> bool {
+    fn release(
+        &mut self,
+        used_ring: &mut Used,
+        vring: &mut State,
+        mem: &Mem,
+        logged: Option<&LoggedMem>,
+    ) -> bool {
         log::trace!(
             "rx: releasing {:?} (barrier {})",
             self.live().iter().map(|c| c.head).collect::<Vec<_>>(),
@@ -1158,7 +1223,7 @@ impl RxStash {
         let mut used = false;
         for (i, c) in self.chains.iter().enumerate().skip(self.first) {
             if i < self.barrier {
-                let _ = add_used(vring, mem, logged, c.head, 0);
+                let _ = push_used(used_ring, vring, mem, logged, c.head, 0);
                 used = true;
             } else {
                 rewind = rewind.wrapping_add(1);
@@ -1425,10 +1490,11 @@ impl Pair {
     }
 }
 
-/// Adds a used element through the logged view of guest memory while the frontend logs, through
-/// `mem` otherwise (the same memory).
+/// Writes a used element (see [`Used::push`]) through the logged view of guest memory while the
+/// frontend logs, through `mem` otherwise (the same memory).
 #[inline]
-fn add_used(
+fn push_used(
+    used: &mut Used,
     vring: &mut State,
     mem: &Mem,
     logged: Option<&LoggedMem>,
@@ -1436,8 +1502,23 @@ fn add_used(
     len: u32,
 ) -> Result<(), virtio_queue::Error> {
     match logged {
-        Some(view) => vring.get_queue_mut().add_used(view, head, len),
-        None => vring.get_queue_mut().add_used(mem, head, len),
+        Some(view) => used.push(vring.get_queue_mut(), view, head, len),
+        None => used.push(vring.get_queue_mut(), mem, head, len),
+    }
+}
+
+/// Stores the used index over what [`push_used`] wrote (see [`Used::publish`]), logged the same
+/// way.
+#[inline]
+fn publish_used(
+    used: &mut Used,
+    vring: &mut State,
+    mem: &Mem,
+    logged: Option<&LoggedMem>,
+) -> Result<(), virtio_queue::Error> {
+    match logged {
+        Some(view) => used.publish(vring.get_queue_mut(), view),
+        None => used.publish(vring.get_queue_mut(), mem),
     }
 }
 
@@ -1460,10 +1541,12 @@ fn set_notification(
     }
 }
 
-/// Signals used buffers to the guest when EVENT_IDX (or the used flags) ask for it, or when
-/// `unconditional` (cleared once a signal went out; see `Pair::signal_next`). A signal due
-/// while the ring has no call eventfd sets `owed` (see `Pair::call_owed`).
+/// Signals used buffers to the guest when `due` (EVENT_IDX asks for it, see
+/// [`Used::needs_notification`]), or when `unconditional` (cleared once a signal went out; see
+/// `Pair::signal_next`). A signal due while the ring has no call eventfd sets `owed` (see
+/// `Pair::call_owed`).
 fn notify(
+    due: bool,
     vring: &mut State,
     irq: Option<&dyn Interrupt>,
     stats: &PairStats,
@@ -1471,7 +1554,7 @@ fn notify(
     owed: &mut bool,
 ) {
     LOG.notify();
-    if !vring.needs_notification().unwrap_or(true) && !*unconditional {
+    if !due && !*unconditional {
         return;
     }
     if let Some(irq) = irq {
@@ -1491,15 +1574,23 @@ fn notify(
         *owed = true;
         return;
     };
-    // The call descriptor is the frontend's and may be in blocking mode: a write to a full pipe
-    // or to an eventfd at its limit would hang this worker, both queues of the pair and every
-    // later session with it. So it is written only when it takes the write now.
-    if !signal_eventfd(call.as_raw_fd()) {
-        add(&stats.notifications_blocked, 1);
-        return;
+    if signal_call(call.as_raw_fd(), stats) {
+        *unconditional = false;
     }
-    *unconditional = false;
-    add(&stats.notifications, 1);
+}
+
+/// Writes the frontend's call eventfd `call` and counts it in `stats` (a notification, or a
+/// blocked one). The descriptor is the frontend's and may be in blocking mode: a write to a full
+/// pipe or to an eventfd at its limit would hang the caller (a worker: both queues of the pair
+/// and every later session with it), so it is written only when it takes the write now.
+pub fn signal_call(call: RawFd, stats: &PairStats) -> bool {
+    let sent = signal_eventfd(call);
+    if sent {
+        add(&stats.notifications, 1);
+    } else {
+        add(&stats.notifications_blocked, 1);
+    }
+    sent
 }
 
 /// The `TUNSETOFFLOAD` bits for what the host accepts on its RX queue. With `--rx-csum complete`

@@ -48,5 +48,6 @@ pub mod sandbox;
 pub mod stats;
 pub mod tap;
 pub mod upgrade;
+pub mod used;
 pub mod vduse;
 pub mod vnet;

@@ -42,7 +42,7 @@ pub fn readable_or_stop(fd: RawFd, stop: RawFd) -> io::Result<Woke> {
 }
 
 /// Whether `fd` takes a write without blocking right now (and has a reader).
-pub fn writable_now(fd: RawFd) -> bool {
+fn writable_now(fd: RawFd) -> bool {
     let mut pfd = libc::pollfd {
         fd,
         events: libc::POLLOUT,
