@@ -156,8 +156,8 @@ fn errors_are_printed_once_with_the_systems_words() -> Result<()> {
     let e = one_error(&[&["--socket", &sock], &base[..]].concat(), 1)?;
     ensure!(
         e.ends_with(
-            "tap 'card0' is held by another process (a single-queue tap takes one reader: \
-             is another vhost-card or a QEMU using it?)"
+            "tap 'card0' is held by another process, still after 3 s (a single-queue tap takes \
+             one reader: is another vhost-card or a QEMU using it?)"
         ),
         "{e}"
     );
@@ -509,11 +509,11 @@ fn sigterm_removes_the_tap_the_daemon_created() -> Result<()> {
     Ok(())
 }
 
-/// A daemon SIGKILLed while frames crossed leaves nothing that keeps its tap busy: one started
-/// again at once takes the persistent tap back and serves. (A tap registered in the TX
-/// io_uring's file table stayed attached until the kernel's deferred teardown of the dead
-/// process's ring, and the new daemon found the single-queue tap "held by another process":
-/// e2e scenario 6 caught it.)
+/// A daemon SIGKILLed while frames crossed: one started again at once takes the persistent tap
+/// back and serves. The dead daemon's tap queue stays in its TX io_uring's file table until the
+/// kernel's deferred teardown of the ring, so the new daemon waits for it (`attach_patiently`);
+/// without that wait it found the single-queue tap "held by another process" (e2e scenario 6
+/// caught it once).
 #[test]
 fn a_daemon_started_right_after_a_sigkill_takes_the_tap_back() -> Result<()> {
     let mut card = Card::start(&[])?;

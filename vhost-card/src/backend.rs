@@ -145,6 +145,19 @@ impl CardBackend {
         self.tap.attach_all();
     }
 
+    /// Closes every worker's TX io_uring as the daemon exits (their writes fall back to
+    /// `writev`): a ring's file table holds the tap's queue, and the threads that may outlive the
+    /// serve loop keep the backend, so the tap would otherwise go only when the kernel tears the
+    /// rings down, some time after the process ends.
+    pub fn release_tx_rings(&self) {
+        for w in &self.workers {
+            w.pair
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drop_tx_ring();
+        }
+    }
+
     /// Each pair's frame held for the host's buffers, taken out for a handover (its rings are
     /// stopped, so no worker holds another meanwhile).
     pub fn take_held(&self) -> Vec<Option<Vec<u8>>> {

@@ -717,6 +717,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     } else if let Some(store) = &fd_store {
         store.clear();
     }
+    backend.release_tx_rings();
     tap.release();
     drop(cleanup);
     for line in stats.report().lines() {

@@ -250,6 +250,13 @@ impl Pair {
         self.uring.is_some()
     }
 
+    /// Closes the TX io_uring (which lets go of the tap it holds); TX writes one `writev` per
+    /// frame from now on.
+    pub fn drop_tx_ring(&mut self) {
+        self.uring = None;
+        self.tx.truncate(1);
+    }
+
     /// Forgets everything tied to a frontend connection. A frame held for the host's buffers
     /// is dropped (counted): it was read with that connection's header and offloads.
     pub fn reset(&mut self, stats: &PairStats) {
@@ -532,8 +539,7 @@ impl Pair {
         };
         if let Err(e) = ran {
             warn!("io_uring submission failed: {e}; writing frames one by one from now on");
-            self.uring = None;
-            self.tx.truncate(1);
+            self.drop_tx_ring();
             // Nothing of this batch was completed: give it back whole.
             let q = vring.get_queue_mut();
             q.set_next_avail(q.next_avail().wrapping_sub(n as u16));
@@ -1339,11 +1345,19 @@ mod txring {
     use std::os::fd::RawFd;
     use std::sync::Mutex;
 
-    use io_uring::{opcode, register::Restriction, types, IoUring};
+    use io_uring::{opcode, register::Restriction, squeue, types, IoUring};
 
     use super::{iov_count, TxSlot, TxVerdict, TX_BATCH};
 
-    pub struct TxRing(IoUring);
+    pub struct TxRing {
+        ring: IoUring,
+        /// The tap descriptor installed in the ring's file table (slot 0), so each write skips
+        /// the kernel's descriptor lookup and file reference count (`IOSQE_FIXED_FILE`);
+        /// `None` until the first batch, or for good if installing it failed.
+        fixed: Option<RawFd>,
+        /// Installing the tap failed: writes name the descriptor.
+        unfixed: bool,
+    }
 
     static POOL: Mutex<Vec<TxRing>> = Mutex::new(Vec::new());
 
@@ -1351,10 +1365,22 @@ mod txring {
         let ring: IoUring = IoUring::builder()
             .setup_r_disabled()
             .build(u32::try_from(TX_BATCH).unwrap_or(64))?;
-        let mut allow = [Restriction::sqe_op(opcode::Writev::CODE)];
+        // One empty file slot, filled with the worker's tap by an IORING_OP_FILES_UPDATE
+        // request (through io_uring_enter, the one io_uring call the sandbox allows). Without
+        // it the ring still works, naming the tap by its descriptor.
+        let unfixed = ring.submitter().register_files_sparse(1).is_err();
+        let mut allow = [
+            Restriction::sqe_op(opcode::Writev::CODE),
+            Restriction::sqe_op(opcode::FilesUpdate::CODE),
+            Restriction::sqe_flags_allowed(squeue::Flags::FIXED_FILE.bits()),
+        ];
         ring.submitter().register_restrictions(&mut allow)?;
         ring.submitter().register_enable_rings()?;
-        Ok(TxRing(ring))
+        Ok(TxRing {
+            ring,
+            fixed: None,
+            unfixed,
+        })
     }
 
     /// Creates `n` rings for workers to take.
@@ -1371,6 +1397,53 @@ mod txring {
     }
 
     impl TxRing {
+        /// Puts `fd` in the ring's file slot 0 (or empties it with -1); waits for the answer.
+        fn install(&mut self, fd: RawFd) -> io::Result<()> {
+            let fds = [fd];
+            let e = opcode::FilesUpdate::new(fds.as_ptr(), 1)
+                .offset(0)
+                .build()
+                .user_data(u64::MAX);
+            // SAFETY: `fds` outlives the request, which is reaped below before returning.
+            unsafe { self.ring.submission().push(&e) }
+                .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+            loop {
+                match self.ring.submit_and_wait(1) {
+                    Ok(_) => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let mut res = Err(io::Error::other("no completion for the file update"));
+            for c in self.ring.completion() {
+                res = match c.result() {
+                    1 => Ok(()),
+                    r if r < 0 => Err(io::Error::from_raw_os_error(-r)),
+                    r => Err(io::Error::other(format!("file update answered {r}"))),
+                };
+            }
+            res
+        }
+
+        /// The tap as the writes name it: the ring's fixed slot once `fd` is installed there.
+        fn target(&mut self, fd: RawFd) -> Result<types::Fixed, types::Fd> {
+            if self.unfixed {
+                return Err(types::Fd(fd));
+            }
+            if self.fixed != Some(fd) {
+                match self.install(fd) {
+                    Ok(()) => self.fixed = Some(fd),
+                    Err(e) => {
+                        log::debug!("tap not installed in the io_uring ({e}); writes name it");
+                        self.fixed = None;
+                        self.unfixed = true;
+                        return Err(types::Fd(fd));
+                    }
+                }
+            }
+            Ok(types::Fixed(0))
+        }
+
         /// Writes every frame slot in order and waits for all of them; sets each slot's
         /// `result`.
         pub fn write_batch(&mut self, fd: RawFd, slots: &mut [TxSlot]) -> io::Result<()> {
@@ -1381,20 +1454,21 @@ mod txring {
             if frames == 0 {
                 return Ok(());
             }
+            let target = self.target(fd);
             {
-                let mut sq = self.0.submission();
+                let mut sq = self.ring.submission();
                 for (i, t) in slots.iter().enumerate() {
                     if !matches!(t.verdict, TxVerdict::Frame(_)) {
                         continue;
                     }
                     let segs = t.segs();
+                    let n = iov_count(segs.len()).unsigned_abs();
                     // RWF_NOWAIT: a full tap answers EAGAIN (as `writev` on the O_NONBLOCK
                     // descriptor does) instead of io_uring waiting for room on our thread.
-                    let e = opcode::Writev::new(
-                        types::Fd(fd),
-                        segs.as_ptr(),
-                        iov_count(segs.len()).unsigned_abs(),
-                    )
+                    let e = match target {
+                        Ok(fixed) => opcode::Writev::new(fixed, segs.as_ptr(), n),
+                        Err(fd) => opcode::Writev::new(fd, segs.as_ptr(), n),
+                    }
                     .rw_flags(libc::RWF_NOWAIT)
                     .build()
                     .user_data(i as u64);
@@ -1407,12 +1481,12 @@ mod txring {
             }
             let mut reaped = 0;
             while reaped < frames {
-                match self.0.submit_and_wait(frames - reaped) {
+                match self.ring.submit_and_wait(frames - reaped) {
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e),
                 }
-                for c in self.0.completion() {
+                for c in self.ring.completion() {
                     if let Some(t) = usize::try_from(c.user_data())
                         .ok()
                         .and_then(|i| slots.get_mut(i))
@@ -1423,6 +1497,16 @@ mod txring {
                 }
             }
             Ok(())
+        }
+    }
+
+    impl Drop for TxRing {
+        /// Lets go of the tap now: the ring itself is torn down by the kernel some time after
+        /// it is closed, and until then its file table would keep the tap's queue open.
+        fn drop(&mut self) {
+            if self.fixed.take().is_some() {
+                let _ = self.install(-1);
+            }
         }
     }
 }

@@ -11,6 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use thiserror::Error;
@@ -58,8 +59,8 @@ pub enum TapError {
     #[error("permission denied opening /dev/net/tun (its mode or a device cgroup forbids it)")]
     TunPermission,
     #[error(
-        "tap '{0}' is held by another process (a single-queue tap takes one reader: is another \
-         vhost-card or a QEMU using it?)"
+        "tap '{0}' is held by another process, still after 3 s (a single-queue tap takes one \
+         reader: is another vhost-card or a QEMU using it?)"
     )]
     Busy(String),
     #[error(
@@ -237,6 +238,35 @@ fn attach(name: &str, multi_queue: bool, tun: bool) -> Result<File, Attach> {
     Ok(file)
 }
 
+/// How long [`attach_patiently`] waits for a tap held by a process that is gone.
+const BUSY_GRACE: Duration = Duration::from_secs(3);
+
+/// [`attach`], waiting up to [`BUSY_GRACE`] while the tap says it is held (EBUSY). A daemon
+/// killed with SIGKILL leaves its tap queue in its TX io_uring's file table, and the kernel closes
+/// it only when it tears the ring down, some time after the process is gone: a daemon restarted
+/// at once (systemd's `Restart=`) takes the tap over when that is done. A tap another live
+/// process holds is still refused, after the wait.
+fn attach_patiently(name: &str, multi_queue: bool, tun: bool) -> Result<File, Attach> {
+    let start = Instant::now();
+    loop {
+        match attach(name, multi_queue, tun) {
+            Err(Attach::SetIff(e))
+                if e.raw_os_error() == Some(libc::EBUSY) && start.elapsed() < BUSY_GRACE =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(file) if start.elapsed() >= Duration::from_millis(10) => {
+                info!(
+                    "tap '{name}' was held by another process; free after {} ms",
+                    start.elapsed().as_millis()
+                );
+                return Ok(file);
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The error for a `TUNSETIFF` that failed, with what to do about it. The kernel says EINVAL
 /// both for a link that is no tap and for a tap whose multi-queue flag differs: one attempt
 /// with the other flag (closed at once) tells which.
@@ -410,7 +440,7 @@ impl Tap {
         let multi_queue = cfg.queues > 1;
         let mut queues = Vec::with_capacity(cfg.queues);
         for _ in 0..cfg.queues.max(1) {
-            let file = attach(&cfg.name, multi_queue, cfg.tun).map_err(|e| match e {
+            let file = attach_patiently(&cfg.name, multi_queue, cfg.tun).map_err(|e| match e {
                 Attach::Open(e) => match e.kind() {
                     io::ErrorKind::NotFound => TapError::NoTunDevice,
                     io::ErrorKind::PermissionDenied => TapError::TunPermission,
