@@ -806,7 +806,7 @@ impl Pair {
                         },
                     ];
                     // SAFETY: both iovecs lie in our own bounce buffer.
-                    unsafe { libc::readv(self.tap_fd, segs.as_ptr(), 2) }
+                    unsafe { tap_readv(self.tap_fd, &segs) }
                 }
             };
             if n < 0 {
@@ -846,7 +846,7 @@ impl Pair {
                     // to import (up to 8 stay off its heap).
                     let segs = self.rx.read_iovs();
                     // SAFETY: as above; `segs` covers the same bytes as those iovecs.
-                    unsafe { libc::readv(self.tap_fd, segs.as_ptr(), iov_count(segs.len())) }
+                    unsafe { tap_readv(self.tap_fd, segs) }
                 }
                 Some(_) => {
                     // Zero-copy on the IP-only link too: the packet lands after room for the
@@ -854,7 +854,7 @@ impl Pair {
                     iov::with_gap(iovs, hdr_len, ETH_HLEN, &mut self.gap.0, IOV_MAX);
                     let segs = &self.gap.0;
                     // SAFETY: as above; `gap` is a subset of those iovecs.
-                    unsafe { libc::readv(self.tap_fd, segs.as_ptr(), iov_count(segs.len())) }
+                    unsafe { tap_readv(self.tap_fd, segs) }
                 }
             };
             if n < 0 {
@@ -1572,6 +1572,27 @@ impl Pair {
             LOG.mark_logged_rings();
         }
     }
+}
+
+/// `readv(2)` of the tap through `syscall(2)`. glibc's `readv` is a cancellation point: in a
+/// process with threads its wrapper switches asynchronous cancellation on and off around every
+/// call (about 3 % of the worker at card to host, 64 B frames); nothing here uses cancellation.
+/// The same system call, so the sandbox allows it as before.
+///
+/// # Safety
+/// `segs` must describe memory writable for the duration of the call.
+unsafe fn tap_readv(fd: RawFd, segs: &[libc::iovec]) -> isize {
+    // SAFETY: the caller vouches for the iovecs; readv takes a descriptor, an array of
+    // `segs.len()` iovecs and its length, and writes nothing else.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_readv,
+            libc::c_long::from(fd),
+            segs.as_ptr(),
+            libc::c_long::from(iov_count(segs.len())),
+        )
+    };
+    n as isize
 }
 
 /// Writes a used element (see [`Used::push`]) through the logged view of guest memory while the
