@@ -623,10 +623,34 @@ enum Counter<'a> {
 /// A frame the card's tap receives but the card's kernel drops on entry (not the tap's MAC).
 pub const OTHER_MAC: &str = "02:ca:4d:be:4c:99";
 
-/// The card tap's receive counters (what was written into it) in `ns`, seconds since `t0`.
+/// Longest a timed read of the tap's counters may take (see [`tap_rx`]).
+const READ_SLACK: Duration = Duration::from_millis(100);
+
+/// The card tap's receive counters (what was written into it) in `ns`, seconds since `t0`,
+/// timed at the middle of the `ip` call that read them. When both
+/// CPUs are saturated (2 queue pairs), the kernel's deferred work (the teardown of the previous
+/// run's namespace) can stall a fork for seconds, and a count read at one end of such a call
+/// would be charged to the other end's time (an impossible 36 Mpps was seen): a read that took
+/// longer than [`READ_SLACK`] is taken again, and after five of them the run fails.
 fn tap_rx(ns: &Netns, t0: Instant) -> Result<Snap> {
-    let out = ns.ip(&["-s", "-j", "link", "show", "dev", "card0"])?;
-    let secs = t0.elapsed().as_secs_f64();
+    let mut tries = 0;
+    let (out, secs) = loop {
+        let before = t0.elapsed().as_secs_f64();
+        let out = ns.ip(&["-s", "-j", "link", "show", "dev", "card0"])?;
+        let after = t0.elapsed().as_secs_f64();
+        if after - before <= READ_SLACK.as_secs_f64() {
+            break (out, (before + after) / 2.0);
+        }
+        tries += 1;
+        if tries == 5 {
+            bail!(
+                "reading the tap's counters took {:.1} s (over {} ms) five times: the machine \
+                 is too busy to time them",
+                after - before,
+                READ_SLACK.as_millis()
+            );
+        }
+    };
     let doc: serde_json::Value = serde_json::from_str(&out).context("ip -s -j link")?;
     let rx = &doc[0]["stats64"]["rx"];
     let num = |k: &str| {

@@ -16,7 +16,7 @@ use serde_json::Value;
 pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 /// The series: (frontend, backend) as results.json names them, the legend text, the colour.
-const SERIES: [(&str, &str, &str, RGBColor); 8] = [
+const SERIES: [(&str, &str, &str, RGBColor); 9] = [
     (
         "card-load",
         "vhost-card",
@@ -46,6 +46,12 @@ const SERIES: [(&str, &str, &str, RGBColor); 8] = [
         "vhost-card",
         "vhost-card (testpmd)",
         RGBColor(0, 158, 115),
+    ),
+    (
+        "testpmd",
+        "vhost-card before",
+        "vhost-card, before the change (testpmd)",
+        RGBColor(160, 220, 195),
     ),
     (
         "testpmd",
