@@ -998,6 +998,12 @@ impl Pair {
                 return Rx::Broken;
             }
         }
+        // The frame's buffers all at once, when enough are pending (see `used`).
+        if self.used[0].many()
+            && publish_used(&mut self.used[0], vring, mem, self.logged.as_deref()).is_err()
+        {
+            return Rx::Broken;
+        }
         log::trace!(
             "rx: {n} bytes into {k} buffer(s) {:?}{}",
             live[..k].iter().map(|c| c.head).collect::<Vec<_>>(),

@@ -5,9 +5,12 @@
 //! `virtio_queue::Queue::add_used` stores the index after every element. A driver that polls the
 //! index from another CPU (DPDK's virtio PMD does, all the time) then takes the index's cache line
 //! away after every element, and the device pays a cross-CPU miss per frame to get it back. Here
-//! the index is stored at most every [`PUBLISH_EVERY`] elements and at the end of every batch and
-//! pass (the data path publishes before it lets go of the queue), so the driver sees the same
-//! elements in the same order, a little later within a pass and never after it.
+//! the index is stored at the end of every TX batch, after the RX frame that brings the pending
+//! elements to [`PUBLISH_EVERY`] or more, and at the end of every pass (the data path publishes
+//! before it lets go of the queue), so the driver sees the same elements in the same order, a
+//! little later within a pass and never after it. The index only ever moves at a frame's end:
+//! a mergeable RX frame's buffers (its `num_buffers`) become visible together, as Linux's
+//! `virtio_net` needs (it drops a frame whose buffers are not all used yet).
 //!
 //! Since the crate's own notification check counts the elements its `add_used` added,
 //! [`Used::needs_notification`] makes the same EVENT_IDX decision from what was published here.
@@ -43,7 +46,7 @@ pub struct Used {
 
 impl Used {
     /// Writes the used element (`head`, `len`) in the next free slot, after the ones pending.
-    /// The index is stored only every [`PUBLISH_EVERY`] elements; [`Used::publish`] stores it.
+    /// The driver does not see it until [`Used::publish`] stores the index.
     pub fn push<M: GuestMemory>(
         &mut self,
         q: &mut Queue,
@@ -64,10 +67,13 @@ impl Used {
         mem.write_obj(elem.to_le(), addr)
             .map_err(Error::GuestMemory)?;
         self.pending += 1;
-        if self.pending >= PUBLISH_EVERY {
-            self.publish(q, mem)?;
-        }
         Ok(())
+    }
+
+    /// Whether [`PUBLISH_EVERY`] elements or more wait for [`Used::publish`]: the data path asks
+    /// at the end of every RX frame, so that a long pass hands buffers back as it goes.
+    pub fn many(&self) -> bool {
+        self.pending >= PUBLISH_EVERY
     }
 
     /// Stores the used index over every element written so far (one release store: the
@@ -185,15 +191,21 @@ mod tests {
     }
 
     #[test]
-    fn the_index_is_published_every_so_many_elements() {
+    fn the_index_moves_only_when_asked_and_at_most_every_so_many_elements() {
         let (mut q, mem) = setup(false);
         let mut used = Used::default();
+        // A frame's buffers are never published in part: push alone never moves the index.
         for i in 0..PUBLISH_EVERY + 3 {
             used.push(&mut q, &mem, i % SIZE, 0).unwrap();
         }
-        assert_eq!(used_idx(&mem), PUBLISH_EVERY);
+        assert_eq!(used_idx(&mem), 0);
+        assert!(used.many());
         used.publish(&mut q, &mem).unwrap();
         assert_eq!(used_idx(&mem), PUBLISH_EVERY + 3);
+        used.push(&mut q, &mem, 1, 0).unwrap();
+        assert!(!used.many(), "one element is not many");
+        used.publish(&mut q, &mem).unwrap();
+        assert_eq!(used_idx(&mem), PUBLISH_EVERY + 4);
     }
 
     #[test]
